@@ -1,0 +1,257 @@
+//! The environment, read once into a typed struct. Every error names the
+//! variable and the problem.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// The OpenRouter API, unless `OPENROUTER_BASE_URL` says otherwise.
+pub const DEFAULT_BASE_URL: &str = "https://openrouter.ai/api/v1";
+/// An inexpensive current model that supports tool calls.
+pub const DEFAULT_MODEL: &str = "openai/gpt-4.1-mini";
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://mcpcord.db";
+pub const DEFAULT_MCP_CONFIG: &str = "mcp.json";
+
+/// A value that must never be printed: `Debug` and `Display` show `[redacted]`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// Named bounds, each with a variable and a default.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// `MAX_TOOL_ROUNDS`: tool rounds one turn may run.
+    pub max_tool_rounds: usize,
+    /// `TOOL_TIMEOUT_SECS`: how long one tool call may take (per server: `timeoutSecs`).
+    pub tool_timeout: Duration,
+    /// `TOOL_RESULT_MAX_CHARS`: characters of one tool result sent to the model.
+    pub tool_result_max_chars: usize,
+    /// `MCP_MAX_SESSIONS_PER_SERVER`: live per-conversation sessions of one server.
+    pub max_sessions_per_server: usize,
+    /// `MCP_IDLE_TIMEOUT_SECS`: an unused per-conversation session is closed after this.
+    pub session_idle_timeout: Duration,
+    /// `MODEL_TIMEOUT_SECS`: how long one model request may take, stream included.
+    pub model_timeout: Duration,
+    /// `MODEL_MAX_RETRIES`: retries of a model request on 408/429/5xx and connection errors.
+    pub model_max_retries: usize,
+    /// `FALLBACK_CONTEXT_TOKENS`: context window assumed for models the catalogue does not list.
+    pub fallback_context_tokens: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_tool_rounds: 10,
+            tool_timeout: Duration::from_secs(60),
+            tool_result_max_chars: 20_000,
+            max_sessions_per_server: 32,
+            session_idle_timeout: Duration::from_secs(900),
+            model_timeout: Duration::from_secs(300),
+            model_max_retries: 4,
+            fallback_context_tokens: 32_000,
+        }
+    }
+}
+
+/// Everything mcpcord reads from its environment.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub api_key: Secret,
+    pub base_url: String,
+    pub default_model: String,
+    pub system_prompt: Option<String>,
+    pub database_url: String,
+    pub mcp_config: PathBuf,
+    /// False when `MCP_CONFIG` was not set and the default path is used.
+    pub mcp_config_explicit: bool,
+    /// `STREAM_RESPONSES`: stream answers as they are written.
+    pub stream: bool,
+    pub limits: Limits,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ConfigError {
+    #[error("Missing {0}: set it in the environment or in .env (see .env.example)")]
+    Missing(&'static str),
+    #[error("Invalid {name}: {problem}")]
+    Invalid { name: &'static str, problem: String },
+}
+
+impl Config {
+    /// Reads the process environment (after `.env` has been loaded).
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads the configuration through `lookup`, so tests need no globals.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let get = |name: &str| lookup(name).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
+        let defaults = Limits::default();
+        let api_key = get("OPENROUTER_API_KEY").ok_or(ConfigError::Missing("OPENROUTER_API_KEY"))?;
+        let base_url = get("OPENROUTER_BASE_URL").unwrap_or_else(|| DEFAULT_BASE_URL.to_owned());
+        if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
+            return Err(ConfigError::Invalid {
+                name: "OPENROUTER_BASE_URL",
+                problem: format!("{base_url:?} is not an http:// or https:// URL"),
+            });
+        }
+        let limits = Limits {
+            max_tool_rounds: number(&get, "MAX_TOOL_ROUNDS", defaults.max_tool_rounds)?,
+            tool_timeout: seconds(&get, "TOOL_TIMEOUT_SECS", defaults.tool_timeout)?,
+            tool_result_max_chars: number(&get, "TOOL_RESULT_MAX_CHARS", defaults.tool_result_max_chars)?,
+            max_sessions_per_server: number(
+                &get,
+                "MCP_MAX_SESSIONS_PER_SERVER",
+                defaults.max_sessions_per_server,
+            )?,
+            session_idle_timeout: seconds(&get, "MCP_IDLE_TIMEOUT_SECS", defaults.session_idle_timeout)?,
+            model_timeout: seconds(&get, "MODEL_TIMEOUT_SECS", defaults.model_timeout)?,
+            model_max_retries: bounded(&get, "MODEL_MAX_RETRIES", defaults.model_max_retries, 0)?,
+            fallback_context_tokens: number(
+                &get,
+                "FALLBACK_CONTEXT_TOKENS",
+                defaults.fallback_context_tokens,
+            )?,
+        };
+        Ok(Config {
+            api_key: Secret::new(api_key),
+            base_url: base_url.trim_end_matches('/').to_owned(),
+            default_model: get("DEFAULT_MODEL").unwrap_or_else(|| DEFAULT_MODEL.to_owned()),
+            system_prompt: get("SYSTEM_PROMPT"),
+            database_url: get("DATABASE_URL").unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned()),
+            mcp_config_explicit: get("MCP_CONFIG").is_some(),
+            mcp_config: PathBuf::from(get("MCP_CONFIG").unwrap_or_else(|| DEFAULT_MCP_CONFIG.to_owned())),
+            stream: boolean(&get, "STREAM_RESPONSES", true)?,
+            limits,
+        })
+    }
+}
+
+/// A positive whole number.
+fn number<T: FromStr + PartialOrd + From<u8>>(
+    get: &impl Fn(&str) -> Option<String>,
+    name: &'static str,
+    default: T,
+) -> Result<T, ConfigError> {
+    bounded(get, name, default, 1)
+}
+
+fn bounded<T: FromStr + PartialOrd + From<u8>>(
+    get: &impl Fn(&str) -> Option<String>,
+    name: &'static str,
+    default: T,
+    min: u8,
+) -> Result<T, ConfigError> {
+    let Some(raw) = get(name) else {
+        return Ok(default);
+    };
+    match raw.parse::<T>() {
+        Ok(value) if value >= T::from(min) => Ok(value),
+        _ => Err(ConfigError::Invalid {
+            name,
+            problem: format!("{raw:?} is not a whole number of at least {min}"),
+        }),
+    }
+}
+
+fn seconds(
+    get: &impl Fn(&str) -> Option<String>,
+    name: &'static str,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    number(get, name, default.as_secs()).map(Duration::from_secs)
+}
+
+fn boolean(
+    get: &impl Fn(&str) -> Option<String>,
+    name: &'static str,
+    default: bool,
+) -> Result<bool, ConfigError> {
+    match get(name).map(|v| v.to_ascii_lowercase()) {
+        None => Ok(default),
+        Some(v) if ["1", "true", "yes", "on"].contains(&v.as_str()) => Ok(true),
+        Some(v) if ["0", "false", "no", "off"].contains(&v.as_str()) => Ok(false),
+        Some(v) => Err(ConfigError::Invalid {
+            name,
+            problem: format!("{v:?} is not true or false"),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn config(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let env: HashMap<String, String> =
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Config::from_lookup(|name| env.get(name).cloned())
+    }
+
+    #[test]
+    fn the_key_is_required() {
+        assert_eq!(config(&[]).unwrap_err(), ConfigError::Missing("OPENROUTER_API_KEY"));
+        assert_eq!(
+            config(&[("OPENROUTER_API_KEY", "  ")]).unwrap_err(),
+            ConfigError::Missing("OPENROUTER_API_KEY")
+        );
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let c = config(&[("OPENROUTER_API_KEY", "sk-or-v1-x")]).unwrap();
+        assert_eq!(c.base_url, DEFAULT_BASE_URL);
+        assert_eq!(c.default_model, DEFAULT_MODEL);
+        assert_eq!(c.database_url, DEFAULT_DATABASE_URL);
+        assert!(!c.mcp_config_explicit);
+        assert!(c.stream);
+        assert_eq!(c.limits, Limits::default());
+    }
+
+    #[test]
+    fn bad_numbers_name_the_variable() {
+        let err = config(&[("OPENROUTER_API_KEY", "k"), ("MAX_TOOL_ROUNDS", "lots")]).unwrap_err();
+        assert_eq!(err.to_string(), "Invalid MAX_TOOL_ROUNDS: \"lots\" is not a whole number of at least 1");
+        let err = config(&[("OPENROUTER_API_KEY", "k"), ("TOOL_TIMEOUT_SECS", "0")]).unwrap_err();
+        assert!(err.to_string().starts_with("Invalid TOOL_TIMEOUT_SECS"));
+        let err = config(&[("OPENROUTER_API_KEY", "k"), ("STREAM_RESPONSES", "maybe")]).unwrap_err();
+        assert!(err.to_string().starts_with("Invalid STREAM_RESPONSES"));
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let c = config(&[("OPENROUTER_API_KEY", "sk-or-v1-secret")]).unwrap();
+        assert!(!format!("{c:?}").contains("sk-or-v1-secret"));
+        assert_eq!(c.api_key.expose(), "sk-or-v1-secret");
+    }
+
+    #[test]
+    fn base_url_is_checked_and_trimmed() {
+        let c = config(&[("OPENROUTER_API_KEY", "k"), ("OPENROUTER_BASE_URL", "http://127.0.0.1:9/v1/")]).unwrap();
+        assert_eq!(c.base_url, "http://127.0.0.1:9/v1");
+        assert!(config(&[("OPENROUTER_API_KEY", "k"), ("OPENROUTER_BASE_URL", "localhost")]).is_err());
+    }
+}

@@ -1,0 +1,446 @@
+//! The agent loop: one turn of one conversation.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use serde_json::Value;
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::history::{estimate_tokens, fit_to_context, repair};
+use super::ports::{
+    ChatModel, ChatRequest, Completion, FinishReason, ModelError, ModelLookup, Store, StoreError, ToolHost,
+    ToolOutcome,
+};
+use super::types::{Message, Role, ToolCall, ToolSpec, TurnEvent, Usage};
+
+/// Conversations whose history stays cached in memory while idle. Past this,
+/// idle ones are forgotten and reloaded from the store on their next turn.
+const MAX_CACHED_CONVERSATIONS: usize = 64;
+
+/// Tokens kept free in the context window for the model's answer.
+const ANSWER_RESERVE_TOKENS: u64 = 4_096;
+
+/// Characters of a tool result shown in a one-line summary.
+const SUMMARY_CHARS: usize = 120;
+
+/// The engine's settings, from `Config`.
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    pub default_model: String,
+    pub system_prompt: Option<String>,
+    /// Tool rounds one turn may run before the user is asked to continue.
+    pub max_tool_rounds: usize,
+    /// Context window assumed for models the catalogue does not list.
+    pub fallback_context_tokens: u64,
+}
+
+/// What a finished turn did, for logs and surfaces.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TurnOutcome {
+    pub model: String,
+    pub rounds: usize,
+    pub tool_calls: usize,
+    pub usage: Usage,
+    pub duration: Duration,
+    /// False when the turn stopped at the round limit without an answer.
+    pub answered: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TurnError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("{0}. The message was not processed; try again.")]
+    Store(#[from] StoreError),
+}
+
+/// The in-memory state of a conversation. Its mutex is the turn queue:
+/// tokio's mutex is fair, so turns run one at a time in arrival order.
+#[derive(Debug, Default)]
+struct Live {
+    /// The repaired history, or `None` when it must be (re)loaded.
+    history: Option<Vec<Message>>,
+    /// The chosen model, once read from the store.
+    model: Option<Option<String>>,
+}
+
+/// How one model reply continues the turn.
+enum Step {
+    Answer(Message, FinishReason),
+    ToolCalls(Message),
+}
+
+/// The conversation engine shared by every surface.
+pub struct Engine {
+    model: Arc<dyn ChatModel>,
+    tools: Arc<dyn ToolHost>,
+    store: Arc<dyn Store>,
+    settings: EngineSettings,
+    live: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Live>>>>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    pub fn new(
+        model: Arc<dyn ChatModel>,
+        tools: Arc<dyn ToolHost>,
+        store: Arc<dyn Store>,
+        settings: EngineSettings,
+    ) -> Self {
+        Engine {
+            model,
+            tools,
+            store,
+            settings,
+            live: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn settings(&self) -> &EngineSettings {
+        &self.settings
+    }
+
+    /// Runs one turn: stores `input`, then asks the model and runs its tool
+    /// calls until it answers or the round limit is hit. Events go to
+    /// `events`; a failure is also sent as `TurnEvent::Error`.
+    pub async fn run_turn(
+        &self,
+        conversation: &str,
+        input: Message,
+        events: &UnboundedSender<TurnEvent>,
+    ) -> Result<TurnOutcome, TurnError> {
+        let live = self.live(conversation);
+        let mut live = live.lock().await;
+        let started = Instant::now();
+        let mut outcome = TurnOutcome::default();
+        let result = self
+            .turn(conversation, &mut live, input, events, &mut outcome)
+            .await;
+        drop(live);
+        self.forget_idle();
+        outcome.duration = started.elapsed();
+        match result {
+            Ok(()) => Ok(outcome),
+            Err(error) => {
+                let _ = events.send(TurnEvent::Error(error.to_string()));
+                Err(error)
+            }
+        }
+    }
+
+    /// The model `conversation` uses.
+    pub async fn model_of(&self, conversation: &str) -> Result<String, StoreError> {
+        let live = self.live(conversation);
+        let mut live = live.lock().await;
+        self.chosen_model(conversation, &mut live).await
+    }
+
+    /// Switches `conversation` to `model` after checking the catalogue.
+    /// `None` goes back to the default model.
+    pub async fn set_model(
+        &self,
+        conversation: &str,
+        model: Option<&str>,
+    ) -> Result<String, TurnError> {
+        if let Some(model) = model {
+            self.check_model(model).await?;
+        }
+        let live = self.live(conversation);
+        let mut live = live.lock().await;
+        self.store.set_model(conversation, model).await?;
+        live.model = Some(model.map(str::to_owned));
+        Ok(model.unwrap_or(&self.settings.default_model).to_owned())
+    }
+
+    /// Refuses a model the catalogue does not list, or one without tools.
+    pub async fn check_model(&self, model: &str) -> Result<(), ModelError> {
+        match self.model.model_info(model).await {
+            ModelLookup::Known(info) if !info.supports_tools => Err(ModelError::NoToolSupport {
+                model: model.to_owned(),
+            }),
+            ModelLookup::Known(_) | ModelLookup::Unavailable => Ok(()),
+            ModelLookup::Unlisted => Err(ModelError::UnknownModel {
+                model: model.to_owned(),
+            }),
+        }
+    }
+
+    /// Clears `conversation`'s history and closes its MCP sessions.
+    pub async fn reset(&self, conversation: &str) -> Result<(), StoreError> {
+        let live = self.live(conversation);
+        let mut live = live.lock().await;
+        self.store.reset(conversation).await?;
+        live.history = Some(Vec::new());
+        self.tools.close_conversation(conversation).await;
+        Ok(())
+    }
+
+    async fn turn(
+        &self,
+        conversation: &str,
+        live: &mut Live,
+        input: Message,
+        events: &UnboundedSender<TurnEvent>,
+        outcome: &mut TurnOutcome,
+    ) -> Result<(), TurnError> {
+        let model = self.chosen_model(conversation, live).await?;
+        outcome.model.clone_from(&model);
+        let mut history = self.history(conversation, live).await?;
+        // Until this turn ends cleanly the cache may lag behind the store
+        // (an aborted turn), so it is only put back at the end.
+        self.store.append(conversation, std::slice::from_ref(&input)).await?;
+        history.push(input);
+
+        let lookup = self.model.model_info(&model).await;
+        let info = lookup.info();
+        let tools = self.tools.tools(conversation).await;
+        for problem in &tools.problems {
+            let _ = events.send(TurnEvent::Warning(problem.clone()));
+        }
+        if !tools.specs.is_empty() && info.as_ref().is_some_and(|i| !i.supports_tools) {
+            live.history = Some(history);
+            return Err(ModelError::NoToolSupport { model }.into());
+        }
+        let context = info.map_or(self.settings.fallback_context_tokens, |i| i.context_length);
+        let budget = self.history_budget(context, &tools.specs);
+
+        let mut warned_trim = false;
+        let result = loop {
+            let (start, dropped) = fit_to_context(&history, budget);
+            if dropped > 0 && !warned_trim {
+                warned_trim = true;
+                let _ = events.send(TurnEvent::Warning(format!(
+                    "The conversation is longer than {model} can read; the {dropped} oldest exchange(s) were left out of this request."
+                )));
+            }
+            let request = ChatRequest {
+                model: &model,
+                system: self.settings.system_prompt.as_deref(),
+                messages: &history[start..],
+                tools: &tools.specs,
+            };
+            let completion = match self.model.complete(request, events).await {
+                Ok(completion) => completion,
+                Err(error) => break Err(error.into()),
+            };
+            outcome.rounds += 1;
+            outcome.usage.add(completion.usage);
+            match step(completion, &model) {
+                Ok(Step::Answer(message, finish)) => {
+                    let text = message.text().to_owned();
+                    if let Err(error) = self.store.append(conversation, std::slice::from_ref(&message)).await {
+                        break Err(error.into());
+                    }
+                    history.push(message);
+                    if finish == FinishReason::Length {
+                        let _ = events.send(TurnEvent::Warning(
+                            "The answer was cut off at the model's output limit. Ask it to continue.".into(),
+                        ));
+                    }
+                    let _ = events.send(TurnEvent::Answer(text));
+                    outcome.answered = true;
+                    break Ok(());
+                }
+                Ok(Step::ToolCalls(message)) => {
+                    let exhausted = outcome.rounds > self.settings.max_tool_rounds;
+                    let results = if exhausted {
+                        decline_all(&message.tool_calls, self.settings.max_tool_rounds)
+                    } else {
+                        self.run_calls(conversation, &message.tool_calls, events).await
+                    };
+                    outcome.tool_calls += message.tool_calls.len();
+                    let mut group = Vec::with_capacity(results.len() + 1);
+                    group.push(message);
+                    group.extend(results);
+                    if let Err(error) = self.store.append(conversation, &group).await {
+                        break Err(error.into());
+                    }
+                    history.extend(group);
+                    if exhausted {
+                        let _ = events.send(TurnEvent::Warning(format!(
+                            "Stopped after {} rounds of tool calls without an answer. Say \"continue\" to let it go on.",
+                            self.settings.max_tool_rounds
+                        )));
+                        break Ok(());
+                    }
+                }
+                Err(error) => break Err(error.into()),
+            }
+        };
+        live.history = Some(history);
+        result
+    }
+
+    /// Runs every call of one reply concurrently and returns one tool message
+    /// per call, in the order of the calls.
+    async fn run_calls(
+        &self,
+        conversation: &str,
+        calls: &[ToolCall],
+        events: &UnboundedSender<TurnEvent>,
+    ) -> Vec<Message> {
+        for call in calls {
+            let _ = events.send(TurnEvent::ToolStarted {
+                call_id: call.id.clone(),
+                name: call.name.clone(),
+                arguments: compact_arguments(&call.arguments),
+            });
+        }
+        let runs = calls.iter().map(|call| async move {
+            let outcome = match parse_arguments(&call.arguments) {
+                Ok(arguments) => self.tools.call(conversation, &call.name, arguments).await,
+                Err(problem) => ToolOutcome::error(problem),
+            };
+            let _ = events.send(TurnEvent::ToolFinished {
+                call_id: call.id.clone(),
+                name: call.name.clone(),
+                ok: !outcome.is_error,
+                summary: summarise(&outcome.content),
+                full_output: outcome.full_output.clone(),
+            });
+            Message::tool_result(call.id.clone(), outcome.content)
+        });
+        join_all(runs).await
+    }
+
+    /// Tokens left for the history once the system prompt, the tools and
+    /// the answer are accounted for.
+    fn history_budget(&self, context: u64, tools: &[ToolSpec]) -> usize {
+        let system = self
+            .settings
+            .system_prompt
+            .as_ref()
+            .map_or(0, |s| estimate_tokens(&Message::user(s.as_str())));
+        let tools: usize = tools
+            .iter()
+            .map(|t| (t.name.len() + t.description.len() + t.parameters.to_string().len()) / 4)
+            .sum();
+        let reserve = ANSWER_RESERVE_TOKENS.min(context / 4);
+        let fixed = (system + tools) as u64 + reserve;
+        context.saturating_sub(fixed).max(1) as usize
+    }
+
+    async fn chosen_model(&self, conversation: &str, live: &mut Live) -> Result<String, StoreError> {
+        if live.model.is_none() {
+            live.model = Some(self.store.model(conversation).await?);
+        }
+        let chosen = live.model.as_ref().and_then(Option::as_ref);
+        Ok(chosen.unwrap_or(&self.settings.default_model).clone())
+    }
+
+    /// Takes the cached history, loading and repairing it when needed.
+    async fn history(&self, conversation: &str, live: &mut Live) -> Result<Vec<Message>, StoreError> {
+        if let Some(history) = live.history.take() {
+            return Ok(history);
+        }
+        let (history, changes) = repair(self.store.history(conversation).await?);
+        if changes > 0 {
+            tracing::warn!(conversation, changes, "repaired a history left incomplete by an interrupted turn");
+        }
+        Ok(history)
+    }
+
+    fn live(&self, conversation: &str) -> Arc<tokio::sync::Mutex<Live>> {
+        let mut live = self.live.lock().expect("live map poisoned");
+        live.entry(conversation.to_owned()).or_default().clone()
+    }
+
+    /// Drops cached state of idle conversations once there are too many.
+    fn forget_idle(&self) {
+        let mut live = self.live.lock().expect("live map poisoned");
+        if live.len() > MAX_CACHED_CONVERSATIONS {
+            live.retain(|_, state| Arc::strong_count(state) > 1);
+        }
+    }
+}
+
+/// Decides how a model reply continues the turn. Tool calls count even when
+/// `finish_reason` says otherwise.
+fn step(completion: Completion, model: &str) -> Result<Step, ModelError> {
+    let mut message = completion.message;
+    message.role = Some(Role::Assistant);
+    message.model = Some(model.to_owned());
+    message.usage = Some(completion.usage);
+    if !message.tool_calls.is_empty() {
+        return Ok(Step::ToolCalls(message));
+    }
+    if message.text().trim().is_empty() && completion.finish_reason != FinishReason::Length {
+        return Err(ModelError::Empty);
+    }
+    Ok(Step::Answer(message, completion.finish_reason))
+}
+
+/// Parses the model's argument text. Empty text means no arguments.
+fn parse_arguments(text: &str) -> Result<Value, String> {
+    if text.trim().is_empty() {
+        return Ok(Value::Object(Default::default()));
+    }
+    match serde_json::from_str::<Value>(text) {
+        Ok(value @ Value::Object(_)) => Ok(value),
+        Ok(_) => Err("the arguments must be a JSON object. Call the tool again with a JSON object.".into()),
+        Err(error) => Err(format!(
+            "the arguments are not valid JSON ({error}). Call the tool again with a valid JSON object."
+        )),
+    }
+}
+
+fn decline_all(calls: &[ToolCall], rounds: usize) -> Vec<Message> {
+    calls
+        .iter()
+        .map(|call| {
+            let text = format!(
+                "ERROR: not run: this turn already used its {rounds} tool rounds. Answer with what you have."
+            );
+            Message::tool_result(call.id.clone(), text)
+        })
+        .collect()
+}
+
+/// The arguments as compact one-line JSON (or as sent, when not JSON).
+fn compact_arguments(text: &str) -> String {
+    serde_json::from_str::<Value>(text).map_or_else(|_| text.to_owned(), |v| v.to_string())
+}
+
+/// The first line of a result, cut to `SUMMARY_CHARS` characters.
+fn summarise(content: &str) -> String {
+    let line = content.lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
+    if line.chars().count() > SUMMARY_CHARS {
+        let cut: String = line.chars().take(SUMMARY_CHARS).collect();
+        format!("{cut}…")
+    } else {
+        line.to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_arguments_mean_an_empty_object() {
+        assert_eq!(parse_arguments("  ").unwrap(), serde_json::json!({}));
+        assert_eq!(parse_arguments(r#"{"a":1}"#).unwrap(), serde_json::json!({"a":1}));
+    }
+
+    #[test]
+    fn bad_arguments_explain_themselves() {
+        assert!(parse_arguments("{oops").unwrap_err().contains("not valid JSON"));
+        assert!(parse_arguments("[1]").unwrap_err().contains("JSON object"));
+    }
+
+    #[test]
+    fn summaries_are_one_short_line() {
+        assert_eq!(summarise("\n first \nsecond"), "first");
+        let long = "y".repeat(300);
+        assert_eq!(summarise(&long).chars().count(), SUMMARY_CHARS + 1);
+    }
+}

@@ -1,0 +1,190 @@
+//! The traits the domain owns; adapters implement them.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::Value;
+
+use super::types::{Message, ToolSpec, Usage};
+
+/// One request to the model.
+#[derive(Debug, Clone, Copy)]
+pub struct ChatRequest<'a> {
+    pub model: &'a str,
+    pub system: Option<&'a str>,
+    pub messages: &'a [Message],
+    pub tools: &'a [ToolSpec],
+}
+
+/// Why the model stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    Stop,
+    ToolCalls,
+    /// The answer hit the output token limit and is cut off.
+    Length,
+    ContentFilter,
+    Other,
+}
+
+/// The model's reply to one request: an assistant message and its usage.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub message: Message,
+    pub finish_reason: FinishReason,
+    pub usage: Usage,
+}
+
+/// What the catalogue knows about a model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelInfo {
+    pub id: String,
+    pub context_length: u64,
+    pub supports_tools: bool,
+    pub supports_images: bool,
+}
+
+/// The answer of the model catalogue about one model.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelLookup {
+    Known(ModelInfo),
+    /// The catalogue was read and does not list the model.
+    Unlisted,
+    /// No catalogue could be read (an endpoint without `GET /models`, or a
+    /// failure); nothing is known either way.
+    Unavailable,
+}
+
+impl ModelLookup {
+    pub fn info(&self) -> Option<&ModelInfo> {
+        match self {
+            ModelLookup::Known(info) => Some(info),
+            _ => None,
+        }
+    }
+}
+
+/// Model failures a caller branches on. Each `Display` is a sentence for the
+/// person using the bot: what happened and what to do.
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum ModelError {
+    #[error(
+        "The OpenRouter account is out of credits (HTTP 402). Add credits at openrouter.ai, or pick a free model."
+    )]
+    CreditsExhausted,
+    #[error("The OpenRouter API key was rejected (HTTP 401). Check OPENROUTER_API_KEY.")]
+    InvalidKey,
+    #[error(
+        "The model {model} cannot use tools (no provider supports tool calls for it). Pick another model."
+    )]
+    NoToolSupport { model: String },
+    #[error("The model {model} does not exist. Pick another model.")]
+    UnknownModel { model: String },
+    #[error(
+        "The conversation is too long for this model's context window. Start over with a reset, or pick a model with a larger context."
+    )]
+    ContextTooLong,
+    #[error("The model is rate limited right now and retries ran out. Try again in a minute.")]
+    RateLimited { retry_after: Option<Duration> },
+    #[error("The model did not answer in time. Try again; if it keeps happening, pick another model.")]
+    Timeout,
+    #[error("The request was refused (HTTP 403): {message}")]
+    Forbidden { message: String },
+    #[error("The model provider failed: {message}. Try again in a moment.")]
+    Provider { status: Option<u16>, message: String },
+    #[error("The model service could not be reached: {message}. Check OPENROUTER_BASE_URL and the network.")]
+    Connection { message: String },
+    #[error("The request was rejected (HTTP {status}): {message}")]
+    BadRequest { status: u16, message: String },
+    #[error("The model returned no answer. Try again.")]
+    Empty,
+}
+
+/// Where streamed answer text goes while a reply is being written.
+pub trait TextSink: Send + Sync {
+    fn push(&self, fragment: &str);
+}
+
+/// Discards the text (for callers that only want the whole reply).
+impl TextSink for () {
+    fn push(&self, _fragment: &str) {}
+}
+
+impl TextSink for tokio::sync::mpsc::UnboundedSender<super::TurnEvent> {
+    fn push(&self, fragment: &str) {
+        let _ = self.send(super::TurnEvent::Text(fragment.to_owned()));
+    }
+}
+
+/// The language model (OpenRouter or any OpenAI-compatible endpoint).
+#[async_trait]
+pub trait ChatModel: Send + Sync {
+    /// Sends one request. Text fragments are passed to `text` as they
+    /// stream; the whole reply is returned at the end.
+    async fn complete(
+        &self,
+        request: ChatRequest<'_>,
+        text: &dyn TextSink,
+    ) -> Result<Completion, ModelError>;
+
+    /// What the catalogue says about `model`.
+    async fn model_info(&self, model: &str) -> ModelLookup;
+}
+
+/// The tools of one conversation, and the problems met collecting them.
+#[derive(Debug, Clone, Default)]
+pub struct ToolList {
+    pub specs: Vec<ToolSpec>,
+    /// One sentence per server that could not be used this turn.
+    pub problems: Vec<String>,
+}
+
+/// The result of one tool call, already shaped for the model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolOutcome {
+    /// What the model sees (capped, with a visible truncation marker).
+    pub content: String,
+    pub is_error: bool,
+    /// The whole output, when `content` had to be truncated.
+    pub full_output: Option<String>,
+}
+
+impl ToolOutcome {
+    pub fn error(message: impl Into<String>) -> Self {
+        ToolOutcome {
+            content: format!("ERROR: {}", message.into()),
+            is_error: true,
+            full_output: None,
+        }
+    }
+}
+
+/// The MCP side: tools per conversation and calls to them.
+#[async_trait]
+pub trait ToolHost: Send + Sync {
+    /// The tools `conversation` may use, starting sessions as needed.
+    async fn tools(&self, conversation: &str) -> ToolList;
+    /// Runs one call. Every failure (unknown tool, timeout, crash, error
+    /// result) comes back as an error outcome, never as a panic or `Err`.
+    async fn call(&self, conversation: &str, name: &str, arguments: Value) -> ToolOutcome;
+    /// Closes the sessions that belong to `conversation`.
+    async fn close_conversation(&self, conversation: &str);
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("database error: {0}")]
+pub struct StoreError(pub String);
+
+/// Persistence of conversations and their messages.
+#[async_trait]
+pub trait Store: Send + Sync {
+    /// The model chosen for `conversation`, if any.
+    async fn model(&self, conversation: &str) -> Result<Option<String>, StoreError>;
+    async fn set_model(&self, conversation: &str, model: Option<&str>) -> Result<(), StoreError>;
+    /// The history, oldest first, exactly as stored (see `history::repair`).
+    async fn history(&self, conversation: &str) -> Result<Vec<Message>, StoreError>;
+    /// Appends `messages` in one transaction: all of them or none.
+    async fn append(&self, conversation: &str, messages: &[Message]) -> Result<(), StoreError>;
+    /// Deletes the history of `conversation` (its model choice stays).
+    async fn reset(&self, conversation: &str) -> Result<(), StoreError>;
+}

@@ -1,0 +1,146 @@
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Who wrote a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    User,
+    Assistant,
+    Tool,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::User => "user",
+            Role::Assistant => "assistant",
+            Role::Tool => "tool",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "user" => Some(Role::User),
+            "assistant" => Some(Role::Assistant),
+            "tool" => Some(Role::Tool),
+            _ => None,
+        }
+    }
+}
+
+/// One tool call requested by the model. `arguments` is the JSON text exactly
+/// as the model produced it, so the history sent back is byte-identical.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ToolCall {
+    pub id: String,
+    pub name: String,
+    pub arguments: String,
+}
+
+/// Tokens and cost of one model response.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cost: f64,
+}
+
+impl Usage {
+    pub fn add(&mut self, other: Usage) {
+        self.prompt_tokens += other.prompt_tokens;
+        self.completion_tokens += other.completion_tokens;
+        self.cost += other.cost;
+    }
+}
+
+/// One message of a conversation, as stored and as sent to the model.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Message {
+    pub role: Option<Role>,
+    /// Text content; `None` for an assistant message that only calls tools.
+    pub content: Option<String>,
+    /// Image URLs (https or data URLs) attached to a user message.
+    pub images: Vec<String>,
+    pub tool_calls: Vec<ToolCall>,
+    /// For `Role::Tool`: the call this message answers.
+    pub tool_call_id: Option<String>,
+    /// Provider reasoning, sent back unchanged.
+    pub reasoning: Option<String>,
+    pub reasoning_details: Option<Value>,
+    /// Which model wrote an assistant message, and what it cost.
+    pub model: Option<String>,
+    pub usage: Option<Usage>,
+}
+
+impl Message {
+    pub fn user(text: impl Into<String>) -> Self {
+        Message {
+            role: Some(Role::User),
+            content: Some(text.into()),
+            ..Default::default()
+        }
+    }
+
+    pub fn assistant(text: impl Into<String>) -> Self {
+        Message {
+            role: Some(Role::Assistant),
+            content: Some(text.into()),
+            ..Default::default()
+        }
+    }
+
+    pub fn tool_result(call_id: impl Into<String>, text: impl Into<String>) -> Self {
+        Message {
+            role: Some(Role::Tool),
+            content: Some(text.into()),
+            tool_call_id: Some(call_id.into()),
+            ..Default::default()
+        }
+    }
+
+    pub fn role(&self) -> Role {
+        self.role.unwrap_or(Role::User)
+    }
+
+    pub fn text(&self) -> &str {
+        self.content.as_deref().unwrap_or("")
+    }
+}
+
+/// A tool offered to the model: the exposed name (`server__tool`), a
+/// description and a JSON Schema already normalised for strict providers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolSpec {
+    pub name: String,
+    pub description: String,
+    pub parameters: Value,
+}
+
+/// What a turn reports while it runs. Surfaces render these.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TurnEvent {
+    /// A fragment of the model's answer, as it streams.
+    Text(String),
+    /// The model asked for a tool; `arguments` is compact JSON text.
+    ToolStarted {
+        call_id: String,
+        name: String,
+        arguments: String,
+    },
+    /// A tool call finished. `summary` is one line; `full_output` is set when
+    /// the model only saw a truncated result.
+    ToolFinished {
+        call_id: String,
+        name: String,
+        ok: bool,
+        summary: String,
+        full_output: Option<String>,
+    },
+    /// The final answer of the turn.
+    Answer(String),
+    /// Something the user should know that did not stop the turn.
+    Warning(String),
+    /// The turn could not finish; the sentence says why and what to do.
+    Error(String),
+}

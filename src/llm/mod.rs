@@ -1,0 +1,340 @@
+//! The OpenRouter client: any OpenAI-compatible chat completions endpoint.
+//!
+//! Streams replies (SSE), retries 408/429/5xx and connection failures with
+//! backoff and jitter (honouring `Retry-After`), and caches the model
+//! catalogue from `GET /models`.
+
+mod wire;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use backon::{ExponentialBuilder, Retryable};
+use eventsource_stream::Eventsource;
+use futures::StreamExt;
+use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
+use serde_json::Value;
+use tokio::sync::Mutex;
+
+use crate::config::{Config, Secret};
+use crate::conversation::{
+    ChatModel, ChatRequest, Completion, ModelError, ModelInfo, ModelLookup, TextSink,
+};
+
+pub use wire::{StreamAccumulator, error_from_body, parse_completion, request_body};
+
+/// First retry delay; later ones grow exponentially (with jitter).
+const RETRY_MIN_DELAY: Duration = Duration::from_millis(500);
+const RETRY_MAX_DELAY: Duration = Duration::from_secs(20);
+/// Total time all retries of one request may wait.
+const RETRY_TOTAL_DELAY: Duration = Duration::from_secs(90);
+/// A `Retry-After` longer than this is not waited for.
+const RETRY_AFTER_MAX: Duration = Duration::from_secs(60);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a failed catalogue fetch is remembered before trying again.
+const CATALOGUE_RETRY: Duration = Duration::from_secs(300);
+
+/// The model catalogue, keyed by model id.
+#[derive(Debug, Default)]
+pub struct Catalogue {
+    pub models: HashMap<String, ModelInfo>,
+}
+
+impl Catalogue {
+    /// Parses a `GET /models` body.
+    pub fn parse(body: &Value) -> Self {
+        let models = body
+            .get("data")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|m| {
+                let id = m.get("id")?.as_str()?.to_owned();
+                let has = |list: &str, item: &str| {
+                    m.pointer(list)
+                        .and_then(Value::as_array)
+                        .is_some_and(|a| a.iter().any(|v| v.as_str() == Some(item)))
+                };
+                let info = ModelInfo {
+                    context_length: m
+                        .get("context_length")
+                        .and_then(Value::as_u64)
+                        .or_else(|| m.pointer("/top_provider/context_length").and_then(Value::as_u64))
+                        .unwrap_or(0),
+                    supports_tools: has("/supported_parameters", "tools"),
+                    supports_images: has("/architecture/input_modalities", "image"),
+                    id: id.clone(),
+                };
+                Some((id, info))
+            })
+            .collect();
+        Catalogue { models }
+    }
+
+    /// Looks `model` up, also without a variant suffix (`:free`, `:nitro`…).
+    pub fn get(&self, model: &str) -> Option<&ModelInfo> {
+        self.models
+            .get(model)
+            .or_else(|| model.split_once(':').and_then(|(base, _)| self.models.get(base)))
+    }
+}
+
+#[derive(Debug, Default)]
+enum CatalogueState {
+    #[default]
+    NotFetched,
+    Ready(Arc<Catalogue>),
+    Failed(Instant),
+}
+
+/// The OpenRouter (OpenAI-compatible) chat model.
+#[derive(Debug)]
+pub struct OpenRouter {
+    http: reqwest::Client,
+    base_url: String,
+    api_key: Secret,
+    stream: bool,
+    timeout: Duration,
+    max_retries: usize,
+    catalogue: Mutex<CatalogueState>,
+}
+
+/// One failed attempt, before it is known whether to retry.
+#[derive(Debug)]
+struct Attempt {
+    error: ModelError,
+    retry_after: Option<Duration>,
+    retryable: bool,
+}
+
+impl OpenRouter {
+    pub fn new(config: &Config) -> Result<Self, ModelError> {
+        let mut headers = HeaderMap::new();
+        headers.insert("X-OpenRouter-Title", HeaderValue::from_static("mcpcord"));
+        headers.insert("X-Title", HeaderValue::from_static("mcpcord"));
+        headers.insert(
+            "X-OpenRouter-Categories",
+            HeaderValue::from_static("general-chat,personal-agent"),
+        );
+        let http = reqwest::Client::builder()
+            .default_headers(headers)
+            .user_agent(concat!("mcpcord/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(CONNECT_TIMEOUT)
+            .build()
+            .map_err(|e| ModelError::Connection { message: e.to_string() })?;
+        Ok(OpenRouter {
+            http,
+            base_url: config.base_url.clone(),
+            api_key: config.api_key.clone(),
+            stream: config.stream,
+            timeout: config.limits.model_timeout,
+            max_retries: config.limits.model_max_retries,
+            catalogue: Mutex::new(CatalogueState::NotFetched),
+        })
+    }
+
+    /// The catalogue, fetched once and cached; `None` when it cannot be read.
+    pub async fn catalogue(&self) -> Option<Arc<Catalogue>> {
+        let mut state = self.catalogue.lock().await;
+        match &*state {
+            CatalogueState::Ready(catalogue) => return Some(catalogue.clone()),
+            CatalogueState::Failed(at) if at.elapsed() < CATALOGUE_RETRY => return None,
+            _ => {}
+        }
+        match self.fetch_catalogue().await {
+            Ok(catalogue) => {
+                let catalogue = Arc::new(catalogue);
+                tracing::info!(models = catalogue.models.len(), "model catalogue loaded");
+                *state = CatalogueState::Ready(catalogue.clone());
+                Some(catalogue)
+            }
+            Err(error) => {
+                tracing::warn!(%error, "model catalogue unavailable; using defaults for context length and tools");
+                *state = CatalogueState::Failed(Instant::now());
+                None
+            }
+        }
+    }
+
+    async fn fetch_catalogue(&self) -> Result<Catalogue, ModelError> {
+        let response = self
+            .http
+            .get(format!("{}/models", self.base_url))
+            .bearer_auth(self.api_key.expose())
+            .timeout(self.timeout)
+            .send()
+            .await
+            .map_err(connection_error)?;
+        let status = response.status();
+        let body: Value = response.json().await.map_err(connection_error)?;
+        if !status.is_success() {
+            return Err(error_from_body(Some(status.as_u16()), body.get("error").unwrap_or(&body)));
+        }
+        Ok(Catalogue::parse(&body))
+    }
+
+    /// Sends the request, retrying what is worth retrying, until a 2xx
+    /// response arrives.
+    async fn send(&self, body: &Value) -> Result<reqwest::Response, ModelError> {
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(RETRY_MIN_DELAY)
+            .with_max_delay(RETRY_MAX_DELAY)
+            .with_max_times(self.max_retries)
+            .with_total_delay(Some(RETRY_TOTAL_DELAY))
+            .with_jitter();
+        let attempt = || async {
+            let response = self
+                .http
+                .post(format!("{}/chat/completions", self.base_url))
+                .bearer_auth(self.api_key.expose())
+                .json(body)
+                .send()
+                .await
+                .map_err(|e| Attempt {
+                    retryable: !e.is_builder(),
+                    error: connection_error(e),
+                    retry_after: None,
+                })?;
+            let status = response.status();
+            if status.is_success() {
+                return Ok(response);
+            }
+            let retry_after = retry_after(response.headers());
+            let text = response.text().await.unwrap_or_default();
+            let body: Value = serde_json::from_str(&text).unwrap_or_else(|_| serde_json::json!({"message": text}));
+            let mut error = error_from_body(Some(status.as_u16()), body.get("error").unwrap_or(&body));
+            if let ModelError::RateLimited { retry_after: slot } = &mut error {
+                *slot = retry_after;
+            }
+            Err(Attempt {
+                error,
+                retry_after,
+                retryable: matches!(status.as_u16(), 408 | 429 | 500..=599),
+            })
+        };
+        attempt
+            .retry(backoff)
+            .when(|a: &Attempt| a.retryable)
+            .adjust(|a: &Attempt, delay| match (a.retry_after, delay) {
+                (_, None) => None,
+                (Some(wait), Some(_)) if wait > RETRY_AFTER_MAX => None,
+                (Some(wait), Some(_)) => Some(wait),
+                (None, delay) => delay,
+            })
+            .notify(|a: &Attempt, delay| {
+                tracing::warn!(error = %a.error, ?delay, "model request failed; retrying");
+            })
+            .await
+            .map_err(|a| a.error)
+    }
+
+    async fn complete_inner(&self, request: ChatRequest<'_>, text: &dyn TextSink) -> Result<Completion, ModelError> {
+        let body = request_body(&request, self.stream);
+        let response = self.send(&body).await?;
+        if !self.stream {
+            let body: Value = response.json().await.map_err(connection_error)?;
+            let completion = parse_completion(&body)?;
+            if let Some(content) = completion.message.content.as_deref() {
+                text.push(content);
+            }
+            return Ok(completion);
+        }
+        let mut events = response.bytes_stream().eventsource();
+        let mut accumulator = StreamAccumulator::default();
+        while let Some(event) = events.next().await {
+            let event = event.map_err(|e| ModelError::Connection {
+                message: format!("the answer stream broke off: {e}"),
+            })?;
+            let data = event.data.trim();
+            if data.is_empty() {
+                continue;
+            }
+            if data == "[DONE]" {
+                break;
+            }
+            let chunk: Value = serde_json::from_str(data).map_err(|e| ModelError::Provider {
+                status: None,
+                message: format!("unreadable stream chunk ({e})"),
+            })?;
+            accumulator.apply(&chunk, text)?;
+        }
+        accumulator.finish()
+    }
+}
+
+fn connection_error(error: reqwest::Error) -> ModelError {
+    if error.is_timeout() {
+        return ModelError::Timeout;
+    }
+    // The source chain says what actually failed (refused, DNS, TLS...).
+    let mut message = error.to_string();
+    let mut source = std::error::Error::source(&error);
+    while let Some(cause) = source {
+        message = format!("{message}: {cause}");
+        source = cause.source();
+    }
+    ModelError::Connection { message }
+}
+
+/// `Retry-After` in seconds (integer or decimal).
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(RETRY_AFTER)?.to_str().ok()?;
+    value.trim().parse::<f64>().ok().filter(|s| s.is_finite() && *s >= 0.0).map(Duration::from_secs_f64)
+}
+
+#[async_trait]
+impl ChatModel for OpenRouter {
+    async fn complete(
+        &self,
+        request: ChatRequest<'_>,
+        text: &dyn TextSink,
+    ) -> Result<Completion, ModelError> {
+        match tokio::time::timeout(self.timeout, self.complete_inner(request, text)).await {
+            Ok(result) => result,
+            Err(_) => Err(ModelError::Timeout),
+        }
+    }
+
+    async fn model_info(&self, model: &str) -> ModelLookup {
+        match self.catalogue().await {
+            None => ModelLookup::Unavailable,
+            Some(catalogue) => catalogue
+                .get(model)
+                .cloned()
+                .map_or(ModelLookup::Unlisted, ModelLookup::Known),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn catalogue_reads_context_tools_and_images() {
+        let catalogue = Catalogue::parse(&json!({"data":[
+            {"id":"a/tools","context_length":1000,"supported_parameters":["tools","temperature"],
+             "architecture":{"input_modalities":["text","image"]}},
+            {"id":"b/plain","top_provider":{"context_length":50},"supported_parameters":["temperature"]}
+        ]}));
+        let a = catalogue.get("a/tools:free").unwrap();
+        assert!(a.supports_tools && a.supports_images);
+        assert_eq!(a.context_length, 1000);
+        let b = catalogue.get("b/plain").unwrap();
+        assert!(!b.supports_tools);
+        assert_eq!(b.context_length, 50);
+        assert!(catalogue.get("c/none").is_none());
+    }
+
+    #[test]
+    fn retry_after_accepts_decimals() {
+        let mut headers = HeaderMap::new();
+        headers.insert(RETRY_AFTER, HeaderValue::from_static("1.5"));
+        assert_eq!(retry_after(&headers), Some(Duration::from_millis(1500)));
+        headers.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
+        assert_eq!(retry_after(&headers), None);
+    }
+}
