@@ -11,10 +11,10 @@
 //! - [`terminal`]: `mcpcord chat`, the engine on stdin/stdout.
 //! - [`app`]: the composition root: builds the adapters, runs a surface, shuts down in order.
 
-//pub mod app;
+pub mod app;
 pub mod config;
 pub mod conversation;
 pub mod llm;
-//pub mod mcp;
+pub mod mcp;
 pub mod store;
-//pub mod terminal;
+pub mod terminal;

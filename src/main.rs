@@ -1,1 +1,78 @@
-fn main(){}
+//! The `mcpcord` command: CLI, `.env`, logging, configuration, then the app.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio::io::BufReader;
+use tracing_subscriber::EnvFilter;
+
+use mcpcord::app::App;
+use mcpcord::config::Config;
+use mcpcord::terminal;
+
+/// A self-hosted assistant that uses MCP tools through OpenRouter.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Chat in the terminal: one message per line on stdin, answers on stdout.
+    Chat {
+        /// Conversation name; running again with the same name continues it.
+        #[arg(long, short, default_value = "default")]
+        conversation: String,
+        /// Model for this conversation (kept for later runs).
+        #[arg(long, short)]
+        model: Option<String>,
+    },
+}
+
+fn init_logging(default_filter: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if std::env::var("LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // A missing .env is normal; variables may come from the environment.
+    let _ = dotenvy::dotenv();
+    init_logging("warn");
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = Config::from_env()?;
+    match cli.command {
+        Command::Chat { conversation, model } => {
+            let app = App::build(&config).await?;
+            let key = terminal::conversation_key(&conversation);
+            let result = async {
+                if let Some(model) = model {
+                    app.engine.set_model(&key, Some(&model)).await?;
+                }
+                let stdin = BufReader::new(tokio::io::stdin());
+                terminal::run(&app.engine, &key, stdin, &mut std::io::stdout(), &mut std::io::stderr()).await?;
+                anyhow::Ok(())
+            }
+            .await;
+            app.shutdown().await;
+            result
+        }
+    }
+}

@@ -1,0 +1,91 @@
+//! The composition root: builds the adapters from `Config`, wires them into
+//! the engine, and tears everything down in order.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::conversation::{Engine, EngineSettings};
+use crate::llm::OpenRouter;
+use crate::mcp::{self, McpHost};
+use crate::store::SqliteStore;
+
+/// Everything a surface needs, built once.
+#[derive(Debug)]
+pub struct App {
+    pub engine: Arc<Engine>,
+    pub store: SqliteStore,
+    pub mcp: Arc<McpHost>,
+    pub model: Arc<OpenRouter>,
+    /// Background work owned by the app (the idle-session reaper).
+    tasks: TaskTracker,
+    stop: CancellationToken,
+}
+
+/// Makes rustls use ring (reqwest is built without a default provider).
+pub fn install_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+impl App {
+    /// Opens the database, reads the MCP file and builds the engine.
+    pub async fn build(config: &Config) -> anyhow::Result<App> {
+        install_crypto();
+        let servers = mcp::config::load(&config.mcp_config, config.mcp_config_explicit, &|name| {
+            std::env::var(name).ok()
+        })?;
+        let store = SqliteStore::open(&config.database_url).await?;
+        let model = Arc::new(OpenRouter::new(config).context("cannot build the HTTP client")?);
+        let mcp = Arc::new(McpHost::new(servers, config.limits.clone()));
+        let settings = EngineSettings {
+            default_model: config.default_model.clone(),
+            system_prompt: config.system_prompt.clone(),
+            max_tool_rounds: config.limits.max_tool_rounds,
+            fallback_context_tokens: config.limits.fallback_context_tokens,
+        };
+        let engine = Arc::new(Engine::new(
+            model.clone(),
+            mcp.clone(),
+            Arc::new(store.clone()),
+            settings,
+        ));
+        let app = App {
+            engine,
+            store,
+            mcp,
+            model,
+            tasks: TaskTracker::new(),
+            stop: CancellationToken::new(),
+        };
+        app.start_reaper();
+        Ok(app)
+    }
+
+    /// Closes idle MCP sessions periodically until shutdown.
+    fn start_reaper(&self) {
+        let mcp = self.mcp.clone();
+        let stop = self.stop.clone();
+        let every = mcp.idle_check_interval();
+        self.tasks.spawn(async move {
+            let mut ticks = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = ticks.tick() => mcp.close_idle().await,
+                }
+            }
+        });
+    }
+
+    /// Stops background work, closes MCP sessions, then the database.
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+        self.mcp.shutdown().await;
+        self.store.close().await;
+    }
+}

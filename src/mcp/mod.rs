@@ -1,0 +1,306 @@
+//! The MCP host: configured servers, their sessions, and the tools the model
+//! sees.
+//!
+//! Sessions start lazily when a turn needs them. A `conversation`-scoped
+//! server gets one session per conversation (capped per server, least
+//! recently used closed first, idle ones closed by [`McpHost::close_idle`]);
+//! a `shared` one gets one session for everyone. A session that crashed is
+//! started again on its next use.
+
+pub mod config;
+pub mod naming;
+pub mod result;
+pub mod schema;
+mod session;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use futures::future::join_all;
+use serde_json::Value;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Limits;
+use crate::conversation::{ToolHost, ToolList, ToolOutcome, ToolSpec};
+pub use config::{Approval, Scope, ServerSpec, Transport};
+pub use session::{RemoteTool, STARTUP_TIMEOUT};
+use session::{CallError, Session};
+
+/// The owner of a shared session.
+const SHARED: &str = "";
+
+/// A session slot: (server index, owner). The async mutex serialises
+/// starting and restarting; calls clone the `Arc<Session>` and run freely.
+type Slot = Arc<tokio::sync::Mutex<Option<Arc<Session>>>>;
+
+#[derive(Debug)]
+struct SlotEntry {
+    slot: Slot,
+    last_used: Instant,
+}
+
+/// Where an exposed tool name leads.
+#[derive(Debug, Clone)]
+struct Route {
+    server: usize,
+    tool: String,
+}
+
+/// The MCP side of mcpcord.
+#[derive(Debug)]
+pub struct McpHost {
+    servers: Vec<ServerSpec>,
+    limits: Limits,
+    slots: Mutex<HashMap<(usize, String), SlotEntry>>,
+    /// Per conversation: the names last offered to the model.
+    routes: Mutex<HashMap<String, Arc<HashMap<String, Route>>>>,
+    /// Tasks that forward server stderr to the log.
+    tasks: TaskTracker,
+}
+
+/// A tool as listed for a check report: the name the model sees and the
+/// server's own.
+#[derive(Debug, Clone)]
+pub struct ListedTool {
+    pub exposed: String,
+    pub server: String,
+    pub tool: RemoteTool,
+}
+
+impl McpHost {
+    pub fn new(servers: Vec<ServerSpec>, limits: Limits) -> Self {
+        McpHost {
+            servers,
+            limits,
+            slots: Mutex::new(HashMap::new()),
+            routes: Mutex::new(HashMap::new()),
+            tasks: TaskTracker::new(),
+        }
+    }
+
+    pub fn servers(&self) -> &[ServerSpec] {
+        &self.servers
+    }
+
+    /// How many sessions are open now (for tests and reports).
+    pub fn open_sessions(&self) -> usize {
+        self.slots.lock().expect("slots poisoned").len()
+    }
+
+    /// The tools `conversation` may use, with the names the model sees,
+    /// and one sentence per server that failed.
+    pub async fn list(&self, conversation: &str) -> (Vec<ListedTool>, Vec<String>) {
+        let per_server = join_all((0..self.servers.len()).map(|i| self.server_tools(i, conversation))).await;
+        let mut found: Vec<(usize, RemoteTool)> = Vec::new();
+        let mut problems = Vec::new();
+        for (i, result) in per_server.into_iter().enumerate() {
+            match result {
+                Ok(tools) => found.extend(
+                    tools
+                        .iter()
+                        .filter(|t| self.servers[i].permits(&t.name))
+                        .map(|t| (i, t.clone())),
+                ),
+                Err(problem) => problems.push(format!(
+                    "The tool server \"{}\" is unavailable ({problem}); its tools are left out this time.",
+                    self.servers[i].name
+                )),
+            }
+        }
+        let pairs: Vec<(&str, &str)> = found
+            .iter()
+            .map(|(i, t)| (self.servers[*i].name.as_str(), t.name.as_str()))
+            .collect();
+        let names = naming::exposed_names(&pairs);
+        let listed: Vec<ListedTool> = found
+            .into_iter()
+            .zip(names)
+            .map(|((i, tool), exposed)| ListedTool {
+                exposed,
+                server: self.servers[i].name.clone(),
+                tool,
+            })
+            .collect();
+        (listed, problems)
+    }
+
+    async fn server_tools(&self, server: usize, conversation: &str) -> Result<Arc<Vec<RemoteTool>>, String> {
+        let session = self.session(server, conversation).await?;
+        session.tools().await
+    }
+
+    /// The live session of `server` for `conversation`, started (or
+    /// restarted after a crash) as needed.
+    async fn session(&self, server: usize, conversation: &str) -> Result<Arc<Session>, String> {
+        let spec = &self.servers[server];
+        let owner = match spec.scope {
+            Scope::Shared => SHARED.to_owned(),
+            Scope::Conversation => conversation.to_owned(),
+        };
+        let (slot, evicted) = self.slot(server, owner);
+        if let Some(evicted) = evicted {
+            close_slot(&evicted).await;
+        }
+        let mut guard = slot.lock().await;
+        if let Some(session) = guard.as_ref() {
+            if !session.is_closed() {
+                return Ok(session.clone());
+            }
+            tracing::warn!(server = %spec.name, "MCP session was closed by the server; starting it again");
+            session.close().await;
+        }
+        let started = Instant::now();
+        let session = Arc::new(Session::start(spec, &self.tasks).await?);
+        tracing::info!(server = %spec.name, conversation, elapsed_ms = started.elapsed().as_millis() as u64, "MCP session started");
+        *guard = Some(session.clone());
+        Ok(session)
+    }
+
+    /// Finds or makes the slot, marking it used. When a per-conversation
+    /// server is at its cap, the least recently used slot is removed and
+    /// returned for closing.
+    fn slot(&self, server: usize, owner: String) -> (Slot, Option<Slot>) {
+        let mut slots = self.slots.lock().expect("slots poisoned");
+        let key = (server, owner);
+        if let Some(entry) = slots.get_mut(&key) {
+            entry.last_used = Instant::now();
+            return (entry.slot.clone(), None);
+        }
+        let mut evicted = None;
+        if key.1 != SHARED {
+            let same_server: Vec<_> = slots.iter().filter(|((s, o), _)| *s == server && o != SHARED).collect();
+            if same_server.len() >= self.limits.max_sessions_per_server {
+                let oldest = same_server
+                    .into_iter()
+                    .min_by_key(|(_, entry)| entry.last_used)
+                    .map(|(k, _)| k.clone());
+                if let Some(oldest) = oldest {
+                    tracing::info!(server = %self.servers[server].name, conversation = %oldest.1, "closing the least recently used MCP session");
+                    evicted = slots.remove(&oldest).map(|e| e.slot);
+                }
+            }
+        }
+        let slot = Slot::default();
+        slots.insert(
+            key,
+            SlotEntry {
+                slot: slot.clone(),
+                last_used: Instant::now(),
+            },
+        );
+        (slot, evicted)
+    }
+
+    /// Closes sessions unused for longer than the idle timeout.
+    pub async fn close_idle(&self) {
+        let idle = self.limits.session_idle_timeout;
+        let expired: Vec<Slot> = {
+            let mut slots = self.slots.lock().expect("slots poisoned");
+            let keys: Vec<_> = slots
+                .iter()
+                .filter(|(_, e)| e.last_used.elapsed() >= idle)
+                .map(|(k, _)| k.clone())
+                .collect();
+            keys.iter().filter_map(|k| slots.remove(k)).map(|e| e.slot).collect()
+        };
+        for slot in expired {
+            close_slot(&slot).await;
+        }
+    }
+
+    /// How often [`McpHost::close_idle`] should run.
+    pub fn idle_check_interval(&self) -> Duration {
+        (self.limits.session_idle_timeout / 4).clamp(Duration::from_secs(1), Duration::from_secs(60))
+    }
+
+    /// Closes every session and waits for the stderr forwarders to end.
+    pub async fn shutdown(&self) {
+        let all: Vec<Slot> = self
+            .slots
+            .lock()
+            .expect("slots poisoned")
+            .drain()
+            .map(|(_, e)| e.slot)
+            .collect();
+        join_all(all.iter().map(close_slot)).await;
+        self.tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.tasks.wait()).await;
+    }
+}
+
+async fn close_slot(slot: &Slot) {
+    if let Some(session) = slot.lock().await.take() {
+        session.close().await;
+    }
+}
+
+#[async_trait]
+impl ToolHost for McpHost {
+    async fn tools(&self, conversation: &str) -> ToolList {
+        let (listed, problems) = self.list(conversation).await;
+        let mut routes = HashMap::with_capacity(listed.len());
+        let specs = listed
+            .into_iter()
+            .map(|t| {
+                let server = self.servers.iter().position(|s| s.name == t.server).unwrap_or(0);
+                routes.insert(t.exposed.clone(), Route { server, tool: t.tool.name.clone() });
+                ToolSpec {
+                    name: t.exposed,
+                    description: t.tool.description,
+                    parameters: t.tool.parameters,
+                }
+            })
+            .collect();
+        self.routes
+            .lock()
+            .expect("routes poisoned")
+            .insert(conversation.to_owned(), Arc::new(routes));
+        ToolList { specs, problems }
+    }
+
+    async fn call(&self, conversation: &str, name: &str, arguments: Value) -> ToolOutcome {
+        let routes = self.routes.lock().expect("routes poisoned").get(conversation).cloned();
+        let Some(route) = routes.as_ref().and_then(|r| r.get(name)).cloned() else {
+            let known: Vec<&str> = routes.iter().flat_map(|r| r.keys()).map(String::as_str).collect();
+            return ToolOutcome::error(format!(
+                "there is no tool named {name:?}. Available tools: {}.",
+                if known.is_empty() { "none".to_owned() } else { known.join(", ") }
+            ));
+        };
+        let spec = &self.servers[route.server];
+        let timeout = spec.timeout.unwrap_or(self.limits.tool_timeout);
+        let session = match self.session(route.server, conversation).await {
+            Ok(session) => session,
+            Err(problem) => {
+                return ToolOutcome::error(format!("the tool server \"{}\" is unavailable: {problem}", spec.name));
+            }
+        };
+        match tokio::time::timeout(timeout, session.call(&route.tool, arguments)).await {
+            Ok(Ok(result)) => result::outcome(&result, self.limits.tool_result_max_chars),
+            Ok(Err(CallError::Protocol(message))) => ToolOutcome::error(message),
+            Ok(Err(CallError::Disconnected(message))) => {
+                tracing::warn!(server = %spec.name, %message, "MCP server disconnected during a call");
+                ToolOutcome::error(format!(
+                    "the tool server \"{}\" stopped during the call ({message}). It will be started again on the next call.",
+                    spec.name
+                ))
+            }
+            Err(_) => ToolOutcome::error(format!(
+                "the tool did not finish within {} seconds and was cancelled.",
+                timeout.as_secs()
+            )),
+        }
+    }
+
+    async fn close_conversation(&self, conversation: &str) {
+        let mine: Vec<Slot> = {
+            let mut slots = self.slots.lock().expect("slots poisoned");
+            let keys: Vec<_> = slots.keys().filter(|(_, o)| o == conversation).cloned().collect();
+            keys.iter().filter_map(|k| slots.remove(k)).map(|e| e.slot).collect()
+        };
+        join_all(mine.iter().map(close_slot)).await;
+        self.routes.lock().expect("routes poisoned").remove(conversation);
+    }
+}

@@ -1,0 +1,120 @@
+//! MCP tool results (`CallToolResult` JSON) turned into text the model can use.
+
+use serde_json::Value;
+
+use crate::conversation::ToolOutcome;
+
+/// Text for one result, capped at `max_chars` with a visible marker; the
+/// whole text is kept in `full_output` when it was cut.
+pub fn outcome(result: &Value, max_chars: usize) -> ToolOutcome {
+    let is_error = result.get("isError").and_then(Value::as_bool).unwrap_or(false);
+    let blocks = result.get("content").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+    let mut parts: Vec<String> = blocks.iter().filter_map(block_text).collect();
+    let has_text = blocks.iter().any(|b| b.get("type").and_then(Value::as_str) == Some("text"));
+    if let Some(structured) = result.get("structuredContent").filter(|v| !v.is_null())
+        && !has_text
+    {
+        parts.push(structured.to_string());
+    }
+    let mut text = parts.join("\n");
+    if text.is_empty() {
+        text = "(the tool returned no content)".to_owned();
+    }
+    if is_error {
+        text = format!("ERROR: {text}");
+    }
+    cap(text, is_error, max_chars)
+}
+
+fn cap(text: String, is_error: bool, max_chars: usize) -> ToolOutcome {
+    let total = text.chars().count();
+    if total <= max_chars {
+        return ToolOutcome {
+            content: text,
+            is_error,
+            full_output: None,
+        };
+    }
+    let kept: String = text.chars().take(max_chars).collect();
+    ToolOutcome {
+        content: format!("{kept}\n[truncated: showing the first {max_chars} of {total} characters]"),
+        is_error,
+        full_output: Some(text),
+    }
+}
+
+fn block_text(block: &Value) -> Option<String> {
+    let field = |key: &str| block.get(key).and_then(Value::as_str);
+    match field("type")? {
+        "text" => field("text").map(str::to_owned),
+        "image" | "audio" => {
+            let kind = field("type").unwrap_or("media");
+            let mime = field("mimeType").unwrap_or("unknown type");
+            let bytes = field("data").map_or(0, |d| d.len() * 3 / 4);
+            Some(format!("[{kind} returned: {mime}, about {bytes} bytes; it cannot be shown here]"))
+        }
+        "resource_link" => {
+            let name = field("title").or(field("name")).unwrap_or("resource");
+            let uri = field("uri").unwrap_or("");
+            let mut line = format!("[resource link] {name} <{uri}>");
+            if let Some(description) = field("description") {
+                line.push_str(&format!(": {description}"));
+            }
+            Some(line)
+        }
+        "resource" => {
+            let resource = block.get("resource")?;
+            let uri = resource.get("uri").and_then(Value::as_str).unwrap_or("");
+            match resource.get("text").and_then(Value::as_str) {
+                Some(text) => Some(format!("[resource {uri}]\n{text}")),
+                None => {
+                    let mime = resource.get("mimeType").and_then(Value::as_str).unwrap_or("binary");
+                    let bytes = resource.get("blob").and_then(Value::as_str).map_or(0, |b| b.len() * 3 / 4);
+                    Some(format!("[resource {uri}: {mime}, about {bytes} bytes of binary data]"))
+                }
+            }
+        }
+        other => Some(format!("[{other} content]")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn every_content_kind_becomes_text() {
+        let result = json!({"content": [
+            {"type": "text", "text": "hello"},
+            {"type": "image", "data": "AAAA", "mimeType": "image/png"},
+            {"type": "resource_link", "uri": "file:///a", "name": "a", "description": "the a"},
+            {"type": "resource", "resource": {"uri": "file:///b", "text": "bee"}},
+            {"type": "resource", "resource": {"uri": "file:///c", "blob": "AAAA", "mimeType": "application/zip"}}
+        ]});
+        let out = outcome(&result, 10_000);
+        assert!(!out.is_error);
+        assert_eq!(
+            out.content,
+            "hello\n[image returned: image/png, about 3 bytes; it cannot be shown here]\n[resource link] a <file:///a>: the a\n[resource file:///b]\nbee\n[resource file:///c: application/zip, about 3 bytes of binary data]"
+        );
+    }
+
+    #[test]
+    fn structured_content_and_errors() {
+        let out = outcome(&json!({"content": [], "structuredContent": {"t": 1}}), 100);
+        assert_eq!(out.content, r#"{"t":1}"#);
+        let out = outcome(&json!({"content": [{"type": "text", "text": "bad input"}], "isError": true}), 100);
+        assert!(out.is_error);
+        assert_eq!(out.content, "ERROR: bad input");
+    }
+
+    #[test]
+    fn long_results_are_capped_visibly() {
+        let text = "é".repeat(50);
+        let out = outcome(&json!({"content": [{"type": "text", "text": text}]}), 10);
+        assert!(out.content.starts_with(&"é".repeat(10)));
+        assert!(out.content.ends_with("[truncated: showing the first 10 of 50 characters]"));
+        assert_eq!(out.full_output.as_deref(), Some(text.as_str()));
+    }
+}
