@@ -1,0 +1,319 @@
+//! Test support: a loopback OpenAI-compatible server that scripts replies and
+//! rejects invalid histories the way real providers do, plus paths to the
+//! real MCP servers installed by `.ci/install-test-servers`.
+#![allow(dead_code)]
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+
+use mcpcord::config::Config;
+
+/// One scripted answer of the fake model.
+#[derive(Debug, Clone)]
+pub enum Reply {
+    /// A plain answer.
+    Text(String),
+    /// Tool calls: (id, name, arguments as sent).
+    Calls(Vec<(String, String, String)>),
+    /// An HTTP error with a JSON error body; optional `Retry-After`.
+    Status(u16, String, Option<String>),
+    /// 200, some text, then an error chunk mid-stream.
+    MidStreamError,
+    /// Never answers (the client must give up or be aborted).
+    Hang,
+}
+
+pub fn text(s: &str) -> Reply {
+    Reply::Text(s.to_owned())
+}
+
+pub fn call(id: &str, name: &str, arguments: &str) -> Reply {
+    Reply::Calls(vec![(id.to_owned(), name.to_owned(), arguments.to_owned())])
+}
+
+#[derive(Default)]
+struct Fake {
+    script: VecDeque<Reply>,
+    requests: Vec<Value>,
+    rejected: Vec<String>,
+    models: Value,
+}
+
+/// The fake OpenRouter. Dropping it does not stop the server; each test
+/// gets its own on a fresh port.
+#[derive(Clone)]
+pub struct FakeModel {
+    pub base_url: String,
+    state: Arc<Mutex<Fake>>,
+}
+
+impl FakeModel {
+    pub async fn start() -> FakeModel {
+        let state = Arc::new(Mutex::new(Fake {
+            models: json!({"data": [
+                {"id": "test/tools", "context_length": 100000, "supported_parameters": ["tools"],
+                 "architecture": {"input_modalities": ["text", "image"]}},
+                {"id": "test/small", "context_length": 3000, "supported_parameters": ["tools"]},
+                {"id": "test/no-tools", "context_length": 100000, "supported_parameters": ["temperature"]}
+            ]}),
+            ..Default::default()
+        }));
+        let app = Router::new()
+            .route("/v1/chat/completions", post(completions))
+            .route("/v1/models", get(models))
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        FakeModel {
+            base_url: format!("http://{address}/v1"),
+            state,
+        }
+    }
+
+    pub fn script(&self, replies: impl IntoIterator<Item = Reply>) {
+        self.state.lock().unwrap().script.extend(replies);
+    }
+
+    /// Every chat request received, in order.
+    pub fn requests(&self) -> Vec<Value> {
+        self.state.lock().unwrap().requests.clone()
+    }
+
+    /// Why requests were rejected as invalid histories.
+    pub fn rejected(&self) -> Vec<String> {
+        self.state.lock().unwrap().rejected.clone()
+    }
+
+    pub fn remaining(&self) -> usize {
+        self.state.lock().unwrap().script.len()
+    }
+}
+
+async fn models(State(state): State<Arc<Mutex<Fake>>>) -> Response {
+    let models = state.lock().unwrap().models.clone();
+    axum::Json(models).into_response()
+}
+
+fn error(status: u16, message: &str) -> Response {
+    let body = json!({"error": {"code": status, "message": message}});
+    (StatusCode::from_u16(status).unwrap(), axum::Json(body)).into_response()
+}
+
+async fn completions(State(state): State<Arc<Mutex<Fake>>>, body: String) -> Response {
+    let request: Value = match serde_json::from_str(&body) {
+        Ok(v) => v,
+        Err(e) => return error(400, &format!("invalid JSON body: {e}")),
+    };
+    let reply = {
+        let mut fake = state.lock().unwrap();
+        fake.requests.push(request.clone());
+        if let Err(problem) = validate(&request) {
+            fake.rejected.push(problem.clone());
+            return error(400, &problem);
+        }
+        fake.script.pop_front()
+    };
+    let stream = request["stream"].as_bool().unwrap_or(false);
+    match reply {
+        None => error(500, "the fake model has no more scripted replies"),
+        Some(Reply::Hang) => std::future::pending().await,
+        Some(Reply::Status(code, message, retry_after)) => {
+            let mut response = error(code, &message);
+            if let Some(seconds) = retry_after {
+                response.headers_mut().insert(header::RETRY_AFTER, seconds.parse().unwrap());
+            }
+            response
+        }
+        Some(Reply::MidStreamError) => sse(vec![
+            json!({"choices": [{"index": 0, "delta": {"content": "Partial "}}]}),
+            json!({"error": {"code": "server_error", "message": "Provider disconnected"},
+                   "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": "error"}]}),
+        ]),
+        Some(Reply::Text(text)) if stream => {
+            let (a, b) = text.split_at(text.len() / 2);
+            sse(vec![
+                json!({"choices": [{"index": 0, "delta": {"role": "assistant", "content": a}}]}),
+                json!({"choices": [{"index": 0, "delta": {"content": b}, "finish_reason": "stop"}]}),
+                usage_chunk(),
+            ])
+        }
+        Some(Reply::Text(text)) => axum::Json(json!({
+            "id": "gen-1", "object": "chat.completion", "model": request["model"],
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
+            "usage": {"prompt_tokens": 100, "completion_tokens": 20, "cost": 0.001}
+        }))
+        .into_response(),
+        Some(Reply::Calls(calls)) if stream => {
+            let mut chunks = Vec::new();
+            for (index, (id, name, _)) in calls.iter().enumerate() {
+                chunks.push(json!({"choices": [{"index": 0, "delta": {"tool_calls": [
+                    {"index": index, "id": id, "type": "function", "function": {"name": name, "arguments": ""}}]}}]}));
+            }
+            for (index, (_, _, arguments)) in calls.iter().enumerate() {
+                let cut = arguments.char_indices().nth(arguments.chars().count() / 2).map_or(0, |(i, _)| i);
+                for part in [&arguments[..cut], &arguments[cut..]] {
+                    chunks.push(json!({"choices": [{"index": 0, "delta": {"tool_calls": [
+                        {"index": index, "function": {"arguments": part}}]}}]}));
+                }
+            }
+            chunks.push(json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}));
+            chunks.push(usage_chunk());
+            sse(chunks)
+        }
+        Some(Reply::Calls(calls)) => {
+            let tool_calls: Vec<Value> = calls
+                .iter()
+                .map(|(id, name, arguments)| json!({"id": id, "type": "function", "function": {"name": name, "arguments": arguments}}))
+                .collect();
+            axum::Json(json!({
+                "choices": [{"index": 0, "finish_reason": "tool_calls",
+                             "message": {"role": "assistant", "content": null, "tool_calls": tool_calls}}],
+                "usage": {"prompt_tokens": 100, "completion_tokens": 20, "cost": 0.001}
+            }))
+            .into_response()
+        }
+    }
+}
+
+fn usage_chunk() -> Value {
+    json!({"choices": [], "usage": {"prompt_tokens": 100, "completion_tokens": 20, "cost": 0.001}})
+}
+
+/// An SSE body as OpenRouter sends it: a keep-alive comment first, then
+/// `data:` chunks, then `[DONE]`.
+fn sse(chunks: Vec<Value>) -> Response {
+    let mut body = String::from(": OPENROUTER PROCESSING\n\n");
+    for chunk in chunks {
+        body.push_str(&format!("data: {chunk}\n\n"));
+    }
+    body.push_str("data: [DONE]\n\n");
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .body(Body::from(body))
+        .unwrap()
+}
+
+/// The checks real providers make on a history.
+fn validate(request: &Value) -> Result<(), String> {
+    let messages = request["messages"].as_array().ok_or("messages must be an array")?;
+    if messages.is_empty() {
+        return Err("messages must not be empty".into());
+    }
+    let has_tools = request["tools"].as_array().is_some_and(|t| !t.is_empty());
+    let mut open: Vec<String> = Vec::new();
+    for (i, message) in messages.iter().enumerate() {
+        let role = message["role"].as_str().ok_or(format!("messages[{i}] has no role"))?;
+        if role == "tool" {
+            let id = message["tool_call_id"].as_str().ok_or(format!("messages[{i}]: tool message without tool_call_id"))?;
+            let Some(position) = open.iter().position(|o| o == id) else {
+                return Err(format!("messages[{i}]: tool message answers unknown tool_call_id {id}"));
+            };
+            open.remove(position);
+            if !message["content"].is_string() {
+                return Err(format!("messages[{i}]: tool content must be a string"));
+            }
+            continue;
+        }
+        if !open.is_empty() {
+            return Err(format!(
+                "An assistant message with 'tool_calls' must be followed by tool messages responding to each 'tool_call_id'. Missing: {open:?} before messages[{i}]"
+            ));
+        }
+        if !["system", "user", "assistant"].contains(&role) {
+            return Err(format!("messages[{i}]: unknown role {role}"));
+        }
+        if let Some(calls) = message["tool_calls"].as_array() {
+            if !has_tools {
+                return Err("tool_calls in the history but no tools in the request".into());
+            }
+            for call in calls {
+                if !call["function"]["arguments"].is_string() {
+                    return Err(format!("messages[{i}]: tool call arguments must be a string"));
+                }
+                open.push(call["id"].as_str().unwrap_or_default().to_owned());
+            }
+        } else if role == "assistant" && message["content"].as_str().is_none_or(str::is_empty) {
+            return Err(format!("messages[{i}]: assistant message with neither content nor tool_calls"));
+        }
+    }
+    if !open.is_empty() {
+        return Err(format!("tool calls without results at the end: {open:?}"));
+    }
+    for tool in request["tools"].as_array().into_iter().flatten() {
+        let name = tool["function"]["name"].as_str().unwrap_or_default();
+        let valid = !name.is_empty() && name.len() <= 64 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if !valid {
+            return Err(format!("Invalid 'tools[].function.name': {name:?} does not match pattern"));
+        }
+        if tool["function"]["parameters"]["properties"].as_object().is_none() {
+            return Err(format!("Invalid schema for function '{name}': object schema missing properties"));
+        }
+    }
+    Ok(())
+}
+
+/// Where `.ci/install-test-servers` put the real MCP servers.
+pub fn servers_dir() -> PathBuf {
+    let dir = std::env::var_os("MCPCORD_TEST_SERVERS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".test-servers"));
+    assert!(
+        dir.join("node/node_modules").is_dir(),
+        "the MCP test servers are missing from {}: run .ci/install-test-servers",
+        dir.display()
+    );
+    dir
+}
+
+pub fn node_server(package: &str) -> String {
+    servers_dir()
+        .join("node/node_modules/@modelcontextprotocol")
+        .join(package)
+        .join("dist/index.js")
+        .display()
+        .to_string()
+}
+
+pub fn time_server() -> String {
+    servers_dir().join("py/bin/mcp-server-time").display().to_string()
+}
+
+/// A configuration pointing at `model`, a database and an MCP file in `dir`.
+pub fn config(model: &FakeModel, dir: &Path, extra: &[(&str, &str)]) -> Config {
+    let db = format!("sqlite://{}", dir.join("mcpcord.db").display());
+    let mcp = dir.join("mcp.json").display().to_string();
+    let mut pairs: Vec<(String, String)> = vec![
+        ("OPENROUTER_API_KEY".into(), "sk-or-v1-test-secret".into()),
+        ("OPENROUTER_BASE_URL".into(), model.base_url.clone()),
+        ("DEFAULT_MODEL".into(), "test/tools".into()),
+        ("DATABASE_URL".into(), db),
+        ("MCP_CONFIG".into(), mcp),
+        ("MODEL_MAX_RETRIES".into(), "3".into()),
+    ];
+    pairs.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    Config::from_lookup(|name| pairs.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.clone())).unwrap()
+}
+
+/// Writes an `mcpServers` file into `dir`.
+pub fn write_mcp(dir: &Path, servers: Value) {
+    std::fs::write(dir.join("mcp.json"), json!({"mcpServers": servers}).to_string()).unwrap();
+}
+
+/// The filesystem server, serving `root`.
+pub fn filesystem(root: &Path) -> Value {
+    json!({"command": "node", "args": [node_server("server-filesystem"), root.display().to_string()]})
+}
+
+pub fn everything() -> Value {
+    json!({"command": "node", "args": [node_server("server-everything")]})
+}
