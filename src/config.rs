@@ -107,9 +107,14 @@ impl Config {
 
     /// Reads the configuration through `lookup`, so tests need no globals.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let get = |name: &str| lookup(name).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
+        let get = |name: &str| {
+            lookup(name)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
         let defaults = Limits::default();
-        let api_key = get("OPENROUTER_API_KEY").ok_or(ConfigError::Missing("OPENROUTER_API_KEY"))?;
+        let api_key =
+            get("OPENROUTER_API_KEY").ok_or(ConfigError::Missing("OPENROUTER_API_KEY"))?;
         let base_url = get("OPENROUTER_BASE_URL").unwrap_or_else(|| DEFAULT_BASE_URL.to_owned());
         if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
             return Err(ConfigError::Invalid {
@@ -120,13 +125,21 @@ impl Config {
         let limits = Limits {
             max_tool_rounds: number(&get, "MAX_TOOL_ROUNDS", defaults.max_tool_rounds)?,
             tool_timeout: seconds(&get, "TOOL_TIMEOUT_SECS", defaults.tool_timeout)?,
-            tool_result_max_chars: number(&get, "TOOL_RESULT_MAX_CHARS", defaults.tool_result_max_chars)?,
+            tool_result_max_chars: number(
+                &get,
+                "TOOL_RESULT_MAX_CHARS",
+                defaults.tool_result_max_chars,
+            )?,
             max_sessions_per_server: number(
                 &get,
                 "MCP_MAX_SESSIONS_PER_SERVER",
                 defaults.max_sessions_per_server,
             )?,
-            session_idle_timeout: seconds(&get, "MCP_IDLE_TIMEOUT_SECS", defaults.session_idle_timeout)?,
+            session_idle_timeout: seconds(
+                &get,
+                "MCP_IDLE_TIMEOUT_SECS",
+                defaults.session_idle_timeout,
+            )?,
             model_timeout: seconds(&get, "MODEL_TIMEOUT_SECS", defaults.model_timeout)?,
             model_max_retries: bounded(&get, "MODEL_MAX_RETRIES", defaults.model_max_retries, 0)?,
             fallback_context_tokens: number(
@@ -142,7 +155,9 @@ impl Config {
             system_prompt: get("SYSTEM_PROMPT"),
             database_url: get("DATABASE_URL").unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned()),
             mcp_config_explicit: get("MCP_CONFIG").is_some(),
-            mcp_config: PathBuf::from(get("MCP_CONFIG").unwrap_or_else(|| DEFAULT_MCP_CONFIG.to_owned())),
+            mcp_config: PathBuf::from(
+                get("MCP_CONFIG").unwrap_or_else(|| DEFAULT_MCP_CONFIG.to_owned()),
+            ),
             stream: boolean(&get, "STREAM_RESPONSES", true)?,
             limits,
         })
@@ -206,14 +221,19 @@ mod tests {
     use std::collections::HashMap;
 
     fn config(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
-        let env: HashMap<String, String> =
-            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let env: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         Config::from_lookup(|name| env.get(name).cloned())
     }
 
     #[test]
     fn the_key_is_required() {
-        assert_eq!(config(&[]).unwrap_err(), ConfigError::Missing("OPENROUTER_API_KEY"));
+        assert_eq!(
+            config(&[]).unwrap_err(),
+            ConfigError::Missing("OPENROUTER_API_KEY")
+        );
         assert_eq!(
             config(&[("OPENROUTER_API_KEY", "  ")]).unwrap_err(),
             ConfigError::Missing("OPENROUTER_API_KEY")
@@ -234,10 +254,14 @@ mod tests {
     #[test]
     fn bad_numbers_name_the_variable() {
         let err = config(&[("OPENROUTER_API_KEY", "k"), ("MAX_TOOL_ROUNDS", "lots")]).unwrap_err();
-        assert_eq!(err.to_string(), "Invalid MAX_TOOL_ROUNDS: \"lots\" is not a whole number of at least 1");
+        assert_eq!(
+            err.to_string(),
+            "Invalid MAX_TOOL_ROUNDS: \"lots\" is not a whole number of at least 1"
+        );
         let err = config(&[("OPENROUTER_API_KEY", "k"), ("TOOL_TIMEOUT_SECS", "0")]).unwrap_err();
         assert!(err.to_string().starts_with("Invalid TOOL_TIMEOUT_SECS"));
-        let err = config(&[("OPENROUTER_API_KEY", "k"), ("STREAM_RESPONSES", "maybe")]).unwrap_err();
+        let err =
+            config(&[("OPENROUTER_API_KEY", "k"), ("STREAM_RESPONSES", "maybe")]).unwrap_err();
         assert!(err.to_string().starts_with("Invalid STREAM_RESPONSES"));
     }
 
@@ -250,8 +274,18 @@ mod tests {
 
     #[test]
     fn base_url_is_checked_and_trimmed() {
-        let c = config(&[("OPENROUTER_API_KEY", "k"), ("OPENROUTER_BASE_URL", "http://127.0.0.1:9/v1/")]).unwrap();
+        let c = config(&[
+            ("OPENROUTER_API_KEY", "k"),
+            ("OPENROUTER_BASE_URL", "http://127.0.0.1:9/v1/"),
+        ])
+        .unwrap();
         assert_eq!(c.base_url, "http://127.0.0.1:9/v1");
-        assert!(config(&[("OPENROUTER_API_KEY", "k"), ("OPENROUTER_BASE_URL", "localhost")]).is_err());
+        assert!(
+            config(&[
+                ("OPENROUTER_API_KEY", "k"),
+                ("OPENROUTER_BASE_URL", "localhost")
+            ])
+            .is_err()
+        );
     }
 }

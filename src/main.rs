@@ -32,8 +32,11 @@ enum Command {
 }
 
 fn init_logging(default_filter: &str) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if std::env::var("LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
         builder.json().init();
     } else {
@@ -59,7 +62,10 @@ async fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = Config::from_env()?;
     match cli.command {
-        Command::Chat { conversation, model } => {
+        Command::Chat {
+            conversation,
+            model,
+        } => {
             let app = App::build(&config).await?;
             let key = terminal::conversation_key(&conversation);
             let result = async {
@@ -67,12 +73,40 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     app.engine.set_model(&key, Some(&model)).await?;
                 }
                 let stdin = BufReader::new(tokio::io::stdin());
-                terminal::run(&app.engine, &key, stdin, &mut std::io::stdout(), &mut std::io::stderr()).await?;
+                let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
+                let chat = terminal::run(&app.engine, &key, stdin, &mut out, &mut err);
+                // Ctrl-C or SIGTERM ends the chat like EOF; MCP sessions are still closed.
+                tokio::select! {
+                    result = chat => result?,
+                    () = shutdown_signal() => {}
+                }
                 anyhow::Ok(())
             }
             .await;
             app.shutdown().await;
             result
         }
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM (what `docker stop` sends).
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
     }
 }

@@ -72,7 +72,9 @@ async fn turn(
 ) -> std::io::Result<()> {
     let (events, mut received) = mpsc::unbounded_channel();
     let run = async move {
-        let result = engine.run_turn(conversation, Message::user(text), &events).await;
+        let result = engine
+            .run_turn(conversation, Message::user(text), &events)
+            .await;
         drop(events);
         result
     };
@@ -86,7 +88,9 @@ async fn turn(
                     out.flush()?;
                     open_line = true;
                 }
-                TurnEvent::ToolStarted { name, arguments, .. } => {
+                TurnEvent::ToolStarted {
+                    name, arguments, ..
+                } => {
                     if std::mem::take(&mut open_line) {
                         writeln!(out)?;
                     }

@@ -27,10 +27,16 @@ async fn setup(servers: Value) -> Setup {
 }
 
 async fn app(setup: &Setup, extra: &[(&str, &str)]) -> App {
-    App::build(&support::config(&setup.model, setup.dir.path(), extra)).await.unwrap()
+    App::build(&support::config(&setup.model, setup.dir.path(), extra))
+        .await
+        .unwrap()
 }
 
-async fn turn(app: &App, key: &str, message: &str) -> (Result<TurnOutcome, TurnError>, Vec<TurnEvent>) {
+async fn turn(
+    app: &App,
+    key: &str,
+    message: &str,
+) -> (Result<TurnOutcome, TurnError>, Vec<TurnEvent>) {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let result = app.engine.run_turn(key, Message::user(message), &tx).await;
     drop(tx);
@@ -73,10 +79,22 @@ async fn lists_a_directory_and_reads_two_files_in_one_reply() {
     let root = files.path().display().to_string();
     let s = setup(json!({"fs": support::filesystem(files.path())})).await;
     s.model.script([
-        call("c1", "fs__list_directory", &json!({"path": root}).to_string()),
+        call(
+            "c1",
+            "fs__list_directory",
+            &json!({"path": root}).to_string(),
+        ),
         Reply::Calls(vec![
-            ("c2".into(), "fs__read_text_file".into(), json!({"path": format!("{root}/a.txt")}).to_string()),
-            ("c3".into(), "fs__read_text_file".into(), json!({"path": format!("{root}/b.txt")}).to_string()),
+            (
+                "c2".into(),
+                "fs__read_text_file".into(),
+                json!({"path": format!("{root}/a.txt")}).to_string(),
+            ),
+            (
+                "c3".into(),
+                "fs__read_text_file".into(),
+                json!({"path": format!("{root}/b.txt")}).to_string(),
+            ),
         ]),
         text("Both files are read."),
     ]);
@@ -87,7 +105,10 @@ async fn lists_a_directory_and_reads_two_files_in_one_reply() {
     assert!(outcome.answered);
     assert!((outcome.usage.cost - 0.003).abs() < 1e-9);
     assert_eq!(answer(&events), Some("Both files are read."));
-    let started = events.iter().filter(|e| matches!(e, TurnEvent::ToolStarted { .. })).count();
+    let started = events
+        .iter()
+        .filter(|e| matches!(e, TurnEvent::ToolStarted { .. }))
+        .count();
     let finished_ok = events
         .iter()
         .filter(|e| matches!(e, TurnEvent::ToolFinished { ok: true, .. }))
@@ -105,16 +126,29 @@ async fn lists_a_directory_and_reads_two_files_in_one_reply() {
         .collect();
     assert!(names.contains(&"fs__read_text_file") && names.contains(&"fs__list_directory"));
     // Tools go with every request of the loop.
-    assert!(requests.iter().all(|r| r["tools"].as_array().is_some_and(|t| !t.is_empty())));
+    assert!(
+        requests
+            .iter()
+            .all(|r| r["tools"].as_array().is_some_and(|t| !t.is_empty()))
+    );
     let listing = &tool_contents(&requests[1])[0];
-    assert!(listing.contains("a.txt") && listing.contains("b.txt"), "{listing}");
+    assert!(
+        listing.contains("a.txt") && listing.contains("b.txt"),
+        "{listing}"
+    );
     let reads = tool_contents(&requests[2]);
-    assert!(reads[1].contains("alpha contents") && reads[2].contains("bravo contents"), "{reads:?}");
+    assert!(
+        reads[1].contains("alpha contents") && reads[2].contains("bravo contents"),
+        "{reads:?}"
+    );
 
     let stored = app.store.history("terminal:t").await.unwrap();
     let roles: Vec<Role> = stored.iter().map(Message::role).collect();
     use Role::*;
-    assert_eq!(roles, [User, Assistant, Tool, Assistant, Tool, Tool, Assistant]);
+    assert_eq!(
+        roles,
+        [User, Assistant, Tool, Assistant, Tool, Tool, Assistant]
+    );
     assert_eq!(app.store.usage("terminal:t").await.unwrap().responses, 3);
     app.shutdown().await;
 }
@@ -127,8 +161,16 @@ async fn bad_arguments_and_unknown_tools_become_results_for_the_model() {
         Reply::Calls(vec![
             ("x1".into(), "fs__read_text_file".into(), "{not json".into()),
             ("x2".into(), "nope__tool".into(), "{}".into()),
-            ("x3".into(), "fs__read_text_file".into(), r#"{"wrong": 1}"#.into()),
-            ("x4".into(), "fs__list_allowed_directories".into(), "".into()),
+            (
+                "x3".into(),
+                "fs__read_text_file".into(),
+                r#"{"wrong": 1}"#.into(),
+            ),
+            (
+                "x4".into(),
+                "fs__list_allowed_directories".into(),
+                "".into(),
+            ),
         ]),
         text("I could not read it."),
     ]);
@@ -136,10 +178,26 @@ async fn bad_arguments_and_unknown_tools_become_results_for_the_model() {
     let (result, events) = turn(&app, "terminal:t", "read it").await;
     assert!(result.unwrap().answered);
     let results = tool_contents(&s.model.requests()[1]);
-    assert!(results[0].starts_with("ERROR:") && results[0].contains("not valid JSON"), "{}", results[0]);
-    assert!(results[1].starts_with("ERROR:") && results[1].contains("no tool named"), "{}", results[1]);
-    assert!(results[2].starts_with("ERROR:"), "the server rejects the arguments: {}", results[2]);
-    assert!(!results[3].starts_with("ERROR:"), "empty arguments mean {{}}: {}", results[3]);
+    assert!(
+        results[0].starts_with("ERROR:") && results[0].contains("not valid JSON"),
+        "{}",
+        results[0]
+    );
+    assert!(
+        results[1].starts_with("ERROR:") && results[1].contains("no tool named"),
+        "{}",
+        results[1]
+    );
+    assert!(
+        results[2].starts_with("ERROR:"),
+        "the server rejects the arguments: {}",
+        results[2]
+    );
+    assert!(
+        !results[3].starts_with("ERROR:"),
+        "empty arguments mean {{}}: {}",
+        results[3]
+    );
     let failed = events
         .iter()
         .filter(|e| matches!(e, TurnEvent::ToolFinished { ok: false, .. }))
@@ -152,12 +210,18 @@ async fn bad_arguments_and_unknown_tools_become_results_for_the_model() {
 #[tokio::test]
 async fn a_429_is_retried_after_retry_after() {
     let s = setup(json!({})).await;
-    s.model.script([Reply::Status(429, "Rate limit exceeded".into(), Some("1".into())), text("hello")]);
+    s.model.script([
+        Reply::Status(429, "Rate limit exceeded".into(), Some("1".into())),
+        text("hello"),
+    ]);
     let app = app(&s, &[]).await;
     let started = Instant::now();
     let (result, events) = turn(&app, "terminal:t", "hi").await;
     assert!(result.unwrap().answered);
-    assert!(started.elapsed() >= Duration::from_millis(950), "Retry-After was not honoured");
+    assert!(
+        started.elapsed() >= Duration::from_millis(950),
+        "Retry-After was not honoured"
+    );
     assert_eq!(answer(&events), Some("hello"));
     assert_eq!(s.model.requests().len(), 2);
     app.shutdown().await;
@@ -175,8 +239,15 @@ async fn server_errors_are_retried_and_client_errors_are_not() {
     let (result, _) = turn(&app, "terminal:t", "one").await;
     assert!(result.unwrap().answered);
     let (result, events) = turn(&app, "terminal:t", "two").await;
-    assert!(matches!(result, Err(TurnError::Model(ModelError::BadRequest { status: 400, .. }))));
-    assert!(events.iter().any(|e| matches!(e, TurnEvent::Error(m) if m.contains("Invalid parameter"))));
+    assert!(matches!(
+        result,
+        Err(TurnError::Model(ModelError::BadRequest { status: 400, .. }))
+    ));
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, TurnEvent::Error(m) if m.contains("Invalid parameter")))
+    );
     assert_eq!(s.model.requests().len(), 3, "a 400 must not be retried");
     app.shutdown().await;
 }
@@ -184,10 +255,16 @@ async fn server_errors_are_retried_and_client_errors_are_not() {
 #[tokio::test]
 async fn running_out_of_credits_is_explained_and_nothing_is_lost() {
     let s = setup(json!({})).await;
-    s.model.script([Reply::Status(402, "Insufficient credits".into(), None), text("back again")]);
+    s.model.script([
+        Reply::Status(402, "Insufficient credits".into(), None),
+        text("back again"),
+    ]);
     let app = app(&s, &[]).await;
     let (result, events) = turn(&app, "terminal:t", "first words").await;
-    assert!(matches!(result, Err(TurnError::Model(ModelError::CreditsExhausted))));
+    assert!(matches!(
+        result,
+        Err(TurnError::Model(ModelError::CreditsExhausted))
+    ));
     let error = events.iter().find_map(|e| match e {
         TurnEvent::Error(m) => Some(m.clone()),
         _ => None,
@@ -197,7 +274,11 @@ async fn running_out_of_credits_is_explained_and_nothing_is_lost() {
     let (result, _) = turn(&app, "terminal:t", "second words").await;
     assert!(result.unwrap().answered);
     let sent = messages(&s.model.requests()[1]);
-    let users: Vec<&str> = sent.iter().filter(|m| m["role"] == "user").map(|m| m["content"].as_str().unwrap()).collect();
+    let users: Vec<&str> = sent
+        .iter()
+        .filter(|m| m["role"] == "user")
+        .map(|m| m["content"].as_str().unwrap())
+        .collect();
     assert_eq!(users, ["first words", "second words"]);
     app.shutdown().await;
 }
@@ -208,7 +289,10 @@ async fn a_mid_stream_error_is_reported_and_the_history_stays_valid() {
     s.model.script([Reply::MidStreamError, text("fine now")]);
     let app = app(&s, &[]).await;
     let (result, events) = turn(&app, "terminal:t", "hi").await;
-    assert!(matches!(result, Err(TurnError::Model(ModelError::Provider { .. }))));
+    assert!(matches!(
+        result,
+        Err(TurnError::Model(ModelError::Provider { .. }))
+    ));
     assert!(events.contains(&TurnEvent::Text("Partial ".into())));
     let (result, _) = turn(&app, "terminal:t", "again").await;
     assert!(result.unwrap().answered);
@@ -222,7 +306,11 @@ async fn non_streaming_mode_runs_tools_and_answers() {
     let s = setup(json!({"fs": support::filesystem(files.path())})).await;
     let path = files.path().join("a.txt").display().to_string();
     s.model.script([
-        call("n1", "fs__read_text_file", &json!({"path": path}).to_string()),
+        call(
+            "n1",
+            "fs__read_text_file",
+            &json!({"path": path}).to_string(),
+        ),
         text("It says alpha."),
     ]);
     let app = app(&s, &[("STREAM_RESPONSES", "false")]).await;
@@ -238,16 +326,33 @@ async fn non_streaming_mode_runs_tools_and_answers() {
 #[tokio::test]
 async fn a_conversation_continues_after_a_restart() {
     let s = setup(json!({})).await;
-    s.model.script([text("Nice to meet you, Ada."), text("You are Ada.")]);
+    s.model
+        .script([text("Nice to meet you, Ada."), text("You are Ada.")]);
     let first = app(&s, &[]).await;
-    turn(&first, "terminal:me", "My name is Ada.").await.0.unwrap();
+    turn(&first, "terminal:me", "My name is Ada.")
+        .await
+        .0
+        .unwrap();
     first.shutdown().await;
 
     let second = app(&s, &[]).await;
-    turn(&second, "terminal:me", "What is my name?").await.0.unwrap();
+    turn(&second, "terminal:me", "What is my name?")
+        .await
+        .0
+        .unwrap();
     let sent = messages(&s.model.requests()[1]);
-    let texts: Vec<&str> = sent.iter().map(|m| m["content"].as_str().unwrap()).collect();
-    assert_eq!(texts, ["My name is Ada.", "Nice to meet you, Ada.", "What is my name?"]);
+    let texts: Vec<&str> = sent
+        .iter()
+        .map(|m| m["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        texts,
+        [
+            "My name is Ada.",
+            "Nice to meet you, Ada.",
+            "What is my name?"
+        ]
+    );
     // Another conversation starts empty.
     s.model.script([text("Hello.")]);
     turn(&second, "terminal:other", "Hi").await.0.unwrap();
@@ -267,7 +372,11 @@ async fn a_turn_aborted_during_a_tool_call_leaves_a_valid_history() {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let running = {
         let app = app.clone();
-        tokio::spawn(async move { app.engine.run_turn("terminal:t", Message::user("take your time"), &tx).await })
+        tokio::spawn(async move {
+            app.engine
+                .run_turn("terminal:t", Message::user("take your time"), &tx)
+                .await
+        })
     };
     while let Some(event) = rx.recv().await {
         if matches!(event, TurnEvent::ToolStarted { .. }) {
@@ -282,7 +391,11 @@ async fn a_turn_aborted_during_a_tool_call_leaves_a_valid_history() {
     assert!(result.unwrap().answered);
     assert!(s.model.rejected().is_empty(), "{:?}", s.model.rejected());
     let sent = messages(&s.model.requests()[1]);
-    let users: Vec<&str> = sent.iter().filter(|m| m["role"] == "user").map(|m| m["content"].as_str().unwrap()).collect();
+    let users: Vec<&str> = sent
+        .iter()
+        .filter(|m| m["role"] == "user")
+        .map(|m| m["content"].as_str().unwrap())
+        .collect();
     assert_eq!(users, ["take your time", "are you there?"]);
     std::sync::Arc::into_inner(app).unwrap().shutdown().await;
 }
@@ -292,14 +405,22 @@ async fn a_turn_aborted_while_the_model_thinks_keeps_the_finished_tool_round() {
     let files = files_setup_dir();
     let s = setup(json!({"fs": support::filesystem(files.path())})).await;
     s.model.script([
-        call("l1", "fs__list_directory", &json!({"path": files.path()}).to_string()),
+        call(
+            "l1",
+            "fs__list_directory",
+            &json!({"path": files.path()}).to_string(),
+        ),
         Reply::Hang,
     ]);
     let app = std::sync::Arc::new(app(&s, &[]).await);
     let (tx, mut rx) = mpsc::unbounded_channel();
     let running = {
         let app = app.clone();
-        tokio::spawn(async move { app.engine.run_turn("terminal:t", Message::user("list"), &tx).await })
+        tokio::spawn(async move {
+            app.engine
+                .run_turn("terminal:t", Message::user("list"), &tx)
+                .await
+        })
     };
     while let Some(event) = rx.recv().await {
         if matches!(event, TurnEvent::ToolFinished { .. }) {
@@ -333,13 +454,23 @@ async fn the_round_limit_stops_the_turn_and_says_so() {
     let files = files_setup_dir();
     let s = setup(json!({"fs": support::filesystem(files.path())})).await;
     let list = json!({"path": files.path()}).to_string();
-    s.model.script([call("r1", "fs__list_directory", &list), call("r2", "fs__list_directory", &list)]);
+    s.model.script([
+        call("r1", "fs__list_directory", &list),
+        call("r2", "fs__list_directory", &list),
+    ]);
     let app = app(&s, &[("MAX_TOOL_ROUNDS", "1")]).await;
     let (result, events) = turn(&app, "terminal:t", "loop").await;
     let outcome = result.unwrap();
     assert!(!outcome.answered);
-    assert!(events.iter().any(|e| matches!(e, TurnEvent::Warning(w) if w.contains("Stopped after 1 rounds"))));
-    let started = events.iter().filter(|e| matches!(e, TurnEvent::ToolStarted { .. })).count();
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, TurnEvent::Warning(w) if w.contains("Stopped after 1 rounds")))
+    );
+    let started = events
+        .iter()
+        .filter(|e| matches!(e, TurnEvent::ToolStarted { .. }))
+        .count();
     assert_eq!(started, 1, "the second round must not run");
     s.model.script([text("ok")]);
     let (result, _) = turn(&app, "terminal:t", "continue").await;
@@ -359,11 +490,16 @@ async fn a_long_history_is_fitted_to_the_context_window() {
         s.model.script([text(&format!("answer {i}"))]);
         let (result, events) = turn(&app, "terminal:t", &format!("{i} {long}")).await;
         result.unwrap();
-        let trimmed = events.iter().any(|e| matches!(e, TurnEvent::Warning(w) if w.contains("oldest exchange")));
+        let trimmed = events
+            .iter()
+            .any(|e| matches!(e, TurnEvent::Warning(w) if w.contains("oldest exchange")));
         assert_eq!(trimmed, i == 2, "turn {i}");
     }
     let sent = messages(&s.model.requests()[2]);
-    assert!(sent[0]["content"].as_str().unwrap().starts_with("1 "), "the oldest exchange goes first");
+    assert!(
+        sent[0]["content"].as_str().unwrap().starts_with("1 "),
+        "the oldest exchange goes first"
+    );
     // Nothing was deleted: the store still has everything.
     assert_eq!(app.store.history("terminal:t").await.unwrap().len(), 6);
     app.shutdown().await;
@@ -374,18 +510,45 @@ async fn a_model_without_tools_is_refused_with_the_reason() {
     let files = files_setup_dir();
     let s = setup(json!({"fs": support::filesystem(files.path())})).await;
     let app = app(&s, &[]).await;
-    let refused = app.engine.set_model("terminal:t", Some("test/no-tools")).await.unwrap_err();
-    assert!(refused.to_string().contains("cannot use tools"), "{refused}");
-    let unknown = app.engine.set_model("terminal:t", Some("test/ghost")).await.unwrap_err();
+    let refused = app
+        .engine
+        .set_model("terminal:t", Some("test/no-tools"))
+        .await
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("cannot use tools"),
+        "{refused}"
+    );
+    let unknown = app
+        .engine
+        .set_model("terminal:t", Some("test/ghost"))
+        .await
+        .unwrap_err();
     assert!(unknown.to_string().contains("does not exist"), "{unknown}");
-    assert_eq!(app.engine.set_model("terminal:t", Some("test/small")).await.unwrap(), "test/small");
-    assert_eq!(app.engine.model_of("terminal:t").await.unwrap(), "test/small");
+    assert_eq!(
+        app.engine
+            .set_model("terminal:t", Some("test/small"))
+            .await
+            .unwrap(),
+        "test/small"
+    );
+    assert_eq!(
+        app.engine.model_of("terminal:t").await.unwrap(),
+        "test/small"
+    );
     app.shutdown().await;
 
     let app = self::app(&s, &[("DEFAULT_MODEL", "test/no-tools")]).await;
     let (result, events) = turn(&app, "terminal:u", "hi").await;
-    assert!(matches!(result, Err(TurnError::Model(ModelError::NoToolSupport { .. }))));
-    assert!(events.iter().any(|e| matches!(e, TurnEvent::Error(m) if m.contains("Pick another model"))));
+    assert!(matches!(
+        result,
+        Err(TurnError::Model(ModelError::NoToolSupport { .. }))
+    ));
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, TurnEvent::Error(m) if m.contains("Pick another model")))
+    );
     assert!(s.model.requests().is_empty());
     app.shutdown().await;
 }
@@ -393,12 +556,18 @@ async fn a_model_without_tools_is_refused_with_the_reason() {
 #[tokio::test]
 async fn the_time_server_from_pypi_answers() {
     let s = setup(json!({"time": {"command": support::time_server(), "args": ["--local-timezone", "UTC"], "scope": "shared"}})).await;
-    s.model.script([call("t1", "time__get_current_time", r#"{"timezone":"UTC"}"#), text("It is now.")]);
+    s.model.script([
+        call("t1", "time__get_current_time", r#"{"timezone":"UTC"}"#),
+        text("It is now."),
+    ]);
     let app = app(&s, &[]).await;
     let (result, _) = turn(&app, "terminal:t", "what time is it?").await;
     assert!(result.unwrap().answered);
     let output = &tool_contents(&s.model.requests()[1])[0];
-    assert!(output.contains("UTC") && output.contains("datetime"), "{output}");
+    assert!(
+        output.contains("UTC") && output.contains("datetime"),
+        "{output}"
+    );
     app.shutdown().await;
 }
 

@@ -10,8 +10,8 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::history::{estimate_tokens, fit_to_context, repair};
 use super::ports::{
-    ChatModel, ChatRequest, Completion, FinishReason, ModelError, ModelLookup, Store, StoreError, ToolHost,
-    ToolOutcome,
+    ChatModel, ChatRequest, Completion, FinishReason, ModelError, ModelLookup, Store, StoreError,
+    ToolHost, ToolOutcome,
 };
 use super::types::{Message, Role, ToolCall, ToolSpec, TurnEvent, Usage};
 
@@ -197,7 +197,9 @@ impl Engine {
         let mut history = self.history(conversation, live).await?;
         // Until this turn ends cleanly the cache may lag behind the store
         // (an aborted turn), so it is only put back at the end.
-        self.store.append(conversation, std::slice::from_ref(&input)).await?;
+        self.store
+            .append(conversation, std::slice::from_ref(&input))
+            .await?;
         history.push(input);
 
         let lookup = self.model.model_info(&model).await;
@@ -237,7 +239,11 @@ impl Engine {
             match step(completion, &model) {
                 Ok(Step::Answer(message, finish)) => {
                     let text = message.text().to_owned();
-                    if let Err(error) = self.store.append(conversation, std::slice::from_ref(&message)).await {
+                    if let Err(error) = self
+                        .store
+                        .append(conversation, std::slice::from_ref(&message))
+                        .await
+                    {
                         break Err(error.into());
                     }
                     history.push(message);
@@ -255,7 +261,8 @@ impl Engine {
                     let results = if exhausted {
                         decline_all(&message.tool_calls, self.settings.max_tool_rounds)
                     } else {
-                        self.run_calls(conversation, &message.tool_calls, events).await
+                        self.run_calls(conversation, &message.tool_calls, events)
+                            .await
                     };
                     outcome.tool_calls += message.tool_calls.len();
                     let mut group = Vec::with_capacity(results.len() + 1);
@@ -329,7 +336,11 @@ impl Engine {
         context.saturating_sub(fixed).max(1) as usize
     }
 
-    async fn chosen_model(&self, conversation: &str, live: &mut Live) -> Result<String, StoreError> {
+    async fn chosen_model(
+        &self,
+        conversation: &str,
+        live: &mut Live,
+    ) -> Result<String, StoreError> {
         if live.model.is_none() {
             live.model = Some(self.store.model(conversation).await?);
         }
@@ -338,13 +349,21 @@ impl Engine {
     }
 
     /// Takes the cached history, loading and repairing it when needed.
-    async fn history(&self, conversation: &str, live: &mut Live) -> Result<Vec<Message>, StoreError> {
+    async fn history(
+        &self,
+        conversation: &str,
+        live: &mut Live,
+    ) -> Result<Vec<Message>, StoreError> {
         if let Some(history) = live.history.take() {
             return Ok(history);
         }
         let (history, changes) = repair(self.store.history(conversation).await?);
         if changes > 0 {
-            tracing::warn!(conversation, changes, "repaired a history left incomplete by an interrupted turn");
+            tracing::warn!(
+                conversation,
+                changes,
+                "repaired a history left incomplete by an interrupted turn"
+            );
         }
         Ok(history)
     }
@@ -386,7 +405,9 @@ fn parse_arguments(text: &str) -> Result<Value, String> {
     }
     match serde_json::from_str::<Value>(text) {
         Ok(value @ Value::Object(_)) => Ok(value),
-        Ok(_) => Err("the arguments must be a JSON object. Call the tool again with a JSON object.".into()),
+        Ok(_) => Err(
+            "the arguments must be a JSON object. Call the tool again with a JSON object.".into(),
+        ),
         Err(error) => Err(format!(
             "the arguments are not valid JSON ({error}). Call the tool again with a valid JSON object."
         )),
@@ -412,7 +433,11 @@ fn compact_arguments(text: &str) -> String {
 
 /// The first line of a result, cut to `SUMMARY_CHARS` characters.
 fn summarise(content: &str) -> String {
-    let line = content.lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
+    let line = content
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim();
     if line.chars().count() > SUMMARY_CHARS {
         let cut: String = line.chars().take(SUMMARY_CHARS).collect();
         format!("{cut}…")
@@ -428,12 +453,19 @@ mod tests {
     #[test]
     fn empty_arguments_mean_an_empty_object() {
         assert_eq!(parse_arguments("  ").unwrap(), serde_json::json!({}));
-        assert_eq!(parse_arguments(r#"{"a":1}"#).unwrap(), serde_json::json!({"a":1}));
+        assert_eq!(
+            parse_arguments(r#"{"a":1}"#).unwrap(),
+            serde_json::json!({"a":1})
+        );
     }
 
     #[test]
     fn bad_arguments_explain_themselves() {
-        assert!(parse_arguments("{oops").unwrap_err().contains("not valid JSON"));
+        assert!(
+            parse_arguments("{oops")
+                .unwrap_err()
+                .contains("not valid JSON")
+        );
         assert!(parse_arguments("[1]").unwrap_err().contains("JSON object"));
     }
 

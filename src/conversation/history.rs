@@ -6,7 +6,8 @@ use super::types::{Message, Role};
 
 /// What a tool message says when its call never finished (a crash or an
 /// abort between the call and its result).
-const INTERRUPTED: &str = "ERROR: this tool call was interrupted before it finished; its result is unknown.";
+const INTERRUPTED: &str =
+    "ERROR: this tool call was interrupted before it finished; its result is unknown.";
 
 /// Rough token cost of one image part, for context fitting.
 const IMAGE_TOKENS: usize = 800;
@@ -90,7 +91,10 @@ pub fn fit_to_context(messages: &[Message], budget: usize) -> (usize, usize) {
         if total <= budget {
             break;
         }
-        total -= messages[start..next].iter().map(estimate_tokens).sum::<usize>();
+        total -= messages[start..next]
+            .iter()
+            .map(estimate_tokens)
+            .sum::<usize>();
         start = next;
         dropped += 1;
     }
@@ -130,7 +134,13 @@ mod tests {
         let roles: Vec<_> = fixed.iter().map(Message::role).collect();
         assert_eq!(
             roles,
-            [Role::User, Role::Assistant, Role::Tool, Role::Tool, Role::User]
+            [
+                Role::User,
+                Role::Assistant,
+                Role::Tool,
+                Role::Tool,
+                Role::User
+            ]
         );
         assert_eq!(fixed[3].tool_call_id.as_deref(), Some("b"));
         assert!(fixed[3].text().starts_with("ERROR"));

@@ -86,13 +86,20 @@ pub enum ModelError {
     ContextTooLong,
     #[error("The model is rate limited right now and retries ran out. Try again in a minute.")]
     RateLimited { retry_after: Option<Duration> },
-    #[error("The model did not answer in time. Try again; if it keeps happening, pick another model.")]
+    #[error(
+        "The model did not answer in time. Try again; if it keeps happening, pick another model."
+    )]
     Timeout,
     #[error("The request was refused (HTTP 403): {message}")]
     Forbidden { message: String },
     #[error("The model provider failed: {message}. Try again in a moment.")]
-    Provider { status: Option<u16>, message: String },
-    #[error("The model service could not be reached: {message}. Check OPENROUTER_BASE_URL and the network.")]
+    Provider {
+        status: Option<u16>,
+        message: String,
+    },
+    #[error(
+        "The model service could not be reached: {message}. Check OPENROUTER_BASE_URL and the network."
+    )]
     Connection { message: String },
     #[error("The request was rejected (HTTP {status}): {message}")]
     BadRequest { status: u16, message: String },

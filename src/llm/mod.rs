@@ -61,7 +61,10 @@ impl Catalogue {
                     context_length: m
                         .get("context_length")
                         .and_then(Value::as_u64)
-                        .or_else(|| m.pointer("/top_provider/context_length").and_then(Value::as_u64))
+                        .or_else(|| {
+                            m.pointer("/top_provider/context_length")
+                                .and_then(Value::as_u64)
+                        })
                         .unwrap_or(0),
                     supports_tools: has("/supported_parameters", "tools"),
                     supports_images: has("/architecture/input_modalities", "image"),
@@ -75,9 +78,11 @@ impl Catalogue {
 
     /// Looks `model` up, also without a variant suffix (`:free`, `:nitro`…).
     pub fn get(&self, model: &str) -> Option<&ModelInfo> {
-        self.models
-            .get(model)
-            .or_else(|| model.split_once(':').and_then(|(base, _)| self.models.get(base)))
+        self.models.get(model).or_else(|| {
+            model
+                .split_once(':')
+                .and_then(|(base, _)| self.models.get(base))
+        })
     }
 }
 
@@ -123,7 +128,9 @@ impl OpenRouter {
             .user_agent(concat!("mcpcord/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(CONNECT_TIMEOUT)
             .build()
-            .map_err(|e| ModelError::Connection { message: e.to_string() })?;
+            .map_err(|e| ModelError::Connection {
+                message: e.to_string(),
+            })?;
         Ok(OpenRouter {
             http,
             base_url: config.base_url.clone(),
@@ -170,7 +177,10 @@ impl OpenRouter {
         let status = response.status();
         let body: Value = response.json().await.map_err(connection_error)?;
         if !status.is_success() {
-            return Err(error_from_body(Some(status.as_u16()), body.get("error").unwrap_or(&body)));
+            return Err(error_from_body(
+                Some(status.as_u16()),
+                body.get("error").unwrap_or(&body),
+            ));
         }
         Ok(Catalogue::parse(&body))
     }
@@ -203,8 +213,10 @@ impl OpenRouter {
             }
             let retry_after = retry_after(response.headers());
             let text = response.text().await.unwrap_or_default();
-            let body: Value = serde_json::from_str(&text).unwrap_or_else(|_| serde_json::json!({"message": text}));
-            let mut error = error_from_body(Some(status.as_u16()), body.get("error").unwrap_or(&body));
+            let body: Value = serde_json::from_str(&text)
+                .unwrap_or_else(|_| serde_json::json!({"message": text}));
+            let mut error =
+                error_from_body(Some(status.as_u16()), body.get("error").unwrap_or(&body));
             if let ModelError::RateLimited { retry_after: slot } = &mut error {
                 *slot = retry_after;
             }
@@ -230,7 +242,11 @@ impl OpenRouter {
             .map_err(|a| a.error)
     }
 
-    async fn complete_inner(&self, request: ChatRequest<'_>, text: &dyn TextSink) -> Result<Completion, ModelError> {
+    async fn complete_inner(
+        &self,
+        request: ChatRequest<'_>,
+        text: &dyn TextSink,
+    ) -> Result<Completion, ModelError> {
         let body = request_body(&request, self.stream);
         let response = self.send(&body).await?;
         if !self.stream {
@@ -281,7 +297,12 @@ fn connection_error(error: reqwest::Error) -> ModelError {
 /// `Retry-After` in seconds (integer or decimal).
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let value = headers.get(RETRY_AFTER)?.to_str().ok()?;
-    value.trim().parse::<f64>().ok().filter(|s| s.is_finite() && *s >= 0.0).map(Duration::from_secs_f64)
+    value
+        .trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map(Duration::from_secs_f64)
 }
 
 #[async_trait]

@@ -43,7 +43,9 @@ pub fn request_body(request: &ChatRequest<'_>, stream: bool) -> Value {
 
 fn message_json(message: &Message) -> Value {
     match message.role() {
-        Role::User if message.images.is_empty() => json!({"role": "user", "content": message.text()}),
+        Role::User if message.images.is_empty() => {
+            json!({"role": "user", "content": message.text()})
+        }
         Role::User => {
             let mut parts = vec![json!({"type": "text", "text": message.text()})];
             parts.extend(
@@ -111,7 +113,11 @@ pub fn parse_completion(body: &Value) -> Result<Completion, ModelError> {
         return Err(error_from_body(None, error));
     }
     let usage = parse_usage(body.get("usage"));
-    let Some(choice) = body.get("choices").and_then(Value::as_array).and_then(|c| c.first()) else {
+    let Some(choice) = body
+        .get("choices")
+        .and_then(Value::as_array)
+        .and_then(|c| c.first())
+    else {
         return Err(ModelError::Empty);
     };
     if let Some(error) = choice.get("error") {
@@ -128,7 +134,11 @@ pub fn parse_completion(body: &Value) -> Result<Completion, ModelError> {
                 .enumerate()
                 .map(|(i, c)| ToolCall {
                     id: str_field(c, "id").unwrap_or_else(|| format!("call_{i}")),
-                    name: c.pointer("/function/name").and_then(Value::as_str).unwrap_or_default().to_owned(),
+                    name: c
+                        .pointer("/function/name")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_owned(),
                     arguments: c
                         .pointer("/function/arguments")
                         .and_then(Value::as_str)
@@ -143,7 +153,10 @@ pub fn parse_completion(body: &Value) -> Result<Completion, ModelError> {
         content: str_field(&raw, "content"),
         tool_calls,
         reasoning: str_field(&raw, "reasoning"),
-        reasoning_details: raw.get("reasoning_details").filter(|v| !v.is_null()).cloned(),
+        reasoning_details: raw
+            .get("reasoning_details")
+            .filter(|v| !v.is_null())
+            .cloned(),
         ..Default::default()
     };
     if finish == Some("error") {
@@ -182,8 +195,14 @@ fn parse_usage(usage: Option<&Value>) -> Usage {
         return Usage::default();
     };
     Usage {
-        prompt_tokens: usage.get("prompt_tokens").and_then(Value::as_u64).unwrap_or(0),
-        completion_tokens: usage.get("completion_tokens").and_then(Value::as_u64).unwrap_or(0),
+        prompt_tokens: usage
+            .get("prompt_tokens")
+            .and_then(Value::as_u64)
+            .unwrap_or(0),
+        completion_tokens: usage
+            .get("completion_tokens")
+            .and_then(Value::as_u64)
+            .unwrap_or(0),
         cost: usage.get("cost").and_then(Value::as_f64).unwrap_or(0.0),
     }
 }
@@ -218,7 +237,11 @@ impl StreamAccumulator {
         if let Some(usage) = chunk.get("usage").filter(|u| !u.is_null()) {
             self.usage = parse_usage(Some(usage));
         }
-        let Some(choice) = chunk.get("choices").and_then(Value::as_array).and_then(|c| c.first()) else {
+        let Some(choice) = chunk
+            .get("choices")
+            .and_then(Value::as_array)
+            .and_then(|c| c.first())
+        else {
             return Ok(());
         };
         self.saw_choice = true;
@@ -234,7 +257,11 @@ impl StreamAccumulator {
         let Some(delta) = choice.get("delta") else {
             return Ok(());
         };
-        if let Some(text) = delta.get("content").and_then(Value::as_str).filter(|t| !t.is_empty()) {
+        if let Some(text) = delta
+            .get("content")
+            .and_then(Value::as_str)
+            .filter(|t| !t.is_empty())
+        {
             self.content.push_str(text);
             sink.push(text);
         }
@@ -242,7 +269,9 @@ impl StreamAccumulator {
             self.reasoning.push_str(text);
         }
         if let Some(details) = delta.get("reasoning_details").and_then(Value::as_array) {
-            details.iter().for_each(|d| merge_detail(&mut self.reasoning_details, d));
+            details
+                .iter()
+                .for_each(|d| merge_detail(&mut self.reasoning_details, d));
         }
         if let Some(calls) = delta.get("tool_calls").and_then(Value::as_array) {
             calls.iter().for_each(|fragment| self.merge_call(fragment));
@@ -255,13 +284,16 @@ impl StreamAccumulator {
     /// last call when it has no index either.
     fn merge_call(&mut self, fragment: &Value) {
         let index = fragment.get("index").and_then(Value::as_u64);
-        let id = fragment.get("id").and_then(Value::as_str).filter(|s| !s.is_empty());
+        let id = fragment
+            .get("id")
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty());
         let position = match id {
-            Some(id) => self
-                .calls
-                .iter()
-                .position(|c| c.id == id)
-                .or_else(|| self.calls.iter().position(|c| c.id.is_empty() && c.index == index && index.is_some())),
+            Some(id) => self.calls.iter().position(|c| c.id == id).or_else(|| {
+                self.calls
+                    .iter()
+                    .position(|c| c.id.is_empty() && c.index == index && index.is_some())
+            }),
             None => match index {
                 Some(_) => self.calls.iter().rposition(|c| c.index == index),
                 None => self.calls.len().checked_sub(1),
@@ -283,7 +315,10 @@ impl StreamAccumulator {
         {
             call.name = name.to_owned();
         }
-        if let Some(arguments) = fragment.pointer("/function/arguments").and_then(Value::as_str) {
+        if let Some(arguments) = fragment
+            .pointer("/function/arguments")
+            .and_then(Value::as_str)
+        {
             call.arguments.push_str(arguments);
         }
     }
@@ -299,7 +334,11 @@ impl StreamAccumulator {
             .enumerate()
             .filter(|(_, c)| !c.name.is_empty())
             .map(|(i, c)| ToolCall {
-                id: if c.id.is_empty() { format!("call_{i}") } else { c.id },
+                id: if c.id.is_empty() {
+                    format!("call_{i}")
+                } else {
+                    c.id
+                },
                 name: c.name,
                 arguments: c.arguments,
             })
@@ -309,7 +348,7 @@ impl StreamAccumulator {
             content: (!self.content.is_empty()).then_some(self.content),
             tool_calls,
             reasoning: (!self.reasoning.is_empty()).then_some(self.reasoning),
-            reasoning_details: (!self.reasoning_details.is_empty()).then(|| Value::Array(self.reasoning_details)),
+            reasoning_details: (!self.reasoning_details.is_empty()).then_some(Value::Array(self.reasoning_details)),
             ..Default::default()
         };
         Ok(Completion {
@@ -329,7 +368,9 @@ fn merge_detail(details: &mut Vec<Value>, piece: &Value) {
         (Some(Value::Object(target)), Some(fields)) => {
             for (key, value) in fields {
                 match (target.get_mut(key), value) {
-                    (Some(Value::String(old)), Value::String(more)) if key != "index" && key != "type" && key != "format" && key != "id" => {
+                    (Some(Value::String(old)), Value::String(more))
+                        if key != "index" && key != "type" && key != "format" && key != "id" =>
+                    {
                         old.push_str(more)
                     }
                     (None, _) => {
@@ -357,22 +398,30 @@ pub fn error_from_body(status: Option<u16>, error: &Value) -> ModelError {
         .unwrap_or("no details given")
         .to_owned();
     let raw = error.pointer("/metadata/raw").and_then(Value::as_str);
-    let error_type = error.pointer("/metadata/error_type").and_then(Value::as_str).unwrap_or("");
+    let error_type = error
+        .pointer("/metadata/error_type")
+        .and_then(Value::as_str)
+        .unwrap_or("");
     let lower = message.to_lowercase();
     let detailed = match raw {
         Some(raw) => format!("{message} ({raw})"),
         None => message.clone(),
     };
-    if error_type == "context_length_exceeded" || lower.contains("context length") || lower.contains("context window") {
+    if error_type == "context_length_exceeded"
+        || lower.contains("context length")
+        || lower.contains("context window")
+    {
         return ModelError::ContextTooLong;
     }
     match code {
         Some(401) => ModelError::InvalidKey,
         Some(402) => ModelError::CreditsExhausted,
         Some(403) => ModelError::Forbidden { message: detailed },
-        Some(404) if lower.contains("tool use") || lower.contains("tool_choice") => ModelError::NoToolSupport {
-            model: "you chose".into(),
-        },
+        Some(404) if lower.contains("tool use") || lower.contains("tool_choice") => {
+            ModelError::NoToolSupport {
+                model: "you chose".into(),
+            }
+        }
         Some(408) => ModelError::Timeout,
         Some(413) => ModelError::ContextTooLong,
         Some(429) => ModelError::RateLimited { retry_after: None },
@@ -380,7 +429,10 @@ pub fn error_from_body(status: Option<u16>, error: &Value) -> ModelError {
             status: Some(status),
             message: detailed,
         },
-        Some(status) => ModelError::BadRequest { status, message: detailed },
+        Some(status) => ModelError::BadRequest {
+            status,
+            message: detailed,
+        },
         None => ModelError::Provider {
             status: None,
             message: detailed,
@@ -420,8 +472,14 @@ mod tests {
         ]);
         let calls = &completion.message.tool_calls;
         assert_eq!(calls.len(), 3);
-        assert_eq!((calls[0].id.as_str(), calls[0].arguments.as_str()), ("a", "{\"x\":1}"));
-        assert_eq!((calls[1].name.as_str(), calls[1].arguments.as_str()), ("fs__list", "{\"p\":2}"));
+        assert_eq!(
+            (calls[0].id.as_str(), calls[0].arguments.as_str()),
+            ("a", "{\"x\":1}")
+        );
+        assert_eq!(
+            (calls[1].name.as_str(), calls[1].arguments.as_str()),
+            ("fs__list", "{\"p\":2}")
+        );
         assert_eq!(calls[2].id, "c");
         assert_eq!(completion.finish_reason, FinishReason::ToolCalls);
         assert_eq!(completion.usage.cost, 0.25);
@@ -454,19 +512,34 @@ mod tests {
     fn a_mid_stream_error_is_an_error() {
         let mut acc = StreamAccumulator::default();
         let chunk = json!({"error":{"code":"server_error","message":"boom"},"choices":[{"index":0,"delta":{"content":""},"finish_reason":"error"}]});
-        assert!(matches!(acc.apply(&chunk, &()), Err(ModelError::Provider { .. })));
+        assert!(matches!(
+            acc.apply(&chunk, &()),
+            Err(ModelError::Provider { .. })
+        ));
     }
 
     #[test]
     fn error_bodies_become_plain_errors() {
-        assert_eq!(error_from_body(Some(402), &json!({"message":"x"})), ModelError::CreditsExhausted);
-        assert_eq!(error_from_body(Some(401), &json!({"message":"x"})), ModelError::InvalidKey);
+        assert_eq!(
+            error_from_body(Some(402), &json!({"message":"x"})),
+            ModelError::CreditsExhausted
+        );
+        assert_eq!(
+            error_from_body(Some(401), &json!({"message":"x"})),
+            ModelError::InvalidKey
+        );
         assert!(matches!(
-            error_from_body(Some(404), &json!({"message":"No endpoints found that support tool use."})),
+            error_from_body(
+                Some(404),
+                &json!({"message":"No endpoints found that support tool use."})
+            ),
             ModelError::NoToolSupport { .. }
         ));
         assert_eq!(
-            error_from_body(Some(400), &json!({"message":"x","metadata":{"error_type":"context_length_exceeded"}})),
+            error_from_body(
+                Some(400),
+                &json!({"message":"x","metadata":{"error_type":"context_length_exceeded"}})
+            ),
             ModelError::ContextTooLong
         );
     }
@@ -479,7 +552,10 @@ mod tests {
         let completion = parse_completion(&body).unwrap();
         assert_eq!(completion.message.content, None);
         assert_eq!(completion.message.tool_calls[0].name, "a__b");
-        assert_eq!(parse_completion(&json!({"choices":[]})).unwrap_err(), ModelError::Empty);
+        assert_eq!(
+            parse_completion(&json!({"choices":[]})).unwrap_err(),
+            ModelError::Empty
+        );
     }
 
     #[test]

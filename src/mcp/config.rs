@@ -87,7 +87,11 @@ pub enum McpConfigError {
 
 /// Reads the servers file. A missing file is an error only when it was
 /// named explicitly; otherwise there are simply no tools.
-pub fn load(path: &Path, explicit: bool, env: &dyn Fn(&str) -> Option<String>) -> Result<Vec<ServerSpec>, McpConfigError> {
+pub fn load(
+    path: &Path,
+    explicit: bool,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Vec<ServerSpec>, McpConfigError> {
     let shown = path.display().to_string();
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
@@ -106,7 +110,11 @@ pub fn load(path: &Path, explicit: bool, env: &dyn Fn(&str) -> Option<String>) -
 }
 
 /// Parses the text of a servers file named `path` (for messages).
-pub fn parse(text: &str, path: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Vec<ServerSpec>, McpConfigError> {
+pub fn parse(
+    text: &str,
+    path: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Vec<ServerSpec>, McpConfigError> {
     let root: Value = serde_json::from_str(text).map_err(|e| McpConfigError::Syntax {
         path: path.to_owned(),
         reason: e.to_string(),
@@ -124,7 +132,11 @@ pub fn parse(text: &str, path: &str, env: &dyn Fn(&str) -> Option<String>) -> Re
         .ok_or_else(|| layout("\"mcpServers\" must be an object of servers by name"))?;
     let mut specs = Vec::new();
     for (name, entry) in servers {
-        let reader = Entry { path, server: name, env };
+        let reader = Entry {
+            path,
+            server: name,
+            env,
+        };
         if let Some(spec) = reader.server(entry)? {
             specs.push(spec);
         }
@@ -134,8 +146,20 @@ pub fn parse(text: &str, path: &str, env: &dyn Fn(&str) -> Option<String>) -> Re
 
 /// Keys mcpcord understands in a server entry.
 const KNOWN_KEYS: &[&str] = &[
-    "command", "args", "env", "cwd", "url", "headers", "type", "transport", "disabled", "scope",
-    "allowedTools", "blockedTools", "timeoutSecs", "approval",
+    "command",
+    "args",
+    "env",
+    "cwd",
+    "url",
+    "headers",
+    "type",
+    "transport",
+    "disabled",
+    "scope",
+    "allowedTools",
+    "blockedTools",
+    "timeoutSecs",
+    "approval",
 ];
 
 /// Reads one server entry, with what error messages need.
@@ -163,31 +187,47 @@ impl Entry<'_> {
             return Err(self.error("", "server names cannot be empty"));
         }
         for key in map.keys().filter(|k| !KNOWN_KEYS.contains(&k.as_str())) {
-            tracing::warn!(path = self.path, server = self.server, key, "unknown key in MCP config ignored");
+            tracing::warn!(
+                path = self.path,
+                server = self.server,
+                key,
+                "unknown key in MCP config ignored"
+            );
         }
         if map.get("disabled").and_then(Value::as_bool) == Some(true) {
             return Ok(None);
         }
-        let transport = match (map.get("command"), map.get("url")) {
-            (Some(_), Some(_)) => return Err(self.error("url", "give either \"command\" (stdio) or \"url\" (HTTP), not both")),
-            (None, None) => return Err(self.error("command", "missing: give \"command\" for a stdio server or \"url\" for an HTTP server")),
-            (Some(_), None) => Transport::Stdio {
-                command: self.string(map, "command")?.unwrap_or_default(),
-                args: self.strings(map, "args")?.unwrap_or_default(),
-                env: self.secrets(map, "env")?,
-                cwd: self.string(map, "cwd")?.map(PathBuf::from),
-            },
-            (None, Some(_)) => {
-                let url = self.string(map, "url")?.unwrap_or_default();
-                if !(url.starts_with("http://") || url.starts_with("https://")) {
-                    return Err(self.error("url", format!("{url:?} is not an http:// or https:// URL")));
+        let transport =
+            match (map.get("command"), map.get("url")) {
+                (Some(_), Some(_)) => {
+                    return Err(self.error(
+                        "url",
+                        "give either \"command\" (stdio) or \"url\" (HTTP), not both",
+                    ));
                 }
-                Transport::Http {
-                    url,
-                    headers: self.secrets(map, "headers")?,
+                (None, None) => return Err(self.error(
+                    "command",
+                    "missing: give \"command\" for a stdio server or \"url\" for an HTTP server",
+                )),
+                (Some(_), None) => Transport::Stdio {
+                    command: self.string(map, "command")?.unwrap_or_default(),
+                    args: self.strings(map, "args")?.unwrap_or_default(),
+                    env: self.secrets(map, "env")?,
+                    cwd: self.string(map, "cwd")?.map(PathBuf::from),
+                },
+                (None, Some(_)) => {
+                    let url = self.string(map, "url")?.unwrap_or_default();
+                    if !(url.starts_with("http://") || url.starts_with("https://")) {
+                        return Err(
+                            self.error("url", format!("{url:?} is not an http:// or https:// URL"))
+                        );
+                    }
+                    Transport::Http {
+                        url,
+                        headers: self.secrets(map, "headers")?,
+                    }
                 }
-            }
-        };
+            };
         if let Transport::Stdio { command, .. } = &transport
             && command.trim().is_empty()
         {
@@ -197,7 +237,9 @@ impl Entry<'_> {
             if let Some(kind) = self.string(map, key)? {
                 let fits = match &transport {
                     Transport::Stdio { .. } => kind == "stdio",
-                    Transport::Http { .. } => ["http", "streamable-http", "streamableHttp"].contains(&kind.as_str()),
+                    Transport::Http { .. } => {
+                        ["http", "streamable-http", "streamableHttp"].contains(&kind.as_str())
+                    }
                 };
                 if !fits {
                     return Err(self.error(key, format!("{kind:?} does not match the entry (only stdio and Streamable HTTP servers are supported)")));
@@ -207,21 +249,34 @@ impl Entry<'_> {
         let scope = match self.string(map, "scope")?.as_deref() {
             None | Some("conversation") => Scope::Conversation,
             Some("shared") => Scope::Shared,
-            Some(other) => return Err(self.error("scope", format!("{other:?} is not \"conversation\" or \"shared\""))),
+            Some(other) => {
+                return Err(self.error(
+                    "scope",
+                    format!("{other:?} is not \"conversation\" or \"shared\""),
+                ));
+            }
         };
         let approval = match self.string(map, "approval")?.as_deref() {
             None | Some("annotations") => Approval::Annotations,
             Some("auto") => Approval::Auto,
             Some("ask") => Approval::Ask,
             Some(other) => {
-                return Err(self.error("approval", format!("{other:?} is not \"auto\", \"ask\" or \"annotations\"")));
+                return Err(self.error(
+                    "approval",
+                    format!("{other:?} is not \"auto\", \"ask\" or \"annotations\""),
+                ));
             }
         };
         let timeout = match map.get("timeoutSecs") {
             None => None,
             Some(value) => match value.as_u64().filter(|s| *s > 0) {
                 Some(secs) => Some(Duration::from_secs(secs)),
-                None => return Err(self.error("timeoutSecs", "must be a whole number of seconds, at least 1")),
+                None => {
+                    return Err(self.error(
+                        "timeoutSecs",
+                        "must be a whole number of seconds, at least 1",
+                    ));
+                }
             },
         };
         Ok(Some(ServerSpec {
@@ -235,7 +290,11 @@ impl Entry<'_> {
         }))
     }
 
-    fn string(&self, map: &Map<String, Value>, key: &str) -> Result<Option<String>, McpConfigError> {
+    fn string(
+        &self,
+        map: &Map<String, Value>,
+        key: &str,
+    ) -> Result<Option<String>, McpConfigError> {
         match map.get(key) {
             None | Some(Value::Null) => Ok(None),
             Some(Value::String(s)) => self.expand(key, s).map(Some),
@@ -243,7 +302,11 @@ impl Entry<'_> {
         }
     }
 
-    fn strings(&self, map: &Map<String, Value>, key: &str) -> Result<Option<Vec<String>>, McpConfigError> {
+    fn strings(
+        &self,
+        map: &Map<String, Value>,
+        key: &str,
+    ) -> Result<Option<Vec<String>>, McpConfigError> {
         match map.get(key) {
             None | Some(Value::Null) => Ok(None),
             Some(Value::Array(items)) => items
@@ -258,13 +321,20 @@ impl Entry<'_> {
         }
     }
 
-    fn secrets(&self, map: &Map<String, Value>, key: &str) -> Result<BTreeMap<String, Secret>, McpConfigError> {
+    fn secrets(
+        &self,
+        map: &Map<String, Value>,
+        key: &str,
+    ) -> Result<BTreeMap<String, Secret>, McpConfigError> {
         match map.get(key) {
             None | Some(Value::Null) => Ok(BTreeMap::new()),
             Some(Value::Object(pairs)) => pairs
                 .iter()
                 .map(|(name, value)| match value {
-                    Value::String(s) => Ok((name.clone(), Secret::new(self.expand(&format!("{key}.{name}"), s)?))),
+                    Value::String(s) => Ok((
+                        name.clone(),
+                        Secret::new(self.expand(&format!("{key}.{name}"), s)?),
+                    )),
                     Value::Number(n) => Ok((name.clone(), Secret::new(n.to_string()))),
                     Value::Bool(b) => Ok((name.clone(), Secret::new(b.to_string()))),
                     _ => Err(self.error(&format!("{key}.{name}"), "must be a string")),
@@ -286,7 +356,10 @@ impl Entry<'_> {
                 .ok_or_else(|| self.error(key, "an unclosed \"${\" (write ${NAME})"))?;
             let name = &after[..end];
             let value = (self.env)(name).ok_or_else(|| {
-                self.error(key, format!("the environment variable {name} is not set (used as ${{{name}}})"))
+                self.error(
+                    key,
+                    format!("the environment variable {name} is not set (used as ${{{name}}})"),
+                )
             })?;
             out.push_str(&value);
             rest = &after[end + 1..];
@@ -326,13 +399,20 @@ mod tests {
         let fs = &specs[0];
         assert_eq!(fs.scope, Scope::Conversation);
         assert_eq!(fs.approval, Approval::Annotations);
-        let Transport::Stdio { env, args, .. } = &fs.transport else { panic!("stdio expected") };
+        let Transport::Stdio { env, args, .. } = &fs.transport else {
+            panic!("stdio expected")
+        };
         assert_eq!(env["KEY"].expose(), "s3cret");
         assert_eq!(args, &["-y", "server", "/tmp"]);
         let web = &specs[1];
-        let Transport::Http { headers, .. } = &web.transport else { panic!("http expected") };
+        let Transport::Http { headers, .. } = &web.transport else {
+            panic!("http expected")
+        };
         assert_eq!(headers["Authorization"].expose(), "Bearer s3cret");
-        assert_eq!((web.scope, web.approval, web.timeout), (Scope::Shared, Approval::Ask, Some(Duration::from_secs(5))));
+        assert_eq!(
+            (web.scope, web.approval, web.timeout),
+            (Scope::Shared, Approval::Ask, Some(Duration::from_secs(5)))
+        );
         assert!(web.permits("a") && !web.permits("b") && !web.permits("c"));
         assert!(!format!("{specs:?}").contains("s3cret"));
     }
@@ -343,10 +423,18 @@ mod tests {
             parse_err(r#"{"mcpServers": {"fs": {"command": "x", "scope": "global"}}}"#),
             "MCP config mcp.json: server \"fs\", key \"scope\": \"global\" is not \"conversation\" or \"shared\""
         );
-        assert!(parse_err(r#"{"mcpServers": {"fs": {"args": []}}}"#).contains("key \"command\": missing"));
-        assert!(parse_err(r#"{"mcpServers": {"fs": {"command": "x", "env": {"A": "${NOPE}"}}}}"#)
-            .contains("key \"env.A\": the environment variable NOPE is not set"));
-        assert!(parse_err(r#"{"mcpServers": {"fs": {"command": "x", "timeoutSecs": "5"}}}"#).contains("timeoutSecs"));
+        assert!(
+            parse_err(r#"{"mcpServers": {"fs": {"args": []}}}"#)
+                .contains("key \"command\": missing")
+        );
+        assert!(
+            parse_err(r#"{"mcpServers": {"fs": {"command": "x", "env": {"A": "${NOPE}"}}}}"#)
+                .contains("key \"env.A\": the environment variable NOPE is not set")
+        );
+        assert!(
+            parse_err(r#"{"mcpServers": {"fs": {"command": "x", "timeoutSecs": "5"}}}"#)
+                .contains("timeoutSecs")
+        );
         assert!(parse_err(r#"{"mcpServers": {"w": {"url": "ftp://x"}}}"#).contains("key \"url\""));
         assert!(parse_err(r#"{"servers": {}}"#).contains("\"mcpServers\" key is missing"));
         assert!(parse_err("{").starts_with("MCP config mcp.json: not valid JSON"));
@@ -356,6 +444,9 @@ mod tests {
     fn a_missing_default_file_means_no_tools() {
         let path = Path::new("/nonexistent/mcp.json");
         assert_eq!(load(path, false, &env).unwrap(), Vec::new());
-        assert!(matches!(load(path, true, &env), Err(McpConfigError::Unreadable { .. })));
+        assert!(matches!(
+            load(path, true, &env),
+            Err(McpConfigError::Unreadable { .. })
+        ));
     }
 }

@@ -25,8 +25,8 @@ use tokio_util::task::TaskTracker;
 use crate::config::Limits;
 use crate::conversation::{ToolHost, ToolList, ToolOutcome, ToolSpec};
 pub use config::{Approval, Scope, ServerSpec, Transport};
-pub use session::{RemoteTool, STARTUP_TIMEOUT};
 use session::{CallError, Session};
+pub use session::{RemoteTool, STARTUP_TIMEOUT};
 
 /// The owner of a shared session.
 const SHARED: &str = "";
@@ -92,7 +92,8 @@ impl McpHost {
     /// The tools `conversation` may use, with the names the model sees,
     /// and one sentence per server that failed.
     pub async fn list(&self, conversation: &str) -> (Vec<ListedTool>, Vec<String>) {
-        let per_server = join_all((0..self.servers.len()).map(|i| self.server_tools(i, conversation))).await;
+        let per_server =
+            join_all((0..self.servers.len()).map(|i| self.server_tools(i, conversation))).await;
         let mut found: Vec<(usize, RemoteTool)> = Vec::new();
         let mut problems = Vec::new();
         for (i, result) in per_server.into_iter().enumerate() {
@@ -126,7 +127,11 @@ impl McpHost {
         (listed, problems)
     }
 
-    async fn server_tools(&self, server: usize, conversation: &str) -> Result<Arc<Vec<RemoteTool>>, String> {
+    async fn server_tools(
+        &self,
+        server: usize,
+        conversation: &str,
+    ) -> Result<Arc<Vec<RemoteTool>>, String> {
         let session = self.session(server, conversation).await?;
         session.tools().await
     }
@@ -170,7 +175,10 @@ impl McpHost {
         }
         let mut evicted = None;
         if key.1 != SHARED {
-            let same_server: Vec<_> = slots.iter().filter(|((s, o), _)| *s == server && o != SHARED).collect();
+            let same_server: Vec<_> = slots
+                .iter()
+                .filter(|((s, o), _)| *s == server && o != SHARED)
+                .collect();
             if same_server.len() >= self.limits.max_sessions_per_server {
                 let oldest = same_server
                     .into_iter()
@@ -203,7 +211,10 @@ impl McpHost {
                 .filter(|(_, e)| e.last_used.elapsed() >= idle)
                 .map(|(k, _)| k.clone())
                 .collect();
-            keys.iter().filter_map(|k| slots.remove(k)).map(|e| e.slot).collect()
+            keys.iter()
+                .filter_map(|k| slots.remove(k))
+                .map(|e| e.slot)
+                .collect()
         };
         for slot in expired {
             close_slot(&slot).await;
@@ -212,7 +223,8 @@ impl McpHost {
 
     /// How often [`McpHost::close_idle`] should run.
     pub fn idle_check_interval(&self) -> Duration {
-        (self.limits.session_idle_timeout / 4).clamp(Duration::from_secs(1), Duration::from_secs(60))
+        (self.limits.session_idle_timeout / 4)
+            .clamp(Duration::from_secs(1), Duration::from_secs(60))
     }
 
     /// Closes every session and waits for the stderr forwarders to end.
@@ -244,8 +256,18 @@ impl ToolHost for McpHost {
         let specs = listed
             .into_iter()
             .map(|t| {
-                let server = self.servers.iter().position(|s| s.name == t.server).unwrap_or(0);
-                routes.insert(t.exposed.clone(), Route { server, tool: t.tool.name.clone() });
+                let server = self
+                    .servers
+                    .iter()
+                    .position(|s| s.name == t.server)
+                    .unwrap_or(0);
+                routes.insert(
+                    t.exposed.clone(),
+                    Route {
+                        server,
+                        tool: t.tool.name.clone(),
+                    },
+                );
                 ToolSpec {
                     name: t.exposed,
                     description: t.tool.description,
@@ -261,12 +283,25 @@ impl ToolHost for McpHost {
     }
 
     async fn call(&self, conversation: &str, name: &str, arguments: Value) -> ToolOutcome {
-        let routes = self.routes.lock().expect("routes poisoned").get(conversation).cloned();
+        let routes = self
+            .routes
+            .lock()
+            .expect("routes poisoned")
+            .get(conversation)
+            .cloned();
         let Some(route) = routes.as_ref().and_then(|r| r.get(name)).cloned() else {
-            let known: Vec<&str> = routes.iter().flat_map(|r| r.keys()).map(String::as_str).collect();
+            let known: Vec<&str> = routes
+                .iter()
+                .flat_map(|r| r.keys())
+                .map(String::as_str)
+                .collect();
             return ToolOutcome::error(format!(
                 "there is no tool named {name:?}. Available tools: {}.",
-                if known.is_empty() { "none".to_owned() } else { known.join(", ") }
+                if known.is_empty() {
+                    "none".to_owned()
+                } else {
+                    known.join(", ")
+                }
             ));
         };
         let spec = &self.servers[route.server];
@@ -274,7 +309,10 @@ impl ToolHost for McpHost {
         let session = match self.session(route.server, conversation).await {
             Ok(session) => session,
             Err(problem) => {
-                return ToolOutcome::error(format!("the tool server \"{}\" is unavailable: {problem}", spec.name));
+                return ToolOutcome::error(format!(
+                    "the tool server \"{}\" is unavailable: {problem}",
+                    spec.name
+                ));
             }
         };
         match tokio::time::timeout(timeout, session.call(&route.tool, arguments)).await {
@@ -297,10 +335,20 @@ impl ToolHost for McpHost {
     async fn close_conversation(&self, conversation: &str) {
         let mine: Vec<Slot> = {
             let mut slots = self.slots.lock().expect("slots poisoned");
-            let keys: Vec<_> = slots.keys().filter(|(_, o)| o == conversation).cloned().collect();
-            keys.iter().filter_map(|k| slots.remove(k)).map(|e| e.slot).collect()
+            let keys: Vec<_> = slots
+                .keys()
+                .filter(|(_, o)| o == conversation)
+                .cloned()
+                .collect();
+            keys.iter()
+                .filter_map(|k| slots.remove(k))
+                .map(|e| e.slot)
+                .collect()
         };
         join_all(mine.iter().map(close_slot)).await;
-        self.routes.lock().expect("routes poisoned").remove(conversation);
+        self.routes
+            .lock()
+            .expect("routes poisoned")
+            .remove(conversation);
     }
 }

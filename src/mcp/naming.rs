@@ -27,7 +27,11 @@ pub fn exposed_names(pairs: &[(&str, &str)]) -> Vec<String> {
 /// The plain name when sanitising loses nothing and it fits; otherwise a
 /// sanitised, shortened name with a hash of the original pair.
 fn candidate(server: &str, tool: &str) -> String {
-    let server_part: String = sanitise(server).to_lowercase().chars().take(MAX_SERVER_PART).collect();
+    let server_part: String = sanitise(server)
+        .to_lowercase()
+        .chars()
+        .take(MAX_SERVER_PART)
+        .collect();
     let mut name = format!("{server_part}__{}", sanitise(tool));
     if !name.starts_with(|c: char| c.is_ascii_alphabetic()) {
         name = format!("t_{name}");
@@ -41,7 +45,13 @@ fn candidate(server: &str, tool: &str) -> String {
 
 fn sanitise(text: &str) -> String {
     text.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect()
 }
 
@@ -70,7 +80,9 @@ mod tests {
 
     fn valid(name: &str) -> bool {
         (1..=MAX_NAME).contains(&name.len())
-            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
             && name.starts_with(|c: char| c.is_ascii_alphabetic())
     }
 
@@ -103,6 +115,9 @@ mod tests {
 
     #[test]
     fn names_are_stable() {
-        assert_eq!(exposed_names(&[("s", "a.b")]), exposed_names(&[("s", "a.b")]));
+        assert_eq!(
+            exposed_names(&[("s", "a.b")]),
+            exposed_names(&[("s", "a.b")])
+        );
     }
 }

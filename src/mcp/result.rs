@@ -7,10 +7,19 @@ use crate::conversation::ToolOutcome;
 /// Text for one result, capped at `max_chars` with a visible marker; the
 /// whole text is kept in `full_output` when it was cut.
 pub fn outcome(result: &Value, max_chars: usize) -> ToolOutcome {
-    let is_error = result.get("isError").and_then(Value::as_bool).unwrap_or(false);
-    let blocks = result.get("content").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+    let is_error = result
+        .get("isError")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let blocks = result
+        .get("content")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
     let mut parts: Vec<String> = blocks.iter().filter_map(block_text).collect();
-    let has_text = blocks.iter().any(|b| b.get("type").and_then(Value::as_str) == Some("text"));
+    let has_text = blocks
+        .iter()
+        .any(|b| b.get("type").and_then(Value::as_str) == Some("text"));
     if let Some(structured) = result.get("structuredContent").filter(|v| !v.is_null())
         && !has_text
     {
@@ -37,7 +46,9 @@ fn cap(text: String, is_error: bool, max_chars: usize) -> ToolOutcome {
     }
     let kept: String = text.chars().take(max_chars).collect();
     ToolOutcome {
-        content: format!("{kept}\n[truncated: showing the first {max_chars} of {total} characters]"),
+        content: format!(
+            "{kept}\n[truncated: showing the first {max_chars} of {total} characters]"
+        ),
         is_error,
         full_output: Some(text),
     }
@@ -51,7 +62,9 @@ fn block_text(block: &Value) -> Option<String> {
             let kind = field("type").unwrap_or("media");
             let mime = field("mimeType").unwrap_or("unknown type");
             let bytes = field("data").map_or(0, |d| d.len() * 3 / 4);
-            Some(format!("[{kind} returned: {mime}, about {bytes} bytes; it cannot be shown here]"))
+            Some(format!(
+                "[{kind} returned: {mime}, about {bytes} bytes; it cannot be shown here]"
+            ))
         }
         "resource_link" => {
             let name = field("title").or(field("name")).unwrap_or("resource");
@@ -68,9 +81,17 @@ fn block_text(block: &Value) -> Option<String> {
             match resource.get("text").and_then(Value::as_str) {
                 Some(text) => Some(format!("[resource {uri}]\n{text}")),
                 None => {
-                    let mime = resource.get("mimeType").and_then(Value::as_str).unwrap_or("binary");
-                    let bytes = resource.get("blob").and_then(Value::as_str).map_or(0, |b| b.len() * 3 / 4);
-                    Some(format!("[resource {uri}: {mime}, about {bytes} bytes of binary data]"))
+                    let mime = resource
+                        .get("mimeType")
+                        .and_then(Value::as_str)
+                        .unwrap_or("binary");
+                    let bytes = resource
+                        .get("blob")
+                        .and_then(Value::as_str)
+                        .map_or(0, |b| b.len() * 3 / 4);
+                    Some(format!(
+                        "[resource {uri}: {mime}, about {bytes} bytes of binary data]"
+                    ))
                 }
             }
         }
@@ -104,7 +125,10 @@ mod tests {
     fn structured_content_and_errors() {
         let out = outcome(&json!({"content": [], "structuredContent": {"t": 1}}), 100);
         assert_eq!(out.content, r#"{"t":1}"#);
-        let out = outcome(&json!({"content": [{"type": "text", "text": "bad input"}], "isError": true}), 100);
+        let out = outcome(
+            &json!({"content": [{"type": "text", "text": "bad input"}], "isError": true}),
+            100,
+        );
         assert!(out.is_error);
         assert_eq!(out.content, "ERROR: bad input");
     }
@@ -114,7 +138,10 @@ mod tests {
         let text = "é".repeat(50);
         let out = outcome(&json!({"content": [{"type": "text", "text": text}]}), 10);
         assert!(out.content.starts_with(&"é".repeat(10)));
-        assert!(out.content.ends_with("[truncated: showing the first 10 of 50 characters]"));
+        assert!(
+            out.content
+                .ends_with("[truncated: showing the first 10 of 50 characters]")
+        );
         assert_eq!(out.full_output.as_deref(), Some(text.as_str()));
     }
 }

@@ -46,17 +46,27 @@ fn inline_refs(value: &Value, defs: &Map<String, Value>, depth: usize) -> Value 
                         // Siblings of $ref (description, title) are kept.
                         if let Value::Object(resolved_map) = &mut resolved {
                             for (k, v) in map.iter().filter(|(k, _)| k.as_str() != "$ref") {
-                                resolved_map.entry(k.clone()).or_insert_with(|| inline_refs(v, defs, depth));
+                                resolved_map
+                                    .entry(k.clone())
+                                    .or_insert_with(|| inline_refs(v, defs, depth));
                             }
                         }
                         resolved
                     }
-                    _ => json!({"type": "object", "description": format!("(a nested {reference} value)")}),
+                    _ => {
+                        json!({"type": "object", "description": format!("(a nested {reference} value)")})
+                    }
                 };
             }
-            Value::Object(map.iter().map(|(k, v)| (k.clone(), inline_refs(v, defs, depth))).collect())
+            Value::Object(
+                map.iter()
+                    .map(|(k, v)| (k.clone(), inline_refs(v, defs, depth)))
+                    .collect(),
+            )
         }
-        Value::Array(items) => Value::Array(items.iter().map(|v| inline_refs(v, defs, depth)).collect()),
+        Value::Array(items) => {
+            Value::Array(items.iter().map(|v| inline_refs(v, defs, depth)).collect())
+        }
         other => other.clone(),
     }
 }
@@ -169,8 +179,14 @@ mod tests {
 
     #[test]
     fn zero_argument_tools_get_properties() {
-        assert_eq!(normalise(&json!({"type": "object"})), json!({"type": "object", "properties": {}}));
-        assert_eq!(normalise(&json!({})), json!({"type": "object", "properties": {}}));
+        assert_eq!(
+            normalise(&json!({"type": "object"})),
+            json!({"type": "object", "properties": {}})
+        );
+        assert_eq!(
+            normalise(&json!({})),
+            json!({"type": "object", "properties": {}})
+        );
     }
 
     #[test]
@@ -218,7 +234,10 @@ mod tests {
             }
         });
         let out = normalise(&schema);
-        assert_eq!(out["properties"]["p"]["properties"]["x"], json!({"type": "number"}));
+        assert_eq!(
+            out["properties"]["p"]["properties"]["x"],
+            json!({"type": "number"})
+        );
         assert_eq!(out["properties"]["p"]["description"], "where");
         assert!(out.get("$defs").is_none());
         assert!(!out.to_string().contains("$ref"));

@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use process_wrap::tokio::{CommandWrap, KillOnDrop, ProcessGroup};
-use rmcp::model::{CallToolRequestParams, ClientCapabilities, ClientConfig, Implementation, ProtocolVersion};
+use rmcp::model::{
+    CallToolRequestParams, ClientCapabilities, ClientConfig, Implementation, ProtocolVersion,
+};
 use rmcp::service::{NotificationContext, Peer, RunningService, ServiceExt};
 use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
 use rmcp::transport::{StreamableHttpClientTransport, TokioChildProcess};
@@ -93,7 +95,12 @@ impl Session {
         };
         let service = tokio::time::timeout(STARTUP_TIMEOUT, connect(spec, handler, tasks))
             .await
-            .map_err(|_| format!("did not finish starting within {} s", STARTUP_TIMEOUT.as_secs()))??;
+            .map_err(|_| {
+                format!(
+                    "did not finish starting within {} s",
+                    STARTUP_TIMEOUT.as_secs()
+                )
+            })??;
         Ok(Session {
             peer: service.peer().clone(),
             service: Mutex::new(Some(service)),
@@ -132,7 +139,10 @@ impl Session {
                         .unwrap_or(&tool.name)
                         .to_owned(),
                     parameters: normalise(json.get("inputSchema").unwrap_or(&Value::Null)),
-                    read_only: json.pointer("/annotations/readOnlyHint").and_then(Value::as_bool) == Some(true),
+                    read_only: json
+                        .pointer("/annotations/readOnlyHint")
+                        .and_then(Value::as_bool)
+                        == Some(true),
                     name: tool.name.into_owned(),
                 }
             })
@@ -150,10 +160,18 @@ impl Session {
         }
         match self.peer.call_tool(params).await {
             Ok(result) => Ok(serde_json::to_value(&result).unwrap_or(Value::Null)),
-            Err(error) if self.is_closed() || matches!(error, ServiceError::TransportClosed | ServiceError::TransportSend(_)) => {
+            Err(error)
+                if self.is_closed()
+                    || matches!(
+                        error,
+                        ServiceError::TransportClosed | ServiceError::TransportSend(_)
+                    ) =>
+            {
                 Err(CallError::Disconnected(error.to_string()))
             }
-            Err(ServiceError::McpError(error)) => Err(CallError::Protocol(error.message.to_string())),
+            Err(ServiceError::McpError(error)) => {
+                Err(CallError::Protocol(error.message.to_string()))
+            }
             Err(error) => Err(CallError::Protocol(error.to_string())),
         }
     }
@@ -173,7 +191,12 @@ async fn connect(
     tasks: &TaskTracker,
 ) -> Result<RunningService<RoleClient, Handler>, String> {
     match &spec.transport {
-        Transport::Stdio { command, args, env, cwd } => {
+        Transport::Stdio {
+            command,
+            args,
+            env,
+            cwd,
+        } => {
             let mut cmd = tokio::process::Command::new(command);
             cmd.args(args);
             cmd.envs(env.iter().map(|(k, v)| (k, v.expose())));
@@ -211,7 +234,8 @@ async fn connect(
                     .map_err(|_| format!("the value of header {name} is not valid"))?;
                 custom.insert(name, value);
             }
-            let config = StreamableHttpClientTransportConfig::with_uri(url.as_str()).custom_headers(custom);
+            let config =
+                StreamableHttpClientTransportConfig::with_uri(url.as_str()).custom_headers(custom);
             let transport = StreamableHttpClientTransport::from_config(config);
             handler
                 .serve(transport)

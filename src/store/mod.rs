@@ -87,7 +87,11 @@ impl SqliteStore {
 
     /// Tokens and cost of every conversation whose key starts with `prefix`,
     /// since `since_unix` seconds.
-    pub async fn usage_since(&self, prefix: &str, since_unix: i64) -> Result<UsageTotals, StoreError> {
+    pub async fn usage_since(
+        &self,
+        prefix: &str,
+        since_unix: i64,
+    ) -> Result<UsageTotals, StoreError> {
         let pattern = format!("{}%", prefix.replace('%', "\\%").replace('_', "\\_"));
         let row: (Option<i64>, Option<i64>, Option<f64>, i64) = sqlx::query_as(
             "SELECT SUM(prompt_tokens), SUM(completion_tokens), SUM(cost), COUNT(prompt_tokens)
@@ -100,10 +104,11 @@ impl SqliteStore {
         .map_err(db)?;
         Ok(totals(row))
     }
-
 }
 
-fn totals((prompt, completion, cost, responses): (Option<i64>, Option<i64>, Option<f64>, i64)) -> UsageTotals {
+fn totals(
+    (prompt, completion, cost, responses): (Option<i64>, Option<i64>, Option<f64>, i64),
+) -> UsageTotals {
     UsageTotals {
         prompt_tokens: prompt.unwrap_or(0).max(0) as u64,
         completion_tokens: completion.unwrap_or(0).max(0) as u64,
@@ -130,11 +135,12 @@ impl MessageRow {
     fn into_message(self) -> Result<Message, StoreError> {
         let role = Role::parse(&self.role)
             .ok_or_else(|| StoreError(format!("unknown role {:?} in the database", self.role)))?;
-        let parse = |column: &str, text: Option<String>| -> Result<Option<serde_json::Value>, StoreError> {
-            text.map(|t| serde_json::from_str(&t))
-                .transpose()
-                .map_err(|e| StoreError(format!("corrupt {column} column: {e}")))
-        };
+        let parse =
+            |column: &str, text: Option<String>| -> Result<Option<serde_json::Value>, StoreError> {
+                text.map(|t| serde_json::from_str(&t))
+                    .transpose()
+                    .map_err(|e| StoreError(format!("corrupt {column} column: {e}")))
+            };
         let tool_calls: Vec<ToolCall> = match self.tool_calls {
             Some(text) => serde_json::from_str(&text)
                 .map_err(|e| StoreError(format!("corrupt tool_calls column: {e}")))?,

@@ -205,18 +205,26 @@ fn sse(chunks: Vec<Value>) -> Response {
 
 /// The checks real providers make on a history.
 fn validate(request: &Value) -> Result<(), String> {
-    let messages = request["messages"].as_array().ok_or("messages must be an array")?;
+    let messages = request["messages"]
+        .as_array()
+        .ok_or("messages must be an array")?;
     if messages.is_empty() {
         return Err("messages must not be empty".into());
     }
     let has_tools = request["tools"].as_array().is_some_and(|t| !t.is_empty());
     let mut open: Vec<String> = Vec::new();
     for (i, message) in messages.iter().enumerate() {
-        let role = message["role"].as_str().ok_or(format!("messages[{i}] has no role"))?;
+        let role = message["role"]
+            .as_str()
+            .ok_or(format!("messages[{i}] has no role"))?;
         if role == "tool" {
-            let id = message["tool_call_id"].as_str().ok_or(format!("messages[{i}]: tool message without tool_call_id"))?;
+            let id = message["tool_call_id"]
+                .as_str()
+                .ok_or(format!("messages[{i}]: tool message without tool_call_id"))?;
             let Some(position) = open.iter().position(|o| o == id) else {
-                return Err(format!("messages[{i}]: tool message answers unknown tool_call_id {id}"));
+                return Err(format!(
+                    "messages[{i}]: tool message answers unknown tool_call_id {id}"
+                ));
             };
             open.remove(position);
             if !message["content"].is_string() {
@@ -238,12 +246,16 @@ fn validate(request: &Value) -> Result<(), String> {
             }
             for call in calls {
                 if !call["function"]["arguments"].is_string() {
-                    return Err(format!("messages[{i}]: tool call arguments must be a string"));
+                    return Err(format!(
+                        "messages[{i}]: tool call arguments must be a string"
+                    ));
                 }
                 open.push(call["id"].as_str().unwrap_or_default().to_owned());
             }
         } else if role == "assistant" && message["content"].as_str().is_none_or(str::is_empty) {
-            return Err(format!("messages[{i}]: assistant message with neither content nor tool_calls"));
+            return Err(format!(
+                "messages[{i}]: assistant message with neither content nor tool_calls"
+            ));
         }
     }
     if !open.is_empty() {
@@ -251,12 +263,23 @@ fn validate(request: &Value) -> Result<(), String> {
     }
     for tool in request["tools"].as_array().into_iter().flatten() {
         let name = tool["function"]["name"].as_str().unwrap_or_default();
-        let valid = !name.is_empty() && name.len() <= 64 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        let valid = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
         if !valid {
-            return Err(format!("Invalid 'tools[].function.name': {name:?} does not match pattern"));
+            return Err(format!(
+                "Invalid 'tools[].function.name': {name:?} does not match pattern"
+            ));
         }
-        if tool["function"]["parameters"]["properties"].as_object().is_none() {
-            return Err(format!("Invalid schema for function '{name}': object schema missing properties"));
+        if tool["function"]["parameters"]["properties"]
+            .as_object()
+            .is_none()
+        {
+            return Err(format!(
+                "Invalid schema for function '{name}': object schema missing properties"
+            ));
         }
     }
     Ok(())
@@ -285,7 +308,10 @@ pub fn node_server(package: &str) -> String {
 }
 
 pub fn time_server() -> String {
-    servers_dir().join("py/bin/mcp-server-time").display().to_string()
+    servers_dir()
+        .join("py/bin/mcp-server-time")
+        .display()
+        .to_string()
 }
 
 /// A configuration pointing at `model`, a database and an MCP file in `dir`.
@@ -301,12 +327,23 @@ pub fn config(model: &FakeModel, dir: &Path, extra: &[(&str, &str)]) -> Config {
         ("MODEL_MAX_RETRIES".into(), "3".into()),
     ];
     pairs.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    Config::from_lookup(|name| pairs.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.clone())).unwrap()
+    Config::from_lookup(|name| {
+        pairs
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    })
+    .unwrap()
 }
 
 /// Writes an `mcpServers` file into `dir`.
 pub fn write_mcp(dir: &Path, servers: Value) {
-    std::fs::write(dir.join("mcp.json"), json!({"mcpServers": servers}).to_string()).unwrap();
+    std::fs::write(
+        dir.join("mcp.json"),
+        json!({"mcpServers": servers}).to_string(),
+    )
+    .unwrap();
 }
 
 /// The filesystem server, serving `root`.
