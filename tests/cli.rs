@@ -26,7 +26,12 @@ fn command(model: &FakeModel, dir: &Path) -> Command {
 
 fn chat(model: &FakeModel, dir: &Path, input: &str) -> Output {
     let mut child = command(model, dir).arg("chat").spawn().unwrap();
-    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
     child.wait_with_output().unwrap()
 }
 
@@ -45,20 +50,32 @@ async fn chat_prints_tool_lines_and_answers_and_continues_next_time() {
     std::fs::write(dir.path().join("notes.txt"), "buy milk").unwrap();
     support::write_mcp(dir.path(), json!({"fs": support::filesystem(dir.path())}));
     let list = json!({"path": dir.path()}).to_string();
-    model.script([call("c1", "fs__list_directory", &list), text("You have notes.txt.")]);
+    model.script([
+        call("c1", "fs__list_directory", &list),
+        text("You have notes.txt."),
+    ]);
 
     let dir_path = dir.path().to_owned();
     let m = model.clone();
-    let output = tokio::task::spawn_blocking(move || chat(&m, &dir_path, "what files do I have?\n")).await.unwrap();
+    let output =
+        tokio::task::spawn_blocking(move || chat(&m, &dir_path, "what files do I have?\n"))
+            .await
+            .unwrap();
     assert!(output.status.success(), "{}", stderr(&output));
     let out = stdout(&output);
-    assert!(out.contains(&format!("→ fs__list_directory {list}")), "{out}");
+    assert!(
+        out.contains(&format!("→ fs__list_directory {list}")),
+        "{out}"
+    );
     assert!(out.trim_end().ends_with("You have notes.txt."), "{out}");
 
     model.script([text("It was notes.txt.")]);
     let dir_path = dir.path().to_owned();
     let m = model.clone();
-    let output = tokio::task::spawn_blocking(move || chat(&m, &dir_path, "/model\nwhich file was it?\n")).await.unwrap();
+    let output =
+        tokio::task::spawn_blocking(move || chat(&m, &dir_path, "/model\nwhich file was it?\n"))
+            .await
+            .unwrap();
     assert!(output.status.success());
     assert!(stdout(&output).contains("(model: test/tools)"));
     let sent = &model.requests()[2]["messages"];
@@ -72,13 +89,22 @@ async fn killed_mid_turn_the_next_run_carries_on() {
     let model = FakeModel::start().await;
     let dir = tempfile::tempdir().unwrap();
     support::write_mcp(dir.path(), json!({"fs": support::filesystem(dir.path())}));
-    model.script([call("k1", "fs__list_directory", &json!({"path": dir.path()}).to_string()), Reply::Hang]);
+    model.script([
+        call(
+            "k1",
+            "fs__list_directory",
+            &json!({"path": dir.path()}).to_string(),
+        ),
+        Reply::Hang,
+    ]);
 
     let mut child: Child = command(&model, dir.path()).arg("chat").spawn().unwrap();
     let mut stdin = child.stdin.take().unwrap();
     stdin.write_all(b"list my files\n").unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let first = tokio::task::spawn_blocking(move || lines.next().unwrap().unwrap()).await.unwrap();
+    let first = tokio::task::spawn_blocking(move || lines.next().unwrap().unwrap())
+        .await
+        .unwrap();
     assert!(first.starts_with("→ fs__list_directory"), "{first}");
     let deadline = Instant::now() + Duration::from_secs(20);
     while model.requests().len() < 2 {
@@ -91,7 +117,9 @@ async fn killed_mid_turn_the_next_run_carries_on() {
     model.script([text("Still here.")]);
     let dir_path = dir.path().to_owned();
     let m = model.clone();
-    let output = tokio::task::spawn_blocking(move || chat(&m, &dir_path, "are you still there?\n")).await.unwrap();
+    let output = tokio::task::spawn_blocking(move || chat(&m, &dir_path, "are you still there?\n"))
+        .await
+        .unwrap();
     assert!(output.status.success(), "{}", stderr(&output));
     assert!(stdout(&output).contains("Still here."));
     assert!(model.rejected().is_empty(), "{:?}", model.rejected());
@@ -108,17 +136,36 @@ async fn killed_mid_turn_the_next_run_carries_on() {
 async fn configuration_mistakes_are_named() {
     let model = FakeModel::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let output = command(&model, dir.path()).env_remove("OPENROUTER_API_KEY").arg("chat").output().unwrap();
+    let output = command(&model, dir.path())
+        .env_remove("OPENROUTER_API_KEY")
+        .arg("chat")
+        .output()
+        .unwrap();
     assert_eq!(output.status.code(), Some(1));
-    assert!(stderr(&output).contains("Missing OPENROUTER_API_KEY"), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("Missing OPENROUTER_API_KEY"),
+        "{}",
+        stderr(&output)
+    );
 
-    std::fs::write(dir.path().join("mcp.json"), r#"{"mcpServers": {"fs": {"command": "npx", "scope": "everyone"}}}"#).unwrap();
+    std::fs::write(
+        dir.path().join("mcp.json"),
+        r#"{"mcpServers": {"fs": {"command": "npx", "scope": "everyone"}}}"#,
+    )
+    .unwrap();
     let output = command(&model, dir.path()).arg("chat").output().unwrap();
     assert_eq!(output.status.code(), Some(1));
     let err = stderr(&output);
-    assert!(err.contains("mcp.json") && err.contains("\"fs\"") && err.contains("\"scope\""), "{err}");
+    assert!(
+        err.contains("mcp.json") && err.contains("\"fs\"") && err.contains("\"scope\""),
+        "{err}"
+    );
 
-    let output = command(&model, dir.path()).env("MCP_CONFIG", "missing.json").arg("chat").output().unwrap();
+    let output = command(&model, dir.path())
+        .env("MCP_CONFIG", "missing.json")
+        .arg("chat")
+        .output()
+        .unwrap();
     assert_eq!(output.status.code(), Some(1));
     assert!(stderr(&output).contains("missing.json"));
     assert!(!stderr(&output).contains("sk-or-v1-test-secret"));
@@ -128,16 +175,28 @@ async fn configuration_mistakes_are_named() {
 async fn problems_go_to_stderr_and_the_chat_goes_on() {
     let model = FakeModel::start().await;
     let dir = tempfile::tempdir().unwrap();
-    model.script([Reply::Status(402, "Insufficient credits".into(), None), text("Answered.")]);
+    model.script([
+        Reply::Status(402, "Insufficient credits".into(), None),
+        text("Answered."),
+    ]);
     let m = model.clone();
     let dir_path = dir.path().to_owned();
-    let output = tokio::task::spawn_blocking(move || chat(&m, &dir_path, "first\n/model test/no-tools\nsecond\n/reset\n"))
-        .await
-        .unwrap();
+    let output = tokio::task::spawn_blocking(move || {
+        chat(
+            &m,
+            &dir_path,
+            "first\n/model test/no-tools\nsecond\n/reset\n",
+        )
+    })
+    .await
+    .unwrap();
     assert!(output.status.success());
     let err = stderr(&output);
     assert!(err.contains("out of credits"), "{err}");
     assert!(err.contains("cannot use tools"), "{err}");
     let out = stdout(&output);
-    assert!(out.contains("Answered.") && out.contains("(conversation cleared)"), "{out}");
+    assert!(
+        out.contains("Answered.") && out.contains("(conversation cleared)"),
+        "{out}"
+    );
 }

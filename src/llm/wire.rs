@@ -348,7 +348,8 @@ impl StreamAccumulator {
             content: (!self.content.is_empty()).then_some(self.content),
             tool_calls,
             reasoning: (!self.reasoning.is_empty()).then_some(self.reasoning),
-            reasoning_details: (!self.reasoning_details.is_empty()).then_some(Value::Array(self.reasoning_details)),
+            reasoning_details: (!self.reasoning_details.is_empty())
+                .then_some(Value::Array(self.reasoning_details)),
             ..Default::default()
         };
         Ok(Completion {

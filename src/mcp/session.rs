@@ -70,6 +70,8 @@ pub struct Session {
     service: Mutex<Option<RunningService<RoleClient, Handler>>>,
     tools_stale: Arc<AtomicBool>,
     tools: Mutex<Option<Arc<Vec<RemoteTool>>>>,
+    /// Set when a request found the transport gone.
+    disconnected: AtomicBool,
 }
 
 impl std::fmt::Debug for Session {
@@ -106,12 +108,13 @@ impl Session {
             service: Mutex::new(Some(service)),
             tools_stale,
             tools: Mutex::new(None),
+            disconnected: AtomicBool::new(false),
         })
     }
 
     /// Whether the connection to the server is gone.
     pub fn is_closed(&self) -> bool {
-        self.peer.is_transport_closed()
+        self.disconnected.load(Ordering::SeqCst) || self.peer.is_transport_closed()
     }
 
     /// The server's tools, listed again after `tools/list_changed`.
@@ -167,6 +170,7 @@ impl Session {
                         ServiceError::TransportClosed | ServiceError::TransportSend(_)
                     ) =>
             {
+                self.disconnected.store(true, Ordering::SeqCst);
                 Err(CallError::Disconnected(error.to_string()))
             }
             Err(ServiceError::McpError(error)) => {
