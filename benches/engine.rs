@@ -1,1 +1,177 @@
-fn main() {}
+//! The engine's own cost per turn: a model that answers instantly, a tool
+//! that returns at once, SQLite writes included (a real file, WAL).
+//!
+//! Run with `cargo bench --bench engine`. Prints the mean and median time
+//! per turn at history lengths of 2 and 50 turns, and resident memory with
+//! many conversations open.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use mcpcord::conversation::{
+    ChatModel, ChatRequest, Completion, Engine, EngineSettings, FinishReason, Message, ModelError,
+    ModelInfo, ModelLookup, Role, TextSink, ToolCall, ToolHost, ToolList, ToolOutcome, ToolSpec,
+    Usage,
+};
+use mcpcord::store::SqliteStore;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+/// Conversations measured at each history length.
+const CONVERSATIONS: usize = 100;
+/// Conversations opened for the memory reading.
+const OPEN_CONVERSATIONS: usize = 1000;
+
+/// Asks for one tool call after a user message, answers after a result.
+struct InstantModel;
+
+#[async_trait]
+impl ChatModel for InstantModel {
+    async fn complete(&self, request: ChatRequest<'_>, text: &dyn TextSink) -> Result<Completion, ModelError> {
+        let last = request.messages.last().map(Message::role);
+        let usage = Usage {
+            prompt_tokens: 100,
+            completion_tokens: 10,
+            cost: 0.0001,
+        };
+        let message = if last == Some(Role::User) {
+            Message {
+                role: Some(Role::Assistant),
+                tool_calls: vec![ToolCall {
+                    id: format!("call_{}", request.messages.len()),
+                    name: "calc__add".into(),
+                    arguments: r#"{"a":1,"b":2}"#.into(),
+                }],
+                ..Default::default()
+            }
+        } else {
+            text.push("The sum is 3.");
+            Message::assistant("The sum is 3.")
+        };
+        Ok(Completion {
+            message,
+            finish_reason: FinishReason::Stop,
+            usage,
+        })
+    }
+
+    async fn model_info(&self, model: &str) -> ModelLookup {
+        ModelLookup::Known(ModelInfo {
+            id: model.to_owned(),
+            context_length: 1_000_000,
+            supports_tools: true,
+            supports_images: false,
+        })
+    }
+}
+
+/// One tool that adds two numbers.
+struct Calculator;
+
+#[async_trait]
+impl ToolHost for Calculator {
+    async fn tools(&self, _conversation: &str) -> ToolList {
+        ToolList {
+            specs: vec![ToolSpec {
+                name: "calc__add".into(),
+                description: "Adds two numbers".into(),
+                parameters: json!({"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}}),
+            }],
+            problems: Vec::new(),
+        }
+    }
+
+    async fn call(&self, _conversation: &str, _name: &str, arguments: Value) -> ToolOutcome {
+        let sum = arguments["a"].as_f64().unwrap_or(0.0) + arguments["b"].as_f64().unwrap_or(0.0);
+        ToolOutcome {
+            content: sum.to_string(),
+            is_error: false,
+            full_output: None,
+        }
+    }
+
+    async fn close_conversation(&self, _conversation: &str) {}
+}
+
+async fn one_turn(engine: &Engine, conversation: &str) -> Duration {
+    let (events, mut received) = mpsc::unbounded_channel();
+    let started = Instant::now();
+    engine
+        .run_turn(conversation, Message::user("What is 1 + 2?"), &events)
+        .await
+        .expect("turn failed");
+    let elapsed = started.elapsed();
+    drop(events);
+    while received.recv().await.is_some() {}
+    elapsed
+}
+
+fn memory_kib(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn report(label: &str, mut samples: Vec<Duration>) -> f64 {
+    samples.sort();
+    let mean = samples.iter().sum::<Duration>().as_secs_f64() / samples.len() as f64;
+    let median = samples[samples.len() / 2].as_secs_f64();
+    let p95 = samples[samples.len() * 95 / 100].as_secs_f64();
+    println!(
+        "{label}: mean {:.3} ms, median {:.3} ms, p95 {:.3} ms per turn ({} turns; 2 model calls, 1 tool call, 3 SQLite commits each)",
+        mean * 1e3,
+        median * 1e3,
+        p95 * 1e3,
+        samples.len()
+    );
+    median
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!("sqlite://{}", dir.path().join("bench.db").display());
+    let store = SqliteStore::open(&url).await.expect("database");
+    let engine = Engine::new(
+        Arc::new(InstantModel),
+        Arc::new(Calculator),
+        Arc::new(store.clone()),
+        EngineSettings {
+            default_model: "bench/model".into(),
+            system_prompt: Some("You are a calculator.".into()),
+            max_tool_rounds: 10,
+            fallback_context_tokens: 1_000_000,
+        },
+    );
+
+    let mut medians = Vec::new();
+    for length in [2usize, 50] {
+        let mut samples = Vec::with_capacity(CONVERSATIONS);
+        for c in 0..CONVERSATIONS {
+            let key = format!("bench:{length}:{c}");
+            for _ in 1..length {
+                one_turn(&engine, &key).await;
+            }
+            samples.push(one_turn(&engine, &key).await);
+        }
+        medians.push(report(&format!("turn {length}"), samples));
+    }
+    println!("turn 50 / turn 2 (medians): {:.2}", medians[1] / medians[0]);
+
+    for c in 0..OPEN_CONVERSATIONS {
+        one_turn(&engine, &format!("open:{c}")).await;
+    }
+    println!(
+        "memory after {} conversations ({} turns): resident {:.1} MiB, peak {:.1} MiB",
+        OPEN_CONVERSATIONS + 2 * CONVERSATIONS,
+        OPEN_CONVERSATIONS + CONVERSATIONS * 52,
+        memory_kib("VmRSS:") as f64 / 1024.0,
+        memory_kib("VmHWM:") as f64 / 1024.0
+    );
+    store.close().await;
+}
