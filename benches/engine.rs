@@ -28,7 +28,11 @@ struct InstantModel;
 
 #[async_trait]
 impl ChatModel for InstantModel {
-    async fn complete(&self, request: ChatRequest<'_>, text: &dyn TextSink) -> Result<Completion, ModelError> {
+    async fn complete(
+        &self,
+        request: ChatRequest<'_>,
+        text: &dyn TextSink,
+    ) -> Result<Completion, ModelError> {
         let last = request.messages.last().map(Message::role);
         let usage = Usage {
             prompt_tokens: 100,
