@@ -5,7 +5,6 @@ mod support;
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
 
 use serde_json::json;
 use support::{FakeModel, Reply, call, text};
@@ -24,15 +23,19 @@ fn command(model: &FakeModel, dir: &Path) -> Command {
     cmd
 }
 
-fn chat(model: &FakeModel, dir: &Path, input: &str) -> Output {
-    let mut child = command(model, dir).arg("chat").spawn().unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
+/// Runs `mcpcord chat` with `input` on stdin, off the async runtime.
+async fn chat(model: &FakeModel, dir: &Path, input: &str) -> Output {
+    let mut cmd = command(model, dir);
+    let input = input.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let mut child = cmd.arg("chat").spawn().unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(input.as_bytes()).unwrap();
+        drop(stdin);
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap()
 }
 
 fn stdout(output: &Output) -> String {
@@ -55,12 +58,7 @@ async fn chat_prints_tool_lines_and_answers_and_continues_next_time() {
         text("You have notes.txt."),
     ]);
 
-    let dir_path = dir.path().to_owned();
-    let m = model.clone();
-    let output =
-        tokio::task::spawn_blocking(move || chat(&m, &dir_path, "what files do I have?\n"))
-            .await
-            .unwrap();
+    let output = chat(&model, dir.path(), "what files do I have?\n").await;
     assert!(output.status.success(), "{}", stderr(&output));
     let out = stdout(&output);
     assert!(
@@ -70,12 +68,7 @@ async fn chat_prints_tool_lines_and_answers_and_continues_next_time() {
     assert!(out.trim_end().ends_with("You have notes.txt."), "{out}");
 
     model.script([text("It was notes.txt.")]);
-    let dir_path = dir.path().to_owned();
-    let m = model.clone();
-    let output =
-        tokio::task::spawn_blocking(move || chat(&m, &dir_path, "/model\nwhich file was it?\n"))
-            .await
-            .unwrap();
+    let output = chat(&model, dir.path(), "/model\nwhich file was it?\n").await;
     assert!(output.status.success());
     assert!(stdout(&output).contains("(model: test/tools)"));
     let sent = &model.requests()[2]["messages"];
@@ -106,20 +99,12 @@ async fn killed_mid_turn_the_next_run_carries_on() {
         .await
         .unwrap();
     assert!(first.starts_with("→ fs__list_directory"), "{first}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while model.requests().len() < 2 {
-        assert!(Instant::now() < deadline, "the tool round never finished");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    model.wait_for_requests(2).await;
     child.kill().unwrap();
     child.wait().unwrap();
 
     model.script([text("Still here.")]);
-    let dir_path = dir.path().to_owned();
-    let m = model.clone();
-    let output = tokio::task::spawn_blocking(move || chat(&m, &dir_path, "are you still there?\n"))
-        .await
-        .unwrap();
+    let output = chat(&model, dir.path(), "are you still there?\n").await;
     assert!(output.status.success(), "{}", stderr(&output));
     assert!(stdout(&output).contains("Still here."));
     assert!(model.rejected().is_empty(), "{:?}", model.rejected());
@@ -179,17 +164,12 @@ async fn problems_go_to_stderr_and_the_chat_goes_on() {
         Reply::Status(402, "Insufficient credits".into(), None),
         text("Answered."),
     ]);
-    let m = model.clone();
-    let dir_path = dir.path().to_owned();
-    let output = tokio::task::spawn_blocking(move || {
-        chat(
-            &m,
-            &dir_path,
-            "first\n/model test/no-tools\nsecond\n/reset\n",
-        )
-    })
-    .await
-    .unwrap();
+    let output = chat(
+        &model,
+        dir.path(),
+        "first\n/model test/no-tools\nsecond\n/reset\n",
+    )
+    .await;
     assert!(output.status.success());
     let err = stderr(&output);
     assert!(err.contains("out of credits"), "{err}");

@@ -3,6 +3,7 @@
 
 mod support;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mcpcord::app::App;
@@ -11,6 +12,7 @@ use serde_json::{Value, json};
 use support::{FakeModel, Reply, call, text};
 use tempfile::TempDir;
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
 struct Setup {
     dir: TempDir,
@@ -45,6 +47,34 @@ async fn turn(
         events.push(event);
     }
     (result, events)
+}
+
+/// Starts a turn in its own task, so a test can abort it.
+fn spawn_turn(
+    app: &Arc<App>,
+    key: &'static str,
+    message: &'static str,
+) -> (
+    JoinHandle<Result<TurnOutcome, TurnError>>,
+    mpsc::UnboundedReceiver<TurnEvent>,
+) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let app = app.clone();
+    let running =
+        tokio::spawn(async move { app.engine.run_turn(key, Message::user(message), &tx).await });
+    (running, rx)
+}
+
+async fn wait_for_event(
+    rx: &mut mpsc::UnboundedReceiver<TurnEvent>,
+    wanted: impl Fn(&TurnEvent) -> bool,
+) {
+    while let Some(event) = rx.recv().await {
+        if wanted(&event) {
+            return;
+        }
+    }
+    panic!("the turn ended without the expected event");
 }
 
 fn answer(events: &[TurnEvent]) -> Option<&str> {
@@ -368,21 +398,9 @@ async fn a_turn_aborted_during_a_tool_call_leaves_a_valid_history() {
         "everything__trigger-long-running-operation",
         r#"{"duration": 30, "steps": 3}"#,
     )]);
-    let app = std::sync::Arc::new(app(&s, &[]).await);
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let running = {
-        let app = app.clone();
-        tokio::spawn(async move {
-            app.engine
-                .run_turn("terminal:t", Message::user("take your time"), &tx)
-                .await
-        })
-    };
-    while let Some(event) = rx.recv().await {
-        if matches!(event, TurnEvent::ToolStarted { .. }) {
-            break;
-        }
-    }
+    let app = Arc::new(app(&s, &[]).await);
+    let (running, mut rx) = spawn_turn(&app, "terminal:t", "take your time");
+    wait_for_event(&mut rx, |e| matches!(e, TurnEvent::ToolStarted { .. })).await;
     running.abort();
     assert!(running.await.unwrap_err().is_cancelled());
 
@@ -397,7 +415,7 @@ async fn a_turn_aborted_during_a_tool_call_leaves_a_valid_history() {
         .map(|m| m["content"].as_str().unwrap())
         .collect();
     assert_eq!(users, ["take your time", "are you there?"]);
-    std::sync::Arc::into_inner(app).unwrap().shutdown().await;
+    Arc::into_inner(app).unwrap().shutdown().await;
 }
 
 #[tokio::test]
@@ -412,28 +430,11 @@ async fn a_turn_aborted_while_the_model_thinks_keeps_the_finished_tool_round() {
         ),
         Reply::Hang,
     ]);
-    let app = std::sync::Arc::new(app(&s, &[]).await);
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let running = {
-        let app = app.clone();
-        tokio::spawn(async move {
-            app.engine
-                .run_turn("terminal:t", Message::user("list"), &tx)
-                .await
-        })
-    };
-    while let Some(event) = rx.recv().await {
-        if matches!(event, TurnEvent::ToolFinished { .. }) {
-            break;
-        }
-    }
+    let app = Arc::new(app(&s, &[]).await);
+    let (running, mut rx) = spawn_turn(&app, "terminal:t", "list");
+    wait_for_event(&mut rx, |e| matches!(e, TurnEvent::ToolFinished { .. })).await;
     // The round is stored before the model is asked again.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while s.model.requests().len() < 2 {
-        assert!(Instant::now() < deadline, "the second request never came");
-        tokio::task::yield_now().await;
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    s.model.wait_for_requests(2).await;
     running.abort();
     let _ = running.await;
 
@@ -446,7 +447,7 @@ async fn a_turn_aborted_while_the_model_thinks_keeps_the_finished_tool_round() {
         .map(|m| m["role"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(roles, ["user", "assistant", "tool", "user"]);
-    std::sync::Arc::into_inner(app).unwrap().shutdown().await;
+    Arc::into_inner(app).unwrap().shutdown().await;
 }
 
 #[tokio::test]

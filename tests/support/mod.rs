@@ -94,6 +94,18 @@ impl FakeModel {
         self.state.lock().unwrap().rejected.clone()
     }
 
+    /// Waits (up to 20 s) until `count` chat requests have arrived.
+    pub async fn wait_for_requests(&self, count: usize) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while self.requests().len() < count {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "request {count} never came"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
     pub fn remaining(&self) -> usize {
         self.state.lock().unwrap().script.len()
     }
