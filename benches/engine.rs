@@ -1,5 +1,6 @@
 //! The engine's own cost per turn: a model that answers instantly, a tool
-//! that returns at once, SQLite writes included (a real file, WAL).
+//! that returns at once, SQLite writes included (a real file, WAL), and the
+//! same engine over an in-memory store to show what is the database.
 //!
 //! Run with `cargo bench --bench engine`. Prints the mean and median time
 //! per turn at history lengths of 2 and 50 turns, and resident memory with
@@ -11,8 +12,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use mcpcord::conversation::{
     ChatModel, ChatRequest, Completion, Engine, EngineSettings, FinishReason, Message, ModelError,
-    ModelInfo, ModelLookup, Role, TextSink, ToolCall, ToolHost, ToolList, ToolOutcome, ToolSpec,
-    Usage,
+    ModelInfo, ModelLookup, Role, Store, StoreError, TextSink, ToolCall, ToolHost, ToolList,
+    ToolOutcome, ToolSpec, Usage,
 };
 use mcpcord::store::SqliteStore;
 use serde_json::{Value, json};
@@ -20,6 +21,8 @@ use tokio::sync::mpsc;
 
 /// Conversations measured at each history length.
 const CONVERSATIONS: usize = 100;
+/// Commits timed on their own.
+const COMMITS: usize = 2000;
 /// Conversations opened for the memory reading.
 const OPEN_CONVERSATIONS: usize = 1000;
 
@@ -98,6 +101,73 @@ impl ToolHost for Calculator {
     async fn close_conversation(&self, _conversation: &str) {}
 }
 
+/// Keeps messages in memory: the engine's cost without any database.
+#[derive(Default)]
+struct MemoryStore {
+    messages: std::sync::Mutex<std::collections::HashMap<String, Vec<Message>>>,
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn model(&self, _conversation: &str) -> Result<Option<String>, StoreError> {
+        Ok(None)
+    }
+
+    async fn set_model(&self, _conversation: &str, _model: Option<&str>) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn history(&self, conversation: &str) -> Result<Vec<Message>, StoreError> {
+        Ok(self
+            .messages
+            .lock()
+            .unwrap()
+            .get(conversation)
+            .cloned()
+            .unwrap_or_default())
+    }
+
+    async fn append(&self, conversation: &str, messages: &[Message]) -> Result<(), StoreError> {
+        let mut all = self.messages.lock().unwrap();
+        all.entry(conversation.to_owned())
+            .or_default()
+            .extend_from_slice(messages);
+        Ok(())
+    }
+
+    async fn reset(&self, conversation: &str) -> Result<(), StoreError> {
+        self.messages.lock().unwrap().remove(conversation);
+        Ok(())
+    }
+}
+
+fn engine(store: Arc<dyn Store>) -> Engine {
+    Engine::new(
+        Arc::new(InstantModel),
+        Arc::new(Calculator),
+        store,
+        EngineSettings {
+            default_model: "bench/model".into(),
+            system_prompt: Some("You are a calculator.".into()),
+            max_tool_rounds: 10,
+            fallback_context_tokens: 1_000_000,
+        },
+    )
+}
+
+/// Median time of the last turn of conversations `length` turns long.
+async fn measure(engine: &Engine, label: &str, length: usize) -> f64 {
+    let mut samples = Vec::with_capacity(CONVERSATIONS);
+    for c in 0..CONVERSATIONS {
+        let key = format!("{label}:{length}:{c}");
+        for _ in 1..length {
+            one_turn(engine, &key).await;
+        }
+        samples.push(one_turn(engine, &key).await);
+    }
+    report(&format!("{label}, turn {length}"), samples)
+}
+
 async fn one_turn(engine: &Engine, conversation: &str) -> Duration {
     let (events, mut received) = mpsc::unbounded_channel();
     let started = Instant::now();
@@ -127,7 +197,7 @@ fn report(label: &str, mut samples: Vec<Duration>) -> f64 {
     let median = samples[samples.len() / 2].as_secs_f64();
     let p95 = samples[samples.len() * 95 / 100].as_secs_f64();
     println!(
-        "{label}: mean {:.3} ms, median {:.3} ms, p95 {:.3} ms per turn ({} turns; 2 model calls, 1 tool call, 3 SQLite commits each)",
+        "{label}: mean {:.3} ms, median {:.3} ms, p95 {:.3} ms per turn ({} turns)",
         mean * 1e3,
         median * 1e3,
         p95 * 1e3,
@@ -141,34 +211,33 @@ async fn main() {
     let dir = tempfile::tempdir().expect("temp dir");
     let url = format!("sqlite://{}", dir.path().join("bench.db").display());
     let store = SqliteStore::open(&url).await.expect("database");
-    let engine = Engine::new(
-        Arc::new(InstantModel),
-        Arc::new(Calculator),
-        Arc::new(store.clone()),
-        EngineSettings {
-            default_model: "bench/model".into(),
-            system_prompt: Some("You are a calculator.".into()),
-            max_tool_rounds: 10,
-            fallback_context_tokens: 1_000_000,
-        },
+    let sqlite = engine(Arc::new(store.clone()));
+    let memory = engine(Arc::new(MemoryStore::default()));
+
+    println!("Each turn: 2 model calls, 1 tool call; with SQLite, 3 commits.");
+    let short = measure(&sqlite, "SQLite", 2).await;
+    let long = measure(&sqlite, "SQLite", 50).await;
+    println!("SQLite, turn 50 / turn 2 (medians): {:.2}", long / short);
+    let short = measure(&memory, "in memory", 2).await;
+    let long = measure(&memory, "in memory", 50).await;
+    println!("in memory, turn 50 / turn 2 (medians): {:.2}", long / short);
+
+    // The share of a turn that is SQLite: one commit of one message.
+    let message = [Message::user("What is 1 + 2?")];
+    let started = Instant::now();
+    for _ in 0..COMMITS {
+        store
+            .append("bench:commits", &message)
+            .await
+            .expect("append");
+    }
+    println!(
+        "one SQLite commit (append of one message): {:.1} us",
+        started.elapsed().as_secs_f64() * 1e6 / COMMITS as f64
     );
 
-    let mut medians = Vec::new();
-    for length in [2usize, 50] {
-        let mut samples = Vec::with_capacity(CONVERSATIONS);
-        for c in 0..CONVERSATIONS {
-            let key = format!("bench:{length}:{c}");
-            for _ in 1..length {
-                one_turn(&engine, &key).await;
-            }
-            samples.push(one_turn(&engine, &key).await);
-        }
-        medians.push(report(&format!("turn {length}"), samples));
-    }
-    println!("turn 50 / turn 2 (medians): {:.2}", medians[1] / medians[0]);
-
     for c in 0..OPEN_CONVERSATIONS {
-        one_turn(&engine, &format!("open:{c}")).await;
+        one_turn(&sqlite, &format!("open:{c}")).await;
     }
     println!(
         "memory after {} conversations ({} turns): resident {:.1} MiB, peak {:.1} MiB",

@@ -2,8 +2,7 @@
 CREATE TABLE conversations (
     key        TEXT PRIMARY KEY NOT NULL,
     model      TEXT,
-    created_at INTEGER NOT NULL,
-    updated_at INTEGER NOT NULL
+    created_at INTEGER NOT NULL
 );
 
 -- Messages in order (by id). JSON columns hold lists and provider fields as sent.

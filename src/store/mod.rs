@@ -1,11 +1,13 @@
 //! SQLite persistence (sqlx). The only place with SQL.
 
+use std::collections::HashSet;
 use std::str::FromStr;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{FromRow, SqlitePool};
+use sqlx::{FromRow, QueryBuilder, Sqlite, SqlitePool};
 
 use crate::conversation::{Message, Role, Store, StoreError, ToolCall, Usage};
 
@@ -18,6 +20,8 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// Conversations known to have a row, so appends skip the upsert.
+    known: Arc<Mutex<HashSet<String>>>,
 }
 
 /// Tokens and cost summed over some messages.
@@ -57,6 +61,8 @@ impl SqliteStore {
             .busy_timeout(BUSY_TIMEOUT);
         let pool = SqlitePoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
+            // A local file: no connection goes stale, so skip the ping before each use.
+            .test_before_acquire(false)
             .connect_with(options)
             .await
             .map_err(|e| StoreError(format!("cannot open the database {url:?}: {e}")))?;
@@ -64,7 +70,17 @@ impl SqliteStore {
             .run(&pool)
             .await
             .map_err(|e| StoreError(format!("cannot migrate the database {url:?}: {e}")))?;
-        Ok(SqliteStore { pool })
+        Ok(SqliteStore {
+            pool,
+            known: Arc::default(),
+        })
+    }
+
+    fn remember(&self, conversation: &str) {
+        self.known
+            .lock()
+            .expect("known poisoned")
+            .insert(conversation.to_owned());
     }
 
     /// Closes the pool, waiting for connections to finish.
@@ -184,8 +200,8 @@ impl Store for SqliteStore {
 
     async fn set_model(&self, conversation: &str, model: Option<&str>) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO conversations (key, model, created_at, updated_at) VALUES (?1, ?2, ?3, ?3)
-             ON CONFLICT (key) DO UPDATE SET model = excluded.model, updated_at = excluded.updated_at",
+            "INSERT INTO conversations (key, model, created_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (key) DO UPDATE SET model = excluded.model",
         )
         .bind(conversation)
         .bind(model)
@@ -193,6 +209,7 @@ impl Store for SqliteStore {
         .execute(&self.pool)
         .await
         .map_err(db)?;
+        self.remember(conversation);
         Ok(())
     }
 
@@ -210,42 +227,58 @@ impl Store for SqliteStore {
     }
 
     async fn append(&self, conversation: &str, messages: &[Message]) -> Result<(), StoreError> {
+        if messages.is_empty() {
+            return Ok(());
+        }
         let now = now();
-        let mut tx = self.pool.begin().await.map_err(db)?;
-        sqlx::query(
-            "INSERT INTO conversations (key, created_at, updated_at) VALUES (?1, ?2, ?2)
-             ON CONFLICT (key) DO UPDATE SET updated_at = excluded.updated_at",
-        )
-        .bind(conversation)
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?;
-        for message in messages {
-            let usage = message.usage;
+        let mut connection = self.pool.acquire().await.map_err(db)?;
+        if !self
+            .known
+            .lock()
+            .expect("known poisoned")
+            .contains(conversation)
+        {
             sqlx::query(
-                "INSERT INTO messages (conversation, role, content, images, tool_calls, tool_call_id,
-                    reasoning, reasoning_details, model, prompt_tokens, completion_tokens, cost, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                "INSERT INTO conversations (key, created_at) VALUES (?1, ?2) ON CONFLICT (key) DO NOTHING",
             )
             .bind(conversation)
-            .bind(message.role().as_str())
-            .bind(message.content.as_deref())
-            .bind((!message.images.is_empty()).then(|| to_json(&message.images)).flatten())
-            .bind((!message.tool_calls.is_empty()).then(|| to_json(&message.tool_calls)).flatten())
-            .bind(message.tool_call_id.as_deref())
-            .bind(message.reasoning.as_deref())
-            .bind(message.reasoning_details.as_ref().and_then(to_json))
-            .bind(message.model.as_deref())
-            .bind(usage.map(|u| u.prompt_tokens as i64))
-            .bind(usage.map(|u| u.completion_tokens as i64))
-            .bind(usage.map(|u| u.cost))
             .bind(now)
-            .execute(&mut *tx)
+            .execute(&mut *connection)
             .await
             .map_err(db)?;
+            self.remember(conversation);
         }
-        tx.commit().await.map_err(db)
+        // One statement, so SQLite writes all the rows or none.
+        let mut insert = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO messages (conversation, role, content, images, tool_calls, tool_call_id,
+                reasoning, reasoning_details, model, prompt_tokens, completion_tokens, cost, created_at) ",
+        );
+        insert.push_values(messages, |mut row, message| {
+            let usage = message.usage;
+            row.push_bind(conversation)
+                .push_bind(message.role().as_str())
+                .push_bind(message.content.as_deref())
+                .push_bind(
+                    (!message.images.is_empty())
+                        .then(|| to_json(&message.images))
+                        .flatten(),
+                )
+                .push_bind(
+                    (!message.tool_calls.is_empty())
+                        .then(|| to_json(&message.tool_calls))
+                        .flatten(),
+                )
+                .push_bind(message.tool_call_id.as_deref())
+                .push_bind(message.reasoning.as_deref())
+                .push_bind(message.reasoning_details.as_ref().and_then(to_json))
+                .push_bind(message.model.as_deref())
+                .push_bind(usage.map(|u| u.prompt_tokens as i64))
+                .push_bind(usage.map(|u| u.completion_tokens as i64))
+                .push_bind(usage.map(|u| u.cost))
+                .push_bind(now);
+        });
+        insert.build().execute(&mut *connection).await.map_err(db)?;
+        Ok(())
     }
 
     async fn reset(&self, conversation: &str) -> Result<(), StoreError> {
