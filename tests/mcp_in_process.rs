@@ -1,0 +1,259 @@
+//! The MCP host against an rmcp server running in this process (Streamable
+//! HTTP on loopback): tool list changes, strict schemas, parallel calls.
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mcpcord::config::Limits;
+use mcpcord::conversation::ToolHost;
+use mcpcord::mcp::{McpHost, config};
+use rmcp::model::{
+    CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, ListToolsResult,
+    PaginatedRequestParams, ServerCapabilities, ServerConfig, Tool, ToolAnnotations,
+};
+use rmcp::service::RequestContext;
+use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
+use rmcp::{ErrorData as McpError, RoleServer, ServerHandler};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+/// A small server: `add`; `meet`, which answers "met" only once three calls
+/// are inside it at the same time; and `unlock`, which adds a `secret` tool
+/// and announces `tools/list_changed`.
+#[derive(Clone)]
+struct Toolbox {
+    unlocked: Arc<Mutex<bool>>,
+    meeting: Arc<tokio::sync::Barrier>,
+}
+
+fn object(schema: Value) -> Arc<serde_json::Map<String, Value>> {
+    Arc::new(schema.as_object().unwrap().clone())
+}
+
+impl Toolbox {
+    fn tools(&self) -> Vec<Tool> {
+        let mut tools = vec![
+            Tool::new(
+                "add",
+                "Adds two numbers",
+                object(json!({
+                    "$schema": "https://json-schema.org/draft/2020-12/schema",
+                    "type": "object",
+                    "properties": {"a": {"type": "number"}, "b": {"type": ["number", "null"]}},
+                    "required": ["a", "b", "c"]
+                })),
+            ),
+            Tool::new(
+                "meet",
+                "Waits for two other callers",
+                object(json!({"type": "object"})),
+            ),
+            Tool::new(
+                "unlock",
+                "Reveals another tool",
+                object(json!({"type": "object"})),
+            )
+            .annotate(ToolAnnotations::new().read_only(true)),
+        ];
+        if *self.unlocked.lock().unwrap() {
+            tools.push(Tool::new(
+                "secret",
+                "The hidden tool",
+                object(json!({"type": "object"})),
+            ));
+        }
+        tools
+    }
+}
+
+impl ServerHandler for Toolbox {
+    fn get_info(&self) -> ServerConfig {
+        ServerConfig::new(
+            ServerCapabilities::builder()
+                .enable_tools()
+                .enable_tool_list_changed()
+                .build(),
+        )
+    }
+
+    async fn list_tools(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListToolsResult, McpError> {
+        Ok(ListToolsResult::with_all_items(self.tools()))
+    }
+
+    async fn call_tool(
+        &self,
+        request: CallToolRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, McpError> {
+        let args = request.arguments.unwrap_or_default();
+        let text = match request.name.as_ref() {
+            "add" => {
+                let sum = args.get("a").and_then(Value::as_f64).unwrap_or(0.0)
+                    + args.get("b").and_then(Value::as_f64).unwrap_or(0.0);
+                sum.to_string()
+            }
+            "meet" => {
+                let met = tokio::time::timeout(Duration::from_secs(5), self.meeting.wait()).await;
+                if met.is_ok() { "met" } else { "alone" }.to_owned()
+            }
+            "unlock" => {
+                *self.unlocked.lock().unwrap() = true;
+                let _ = context.peer.notify_tool_list_changed().await;
+                "unlocked".to_owned()
+            }
+            "secret" => "the secret is 42".to_owned(),
+            other => {
+                return Err(McpError::invalid_params(
+                    format!("Unknown tool: {other}"),
+                    None,
+                ));
+            }
+        };
+        Ok(CallToolResult::success(vec![ContentBlock::text(text)]).into())
+    }
+}
+
+async fn serve(stop: &CancellationToken) -> String {
+    let toolbox = Toolbox {
+        unlocked: Arc::default(),
+        meeting: Arc::new(tokio::sync::Barrier::new(3)),
+    };
+    let service = StreamableHttpService::new(
+        move || Ok(toolbox.clone()),
+        Arc::new(LocalSessionManager::default()),
+        StreamableHttpServerConfig::default().with_cancellation_token(stop.child_token()),
+    );
+    let router = axum::Router::new().nest_service("/mcp", service);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!(
+        "http://127.0.0.1:{}/mcp",
+        listener.local_addr().unwrap().port()
+    );
+    let stop = stop.clone();
+    tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await
+            .unwrap();
+    });
+    url
+}
+
+fn host(url: &str) -> McpHost {
+    mcpcord::app::install_crypto();
+    let text = json!({"mcpServers": {"box": {"url": url}}}).to_string();
+    McpHost::new(
+        config::parse(&text, "mcp.json", &|_| None).unwrap(),
+        Limits::default(),
+    )
+}
+
+#[tokio::test]
+async fn list_changed_notifications_refresh_the_tools() {
+    let stop = CancellationToken::new();
+    let host = host(&serve(&stop).await);
+    let names = |specs: &[mcpcord::conversation::ToolSpec]| -> Vec<String> {
+        specs.iter().map(|t| t.name.clone()).collect()
+    };
+    let before = host.tools("a").await;
+    assert!(before.problems.is_empty(), "{:?}", before.problems);
+    assert_eq!(
+        names(&before.specs),
+        ["box__add", "box__meet", "box__unlock"]
+    );
+
+    let unlocked = host.call("a", "box__unlock", json!({})).await;
+    assert_eq!(unlocked.content, "unlocked");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = host.tools("a").await;
+        if names(&now.specs).contains(&"box__secret".to_owned()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the list change never showed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let secret = host.call("a", "box__secret", json!({})).await;
+    assert_eq!(secret.content, "the secret is 42");
+    host.shutdown().await;
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn schemas_are_normalised_and_calls_run_in_parallel() {
+    let stop = CancellationToken::new();
+    let host = std::sync::Arc::new(host(&serve(&stop).await));
+    let tools = host.tools("a").await;
+    let add = tools.specs.iter().find(|t| t.name == "box__add").unwrap();
+    assert_eq!(
+        add.parameters,
+        json!({"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}, "required": ["a", "b"]})
+    );
+    let meet = tools.specs.iter().find(|t| t.name == "box__meet").unwrap();
+    assert_eq!(meet.parameters, json!({"type": "object", "properties": {}}));
+
+    assert_eq!(
+        host.call("a", "box__add", json!({"a": 2, "b": 3}))
+            .await
+            .content,
+        "5"
+    );
+    // Three calls on one session are inside the server at once.
+    let calls = (0..3).map(|_| {
+        let host = host.clone();
+        tokio::spawn(async move { host.call("a", "box__meet", json!({})).await })
+    });
+    for call in futures::future::join_all(calls).await {
+        assert_eq!(call.unwrap().content, "met", "calls ran one at a time");
+    }
+    std::sync::Arc::into_inner(host).unwrap().shutdown().await;
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn the_engine_runs_all_calls_of_a_reply_at_once() {
+    let stop = CancellationToken::new();
+    let url = serve(&stop).await;
+    let dir = tempfile::tempdir().unwrap();
+    support::write_mcp(dir.path(), json!({"box": {"url": url}}));
+    let model = support::FakeModel::start().await;
+    let calls = (0..3)
+        .map(|i| (format!("m{i}"), "box__meet".to_owned(), "{}".to_owned()))
+        .collect();
+    model.script([support::Reply::Calls(calls), support::text("All met.")]);
+    let app = mcpcord::app::App::build(&support::config(&model, dir.path(), &[]))
+        .await
+        .unwrap();
+    let (events, _received) = tokio::sync::mpsc::unbounded_channel();
+    let outcome = app
+        .engine
+        .run_turn(
+            "terminal:t",
+            mcpcord::conversation::Message::user("meet"),
+            &events,
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcome.tool_calls, 3);
+    let results: Vec<Value> = model.requests()[1]["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["role"] == "tool")
+        .map(|m| m["content"].clone())
+        .collect();
+    assert_eq!(
+        results,
+        ["met", "met", "met"],
+        "the calls did not run concurrently"
+    );
+    app.shutdown().await;
+    stop.cancel();
+}
