@@ -95,6 +95,7 @@ impl ToolHost for Calculator {
             content: sum.to_string(),
             is_error: false,
             full_output: None,
+            images: Vec::new(),
         }
     }
 

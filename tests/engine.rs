@@ -583,3 +583,41 @@ async fn reset_clears_the_history() {
     assert_eq!(messages(&s.model.requests()[1]).len(), 1);
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn images_from_tools_reach_models_that_read_images() {
+    let s = setup(json!({"everything": support::everything()})).await;
+    let app = app(&s, &[]).await;
+    s.model.script([
+        call("i1", "everything__get-tiny-image", "{}"),
+        text("A tiny image."),
+    ]);
+    turn(&app, "terminal:vision", "show me").await.0.unwrap();
+    let sent = messages(&s.model.requests()[1]);
+    let last = sent.last().unwrap();
+    assert_eq!(last["role"], "user");
+    let parts = last["content"].as_array().expect("content parts");
+    assert!(
+        parts[1]["image_url"]["url"]
+            .as_str()
+            .unwrap()
+            .starts_with("data:image/png;base64,"),
+        "{last}"
+    );
+    assert!(tool_contents(&s.model.requests()[1])[0].contains("image/png"));
+
+    // A text-only model gets the description alone.
+    app.engine
+        .set_model("terminal:text", Some("test/small"))
+        .await
+        .unwrap();
+    s.model.script([
+        call("i2", "everything__get-tiny-image", "{}"),
+        text("Noted."),
+    ]);
+    turn(&app, "terminal:text", "show me").await.0.unwrap();
+    let sent = messages(&s.model.requests()[3]);
+    assert_eq!(sent.last().unwrap()["role"], "tool");
+    assert!(s.model.rejected().is_empty());
+    app.shutdown().await;
+}

@@ -22,6 +22,9 @@ const MAX_CACHED_CONVERSATIONS: usize = 64;
 /// Tokens kept free in the context window for the model's answer.
 const ANSWER_RESERVE_TOKENS: u64 = 4_096;
 
+/// The text of the message that carries images returned by tools.
+const TOOL_IMAGES_NOTE: &str = "(Images returned by the tool calls above.)";
+
 /// Characters of a tool result shown in a one-line summary.
 const SUMMARY_CHARS: usize = 120;
 
@@ -213,6 +216,7 @@ impl Engine {
             return Err(ModelError::NoToolSupport { model }.into());
         }
         let context = info.map_or(self.settings.fallback_context_tokens, |i| i.context_length);
+        let sees_images = info.is_some_and(|i| i.supports_images);
         let budget = self.history_budget(context, &tools.specs);
 
         let mut warned_trim = false;
@@ -258,16 +262,26 @@ impl Engine {
                 }
                 Ok(Step::ToolCalls(message)) => {
                     let exhausted = outcome.rounds > self.settings.max_tool_rounds;
-                    let results = if exhausted {
-                        decline_all(&message.tool_calls, self.settings.max_tool_rounds)
+                    let (results, images) = if exhausted {
+                        let declined =
+                            decline_all(&message.tool_calls, self.settings.max_tool_rounds);
+                        (declined, Vec::new())
                     } else {
                         self.run_calls(conversation, &message.tool_calls, events)
                             .await
                     };
                     outcome.tool_calls += message.tool_calls.len();
-                    let mut group = Vec::with_capacity(results.len() + 1);
+                    let mut group = Vec::with_capacity(results.len() + 2);
                     group.push(message);
                     group.extend(results);
+                    // Tool messages carry text only; a model that reads images
+                    // gets them in a message of their own right after.
+                    if sees_images && !images.is_empty() {
+                        group.push(Message {
+                            images,
+                            ..Message::user(TOOL_IMAGES_NOTE)
+                        });
+                    }
                     if let Err(error) = self.store.append(conversation, &group).await {
                         break Err(error.into());
                     }
@@ -288,13 +302,13 @@ impl Engine {
     }
 
     /// Runs every call of one reply concurrently and returns one tool message
-    /// per call, in the order of the calls.
+    /// per call, in the order of the calls, and the images they returned.
     async fn run_calls(
         &self,
         conversation: &str,
         calls: &[ToolCall],
         events: &UnboundedSender<TurnEvent>,
-    ) -> Vec<Message> {
+    ) -> (Vec<Message>, Vec<String>) {
         for call in calls {
             let _ = events.send(TurnEvent::ToolStarted {
                 call_id: call.id.clone(),
@@ -314,9 +328,14 @@ impl Engine {
                 summary: summarise(&outcome.content),
                 full_output: outcome.full_output.clone(),
             });
-            Message::tool_result(call.id.clone(), outcome.content)
+            (
+                Message::tool_result(call.id.clone(), outcome.content),
+                outcome.images,
+            )
         });
-        join_all(runs).await
+        let (messages, images): (Vec<Message>, Vec<Vec<String>>) =
+            join_all(runs).await.into_iter().unzip();
+        (messages, images.concat())
     }
 
     /// Tokens left for the history once the system prompt, the tools and

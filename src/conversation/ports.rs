@@ -154,6 +154,8 @@ pub struct ToolOutcome {
     pub is_error: bool,
     /// The whole output, when `content` had to be truncated.
     pub full_output: Option<String>,
+    /// Images the tool returned, as data URLs.
+    pub images: Vec<String>,
 }
 
 impl ToolOutcome {
@@ -162,6 +164,7 @@ impl ToolOutcome {
             content: format!("ERROR: {}", message.into()),
             is_error: true,
             full_output: None,
+            images: Vec::new(),
         }
     }
 }

@@ -32,7 +32,25 @@ pub fn outcome(result: &Value, max_chars: usize) -> ToolOutcome {
     if is_error {
         text = format!("ERROR: {text}");
     }
-    cap(text, is_error, max_chars)
+    let mut outcome = cap(text, is_error, max_chars);
+    outcome.images = blocks.iter().filter_map(image_url).collect();
+    outcome
+}
+
+/// Image types chat models accept.
+const IMAGE_TYPES: &[&str] = &["image/png", "image/jpeg", "image/webp", "image/gif"];
+
+/// An image block as a data URL, when it is a type models accept.
+fn image_url(block: &Value) -> Option<String> {
+    if block.get("type").and_then(Value::as_str) != Some("image") {
+        return None;
+    }
+    let mime = block
+        .get("mimeType")
+        .and_then(Value::as_str)
+        .filter(|m| IMAGE_TYPES.contains(m))?;
+    let data = block.get("data").and_then(Value::as_str)?;
+    Some(format!("data:{mime};base64,{data}"))
 }
 
 fn cap(text: String, is_error: bool, max_chars: usize) -> ToolOutcome {
@@ -42,6 +60,7 @@ fn cap(text: String, is_error: bool, max_chars: usize) -> ToolOutcome {
             content: text,
             is_error,
             full_output: None,
+            images: Vec::new(),
         };
     }
     let kept: String = text.chars().take(max_chars).collect();
@@ -51,6 +70,7 @@ fn cap(text: String, is_error: bool, max_chars: usize) -> ToolOutcome {
         ),
         is_error,
         full_output: Some(text),
+        images: Vec::new(),
     }
 }
 
@@ -115,6 +135,7 @@ mod tests {
         ]});
         let out = outcome(&result, 10_000);
         assert!(!out.is_error);
+        assert_eq!(out.images, ["data:image/png;base64,AAAA"]);
         assert_eq!(
             out.content,
             "hello\n[image returned: image/png, about 3 bytes; it cannot be shown here]\n[resource link] a <file:///a>: the a\n[resource file:///b]\nbee\n[resource file:///c: application/zip, about 3 bytes of binary data]"
