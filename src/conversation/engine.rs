@@ -200,14 +200,17 @@ impl Engine {
         let mut history = self.history(conversation, live).await?;
         // Until this turn ends cleanly the cache may lag behind the store
         // (an aborted turn), so it is only put back at the end.
-        self.store
-            .append(conversation, std::slice::from_ref(&input))
-            .await?;
+        // Storing the message, reading the catalogue and starting tool
+        // sessions overlap; the model is only asked once all three are done.
+        let (stored, lookup, tools) = tokio::join!(
+            self.store
+                .append(conversation, std::slice::from_ref(&input)),
+            self.model.model_info(&model),
+            self.tools.tools(conversation),
+        );
+        stored?;
         history.push(input);
-
-        let lookup = self.model.model_info(&model).await;
         let info = lookup.info();
-        let tools = self.tools.tools(conversation).await;
         for problem in &tools.problems {
             let _ = events.send(TurnEvent::Warning(problem.clone()));
         }
