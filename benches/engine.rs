@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use mcpcord::conversation::{
-    ChatModel, ChatRequest, Completion, Engine, EngineSettings, FinishReason, Message, ModelError,
-    ModelInfo, ModelLookup, Role, Store, StoreError, TextSink, ToolCall, ToolHost, ToolList,
-    ToolOutcome, ToolSpec, Usage,
+    ApproveAll, ChatModel, ChatRequest, Completion, Engine, EngineSettings, FinishReason, Message,
+    ModelError, ModelInfo, ModelLookup, Role, Store, StoreError, TextSink, ToolCall, ToolHost,
+    ToolList, ToolOutcome, ToolSpec, Usage,
 };
 use mcpcord::store::SqliteStore;
 use serde_json::{Value, json};
@@ -84,6 +84,7 @@ impl ToolHost for Calculator {
                 name: "calc__add".into(),
                 description: "Adds two numbers".into(),
                 parameters: json!({"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}}),
+                needs_approval: false,
             }],
             problems: Vec::new(),
         }
@@ -173,7 +174,12 @@ async fn one_turn(engine: &Engine, conversation: &str) -> Duration {
     let (events, mut received) = mpsc::unbounded_channel();
     let started = Instant::now();
     engine
-        .run_turn(conversation, Message::user("What is 1 + 2?"), &events)
+        .run_turn(
+            conversation,
+            Message::user("What is 1 + 2?"),
+            &events,
+            &ApproveAll,
+        )
         .await
         .expect("turn failed");
     let elapsed = started.elapsed();

@@ -1,5 +1,6 @@
 //! The `mcpcord` command: CLI, `.env`, logging, configuration, then the app.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -8,7 +9,7 @@ use tracing_subscriber::EnvFilter;
 
 use mcpcord::app::App;
 use mcpcord::config::Config;
-use mcpcord::terminal;
+use mcpcord::terminal::{self, Approvals};
 
 /// A self-hosted assistant that uses MCP tools through OpenRouter.
 #[derive(Debug, Parser)]
@@ -28,6 +29,9 @@ enum Command {
         /// Model for this conversation (kept for later runs).
         #[arg(long, short)]
         model: Option<String>,
+        /// Approve every tool call without asking.
+        #[arg(long, short)]
+        yes: bool,
     },
 }
 
@@ -65,6 +69,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Chat {
             conversation,
             model,
+            yes,
         } => {
             let app = App::build(&config).await?;
             let key = terminal::conversation_key(&conversation);
@@ -74,7 +79,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 let stdin = BufReader::new(tokio::io::stdin());
                 let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
-                let chat = terminal::run(&app.engine, &key, stdin, &mut out, &mut err);
+                let approvals = if yes {
+                    Approvals::All
+                } else if std::io::stdin().is_terminal() {
+                    Approvals::Ask
+                } else {
+                    Approvals::Decline
+                };
+                let chat = terminal::run(&app.engine, &key, stdin, approvals, &mut out, &mut err);
                 // Ctrl-C or SIGTERM ends the chat like EOF; MCP sessions are still closed.
                 tokio::select! {
                     result = chat => result?,

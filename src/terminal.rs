@@ -2,11 +2,53 @@
 //! calls and the answer on stdout, problems on stderr.
 
 use std::io::Write;
+use std::sync::Arc;
 
-use tokio::io::{AsyncBufRead, AsyncBufReadExt};
-use tokio::sync::mpsc;
+use async_trait::async_trait;
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, Lines};
+use tokio::sync::{Mutex, mpsc};
 
-use crate::conversation::{Engine, Message, TurnEvent};
+use crate::conversation::{
+    ApprovalRequest, ApproveAll, Approver, Decision, DeclineAll, Engine, Message, TurnEvent,
+};
+
+/// The input, shared by the chat loop and approval questions.
+type Input = Arc<Mutex<Lines<Box<dyn AsyncBufRead + Unpin + Send>>>>;
+
+/// How tool calls that need approval are decided in the terminal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Approvals {
+    /// `--yes`: approve everything.
+    All,
+    /// Interactive input: ask on the terminal.
+    Ask,
+    /// Piped input without `--yes`: decline, saying why.
+    Decline,
+}
+
+/// Why calls are declined when nobody can be asked.
+const NOT_INTERACTIVE: &str = "it needs approval and the input is not interactive; run `mcpcord chat --yes` to allow tool calls without asking";
+
+/// Asks on stderr and reads the answer from the chat's own input.
+struct Prompt {
+    input: Input,
+}
+
+#[async_trait]
+impl Approver for Prompt {
+    async fn decide(&self, request: &ApprovalRequest) -> Decision {
+        // Holding the input for the whole question asks one call at a time.
+        let mut input = self.input.lock().await;
+        eprint!("Allow {} {}? [y/N] ", request.tool, request.arguments);
+        match input.next_line().await {
+            Ok(Some(answer)) if matches!(answer.trim().to_lowercase().as_str(), "y" | "yes") => {
+                Decision::Approve
+            }
+            Ok(Some(_)) => Decision::Decline("the user said no".into()),
+            _ => Decision::Decline("the input ended before an answer".into()),
+        }
+    }
+}
 
 /// The conversation key of a terminal conversation.
 pub fn conversation_key(name: &str) -> String {
@@ -17,12 +59,24 @@ pub fn conversation_key(name: &str) -> String {
 pub async fn run(
     engine: &Engine,
     conversation: &str,
-    input: impl AsyncBufRead + Unpin,
+    input: impl AsyncBufRead + Unpin + Send + 'static,
+    approvals: Approvals,
     out: &mut impl Write,
     err: &mut impl Write,
 ) -> std::io::Result<()> {
-    let mut lines = input.lines();
-    while let Some(line) = lines.next_line().await? {
+    let boxed: Box<dyn AsyncBufRead + Unpin + Send> = Box::new(input);
+    let input: Input = Arc::new(Mutex::new(boxed.lines()));
+    let approver: Box<dyn Approver> = match approvals {
+        Approvals::All => Box::new(ApproveAll),
+        Approvals::Ask => Box::new(Prompt {
+            input: input.clone(),
+        }),
+        Approvals::Decline => Box::new(DeclineAll(NOT_INTERACTIVE.into())),
+    };
+    loop {
+        let Some(line) = input.lock().await.next_line().await? else {
+            break;
+        };
         let line = line.trim();
         if line.is_empty() {
             continue;
@@ -38,7 +92,7 @@ pub async fn run(
             command_model(engine, conversation, rest.trim(), out, err).await?;
             continue;
         }
-        turn(engine, conversation, line, out, err).await?;
+        turn(engine, conversation, line, approver.as_ref(), out, err).await?;
     }
     Ok(())
 }
@@ -67,13 +121,14 @@ async fn turn(
     engine: &Engine,
     conversation: &str,
     text: &str,
+    approver: &dyn Approver,
     out: &mut impl Write,
     err: &mut impl Write,
 ) -> std::io::Result<()> {
     let (events, mut received) = mpsc::unbounded_channel();
     let run = async move {
         let result = engine
-            .run_turn(conversation, Message::user(text), &events)
+            .run_turn(conversation, Message::user(text), &events, approver)
             .await;
         drop(events);
         result

@@ -180,3 +180,87 @@ async fn problems_go_to_stderr_and_the_chat_goes_on() {
         "{out}"
     );
 }
+
+#[tokio::test]
+async fn calls_that_need_approval_are_declined_without_yes_and_run_with_it() {
+    let model = FakeModel::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    support::write_mcp(dir.path(), json!({"fs": support::filesystem(dir.path())}));
+    let target = dir.path().join("hello.txt");
+    let write = json!({"path": target, "content": "hi"}).to_string();
+    model.script([
+        call("w1", "fs__write_file", &write),
+        text("I could not write it."),
+    ]);
+    let output = chat(&model, dir.path(), "write hello.txt\n").await;
+    assert!(output.status.success());
+    assert!(stderr(&output).contains("--yes"), "{}", stderr(&output));
+    assert!(!target.exists(), "a declined call must not run");
+    let result = &model.requests()[1]["messages"][2]["content"];
+    assert!(result.as_str().unwrap().contains("declined"), "{result}");
+
+    model.script([call("w2", "fs__write_file", &write), text("Written.")]);
+    let mut cmd = command(&model, dir.path());
+    let output = tokio::task::spawn_blocking(move || {
+        let mut child = cmd.args(["chat", "--yes"]).spawn().unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"write it, please\n")
+            .unwrap();
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "hi");
+}
+
+#[tokio::test]
+async fn an_interactive_chat_asks_before_calls_that_need_approval() {
+    let model = FakeModel::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    support::write_mcp(dir.path(), json!({"fs": support::filesystem(dir.path())}));
+    let target = dir.path().join("asked.txt");
+    let write = json!({"path": target, "content": "yes"}).to_string();
+    model.script([
+        call("p1", "fs__write_file", &write),
+        text("Declined, then."),
+        call("p2", "fs__write_file", &write),
+        text("Written."),
+    ]);
+    let app = mcpcord::app::App::build(&support::config(&model, dir.path(), &[]))
+        .await
+        .unwrap();
+    // The answers to the approval questions come from the same input.
+    let input = std::io::Cursor::new(b"write it\nn\nwrite it now\ny\n".to_vec());
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    mcpcord::terminal::run(
+        &app.engine,
+        "terminal:ask",
+        input,
+        mcpcord::terminal::Approvals::Ask,
+        &mut out,
+        &mut err,
+    )
+    .await
+    .unwrap();
+    let out = String::from_utf8(out).unwrap();
+    assert!(
+        out.contains("Declined, then.") && out.contains("Written."),
+        "{out}"
+    );
+    assert!(
+        String::from_utf8(err)
+            .unwrap()
+            .contains("declined: the user said no")
+    );
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "yes");
+    assert_eq!(
+        model.requests().len(),
+        4,
+        "the answers were not taken as messages"
+    );
+    app.shutdown().await;
+}

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mcpcord::app::App;
-use mcpcord::conversation::{Message, ModelError, Role, Store, TurnError, TurnEvent, TurnOutcome};
+use mcpcord::conversation::{
+    ApproveAll, Message, ModelError, Role, Store, TurnError, TurnEvent, TurnOutcome,
+};
 use serde_json::{Value, json};
 use support::{FakeModel, Reply, call, text};
 use tempfile::TempDir;
@@ -40,7 +42,10 @@ async fn turn(
     message: &str,
 ) -> (Result<TurnOutcome, TurnError>, Vec<TurnEvent>) {
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let result = app.engine.run_turn(key, Message::user(message), &tx).await;
+    let result = app
+        .engine
+        .run_turn(key, Message::user(message), &tx, &ApproveAll)
+        .await;
     drop(tx);
     let mut events = Vec::new();
     while let Some(event) = rx.recv().await {
@@ -60,8 +65,11 @@ fn spawn_turn(
 ) {
     let (tx, rx) = mpsc::unbounded_channel();
     let app = app.clone();
-    let running =
-        tokio::spawn(async move { app.engine.run_turn(key, Message::user(message), &tx).await });
+    let running = tokio::spawn(async move {
+        app.engine
+            .run_turn(key, Message::user(message), &tx, &ApproveAll)
+            .await
+    });
     (running, rx)
 }
 

@@ -238,6 +238,7 @@ async fn the_engine_runs_all_calls_of_a_reply_at_once() {
             "terminal:t",
             mcpcord::conversation::Message::user("meet"),
             &events,
+            &mcpcord::conversation::ApproveAll,
         )
         .await
         .unwrap();
@@ -255,5 +256,94 @@ async fn the_engine_runs_all_calls_of_a_reply_at_once() {
         "the calls did not run concurrently"
     );
     app.shutdown().await;
+    stop.cancel();
+}
+
+/// Declines `box__add`, approves the rest, and remembers what it was asked.
+#[derive(Default)]
+struct Recorder {
+    asked: Mutex<Vec<String>>,
+}
+
+#[async_trait::async_trait]
+impl mcpcord::conversation::Approver for Recorder {
+    async fn decide(
+        &self,
+        request: &mcpcord::conversation::ApprovalRequest,
+    ) -> mcpcord::conversation::Decision {
+        self.asked.lock().unwrap().push(request.tool.clone());
+        if request.tool == "box__add" {
+            mcpcord::conversation::Decision::Decline("not today".into())
+        } else {
+            mcpcord::conversation::Decision::Approve
+        }
+    }
+}
+
+#[tokio::test]
+async fn approvals_follow_the_server_policy_and_declines_reach_the_model() {
+    let stop = CancellationToken::new();
+    let url = serve(&stop).await;
+    for (policy, expected) in [
+        ("annotations", vec!["box__add"]),
+        ("ask", vec!["box__add", "box__unlock"]),
+        ("auto", vec![]),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        support::write_mcp(dir.path(), json!({"box": {"url": url, "approval": policy}}));
+        let model = support::FakeModel::start().await;
+        model.script([
+            support::Reply::Calls(vec![
+                ("a1".into(), "box__add".into(), r#"{"a":1,"b":2}"#.into()),
+                ("a2".into(), "box__unlock".into(), "{}".into()),
+            ]),
+            support::text("Done."),
+        ]);
+        let app = mcpcord::app::App::build(&support::config(&model, dir.path(), &[]))
+            .await
+            .unwrap();
+        let recorder = Recorder::default();
+        let (events, mut received) = tokio::sync::mpsc::unbounded_channel();
+        app.engine
+            .run_turn(
+                "terminal:t",
+                mcpcord::conversation::Message::user("go"),
+                &events,
+                &recorder,
+            )
+            .await
+            .unwrap();
+        drop(events);
+        let mut asked = recorder.asked.lock().unwrap().clone();
+        asked.sort();
+        assert_eq!(asked, expected, "policy {policy}");
+        let results: Vec<String> = model.requests()[1]["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["role"] == "tool")
+            .map(|m| m["content"].as_str().unwrap().to_owned())
+            .collect();
+        let mut warned = false;
+        while let Some(event) = received.recv().await {
+            if let mcpcord::conversation::TurnEvent::Warning(w) = event {
+                warned |= w.contains("box__add was declined: not today");
+            }
+        }
+        if policy == "auto" {
+            assert_eq!(results[0], "3");
+            assert!(!warned);
+        } else {
+            assert!(
+                results[0].starts_with("ERROR: the user declined")
+                    && results[0].contains("not today"),
+                "{}",
+                results[0]
+            );
+            assert!(warned, "the user is told about the decline");
+        }
+        assert_eq!(results[1], "unlocked");
+        app.shutdown().await;
+    }
     stop.cancel();
 }

@@ -10,8 +10,8 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::history::{estimate_tokens, fit_to_context, repair};
 use super::ports::{
-    ChatModel, ChatRequest, Completion, FinishReason, ModelError, ModelLookup, Store, StoreError,
-    ToolHost, ToolOutcome,
+    ApprovalRequest, Approver, ChatModel, ChatRequest, Completion, Decision, FinishReason,
+    ModelError, ModelLookup, Store, StoreError, ToolHost, ToolOutcome,
 };
 use super::types::{Message, Role, ToolCall, ToolSpec, TurnEvent, Usage};
 
@@ -69,6 +69,14 @@ struct Live {
     model: Option<Option<String>>,
 }
 
+/// What the calls of one reply share.
+struct Calls<'a> {
+    conversation: &'a str,
+    specs: &'a [ToolSpec],
+    events: &'a UnboundedSender<TurnEvent>,
+    approver: &'a dyn Approver,
+}
+
 /// How one model reply continues the turn.
 enum Step {
     Answer(Message, FinishReason),
@@ -120,13 +128,21 @@ impl Engine {
         conversation: &str,
         input: Message,
         events: &UnboundedSender<TurnEvent>,
+        approver: &dyn Approver,
     ) -> Result<TurnOutcome, TurnError> {
         let live = self.live(conversation);
         let mut live = live.lock().await;
         let started = Instant::now();
         let mut outcome = TurnOutcome::default();
         let result = self
-            .turn(conversation, &mut live, input, events, &mut outcome)
+            .turn(
+                conversation,
+                &mut live,
+                input,
+                events,
+                approver,
+                &mut outcome,
+            )
             .await;
         drop(live);
         self.forget_idle();
@@ -193,6 +209,7 @@ impl Engine {
         live: &mut Live,
         input: Message,
         events: &UnboundedSender<TurnEvent>,
+        approver: &dyn Approver,
         outcome: &mut TurnOutcome,
     ) -> Result<(), TurnError> {
         let model = self.chosen_model(conversation, live).await?;
@@ -270,8 +287,13 @@ impl Engine {
                             decline_all(&message.tool_calls, self.settings.max_tool_rounds);
                         (declined, Vec::new())
                     } else {
-                        self.run_calls(conversation, &message.tool_calls, events)
-                            .await
+                        let calls = Calls {
+                            conversation,
+                            specs: &tools.specs,
+                            events,
+                            approver,
+                        };
+                        self.run_calls(&calls, &message.tool_calls).await
                     };
                     outcome.tool_calls += message.tool_calls.len();
                     let mut group = Vec::with_capacity(results.len() + 2);
@@ -306,25 +328,17 @@ impl Engine {
 
     /// Runs every call of one reply concurrently and returns one tool message
     /// per call, in the order of the calls, and the images they returned.
-    async fn run_calls(
-        &self,
-        conversation: &str,
-        calls: &[ToolCall],
-        events: &UnboundedSender<TurnEvent>,
-    ) -> (Vec<Message>, Vec<String>) {
+    async fn run_calls(&self, turn: &Calls<'_>, calls: &[ToolCall]) -> (Vec<Message>, Vec<String>) {
         for call in calls {
-            let _ = events.send(TurnEvent::ToolStarted {
+            let _ = turn.events.send(TurnEvent::ToolStarted {
                 call_id: call.id.clone(),
                 name: call.name.clone(),
                 arguments: compact_arguments(&call.arguments),
             });
         }
         let runs = calls.iter().map(|call| async move {
-            let outcome = match parse_arguments(&call.arguments) {
-                Ok(arguments) => self.tools.call(conversation, &call.name, arguments).await,
-                Err(problem) => ToolOutcome::error(problem),
-            };
-            let _ = events.send(TurnEvent::ToolFinished {
+            let outcome = self.run_call(turn, call).await;
+            let _ = turn.events.send(TurnEvent::ToolFinished {
                 call_id: call.id.clone(),
                 name: call.name.clone(),
                 ok: !outcome.is_error,
@@ -339,6 +353,39 @@ impl Engine {
         let (messages, images): (Vec<Message>, Vec<Vec<String>>) =
             join_all(runs).await.into_iter().unzip();
         (messages, images.concat())
+    }
+
+    /// One call: arguments parsed, approval asked when the tool needs it,
+    /// then run. Every failure is an error outcome for the model.
+    async fn run_call(&self, turn: &Calls<'_>, call: &ToolCall) -> ToolOutcome {
+        let arguments = match parse_arguments(&call.arguments) {
+            Ok(arguments) => arguments,
+            Err(problem) => return ToolOutcome::error(problem),
+        };
+        let needs_approval = turn
+            .specs
+            .iter()
+            .any(|s| s.name == call.name && s.needs_approval);
+        if needs_approval {
+            let request = ApprovalRequest {
+                conversation: turn.conversation.to_owned(),
+                call_id: call.id.clone(),
+                tool: call.name.clone(),
+                arguments: compact_arguments(&call.arguments),
+            };
+            if let Decision::Decline(reason) = turn.approver.decide(&request).await {
+                let _ = turn.events.send(TurnEvent::Warning(format!(
+                    "The call to {} was declined: {reason}",
+                    call.name
+                )));
+                return ToolOutcome::error(format!(
+                    "the user declined this tool call ({reason}). Do not retry it unless asked."
+                ));
+            }
+        }
+        self.tools
+            .call(turn.conversation, &call.name, arguments)
+            .await
     }
 
     /// Tokens left for the history once the system prompt, the tools and

@@ -13,7 +13,8 @@ mod types;
 pub use engine::{Engine, EngineSettings, TurnError, TurnOutcome};
 pub use history::{estimate_tokens, fit_to_context, repair};
 pub use ports::{
-    ChatModel, ChatRequest, Completion, FinishReason, ModelError, ModelInfo, ModelLookup, Store,
-    StoreError, TextSink, ToolHost, ToolList, ToolOutcome,
+    ApprovalRequest, ApproveAll, Approver, ChatModel, ChatRequest, Completion, Decision,
+    DeclineAll, FinishReason, ModelError, ModelInfo, ModelLookup, Store, StoreError, TextSink,
+    ToolHost, ToolList, ToolOutcome,
 };
 pub use types::{Message, Role, ToolCall, ToolSpec, TurnEvent, Usage};

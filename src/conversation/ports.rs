@@ -198,3 +198,50 @@ pub trait Store: Send + Sync {
     /// Deletes the history of `conversation` (its model choice stays).
     async fn reset(&self, conversation: &str) -> Result<(), StoreError>;
 }
+
+/// A tool call waiting for a person's decision.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApprovalRequest {
+    pub conversation: String,
+    pub call_id: String,
+    pub tool: String,
+    /// Compact JSON text of the arguments.
+    pub arguments: String,
+}
+
+/// What the person decided.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    Approve,
+    /// Declined; the sentence says why (shown to the model and the user).
+    Decline(String),
+}
+
+/// Asks a person whether a tool call may run. Each surface has its own
+/// (buttons in Discord, a prompt in the terminal).
+#[async_trait]
+pub trait Approver: Send + Sync {
+    async fn decide(&self, request: &ApprovalRequest) -> Decision;
+}
+
+/// Approves every call (`mcpcord chat --yes`, and tests).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ApproveAll;
+
+#[async_trait]
+impl Approver for ApproveAll {
+    async fn decide(&self, _request: &ApprovalRequest) -> Decision {
+        Decision::Approve
+    }
+}
+
+/// Declines every call that needs approval, with a fixed reason.
+#[derive(Debug, Clone)]
+pub struct DeclineAll(pub String);
+
+#[async_trait]
+impl Approver for DeclineAll {
+    async fn decide(&self, _request: &ApprovalRequest) -> Decision {
+        Decision::Decline(self.0.clone())
+    }
+}

@@ -115,6 +115,8 @@ pub struct ToolSpec {
     pub name: String,
     pub description: String,
     pub parameters: Value,
+    /// Whether a person must approve each call (never sent to the model).
+    pub needs_approval: bool,
 }
 
 /// What a turn reports while it runs. Surfaces render these.

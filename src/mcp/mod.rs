@@ -268,10 +268,16 @@ impl ToolHost for McpHost {
                         tool: t.tool.name.clone(),
                     },
                 );
+                let needs_approval = match self.servers[server].approval {
+                    Approval::Auto => false,
+                    Approval::Ask => true,
+                    Approval::Annotations => !t.tool.read_only,
+                };
                 ToolSpec {
                     name: t.exposed,
                     description: t.tool.description,
                     parameters: t.tool.parameters,
+                    needs_approval,
                 }
             })
             .collect();
