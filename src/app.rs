@@ -81,7 +81,7 @@ impl App {
     }
 
     /// Stops background work, closes MCP sessions, then the database.
-    pub async fn shutdown(self) {
+    pub async fn shutdown(&self) {
         self.stop.cancel();
         self.tasks.close();
         self.tasks.wait().await;

@@ -289,3 +289,114 @@ mod tests {
         );
     }
 }
+
+/// What the Discord bot reads from its environment (`mcpcord run`).
+#[derive(Debug, Clone)]
+pub struct DiscordConfig {
+    pub token: Secret,
+    /// `DISCORD_API_BASE_URL`: the HTTP API host (`https://discord.com` by default).
+    pub api_base: String,
+    pub allowed_guilds: Vec<u64>,
+    pub allowed_channels: Vec<u64>,
+    pub allowed_roles: Vec<u64>,
+    pub allowed_users: Vec<u64>,
+    pub allow_dms: bool,
+    pub admin_users: Vec<u64>,
+    pub admin_roles: Vec<u64>,
+    /// `STREAM_EDIT_INTERVAL_MS`: at most one edit of a streamed answer per interval.
+    pub stream_interval: Duration,
+    /// `APPROVAL_TIMEOUT_SECS`: an unanswered approval counts as Deny after this.
+    pub approval_timeout: Duration,
+    /// `SHUTDOWN_GRACE_SECS`: how long running turns may finish at shutdown.
+    pub shutdown_grace: Duration,
+}
+
+impl DiscordConfig {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let get = |name: &str| {
+            lookup(name)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
+        let token = get("DISCORD_TOKEN").ok_or(ConfigError::Missing("DISCORD_TOKEN"))?;
+        let api_base =
+            get("DISCORD_API_BASE_URL").unwrap_or_else(|| "https://discord.com".to_owned());
+        if !(api_base.starts_with("http://") || api_base.starts_with("https://")) {
+            return Err(ConfigError::Invalid {
+                name: "DISCORD_API_BASE_URL",
+                problem: format!("{api_base:?} is not an http:// or https:// URL"),
+            });
+        }
+        Ok(DiscordConfig {
+            token: Secret::new(token),
+            api_base: api_base.trim_end_matches('/').to_owned(),
+            allowed_guilds: ids(&get, "ALLOWED_GUILDS")?,
+            allowed_channels: ids(&get, "ALLOWED_CHANNELS")?,
+            allowed_roles: ids(&get, "ALLOWED_ROLES")?,
+            allowed_users: ids(&get, "ALLOWED_USERS")?,
+            allow_dms: boolean(&get, "ALLOW_DMS", false)?,
+            admin_users: ids(&get, "ADMIN_USERS")?,
+            admin_roles: ids(&get, "ADMIN_ROLES")?,
+            stream_interval: Duration::from_millis(number(
+                &get,
+                "STREAM_EDIT_INTERVAL_MS",
+                1000u64,
+            )?),
+            approval_timeout: seconds(&get, "APPROVAL_TIMEOUT_SECS", Duration::from_secs(300))?,
+            shutdown_grace: seconds(&get, "SHUTDOWN_GRACE_SECS", Duration::from_secs(30))?,
+        })
+    }
+}
+
+/// A comma-separated list of Discord ids (snowflakes).
+fn ids(get: &impl Fn(&str) -> Option<String>, name: &'static str) -> Result<Vec<u64>, ConfigError> {
+    let Some(raw) = get(name) else {
+        return Ok(Vec::new());
+    };
+    raw.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<u64>().map_err(|_| ConfigError::Invalid {
+                name,
+                problem: format!(
+                    "{s:?} is not a Discord id (a number; enable Developer Mode and use Copy ID)"
+                ),
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod discord_tests {
+    use super::*;
+
+    #[test]
+    fn discord_settings_parse_with_named_errors() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        assert_eq!(
+            DiscordConfig::from_lookup(env(&[])).unwrap_err(),
+            ConfigError::Missing("DISCORD_TOKEN")
+        );
+        let c =
+            DiscordConfig::from_lookup(env(&[("DISCORD_TOKEN", "t"), ("ALLOWED_GUILDS", "1, 2")]))
+                .unwrap();
+        assert_eq!(c.allowed_guilds, [1, 2]);
+        assert!(!c.allow_dms);
+        assert_eq!(c.stream_interval, Duration::from_secs(1));
+        let err = DiscordConfig::from_lookup(env(&[("DISCORD_TOKEN", "t"), ("ADMIN_USERS", "me")]))
+            .unwrap_err();
+        assert!(err.to_string().starts_with("Invalid ADMIN_USERS"));
+    }
+}

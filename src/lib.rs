@@ -8,12 +8,14 @@
 //!   tool naming, schema normalisation, results for the model.
 //! - [`store`]: SQLite persistence with embedded migrations.
 //! - [`config`]: the environment, read once into a typed struct.
+//! - [`discord`]: the Discord bot (`mcpcord run`): threads as conversations.
 //! - [`terminal`]: `mcpcord chat`, the engine on stdin/stdout.
 //! - [`app`]: the composition root: builds the adapters, runs a surface, shuts down in order.
 
 pub mod app;
 pub mod config;
 pub mod conversation;
+pub mod discord;
 pub mod llm;
 pub mod mcp;
 pub mod store;

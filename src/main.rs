@@ -2,25 +2,29 @@
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use tokio::io::BufReader;
 use tracing_subscriber::EnvFilter;
 
 use mcpcord::app::App;
-use mcpcord::config::Config;
+use mcpcord::config::{Config, DiscordConfig};
 use mcpcord::terminal::{self, Approvals};
 
 /// A self-hosted assistant that uses MCP tools through OpenRouter.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
+    /// What to do; without one, the Discord bot runs.
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the Discord bot (needs DISCORD_TOKEN).
+    Run,
     /// Chat in the terminal: one message per line on stdin, answers on stdout.
     Chat {
         /// Conversation name; running again with the same name continues it.
@@ -53,7 +57,9 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     // A missing .env is normal; variables may come from the environment.
     let _ = dotenvy::dotenv();
-    init_logging("warn");
+    // The bot logs what it does; the terminal chat only its problems.
+    let chatting = matches!(cli.command, Some(Command::Chat { .. }));
+    init_logging(if chatting { "warn" } else { "info" });
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -65,7 +71,14 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = Config::from_env()?;
-    match cli.command {
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Run => {
+            let discord = DiscordConfig::from_env()?;
+            let app = Arc::new(App::build(&config).await?);
+            let result = mcpcord::discord::run(app.clone(), discord, shutdown_signal()).await;
+            app.shutdown().await;
+            result
+        }
         Command::Chat {
             conversation,
             model,

@@ -101,6 +101,60 @@ impl SqliteStore {
         Ok(totals(row))
     }
 
+    /// Remembers a thread the Discord bot started.
+    pub async fn add_discord_thread(
+        &self,
+        conversation: &str,
+        guild: Option<u64>,
+        channel: u64,
+        started_by: u64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO discord_threads (conversation, guild_id, channel_id, started_by, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (conversation) DO NOTHING",
+        )
+        .bind(conversation)
+        .bind(guild.map(|g| g as i64))
+        .bind(channel as i64)
+        .bind(started_by as i64)
+        .bind(now())
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    /// Whether the Discord bot started the thread of `conversation`.
+    pub async fn is_discord_thread(&self, conversation: &str) -> Result<bool, StoreError> {
+        let row: Option<(i64,)> =
+            sqlx::query_as("SELECT 1 FROM discord_threads WHERE conversation = ?1")
+                .bind(conversation)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db)?;
+        Ok(row.is_some())
+    }
+
+    /// Tokens and cost of the bot's threads in one Discord server since
+    /// `since_unix` seconds.
+    pub async fn guild_usage_since(
+        &self,
+        guild: u64,
+        since_unix: i64,
+    ) -> Result<UsageTotals, StoreError> {
+        let row: (Option<i64>, Option<i64>, Option<f64>, i64) = sqlx::query_as(
+            "SELECT SUM(m.prompt_tokens), SUM(m.completion_tokens), SUM(m.cost), COUNT(m.prompt_tokens)
+             FROM messages m JOIN discord_threads t ON t.conversation = m.conversation
+             WHERE t.guild_id = ?1 AND m.created_at >= ?2",
+        )
+        .bind(guild as i64)
+        .bind(since_unix)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(totals(row))
+    }
+
     /// Tokens and cost of every conversation whose key starts with `prefix`,
     /// since `since_unix` seconds.
     pub async fn usage_since(

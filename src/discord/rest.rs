@@ -1,0 +1,325 @@
+//! The Discord REST calls the bot makes, with 429s honoured on every request
+//! (`retry_after` from the body or `Retry-After`), so nothing is dropped.
+//! The gateway is serenity's; these calls use their own client so that the
+//! same code works against Discord and against a Discord-compatible server.
+
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use crate::config::Secret;
+
+/// Discord's HTTP API, unless `DISCORD_API_BASE_URL` says otherwise.
+pub const DEFAULT_API_BASE: &str = "https://discord.com";
+const API_PATH: &str = "/api/v10";
+/// Attempts of one request when Discord keeps answering 429 or 5xx.
+const MAX_ATTEMPTS: usize = 6;
+/// A rate limit longer than this is an error rather than a wait.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestError {
+    #[error("Discord rejected the bot token (HTTP 401). Check DISCORD_TOKEN.")]
+    Unauthorized,
+    #[error("Discord refused {what} (HTTP {status}): {message}")]
+    Refused {
+        what: String,
+        status: u16,
+        message: String,
+    },
+    #[error("Discord could not be reached for {what}: {message}")]
+    Connection { what: String, message: String },
+}
+
+/// A file to attach to a message.
+#[derive(Debug, Clone)]
+pub struct Attachment {
+    pub name: String,
+    pub bytes: Vec<u8>,
+}
+
+/// The Discord REST API.
+#[derive(Debug, Clone)]
+pub struct Rest {
+    http: reqwest::Client,
+    base: String,
+    token: Secret,
+}
+
+impl Rest {
+    pub fn new(base: &str, token: Secret) -> Result<Self, RestError> {
+        let http = reqwest::Client::builder()
+            .user_agent(concat!(
+                "DiscordBot (mcpcord, ",
+                env!("CARGO_PKG_VERSION"),
+                ")"
+            ))
+            .timeout(REQUEST_TIMEOUT)
+            .build()
+            .map_err(|e| RestError::Connection {
+                what: "the HTTP client".into(),
+                message: e.to_string(),
+            })?;
+        Ok(Rest {
+            http,
+            base: format!("{}{API_PATH}", base.trim_end_matches('/')),
+            token,
+        })
+    }
+
+    /// The bot's own user and application.
+    pub async fn current_application(&self) -> Result<Value, RestError> {
+        self.send(
+            Method::GET,
+            "/applications/@me",
+            None,
+            "reading the application",
+        )
+        .await
+    }
+
+    /// A channel or thread (`type`, `parent_id`, ...).
+    pub async fn channel(&self, channel: u64) -> Result<Value, RestError> {
+        self.send(
+            Method::GET,
+            &format!("/channels/{channel}"),
+            None,
+            "reading a channel",
+        )
+        .await
+    }
+
+    pub async fn create_message(&self, channel: u64, body: Value) -> Result<u64, RestError> {
+        let message = self
+            .send(
+                Method::POST,
+                &format!("/channels/{channel}/messages"),
+                Some(with_no_pings(body)),
+                "posting a message",
+            )
+            .await?;
+        Ok(id_of(&message))
+    }
+
+    /// Posts a message with one file attached (multipart).
+    pub async fn create_message_with_file(
+        &self,
+        channel: u64,
+        body: Value,
+        file: &Attachment,
+    ) -> Result<u64, RestError> {
+        let mut body = with_no_pings(body);
+        body["attachments"] = json!([{"id": 0, "filename": file.name}]);
+        let path = format!("/channels/{channel}/messages");
+        let message = self
+            .retrying("posting a file", || {
+                let form = reqwest::multipart::Form::new()
+                    .text("payload_json", body.to_string())
+                    .part(
+                        "files[0]",
+                        reqwest::multipart::Part::bytes(file.bytes.clone())
+                            .file_name(file.name.clone()),
+                    );
+                self.request(Method::POST, &path).multipart(form)
+            })
+            .await?;
+        Ok(id_of(&message))
+    }
+
+    pub async fn edit_message(
+        &self,
+        channel: u64,
+        message: u64,
+        body: Value,
+    ) -> Result<(), RestError> {
+        self.send(
+            Method::PATCH,
+            &format!("/channels/{channel}/messages/{message}"),
+            Some(with_no_pings(body)),
+            "editing a message",
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Starts a public thread from `message`; the thread id is returned.
+    pub async fn start_thread(
+        &self,
+        channel: u64,
+        message: u64,
+        name: &str,
+    ) -> Result<u64, RestError> {
+        let body = json!({"name": name, "auto_archive_duration": 1440});
+        let thread = self
+            .send(
+                Method::POST,
+                &format!("/channels/{channel}/messages/{message}/threads"),
+                Some(body),
+                "starting a thread",
+            )
+            .await?;
+        Ok(id_of(&thread))
+    }
+
+    pub async fn typing(&self, channel: u64) -> Result<(), RestError> {
+        self.send(
+            Method::POST,
+            &format!("/channels/{channel}/typing"),
+            None,
+            "showing typing",
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Answers an interaction (within Discord's three seconds).
+    pub async fn respond(
+        &self,
+        interaction: u64,
+        token: &str,
+        body: Value,
+    ) -> Result<(), RestError> {
+        self.send(
+            Method::POST,
+            &format!("/interactions/{interaction}/{token}/callback"),
+            Some(body),
+            "answering an interaction",
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Replaces a deferred interaction's "thinking" message.
+    pub async fn edit_original(
+        &self,
+        application: u64,
+        token: &str,
+        body: Value,
+    ) -> Result<(), RestError> {
+        self.send(
+            Method::PATCH,
+            &format!("/webhooks/{application}/{token}/messages/@original"),
+            Some(with_no_pings(body)),
+            "finishing an interaction",
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Replaces the global slash commands with `commands`.
+    pub async fn set_commands(&self, application: u64, commands: Value) -> Result<(), RestError> {
+        self.send(
+            Method::PUT,
+            &format!("/applications/{application}/commands"),
+            Some(commands),
+            "registering slash commands",
+        )
+        .await
+        .map(drop)
+    }
+
+    fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, format!("{}{path}", self.base))
+            .header("Authorization", format!("Bot {}", self.token.expose()))
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        what: &str,
+    ) -> Result<Value, RestError> {
+        self.retrying(what, || {
+            let request = self.request(method.clone(), path);
+            match &body {
+                Some(body) => request.json(body),
+                None => request,
+            }
+        })
+        .await
+    }
+
+    /// Sends what `build` makes until it succeeds, waiting out 429s and
+    /// retrying 5xx and connection failures a bounded number of times.
+    async fn retrying(
+        &self,
+        what: &str,
+        build: impl Fn() -> reqwest::RequestBuilder,
+    ) -> Result<Value, RestError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let last = attempt >= MAX_ATTEMPTS;
+            let response = match build().send().await {
+                Ok(response) => response,
+                Err(e) if !last => {
+                    tracing::warn!(what, error = %e, "Discord request failed; retrying");
+                    tokio::time::sleep(backoff(attempt)).await;
+                    continue;
+                }
+                Err(e) => {
+                    return Err(RestError::Connection {
+                        what: what.into(),
+                        message: e.to_string(),
+                    });
+                }
+            };
+            let status = response.status();
+            let header_wait = response
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<f64>().ok());
+            let text = response.text().await.unwrap_or_default();
+            let body: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+            if status.is_success() {
+                return Ok(body);
+            }
+            if status == StatusCode::TOO_MANY_REQUESTS && !last {
+                let seconds = body["retry_after"].as_f64().or(header_wait).unwrap_or(1.0);
+                let wait = Duration::from_secs_f64(seconds.clamp(0.0, 3600.0));
+                if wait <= MAX_RETRY_AFTER {
+                    tracing::info!(what, ?wait, "Discord rate limit; waiting");
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
+            }
+            if status.is_server_error() && !last {
+                tokio::time::sleep(backoff(attempt)).await;
+                continue;
+            }
+            if status == StatusCode::UNAUTHORIZED {
+                return Err(RestError::Unauthorized);
+            }
+            return Err(RestError::Refused {
+                what: what.into(),
+                status: status.as_u16(),
+                message: body["message"].as_str().unwrap_or(text.as_str()).to_owned(),
+            });
+        }
+    }
+}
+
+fn backoff(attempt: usize) -> Duration {
+    Duration::from_millis(250 * (1 << attempt.min(5)))
+}
+
+/// Model output must never ping @everyone, roles or users.
+fn with_no_pings(mut body: Value) -> Value {
+    if body.is_object() {
+        body["allowed_mentions"] = json!({"parse": []});
+    }
+    body
+}
+
+fn id_of(value: &Value) -> u64 {
+    match &value["id"] {
+        Value::String(s) => s.parse().unwrap_or(0),
+        Value::Number(n) => n.as_u64().unwrap_or(0),
+        _ => 0,
+    }
+}
