@@ -15,6 +15,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
 
+pub mod discord;
+
 use mcpcord::config::Config;
 
 /// One scripted answer of the fake model.

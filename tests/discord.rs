@@ -1,0 +1,643 @@
+//! The Discord bot end to end: the real serenity client against a loopback
+//! Discord (REST + gateway), the real engine, SQLite and MCP servers, and the
+//! loopback model.
+
+mod support;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use mcpcord::app::App;
+use mcpcord::config::DiscordConfig;
+use serde_json::{Value, json};
+use support::discord::{ALICE, BOB, BOT, CHANNEL, FakeDiscord};
+use support::{FakeModel, Reply, call, text};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+struct Running {
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<anyhow::Result<()>>,
+    app: Arc<App>,
+}
+
+impl Running {
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task.await.unwrap().unwrap();
+        self.app.shutdown().await;
+    }
+}
+
+async fn start(
+    discord: &FakeDiscord,
+    model: &FakeModel,
+    dir: &Path,
+    extra: &[(&str, &str)],
+) -> Running {
+    if !dir.join("mcp.json").exists() {
+        support::write_mcp(dir, json!({}));
+    }
+    let app = Arc::new(
+        App::build(&support::config(model, dir, extra))
+            .await
+            .unwrap(),
+    );
+    let mut env: Vec<(String, String)> = vec![
+        ("DISCORD_TOKEN".into(), "discord-secret-token".into()),
+        ("DISCORD_API_BASE_URL".into(), discord.base_url.clone()),
+        ("STREAM_EDIT_INTERVAL_MS".into(), "50".into()),
+    ];
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let config = DiscordConfig::from_lookup(|name| {
+        env.iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    })
+    .unwrap();
+    let registered = discord
+        .calls()
+        .iter()
+        .filter(|c| c.path.ends_with("/commands"))
+        .count();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(mcpcord::discord::run(app.clone(), config, async move {
+        let _ = stopped.await;
+    }));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while discord
+        .calls()
+        .iter()
+        .filter(|c| c.path.ends_with("/commands"))
+        .count()
+        == registered
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the bot never connected: {:#?}",
+            discord.calls()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    Running { stop, task, app }
+}
+
+fn contents(posts: &[Value]) -> Vec<String> {
+    posts
+        .iter()
+        .map(|p| p["content"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_mention_opens_a_thread_where_tools_run_and_the_answer_lands() {
+    let discord = FakeDiscord::start().await;
+    let model = FakeModel::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("notes.txt"), "buy milk").unwrap();
+    support::write_mcp(dir.path(), json!({"fs": support::filesystem(dir.path())}));
+    let list = json!({"path": dir.path()}).to_string();
+    model.script([
+        call("c1", "fs__list_directory", &list),
+        text("You have notes.txt."),
+        text("It was notes.txt."),
+    ]);
+    let bot = start(&discord, &model, dir.path(), &[]).await;
+
+    let first = 500_000_000_000_000_001;
+    discord.dispatch(
+        "MESSAGE_CREATE",
+        discord.message(
+            first,
+            CHANNEL,
+            ALICE,
+            &format!("<@{BOT}> what files do I have?"),
+            true,
+        ),
+    );
+    let thread = discord
+        .wait_for("a thread", |c| {
+            c.path == format!("/channels/{CHANNEL}/messages/{first}/threads")
+        })
+        .await;
+    assert_eq!(thread.body["name"], "what files do I have?");
+    let answer = discord
+        .wait_for("the answer", |c| c.body["content"] == "You have notes.txt.")
+        .await;
+    assert_eq!(answer.path, format!("/channels/{first}/messages"));
+    let notice = &discord.posts(first)[0];
+    assert!(
+        notice["content"]
+            .as_str()
+            .unwrap()
+            .starts_with("🔧 `fs › list_directory`"),
+        "{notice}"
+    );
+    assert_eq!(notice["allowed_mentions"], json!({"parse": []}));
+    discord
+        .wait_for("the notice edited to done", |c| {
+            c.method == "PATCH"
+                && c.body["content"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with("✅ `fs › list_directory`"))
+        })
+        .await;
+    assert!(
+        discord
+            .calls()
+            .iter()
+            .any(|c| c.path == format!("/channels/{first}/typing"))
+    );
+
+    // A follow-up in the thread needs no mention and continues the conversation.
+    discord.dispatch(
+        "MESSAGE_CREATE",
+        discord.message(first + 1, first, ALICE, "which one was it?", false),
+    );
+    discord
+        .wait_for("the follow-up answer", |c| {
+            c.body["content"] == "It was notes.txt."
+        })
+        .await;
+    let sent = &model.requests()[2]["messages"];
+    assert_eq!(sent[0]["content"], "what files do I have?");
+    assert_eq!(
+        sent.as_array().unwrap().last().unwrap()["content"],
+        "which one was it?"
+    );
+    assert!(model.rejected().is_empty());
+    // A message in the channel that does not mention the bot is ignored.
+    discord.dispatch(
+        "MESSAGE_CREATE",
+        discord.message(first + 2, CHANNEL, BOB, "unrelated chatter", false),
+    );
+    bot.stop().await;
+    assert_eq!(model.requests().len(), 3);
+    let all = format!("{:?}", discord.calls());
+    assert!(!all.contains("discord-secret-token") && !all.contains("sk-or-v1-test-secret"));
+}
+
+#[tokio::test]
+async fn long_answers_are_split_with_code_blocks_intact_and_429s_are_waited_out() {
+    let discord = FakeDiscord::start().await;
+    let model = FakeModel::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let code: String = (0..120)
+        .map(|i| format!("let value_{i} = compute({i});\n"))
+        .collect();
+    let long = format!("Here is the program:\n\n```rust\n{code}```\n\nThat is all.");
+    model.script([Reply::Text(long.clone())]);
+    let bot = start(
+        &discord,
+        &model,
+        dir.path(),
+        &[("STREAM_RESPONSES", "false")],
+    )
+    .await;
+    let first = 510_000_000_000_000_001;
+    discord.rate_limit_next(&format!("/channels/{first}/messages"), 0.3);
+    discord.dispatch(
+        "MESSAGE_CREATE",
+        discord.message(first, CHANNEL, ALICE, &format!("<@{BOT}> write it"), true),
+    );
+    discord
+        .wait_for("the end of the answer", |c| {
+            c.body["content"]
+                .as_str()
+                .is_some_and(|s| s.ends_with("That is all."))
+        })
+        .await;
+    let posts = contents(&discord.posts(first));
+    assert!(posts.len() >= 2, "{posts:?}");
+    for post in &posts {
+        assert!(post.chars().count() <= 2000);
+        assert_eq!(
+            post.matches("```").count() % 2,
+            0,
+            "unbalanced fences: {post}"
+        );
+    }
+    assert!(posts[1].starts_with("```rust"), "{}", posts[1]);
+    assert!(posts.join("\n").contains("let value_119 = compute(119);"));
+    assert!(
+        discord.calls().iter().any(|c| c.method == "POST (429)"),
+        "the 429 was scripted"
+    );
+    bot.stop().await;
+}
+
+#[tokio::test]
+async fn two_quick_messages_are_answered_in_order() {
+    let discord = FakeDiscord::start().await;
+    let model = FakeModel::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    model.script([
+        text("Hello."),
+        text("Answer to one."),
+        text("Answer to two."),
+    ]);
+    let bot = start(&discord, &model, dir.path(), &[]).await;
+    let first = 520_000_000_000_000_001;
+    discord.dispatch(
+        "MESSAGE_CREATE",
+        discord.message(first, CHANNEL, ALICE, &format!("<@{BOT}> hi"), true),
+    );
+    discord
+        .wait_for("the greeting", |c| c.body["content"] == "Hello.")
+        .await;
+    discord.dispatch(
+        "MESSAGE_CREATE",
+        discord.message(first + 1, first, ALICE, "one", false),
+    );
+    discord.dispatch(
+        "MESSAGE_CREATE",
+        discord.message(first + 2, first, BOB, "two", false),
+    );
+    discord
+        .wait_for("the second answer", |c| {
+            c.body["content"] == "Answer to two."
+        })
+        .await;
+    let requests = model.requests();
+    let last_user =
+        |r: &Value| r["messages"].as_array().unwrap().last().unwrap()["content"].clone();
+    assert_eq!(last_user(&requests[1]), "one");
+    assert_eq!(last_user(&requests[2]), "two");
+    let answers: Vec<String> = contents(&discord.posts(first))
+        .into_iter()
+        .filter(|c| c.starts_with("Answer"))
+        .collect();
+    assert_eq!(answers, ["Answer to one.", "Answer to two."]);
+    bot.stop().await;
+}
+
+#[tokio::test]
+async fn slash_commands_answer_in_time() {
+    let discord = FakeDiscord::start().await;
+    let model = FakeModel::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    support::write_mcp(dir.path(), json!({"fs": support::filesystem(dir.path())}));
+    model.script([text("Hi!")]);
+    let bot = start(
+        &discord,
+        &model,
+        dir.path(),
+        &[("ADMIN_USERS", &ALICE.to_string())],
+    )
+    .await;
+    let thread = 530_000_000_000_000_001;
+    discord.dispatch(
+        "MESSAGE_CREATE",
+        discord.message(thread, CHANNEL, ALICE, &format!("<@{BOT}> hi"), true),
+    );
+    discord
+        .wait_for("the answer", |c| c.body["content"] == "Hi!")
+        .await;
+
+    let command =
+        |id: u64, user: u64, data: Value| discord.interaction(id, 2, thread, user, data, None);
+    let original = |id: u64| {
+        format!(
+            "/webhooks/{}/token-{id}/messages/@original",
+            support::discord::APP
+        )
+    };
+
+    discord.dispatch(
+        "INTERACTION_CREATE",
+        command(1, ALICE, json!({"id": "1", "name": "usage", "type": 1})),
+    );
+    let usage = discord.wait_for("/usage", |c| c.path == original(1)).await;
+    let usage = usage.body["content"].as_str().unwrap().to_owned();
+    assert!(
+        usage.contains("This thread: 1 responses") && usage.contains("This server today"),
+        "{usage}"
+    );
+    let deferred = discord
+        .calls()
+        .into_iter()
+        .find(|c| c.path == "/interactions/1/token-1/callback")
+        .unwrap();
+    assert_eq!(deferred.body["type"], 5);
+
+    discord.dispatch(
+        "INTERACTION_CREATE",
+        command(2, ALICE, json!({"id": "2", "name": "tools", "type": 1})),
+    );
+    let tools = discord.wait_for("/tools", |c| c.path == original(2)).await;
+    assert!(
+        tools.body["content"]
+            .as_str()
+            .unwrap()
+            .starts_with("**fs**: `read_file`, `read_text_file`"),
+        "{}",
+        tools.body
+    );
+
+    let autocomplete = json!({"id": "3", "name": "model", "type": 1,
+        "options": [{"name": "model", "type": 3, "value": "TOOL", "focused": true}]});
+    discord.dispatch(
+        "INTERACTION_CREATE",
+        discord.interaction(3, 4, thread, ALICE, autocomplete, None),
+    );
+    let choices = discord
+        .wait_for("autocomplete", |c| {
+            c.path == "/interactions/3/token-3/callback"
+        })
+        .await;
+    assert_eq!(
+        choices.body,
+        json!({"type": 8, "data": {"choices": [{"name": "test/tools", "value": "test/tools"}]}})
+    );
+
+    let set = |model: &str| json!({"id": "4", "name": "model", "type": 1, "options": [{"name": "model", "type": 3, "value": model}]});
+    discord.dispatch("INTERACTION_CREATE", command(4, BOB, set("test/small")));
+    let refused = discord
+        .wait_for("/model by a non-admin", |c| c.path == original(4))
+        .await;
+    assert!(
+        refused.body["content"]
+            .as_str()
+            .unwrap()
+            .contains("Only admins"),
+        "{}",
+        refused.body
+    );
+    discord.dispatch(
+        "INTERACTION_CREATE",
+        command(5, ALICE, set("test/no-tools")),
+    );
+    let refused = discord
+        .wait_for("/model without tools", |c| c.path == original(5))
+        .await;
+    assert!(
+        refused.body["content"]
+            .as_str()
+            .unwrap()
+            .contains("cannot use tools"),
+        "{}",
+        refused.body
+    );
+    discord.dispatch("INTERACTION_CREATE", command(6, ALICE, set("test/small")));
+    let set = discord.wait_for("/model", |c| c.path == original(6)).await;
+    assert!(
+        set.body["content"]
+            .as_str()
+            .unwrap()
+            .contains("now uses `test/small`")
+    );
+    assert_eq!(
+        bot.app
+            .engine
+            .model_of(&format!("discord:{thread}"))
+            .await
+            .unwrap(),
+        "test/small"
+    );
+
+    discord.dispatch(
+        "INTERACTION_CREATE",
+        command(7, ALICE, json!({"id": "7", "name": "reset", "type": 1})),
+    );
+    discord.wait_for("/reset", |c| c.path == original(7)).await;
+    use mcpcord::conversation::Store;
+    assert!(
+        bot.app
+            .store
+            .history(&format!("discord:{thread}"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    bot.stop().await;
+}
+
+#[tokio::test]
+async fn approvals_are_granted_denied_timed_out_and_guarded() {
+    let discord = FakeDiscord::start().await;
+    let model = FakeModel::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    support::write_mcp(dir.path(), json!({"fs": support::filesystem(dir.path())}));
+    let write = |name: &str| json!({"path": dir.path().join(name), "content": "x"}).to_string();
+    model.script([
+        call("w1", "fs__write_file", &write("approved.txt")),
+        text("Written."),
+        call("w2", "fs__write_file", &write("denied.txt")),
+        text("Not written."),
+        call("w3", "fs__write_file", &write("ignored.txt")),
+        text("Nobody answered."),
+    ]);
+    let bot = start(
+        &discord,
+        &model,
+        dir.path(),
+        &[("APPROVAL_TIMEOUT_SECS", "1")],
+    )
+    .await;
+    let thread = 540_000_000_000_000_001;
+    let question = |n: usize| {
+        let discord = discord.clone();
+        async move {
+            let mut asked = Vec::new();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            while asked.len() < n {
+                asked = discord
+                    .posts(thread)
+                    .into_iter()
+                    .filter(|p| p["components"].is_array())
+                    .collect();
+                assert!(std::time::Instant::now() < deadline, "no approval question");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            let post = asked.pop().unwrap();
+            let key = post["components"][0]["components"][0]["custom_id"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+            (post, key.trim_start_matches("approve:").to_owned())
+        }
+    };
+    let press = |id: u64, user: u64, custom_id: String, post: &Value| {
+        let data = json!({"custom_id": custom_id, "component_type": 2});
+        let message = json!({"id": "1", "channel_id": thread.to_string(), "author": support::discord::user(BOT, "mcpcord", true),
+            "content": post["content"], "timestamp": "2026-11-26T12:00:00+00:00", "edited_timestamp": null, "tts": false,
+            "mention_everyone": false, "mentions": [], "mention_roles": [], "attachments": [], "embeds": [], "pinned": false, "type": 0});
+        discord.interaction(id, 3, thread, user, data, Some(message))
+    };
+
+    discord.dispatch(
+        "MESSAGE_CREATE",
+        discord.message(
+            thread,
+            CHANNEL,
+            ALICE,
+            &format!("<@{BOT}> write approved.txt"),
+            true,
+        ),
+    );
+    let (post, key) = question(1).await;
+    assert!(
+        post["content"]
+            .as_str()
+            .unwrap()
+            .contains("fs › write_file")
+    );
+    // Bob did not start this turn and is no admin.
+    discord.dispatch(
+        "INTERACTION_CREATE",
+        press(11, BOB, format!("approve:{key}"), &post),
+    );
+    let refused = discord
+        .wait_for("Bob's refusal", |c| {
+            c.path == "/interactions/11/token-11/callback"
+        })
+        .await;
+    assert_eq!(refused.body["data"]["flags"], 64);
+    discord.dispatch(
+        "INTERACTION_CREATE",
+        press(12, ALICE, format!("approve:{key}"), &post),
+    );
+    discord
+        .wait_for("the approved answer", |c| c.body["content"] == "Written.")
+        .await;
+    assert!(dir.path().join("approved.txt").exists());
+    let update = discord
+        .calls()
+        .into_iter()
+        .find(|c| c.path == "/interactions/12/token-12/callback")
+        .unwrap();
+    assert_eq!(update.body["type"], 7);
+    assert_eq!(update.body["data"]["components"], json!([]));
+
+    discord.dispatch(
+        "MESSAGE_CREATE",
+        discord.message(thread + 1, thread, ALICE, "now denied.txt", false),
+    );
+    let (post, key) = question(2).await;
+    discord.dispatch(
+        "INTERACTION_CREATE",
+        press(13, ALICE, format!("deny:{key}"), &post),
+    );
+    discord
+        .wait_for("the denied answer", |c| c.body["content"] == "Not written.")
+        .await;
+    assert!(!dir.path().join("denied.txt").exists());
+
+    discord.dispatch(
+        "MESSAGE_CREATE",
+        discord.message(thread + 2, thread, ALICE, "and ignored.txt", false),
+    );
+    question(3).await;
+    discord
+        .wait_for("the timed-out answer", |c| {
+            c.body["content"] == "Nobody answered."
+        })
+        .await;
+    assert!(!dir.path().join("ignored.txt").exists());
+    assert!(discord.calls().iter().any(|c| {
+        c.body["content"]
+            .as_str()
+            .is_some_and(|s| s.contains("No answer within 1 seconds"))
+    }));
+    let results: Vec<String> = model.requests()[5]["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["role"] == "tool")
+        .map(|m| m["content"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        results[1].contains("declined") && results[2].contains("nobody approved"),
+        "{results:?}"
+    );
+    bot.stop().await;
+}
+
+#[tokio::test]
+async fn a_restarted_bot_carries_on_in_its_threads() {
+    let discord = FakeDiscord::start().await;
+    let model = FakeModel::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    model.script([text("Noted: blue."), text("You said blue.")]);
+    let bot = start(&discord, &model, dir.path(), &[]).await;
+    let thread = 550_000_000_000_000_001;
+    discord.dispatch(
+        "MESSAGE_CREATE",
+        discord.message(
+            thread,
+            CHANNEL,
+            ALICE,
+            &format!("<@{BOT}> my colour is blue"),
+            true,
+        ),
+    );
+    discord
+        .wait_for("the first answer", |c| c.body["content"] == "Noted: blue.")
+        .await;
+    bot.stop().await;
+
+    let bot = start(&discord, &model, dir.path(), &[]).await;
+    discord.dispatch(
+        "MESSAGE_CREATE",
+        discord.message(thread + 1, thread, ALICE, "what is my colour?", false),
+    );
+    discord
+        .wait_for("the answer after the restart", |c| {
+            c.body["content"] == "You said blue."
+        })
+        .await;
+    assert_eq!(
+        model.requests()[1]["messages"][0]["content"],
+        "my colour is blue"
+    );
+    bot.stop().await;
+}
+
+#[tokio::test]
+async fn access_lists_refuse_what_they_should() {
+    let discord = FakeDiscord::start().await;
+    let model = FakeModel::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    model.script([text("Hello Alice.")]);
+    let bot = start(
+        &discord,
+        &model,
+        dir.path(),
+        &[("ALLOWED_USERS", &ALICE.to_string())],
+    )
+    .await;
+    let bob = 560_000_000_000_000_001;
+    discord.dispatch(
+        "MESSAGE_CREATE",
+        discord.message(bob, CHANNEL, BOB, &format!("<@{BOT}> hi"), true),
+    );
+    let alice = bob + 1;
+    discord.dispatch(
+        "MESSAGE_CREATE",
+        discord.message(alice, CHANNEL, ALICE, &format!("<@{BOT}> hi"), true),
+    );
+    discord
+        .wait_for("Alice's answer", |c| c.body["content"] == "Hello Alice.")
+        .await;
+    assert!(
+        !discord
+            .calls()
+            .iter()
+            .any(|c| c.path.contains(&bob.to_string())),
+        "Bob must be ignored"
+    );
+    // DMs are off by default.
+    let mut dm = discord.message(
+        alice + 1,
+        570_000_000_000_000_001,
+        ALICE,
+        "hello in private",
+        false,
+    );
+    dm.as_object_mut().unwrap().remove("guild_id");
+    dm.as_object_mut().unwrap().remove("member");
+    discord.dispatch("MESSAGE_CREATE", dm);
+    bot.stop().await;
+    assert_eq!(model.requests().len(), 1);
+}

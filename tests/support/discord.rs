@@ -1,0 +1,316 @@
+//! A loopback Discord: the REST routes the bot uses and a gateway WebSocket
+//! that the real serenity client connects to. Tests push gateway events and
+//! read back what the bot did.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, State};
+use axum::http::{Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use serde_json::{Value, json};
+use tokio::sync::broadcast;
+
+pub const BOT: u64 = 900_000_000_000_000_001;
+pub const APP: u64 = 900_000_000_000_000_002;
+pub const GUILD: u64 = 100_000_000_000_000_010;
+pub const CHANNEL: u64 = 100_000_000_000_000_100;
+pub const ALICE: u64 = 200_000_000_000_000_001;
+pub const BOB: u64 = 200_000_000_000_000_002;
+
+/// One REST call the bot made.
+#[derive(Debug, Clone)]
+pub struct Call {
+    pub method: String,
+    pub path: String,
+    pub body: Value,
+}
+
+#[derive(Default)]
+struct State_ {
+    calls: Vec<Call>,
+    /// Channel id → its JSON (type, parent_id, guild_id).
+    channels: HashMap<u64, Value>,
+    next_id: u64,
+    /// Scripted 429s: (path suffix, retry_after seconds).
+    rate_limits: VecDeque<(String, f64)>,
+    sequence: u64,
+}
+
+#[derive(Clone)]
+pub struct FakeDiscord {
+    pub base_url: String,
+    state: Arc<Mutex<State_>>,
+    events: broadcast::Sender<String>,
+}
+
+impl FakeDiscord {
+    pub async fn start() -> FakeDiscord {
+        let (events, _) = broadcast::channel(256);
+        let mut state = State_ {
+            next_id: 700_000_000_000_000_000,
+            ..Default::default()
+        };
+        state.channels.insert(
+            CHANNEL,
+            json!({"id": CHANNEL.to_string(), "type": 0, "guild_id": GUILD.to_string()}),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base_url = format!("http://{}", listener.local_addr().unwrap());
+        let fake = FakeDiscord {
+            base_url,
+            state: Arc::new(Mutex::new(state)),
+            events,
+        };
+        let app = Router::new()
+            .route("/gateway", get(gateway))
+            .route("/api/v10/{*path}", any(rest))
+            .with_state(fake.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        fake
+    }
+
+    /// Sends a gateway dispatch (`t`, `d`) to the connected bot.
+    pub fn dispatch(&self, kind: &str, data: Value) {
+        let sequence = {
+            let mut state = self.state.lock().unwrap();
+            state.sequence += 1;
+            state.sequence
+        };
+        let frame = json!({"op": 0, "t": kind, "s": sequence, "d": data});
+        self.events
+            .send(frame.to_string())
+            .expect("no bot is connected");
+    }
+
+    /// Waits until the bot has connected to the gateway.
+    pub async fn wait_connected(&self) {
+        self.wait_for("the bot to register its commands", |c| {
+            c.method == "PUT" && c.path.ends_with("/commands")
+        })
+        .await;
+    }
+
+    /// The next REST call to `path_suffix` answers 429 with `retry_after`.
+    pub fn rate_limit_next(&self, path_suffix: &str, retry_after: f64) {
+        self.state
+            .lock()
+            .unwrap()
+            .rate_limits
+            .push_back((path_suffix.to_owned(), retry_after));
+    }
+
+    pub fn calls(&self) -> Vec<Call> {
+        self.state.lock().unwrap().calls.clone()
+    }
+
+    /// Messages posted (not edits) in `channel`, in order.
+    pub fn posts(&self, channel: u64) -> Vec<Value> {
+        let path = format!("/channels/{channel}/messages");
+        self.calls()
+            .into_iter()
+            .filter(|c| c.method == "POST" && c.path == path)
+            .map(|c| c.body)
+            .collect()
+    }
+
+    /// Waits (up to 20 s) for a call matching `wanted`, and returns it.
+    pub async fn wait_for(&self, what: &str, wanted: impl Fn(&Call) -> bool) -> Call {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(call) = self.calls().into_iter().find(|c| wanted(c)) {
+                return call;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; calls: {:#?}",
+                self.calls()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A message from `author` in `channel`.
+    pub fn message(
+        &self,
+        id: u64,
+        channel: u64,
+        author: u64,
+        content: &str,
+        mentions_bot: bool,
+    ) -> Value {
+        let mentions = if mentions_bot {
+            vec![user(BOT, "mcpcord", true)]
+        } else {
+            vec![]
+        };
+        json!({
+            "id": id.to_string(), "channel_id": channel.to_string(), "guild_id": GUILD.to_string(),
+            "author": user(author, "someone", false),
+            "member": {"roles": [], "joined_at": "2026-01-01T00:00:00+00:00", "deaf": false, "mute": false, "flags": 0},
+            "content": content, "timestamp": "2026-11-26T12:00:00+00:00", "edited_timestamp": null,
+            "tts": false, "mention_everyone": false, "mentions": mentions, "mention_roles": [],
+            "attachments": [], "embeds": [], "pinned": false, "type": 0
+        })
+    }
+
+    /// An interaction (slash command, autocomplete or button) from `user`.
+    pub fn interaction(
+        &self,
+        id: u64,
+        kind: u8,
+        channel: u64,
+        user_id: u64,
+        data: Value,
+        message: Option<Value>,
+    ) -> Value {
+        let mut interaction = json!({
+            "id": id.to_string(), "application_id": APP.to_string(), "type": kind, "data": data,
+            "guild_id": GUILD.to_string(), "channel_id": channel.to_string(),
+            "channel": {"id": channel.to_string(), "type": 11},
+            "member": {"user": user(user_id, "someone", false), "roles": [], "joined_at": "2026-01-01T00:00:00+00:00",
+                       "deaf": false, "mute": false, "flags": 0, "permissions": "0"},
+            "token": format!("token-{id}"), "version": 1, "locale": "en-US", "guild_locale": "en-US",
+            "app_permissions": "0", "entitlements": [], "authorizing_integration_owners": {"0": GUILD.to_string()},
+            "context": 0, "attachment_size_limit": 10485760
+        });
+        if let Some(message) = message {
+            interaction["message"] = message;
+        }
+        interaction
+    }
+}
+
+pub fn user(id: u64, name: &str, bot: bool) -> Value {
+    json!({"id": id.to_string(), "username": name, "discriminator": "0", "global_name": null, "avatar": null, "bot": bot})
+}
+
+async fn gateway(State(fake): State<FakeDiscord>, upgrade: WebSocketUpgrade) -> Response {
+    upgrade.on_upgrade(move |socket| session(fake, socket))
+}
+
+/// HELLO, then READY after IDENTIFY, heartbeat ACKs, and pushed events.
+async fn session(fake: FakeDiscord, mut socket: WebSocket) {
+    let mut events = fake.events.subscribe();
+    let hello = json!({"op": 10, "d": {"heartbeat_interval": 41250}});
+    if socket
+        .send(WsMessage::Text(hello.to_string().into()))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    loop {
+        tokio::select! {
+            incoming = socket.recv() => {
+                let Some(Ok(WsMessage::Text(text))) = incoming else { break };
+                let frame: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+                let reply = match frame["op"].as_u64() {
+                    Some(1) => json!({"op": 11}),
+                    Some(2) => json!({"op": 0, "t": "READY", "s": 0, "d": {
+                        "v": 10, "user": user(BOT, "mcpcord", true), "guilds": [],
+                        "session_id": "session", "resume_gateway_url": format!("{}/gateway", fake.base_url.replace("http", "ws")),
+                        "application": {"id": APP.to_string(), "flags": 0}
+                    }}),
+                    _ => continue,
+                };
+                if socket.send(WsMessage::Text(reply.to_string().into())).await.is_err() {
+                    break;
+                }
+            }
+            event = events.recv() => {
+                let Ok(event) = event else { break };
+                if socket.send(WsMessage::Text(event.into())).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+async fn rest(
+    State(fake): State<FakeDiscord>,
+    method: Method,
+    Path(path): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let path = format!("/{path}");
+    let body: Value = serde_json::from_slice(&body).unwrap_or_else(|_| {
+        // Multipart: keep the payload_json part, which is what a test checks.
+        let text = String::from_utf8_lossy(&body);
+        let payload = text
+            .split("name=\"payload_json\"")
+            .nth(1)
+            .and_then(|rest| rest.split("\r\n\r\n").nth(1))
+            .and_then(|rest| rest.split("\r\n--").next());
+        let mut value = payload
+            .and_then(|p| serde_json::from_str(p).ok())
+            .unwrap_or(Value::Null);
+        if text.contains("name=\"files[0]\"") {
+            value["has_file"] = json!(true);
+        }
+        value
+    });
+    let mut state = fake.state.lock().unwrap();
+    if let Some(position) = state
+        .rate_limits
+        .iter()
+        .position(|(suffix, _)| path.ends_with(suffix.as_str()))
+    {
+        let (_, retry_after) = state.rate_limits.remove(position).unwrap();
+        state.calls.push(Call {
+            method: format!("{method} (429)"),
+            path,
+            body,
+        });
+        let limited = json!({"message": "You are being rate limited.", "retry_after": retry_after, "global": false});
+        return (StatusCode::TOO_MANY_REQUESTS, axum::Json(limited)).into_response();
+    }
+    state.calls.push(Call {
+        method: method.to_string(),
+        path: path.clone(),
+        body: body.clone(),
+    });
+    state.next_id += 1;
+    let id = state.next_id;
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let reply = match (method.as_str(), parts.as_slice()) {
+        ("GET", ["gateway"]) | ("GET", ["gateway", "bot"]) => {
+            json!({"url": fake.base_url.replace("http", "ws") + "/gateway", "shards": 1,
+                   "session_start_limit": {"total": 1000, "remaining": 1000, "reset_after": 0, "max_concurrency": 1}})
+        }
+        ("GET", ["applications", "@me"]) => {
+            json!({"id": APP.to_string(), "name": "mcpcord", "flags": 0})
+        }
+        ("GET", ["users", "@me"]) => user(BOT, "mcpcord", true),
+        ("GET", ["channels", channel]) => match state.channels.get(&channel.parse().unwrap_or(0)) {
+            Some(channel) => channel.clone(),
+            None => {
+                return (
+                    StatusCode::NOT_FOUND,
+                    axum::Json(json!({"message": "Unknown Channel", "code": 10003})),
+                )
+                    .into_response();
+            }
+        },
+        ("POST", ["channels", channel, "messages", message, "threads"]) => {
+            let thread: u64 = message.parse().unwrap();
+            let value = json!({"id": thread.to_string(), "type": 11, "parent_id": channel, "guild_id": GUILD.to_string(), "name": body["name"]});
+            state.channels.insert(thread, value.clone());
+            value
+        }
+        ("POST", ["channels", channel, "messages"]) => {
+            json!({"id": id.to_string(), "channel_id": channel, "content": body["content"]})
+        }
+        ("PATCH", ["channels", channel, "messages", message]) => {
+            json!({"id": message, "channel_id": channel, "content": body["content"]})
+        }
+        ("PUT", ["applications", _, "commands"]) => body.clone(),
+        _ => return StatusCode::NO_CONTENT.into_response(),
+    };
+    axum::Json(reply).into_response()
+}
