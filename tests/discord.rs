@@ -641,3 +641,236 @@ async fn access_lists_refuse_what_they_should() {
     bot.stop().await;
     assert_eq!(model.requests().len(), 1);
 }
+
+#[tokio::test]
+async fn attachments_become_text_images_or_a_notice() {
+    let discord = FakeDiscord::start().await;
+    let model = FakeModel::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    model.script([text("Got them.")]);
+    let bot = start(&discord, &model, dir.path(), &[]).await;
+    let thread = 580_000_000_000_000_001;
+    let mut message = discord.message(
+        thread,
+        CHANNEL,
+        ALICE,
+        &format!("<@{BOT}> look at these"),
+        true,
+    );
+    let file = |id: u64, name: &str, kind: &str| {
+        json!({"id": id.to_string(), "filename": name, "size": 10, "url": discord.attachment_url(name),
+               "proxy_url": discord.attachment_url(name), "content_type": kind})
+    };
+    message["attachments"] = json!([
+        file(1, "notes.txt", "text/plain"),
+        file(2, "pixel.png", "image/png"),
+        file(3, "archive.zip", "application/zip")
+    ]);
+    discord.dispatch("MESSAGE_CREATE", message);
+    discord
+        .wait_for("the answer", |c| c.body["content"] == "Got them.")
+        .await;
+    let sent = &model.requests()[0]["messages"][0]["content"];
+    assert_eq!(
+        sent[0]["text"],
+        "look at these\n\n[attached file notes.txt]\nline one\nline two"
+    );
+    assert_eq!(
+        sent[1]["image_url"]["url"],
+        discord.attachment_url("pixel.png")
+    );
+    let notices = contents(&discord.posts(thread));
+    assert!(
+        notices
+            .iter()
+            .any(|n| n.contains("archive.zip was left out")),
+        "{notices:?}"
+    );
+    bot.stop().await;
+}
+
+#[tokio::test]
+async fn a_truncated_tool_result_is_attached_in_full() {
+    let discord = FakeDiscord::start().await;
+    let model = FakeModel::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("big.txt"), "word ".repeat(200)).unwrap();
+    support::write_mcp(dir.path(), json!({"fs": support::filesystem(dir.path())}));
+    let read = json!({"path": dir.path().join("big.txt")}).to_string();
+    model.script([call("r1", "fs__read_text_file", &read), text("It is long.")]);
+    let bot = start(
+        &discord,
+        &model,
+        dir.path(),
+        &[("TOOL_RESULT_MAX_CHARS", "50")],
+    )
+    .await;
+    let thread = 590_000_000_000_000_001;
+    discord.dispatch(
+        "MESSAGE_CREATE",
+        discord.message(
+            thread,
+            CHANNEL,
+            ALICE,
+            &format!("<@{BOT}> read big.txt"),
+            true,
+        ),
+    );
+    discord
+        .wait_for("the answer", |c| c.body["content"] == "It is long.")
+        .await;
+    let file = discord
+        .posts(thread)
+        .into_iter()
+        .find(|p| p["has_file"] == true)
+        .expect("the full output as a file");
+    assert_eq!(
+        file["attachments"][0]["filename"],
+        "fs-read_text_file-output.txt"
+    );
+    bot.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_waits_for_the_grace_period_then_cuts_the_turn_cleanly() {
+    let discord = FakeDiscord::start().await;
+    let model = FakeModel::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    model.script([Reply::Hang]);
+    let bot = start(
+        &discord,
+        &model,
+        dir.path(),
+        &[("SHUTDOWN_GRACE_SECS", "1")],
+    )
+    .await;
+    let thread = 600_000_000_000_000_001;
+    discord.dispatch(
+        "MESSAGE_CREATE",
+        discord.message(
+            thread,
+            CHANNEL,
+            ALICE,
+            &format!("<@{BOT}> think hard"),
+            true,
+        ),
+    );
+    model.wait_for_requests(1).await;
+    bot.stop().await;
+    assert!(
+        contents(&discord.posts(thread))
+            .iter()
+            .any(|c| c.contains("cut short"))
+    );
+    // What the user wrote is kept, and nothing dangles.
+    let url = format!("sqlite://{}", dir.path().join("mcpcord.db").display());
+    let store = mcpcord::store::SqliteStore::open(&url).await.unwrap();
+    use mcpcord::conversation::Store;
+    let history = store.history(&format!("discord:{thread}")).await.unwrap();
+    assert_eq!(history.len(), 1);
+    assert_eq!(history[0].text(), "think hard");
+}
+
+#[tokio::test]
+async fn direct_messages_work_when_allowed() {
+    let discord = FakeDiscord::start().await;
+    let model = FakeModel::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    model.script([text("Hello in private.")]);
+    let bot = start(&discord, &model, dir.path(), &[("ALLOW_DMS", "true")]).await;
+    let dm_channel = 610_000_000_000_000_001;
+    let mut dm = discord.message(
+        610_000_000_000_000_002,
+        dm_channel,
+        ALICE,
+        "hi there",
+        false,
+    );
+    dm.as_object_mut().unwrap().remove("guild_id");
+    dm.as_object_mut().unwrap().remove("member");
+    discord.dispatch("MESSAGE_CREATE", dm);
+    discord
+        .wait_for("the DM answer", |c| {
+            c.path == format!("/channels/{dm_channel}/messages")
+                && c.body["content"] == "Hello in private."
+        })
+        .await;
+    bot.stop().await;
+}
+
+#[tokio::test]
+async fn the_run_command_explains_token_problems_and_stops_on_sigterm() {
+    let discord = FakeDiscord::start().await;
+    let model = FakeModel::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let command = |token: Option<&str>| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_mcpcord"));
+        cmd.current_dir(dir.path())
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("OPENROUTER_API_KEY", "sk-or-v1-test-secret")
+            .env("OPENROUTER_BASE_URL", &model.base_url)
+            .env("DISCORD_API_BASE_URL", &discord.base_url)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        if let Some(token) = token {
+            cmd.env("DISCORD_TOKEN", token);
+        }
+        cmd
+    };
+    let output = tokio::task::spawn_blocking({
+        let mut cmd = command(None);
+        move || cmd.output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("Missing DISCORD_TOKEN"));
+
+    let output = tokio::task::spawn_blocking({
+        let mut cmd = command(Some("wrong-token"));
+        move || cmd.output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(
+        err.contains("rejected the bot token") && !err.contains("wrong-token"),
+        "{err}"
+    );
+
+    // With the right token it connects; SIGTERM stops it cleanly.
+    let registered = discord
+        .calls()
+        .iter()
+        .filter(|c| c.path.ends_with("/commands"))
+        .count();
+    let child = command(Some(support::discord::TOKEN)).spawn().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while discord
+        .calls()
+        .iter()
+        .filter(|c| c.path.ends_with("/commands"))
+        .count()
+        == registered
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the bot never connected"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

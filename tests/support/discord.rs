@@ -68,6 +68,7 @@ impl FakeDiscord {
         };
         let app = Router::new()
             .route("/gateway", get(gateway))
+            .route("/attachments/{name}", get(attachment))
             .route("/api/v10/{*path}", any(rest))
             .with_state(fake.clone());
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
@@ -132,6 +133,11 @@ impl FakeDiscord {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// The URL of a file the fake serves (see `attachment`).
+    pub fn attachment_url(&self, name: &str) -> String {
+        format!("{}/attachments/{name}", self.base_url)
     }
 
     /// A message from `author` in `channel`.
@@ -232,13 +238,33 @@ async fn session(fake: FakeDiscord, mut socket: WebSocket) {
     }
 }
 
+/// The token the fake accepts.
+pub const TOKEN: &str = "discord-secret-token";
+
+/// Files that messages attach, served like Discord's CDN.
+async fn attachment(Path(name): Path<String>) -> Response {
+    match name.as_str() {
+        "notes.txt" => "line one\nline two".into_response(),
+        "pixel.png" => vec![0x89u8, b'P', b'N', b'G'].into_response(),
+        _ => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
 async fn rest(
     State(fake): State<FakeDiscord>,
     method: Method,
     Path(path): Path<String>,
+    headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
     let path = format!("/{path}");
+    let expected = format!("Bot {TOKEN}");
+    let authorised =
+        headers.get("authorization").and_then(|v| v.to_str().ok()) == Some(expected.as_str());
+    if !authorised && !path.starts_with("/interactions/") && !path.starts_with("/webhooks/") {
+        let body = json!({"message": "401: Unauthorized", "code": 0});
+        return (StatusCode::UNAUTHORIZED, axum::Json(body)).into_response();
+    }
     let body: Value = serde_json::from_slice(&body).unwrap_or_else(|_| {
         // Multipart: keep the payload_json part, which is what a test checks.
         let text = String::from_utf8_lossy(&body);
