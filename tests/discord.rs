@@ -874,3 +874,45 @@ async fn the_run_command_explains_token_problems_and_stops_on_sigterm() {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+#[tokio::test]
+async fn in_other_threads_a_mention_is_needed_and_errors_are_explained() {
+    let discord = FakeDiscord::start().await;
+    let model = FakeModel::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    model.script([Reply::Status(402, "Insufficient credits".into(), None)]);
+    let bot = start(&discord, &model, dir.path(), &[]).await;
+    let thread = 620_000_000_000_000_001;
+    discord.add_thread(thread);
+    discord.dispatch(
+        "MESSAGE_CREATE",
+        discord.message(thread + 1, thread, ALICE, "no mention here", false),
+    );
+    discord.dispatch(
+        "MESSAGE_CREATE",
+        discord.message(thread + 2, thread, ALICE, &format!("<@{BOT}> now?"), true),
+    );
+    let error = discord
+        .wait_for("the explained error", |c| {
+            c.path == format!("/channels/{thread}/messages")
+                && c.body["content"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with("❌"))
+        })
+        .await;
+    assert!(
+        error.body["content"]
+            .as_str()
+            .unwrap()
+            .contains("out of credits"),
+        "{}",
+        error.body
+    );
+    assert!(
+        !discord.calls().iter().any(|c| c.path.ends_with("/threads")),
+        "no new thread inside a thread"
+    );
+    bot.stop().await;
+    assert_eq!(model.requests().len(), 1, "only the mention is a turn");
+    assert_eq!(model.requests()[0]["messages"][0]["content"], "now?");
+}

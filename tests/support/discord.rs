@@ -135,6 +135,12 @@ impl FakeDiscord {
         }
     }
 
+    /// A thread that someone else started in `CHANNEL`.
+    pub fn add_thread(&self, id: u64) {
+        let thread = json!({"id": id.to_string(), "type": 11, "parent_id": CHANNEL.to_string(), "guild_id": GUILD.to_string()});
+        self.state.lock().unwrap().channels.insert(id, thread);
+    }
+
     /// The URL of a file the fake serves (see `attachment`).
     pub fn attachment_url(&self, name: &str) -> String {
         format!("{}/attachments/{name}", self.base_url)
