@@ -10,9 +10,11 @@
 //! - [`config`]: the environment, read once into a typed struct.
 //! - [`discord`]: the Discord bot (`mcpcord run`): threads as conversations.
 //! - [`terminal`]: `mcpcord chat`, the engine on stdin/stdout.
+//! - [`check`]: `mcpcord check`, a report on the configuration and its peers.
 //! - [`app`]: the composition root: builds the adapters, runs a surface, shuts down in order.
 
 pub mod app;
+pub mod check;
 pub mod config;
 pub mod conversation;
 pub mod discord;

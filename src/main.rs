@@ -25,6 +25,8 @@ struct Cli {
 enum Command {
     /// Run the Discord bot (needs DISCORD_TOKEN).
     Run,
+    /// Check the configuration, the MCP servers, the OpenRouter key and model, and the Discord token.
+    Check,
     /// Chat in the terminal: one message per line on stdin, answers on stdout.
     Chat {
         /// Conversation name; running again with the same name continues it.
@@ -58,8 +60,8 @@ async fn main() -> ExitCode {
     // A missing .env is normal; variables may come from the environment.
     let _ = dotenvy::dotenv();
     // The bot logs what it does; the terminal chat only its problems.
-    let chatting = matches!(cli.command, Some(Command::Chat { .. }));
-    init_logging(if chatting { "warn" } else { "info" });
+    let quiet = matches!(cli.command, Some(Command::Chat { .. } | Command::Check));
+    init_logging(if quiet { "warn" } else { "info" });
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -70,8 +72,15 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    let command = cli.command.unwrap_or(Command::Run);
+    if let Command::Check = command {
+        let problems = mcpcord::check::run(&mut std::io::stdout()).await?;
+        anyhow::ensure!(problems == 0, "mcpcord check found {problems} problem(s)");
+        return Ok(());
+    }
     let config = Config::from_env()?;
-    match cli.command.unwrap_or(Command::Run) {
+    match command {
+        Command::Check => Ok(()),
         Command::Run => {
             let discord = DiscordConfig::from_env()?;
             let app = Arc::new(App::build(&config).await?);

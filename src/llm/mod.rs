@@ -165,6 +165,34 @@ impl OpenRouter {
         }
     }
 
+    /// Checks that the endpoint accepts the key: OpenRouter's `GET /key`,
+    /// or `GET /models` on endpoints that have no `/key`.
+    pub async fn verify_key(&self) -> Result<(), ModelError> {
+        for path in ["key", "models"] {
+            let response = self
+                .http
+                .get(format!("{}/{path}", self.base_url))
+                .bearer_auth(self.api_key.expose())
+                .timeout(self.timeout)
+                .send()
+                .await
+                .map_err(connection_error)?;
+            let status = response.status();
+            if status.is_success() {
+                return Ok(());
+            }
+            if status.as_u16() == 404 && path == "key" {
+                continue;
+            }
+            let body: Value = response.json().await.unwrap_or(Value::Null);
+            return Err(error_from_body(
+                Some(status.as_u16()),
+                body.get("error").unwrap_or(&body),
+            ));
+        }
+        Ok(())
+    }
+
     async fn fetch_catalogue(&self) -> Result<Catalogue, ModelError> {
         let response = self
             .http

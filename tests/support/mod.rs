@@ -72,6 +72,7 @@ impl FakeModel {
         let app = Router::new()
             .route("/v1/chat/completions", post(completions))
             .route("/v1/models", get(models))
+            .route("/v1/key", get(key))
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
@@ -113,6 +114,23 @@ impl FakeModel {
     }
 }
 
+/// The key the fake accepts.
+pub const KEY: &str = "sk-or-v1-test-secret";
+
+fn authorised(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        == Some(&format!("Bearer {KEY}"))
+}
+
+async fn key(headers: axum::http::HeaderMap) -> Response {
+    if !authorised(&headers) {
+        return error(401, "No auth credentials found");
+    }
+    axum::Json(json!({"data": {"label": "test", "limit": null, "usage": 0}})).into_response()
+}
+
 async fn models(State(state): State<Arc<Mutex<Fake>>>) -> Response {
     let models = state.lock().unwrap().models.clone();
     axum::Json(models).into_response()
@@ -123,7 +141,14 @@ fn error(status: u16, message: &str) -> Response {
     (StatusCode::from_u16(status).unwrap(), axum::Json(body)).into_response()
 }
 
-async fn completions(State(state): State<Arc<Mutex<Fake>>>, body: String) -> Response {
+async fn completions(
+    State(state): State<Arc<Mutex<Fake>>>,
+    headers: axum::http::HeaderMap,
+    body: String,
+) -> Response {
+    if !authorised(&headers) {
+        return error(401, "No auth credentials found");
+    }
     let request: Value = match serde_json::from_str(&body) {
         Ok(v) => v,
         Err(e) => return error(400, &format!("invalid JSON body: {e}")),

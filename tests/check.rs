@@ -1,0 +1,149 @@
+//! `mcpcord check` catches the common mistakes and says what to fix.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use serde_json::json;
+use support::FakeModel;
+use support::discord::FakeDiscord;
+
+async fn check(model: &FakeModel, dir: &Path, env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mcpcord"));
+    cmd.arg("check")
+        .current_dir(dir)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("OPENROUTER_API_KEY", support::KEY)
+        .env("OPENROUTER_BASE_URL", &model.base_url)
+        .env("DEFAULT_MODEL", "test/tools")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (name, value) in env {
+        cmd.env(name, value);
+    }
+    tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap()
+}
+
+fn report(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+#[tokio::test]
+async fn a_good_setup_passes_and_lists_tools_as_the_model_sees_them() {
+    let model = FakeModel::start().await;
+    let discord = FakeDiscord::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    support::write_mcp(dir.path(), json!({"fs": support::filesystem(dir.path())}));
+    let env = [
+        ("DISCORD_TOKEN", support::discord::TOKEN),
+        ("DISCORD_API_BASE_URL", discord.base_url.as_str()),
+    ];
+    let output = check(&model, dir.path(), &env).await;
+    let text = report(&output);
+    assert!(output.status.success(), "{text}");
+    assert!(
+        text.contains("MCP server \"fs\": 14 tool(s): fs__read_file, fs__read_text_file"),
+        "{text}"
+    );
+    assert!(
+        text.contains("default model test/tools: supports tools"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Discord: the token belongs to the application \"mcpcord\""),
+        "{text}"
+    );
+    assert!(text.contains("All checks passed."));
+    assert!(!text.contains(support::KEY) && !text.contains(support::discord::TOKEN));
+}
+
+#[tokio::test]
+async fn each_common_mistake_is_named_with_what_to_do() {
+    let model = FakeModel::start().await;
+    let discord = FakeDiscord::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    support::write_mcp(dir.path(), json!({}));
+
+    let output = check(&model, dir.path(), &[("OPENROUTER_API_KEY", "")]).await;
+    assert!(!output.status.success());
+    assert!(
+        report(&output).contains("Missing OPENROUTER_API_KEY"),
+        "{}",
+        report(&output)
+    );
+
+    let output = check(
+        &model,
+        dir.path(),
+        &[("OPENROUTER_API_KEY", "sk-or-v1-wrong")],
+    )
+    .await;
+    assert!(!output.status.success());
+    assert!(
+        report(&output).contains("API key was rejected"),
+        "{}",
+        report(&output)
+    );
+
+    let output = check(&model, dir.path(), &[("DEFAULT_MODEL", "test/no-tools")]).await;
+    assert!(!output.status.success());
+    assert!(
+        report(&output).contains("default model test/no-tools cannot use tools"),
+        "{}",
+        report(&output)
+    );
+
+    let output = check(&model, dir.path(), &[("DEFAULT_MODEL", "gpt-4o")]).await;
+    assert!(
+        report(&output).contains("is not in the model list"),
+        "{}",
+        report(&output)
+    );
+
+    let env = [
+        ("DISCORD_TOKEN", "wrong"),
+        ("DISCORD_API_BASE_URL", discord.base_url.as_str()),
+    ];
+    let output = check(&model, dir.path(), &env).await;
+    assert!(!output.status.success());
+    assert!(
+        report(&output).contains("Discord rejected the bot token"),
+        "{}",
+        report(&output)
+    );
+
+    std::fs::write(
+        dir.path().join("mcp.json"),
+        r#"{"mcpServers": {"fs": {"command": "npx", "args": "-y"}}}"#,
+    )
+    .unwrap();
+    let output = check(&model, dir.path(), &[]).await;
+    assert!(!output.status.success());
+    assert!(
+        report(&output).contains("server \"fs\", key \"args\": must be a list of strings"),
+        "{}",
+        report(&output)
+    );
+
+    support::write_mcp(
+        dir.path(),
+        json!({"broken": {"command": "/nonexistent/server"}, "fs": support::filesystem(dir.path())}),
+    );
+    let output = check(&model, dir.path(), &[]).await;
+    let text = report(&output);
+    assert!(!output.status.success());
+    assert!(
+        text.contains("PROBLEM  MCP server \"broken\"") && text.contains("Check its command"),
+        "{text}"
+    );
+    assert!(text.contains("ok       MCP server \"fs\""), "{text}");
+    assert!(text.contains("1 problem found"), "{text}");
+}
