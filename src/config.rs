@@ -309,6 +309,8 @@ pub struct DiscordConfig {
     pub approval_timeout: Duration,
     /// `SHUTDOWN_GRACE_SECS`: how long running turns may finish at shutdown.
     pub shutdown_grace: Duration,
+    /// `HEALTH_FILE`: where the bot records its gateway connection for `mcpcord health`.
+    pub health_file: Option<PathBuf>,
 }
 
 impl DiscordConfig {
@@ -348,6 +350,7 @@ impl DiscordConfig {
             )?),
             approval_timeout: seconds(&get, "APPROVAL_TIMEOUT_SECS", Duration::from_secs(300))?,
             shutdown_grace: seconds(&get, "SHUTDOWN_GRACE_SECS", Duration::from_secs(30))?,
+            health_file: get("HEALTH_FILE").map(PathBuf::from),
         })
     }
 }

@@ -27,6 +27,8 @@ enum Command {
     Run,
     /// Check the configuration, the MCP servers, the OpenRouter key and model, and the Discord token.
     Check,
+    /// Exit 0 when the running bot is connected to Discord (reads HEALTH_FILE; for HEALTHCHECK).
+    Health,
     /// Chat in the terminal: one message per line on stdin, answers on stdout.
     Chat {
         /// Conversation name; running again with the same name continues it.
@@ -60,7 +62,10 @@ async fn main() -> ExitCode {
     // A missing .env is normal; variables may come from the environment.
     let _ = dotenvy::dotenv();
     // The bot logs what it does; the terminal chat only its problems.
-    let quiet = matches!(cli.command, Some(Command::Chat { .. } | Command::Check));
+    let quiet = matches!(
+        cli.command,
+        Some(Command::Chat { .. } | Command::Check | Command::Health)
+    );
     init_logging(if quiet { "warn" } else { "info" });
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
@@ -73,6 +78,14 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let command = cli.command.unwrap_or(Command::Run);
+    if let Command::Health = command {
+        let path = std::env::var_os("HEALTH_FILE").ok_or_else(|| {
+            anyhow::anyhow!("Missing HEALTH_FILE: set it for both the bot and this check")
+        })?;
+        mcpcord::discord::health::read(std::path::Path::new(&path)).map_err(anyhow::Error::msg)?;
+        println!("healthy: connected to Discord");
+        return Ok(());
+    }
     if let Command::Check = command {
         let problems = mcpcord::check::run(&mut std::io::stdout()).await?;
         anyhow::ensure!(problems == 0, "mcpcord check found {problems} problem(s)");
@@ -80,7 +93,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let config = Config::from_env()?;
     match command {
-        Command::Check => Ok(()),
+        Command::Check | Command::Health => Ok(()),
         Command::Run => {
             let discord = DiscordConfig::from_env()?;
             let app = Arc::new(App::build(&config).await?);

@@ -840,13 +840,26 @@ async fn the_run_command_explains_token_problems_and_stops_on_sigterm() {
         "{err}"
     );
 
-    // With the right token it connects; SIGTERM stops it cleanly.
+    // With the right token it connects and says so to `mcpcord health`;
+    // SIGTERM stops it cleanly.
+    let health_file = dir.path().join("health");
+    let health = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_mcpcord"))
+            .arg("health")
+            .env("HEALTH_FILE", &health_file)
+            .output()
+            .unwrap()
+    };
+    assert!(!health().status.success(), "healthy before the bot ran");
     let registered = discord
         .calls()
         .iter()
         .filter(|c| c.path.ends_with("/commands"))
         .count();
-    let child = command(Some(support::discord::TOKEN)).spawn().unwrap();
+    let child = command(Some(support::discord::TOKEN))
+        .env("HEALTH_FILE", &health_file)
+        .spawn()
+        .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while discord
         .calls()
@@ -861,6 +874,12 @@ async fn the_run_command_explains_token_problems_and_stops_on_sigterm() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+    let checked = health();
+    assert!(
+        checked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&checked.stderr)
+    );
     std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

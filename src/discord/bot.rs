@@ -794,6 +794,11 @@ impl EventHandler for Handler {
         let bot = &self.0;
         bot.me.store(ready.user.id.get(), Ordering::SeqCst);
         tracing::info!(user = %ready.user.name, guilds = ready.guilds.len(), "connected to Discord");
+        if let Some(path) = &bot.config.health_file
+            && let Err(error) = super::health::write(path, true)
+        {
+            tracing::warn!(%error, "could not write the health file");
+        }
         if let Err(error) = bot.register_commands().await {
             tracing::error!(%error, "could not register slash commands");
         }

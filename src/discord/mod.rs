@@ -7,6 +7,7 @@
 //!   approval buttons.
 
 mod bot;
+pub mod health;
 pub mod render;
 pub mod rest;
 
@@ -20,6 +21,9 @@ use tokio_util::task::TaskTracker;
 use crate::app::App;
 use crate::config::DiscordConfig;
 use bot::{Bot, Handler};
+
+/// How often the health file is refreshed.
+const HEALTH_EVERY: Duration = Duration::from_secs(15);
 use rest::Rest;
 
 /// What the bot needs from Discord: messages in servers and DMs (with their
@@ -71,6 +75,30 @@ pub async fn run(
         .await?;
     let shards = client.shard_manager.clone();
     let mut gateway = tokio::spawn(async move { client.start().await });
+    let health = config.health_file.clone().map(|path| {
+        let shards = shards.clone();
+        let stop = CancellationToken::new();
+        let done = stop.clone();
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(HEALTH_EVERY);
+            loop {
+                tokio::select! {
+                    () = done.cancelled() => break,
+                    _ = ticks.tick() => {}
+                }
+                let connected = shards
+                    .runners
+                    .lock()
+                    .await
+                    .values()
+                    .any(|runner| runner.stage == serenity::gateway::ConnectionStage::Connected);
+                if let Err(error) = health::write(&path, connected) {
+                    tracing::warn!(%error, path = %path.display(), "could not write the health file");
+                }
+            }
+        });
+        stop
+    });
 
     tokio::select! {
         () = shutdown => tracing::info!("shutting down: no new messages are taken"),
@@ -80,6 +108,12 @@ pub async fn run(
         }
     }
     bot.stop_accepting();
+    if let Some(health) = health {
+        health.cancel();
+    }
+    if let Some(path) = &config.health_file {
+        let _ = health::write(path, false);
+    }
     shards.shutdown_all().await;
     let _ = tokio::time::timeout(Duration::from_secs(10), gateway).await;
     turns.close();
