@@ -107,21 +107,11 @@ impl Config {
 
     /// Reads the configuration through `lookup`, so tests need no globals.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let get = |name: &str| {
-            lookup(name)
-                .map(|v| v.trim().to_owned())
-                .filter(|v| !v.is_empty())
-        };
+        let get = non_empty(lookup);
         let defaults = Limits::default();
         let api_key =
             get("OPENROUTER_API_KEY").ok_or(ConfigError::Missing("OPENROUTER_API_KEY"))?;
-        let base_url = get("OPENROUTER_BASE_URL").unwrap_or_else(|| DEFAULT_BASE_URL.to_owned());
-        if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
-            return Err(ConfigError::Invalid {
-                name: "OPENROUTER_BASE_URL",
-                problem: format!("{base_url:?} is not an http:// or https:// URL"),
-            });
-        }
+        let base_url = http_url(&get, "OPENROUTER_BASE_URL", DEFAULT_BASE_URL)?;
         let limits = Limits {
             max_tool_rounds: number(&get, "MAX_TOOL_ROUNDS", defaults.max_tool_rounds)?,
             tool_timeout: seconds(&get, "TOOL_TIMEOUT_SECS", defaults.tool_timeout)?,
@@ -150,7 +140,7 @@ impl Config {
         };
         Ok(Config {
             api_key: Secret::new(api_key),
-            base_url: base_url.trim_end_matches('/').to_owned(),
+            base_url,
             default_model: get("DEFAULT_MODEL").unwrap_or_else(|| DEFAULT_MODEL.to_owned()),
             system_prompt: get("SYSTEM_PROMPT"),
             database_url: get("DATABASE_URL").unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned()),
@@ -162,6 +152,31 @@ impl Config {
             limits,
         })
     }
+}
+
+/// The variable through `lookup`, trimmed; empty counts as unset.
+fn non_empty(lookup: impl Fn(&str) -> Option<String>) -> impl Fn(&str) -> Option<String> {
+    move |name| {
+        lookup(name)
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+    }
+}
+
+/// An http(s) URL without a trailing slash.
+fn http_url(
+    get: &impl Fn(&str) -> Option<String>,
+    name: &'static str,
+    default: &str,
+) -> Result<String, ConfigError> {
+    let url = get(name).unwrap_or_else(|| default.to_owned());
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err(ConfigError::Invalid {
+            name,
+            problem: format!("{url:?} is not an http:// or https:// URL"),
+        });
+    }
+    Ok(url.trim_end_matches('/').to_owned())
 }
 
 /// A positive whole number.
@@ -319,23 +334,12 @@ impl DiscordConfig {
     }
 
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let get = |name: &str| {
-            lookup(name)
-                .map(|v| v.trim().to_owned())
-                .filter(|v| !v.is_empty())
-        };
+        let get = non_empty(lookup);
         let token = get("DISCORD_TOKEN").ok_or(ConfigError::Missing("DISCORD_TOKEN"))?;
-        let api_base =
-            get("DISCORD_API_BASE_URL").unwrap_or_else(|| "https://discord.com".to_owned());
-        if !(api_base.starts_with("http://") || api_base.starts_with("https://")) {
-            return Err(ConfigError::Invalid {
-                name: "DISCORD_API_BASE_URL",
-                problem: format!("{api_base:?} is not an http:// or https:// URL"),
-            });
-        }
+        let api_base = http_url(&get, "DISCORD_API_BASE_URL", "https://discord.com")?;
         Ok(DiscordConfig {
             token: Secret::new(token),
-            api_base: api_base.trim_end_matches('/').to_owned(),
+            api_base,
             allowed_guilds: ids(&get, "ALLOWED_GUILDS")?,
             allowed_channels: ids(&get, "ALLOWED_CHANNELS")?,
             allowed_roles: ids(&get, "ALLOWED_ROLES")?,

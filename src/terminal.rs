@@ -171,19 +171,6 @@ async fn turn(
         out.flush()?;
         std::io::Result::Ok(())
     };
-    let (outcome, rendered) = tokio::join!(run, render);
-    if let Ok(outcome) = outcome {
-        tracing::info!(
-            conversation,
-            model = %outcome.model,
-            rounds = outcome.rounds,
-            tool_calls = outcome.tool_calls,
-            prompt_tokens = outcome.usage.prompt_tokens,
-            completion_tokens = outcome.usage.completion_tokens,
-            cost = outcome.usage.cost,
-            duration_ms = outcome.duration.as_millis() as u64,
-            "turn finished"
-        );
-    }
+    let (_, rendered) = tokio::join!(run, render);
     rendered
 }

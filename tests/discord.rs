@@ -83,6 +83,20 @@ async fn start(
     Running { stop, task, app }
 }
 
+/// Alice mentions the bot in `CHANNEL` with message `id`.
+fn mention(discord: &FakeDiscord, id: u64, text: &str) {
+    let message = discord.message(id, CHANNEL, ALICE, &format!("<@{BOT}> {text}"), true);
+    discord.dispatch("MESSAGE_CREATE", message);
+}
+
+/// `author` writes `text` in `channel` without a mention.
+fn say(discord: &FakeDiscord, id: u64, channel: u64, author: u64, text: &str) {
+    discord.dispatch(
+        "MESSAGE_CREATE",
+        discord.message(id, channel, author, text, false),
+    );
+}
+
 fn contents(posts: &[Value]) -> Vec<String> {
     posts
         .iter()
@@ -106,16 +120,7 @@ async fn a_mention_opens_a_thread_where_tools_run_and_the_answer_lands() {
     let bot = start(&discord, &model, dir.path(), &[]).await;
 
     let first = 500_000_000_000_000_001;
-    discord.dispatch(
-        "MESSAGE_CREATE",
-        discord.message(
-            first,
-            CHANNEL,
-            ALICE,
-            &format!("<@{BOT}> what files do I have?"),
-            true,
-        ),
-    );
+    mention(&discord, first, "what files do I have?");
     let thread = discord
         .wait_for("a thread", |c| {
             c.path == format!("/channels/{CHANNEL}/messages/{first}/threads")
@@ -151,10 +156,7 @@ async fn a_mention_opens_a_thread_where_tools_run_and_the_answer_lands() {
     );
 
     // A follow-up in the thread needs no mention and continues the conversation.
-    discord.dispatch(
-        "MESSAGE_CREATE",
-        discord.message(first + 1, first, ALICE, "which one was it?", false),
-    );
+    say(&discord, first + 1, first, ALICE, "which one was it?");
     discord
         .wait_for("the follow-up answer", |c| {
             c.body["content"] == "It was notes.txt."
@@ -168,10 +170,7 @@ async fn a_mention_opens_a_thread_where_tools_run_and_the_answer_lands() {
     );
     assert!(model.rejected().is_empty());
     // A message in the channel that does not mention the bot is ignored.
-    discord.dispatch(
-        "MESSAGE_CREATE",
-        discord.message(first + 2, CHANNEL, BOB, "unrelated chatter", false),
-    );
+    say(&discord, first + 2, CHANNEL, BOB, "unrelated chatter");
     bot.stop().await;
     assert_eq!(model.requests().len(), 3);
     let all = format!("{:?}", discord.calls());
@@ -197,10 +196,7 @@ async fn long_answers_are_split_with_code_blocks_intact_and_429s_are_waited_out(
     .await;
     let first = 510_000_000_000_000_001;
     discord.rate_limit_next(&format!("/channels/{first}/messages"), 0.3);
-    discord.dispatch(
-        "MESSAGE_CREATE",
-        discord.message(first, CHANNEL, ALICE, &format!("<@{BOT}> write it"), true),
-    );
+    mention(&discord, first, "write it");
     discord
         .wait_for("the end of the answer", |c| {
             c.body["content"]
@@ -239,21 +235,12 @@ async fn two_quick_messages_are_answered_in_order() {
     ]);
     let bot = start(&discord, &model, dir.path(), &[]).await;
     let first = 520_000_000_000_000_001;
-    discord.dispatch(
-        "MESSAGE_CREATE",
-        discord.message(first, CHANNEL, ALICE, &format!("<@{BOT}> hi"), true),
-    );
+    mention(&discord, first, "hi");
     discord
         .wait_for("the greeting", |c| c.body["content"] == "Hello.")
         .await;
-    discord.dispatch(
-        "MESSAGE_CREATE",
-        discord.message(first + 1, first, ALICE, "one", false),
-    );
-    discord.dispatch(
-        "MESSAGE_CREATE",
-        discord.message(first + 2, first, BOB, "two", false),
-    );
+    say(&discord, first + 1, first, ALICE, "one");
+    say(&discord, first + 2, first, BOB, "two");
     discord
         .wait_for("the second answer", |c| {
             c.body["content"] == "Answer to two."
@@ -287,10 +274,7 @@ async fn slash_commands_answer_in_time() {
     )
     .await;
     let thread = 530_000_000_000_000_001;
-    discord.dispatch(
-        "MESSAGE_CREATE",
-        discord.message(thread, CHANNEL, ALICE, &format!("<@{BOT}> hi"), true),
-    );
+    mention(&discord, thread, "hi");
     discord
         .wait_for("the answer", |c| c.body["content"] == "Hi!")
         .await;
@@ -466,16 +450,7 @@ async fn approvals_are_granted_denied_timed_out_and_guarded() {
         discord.interaction(id, 3, thread, user, data, Some(message))
     };
 
-    discord.dispatch(
-        "MESSAGE_CREATE",
-        discord.message(
-            thread,
-            CHANNEL,
-            ALICE,
-            &format!("<@{BOT}> write approved.txt"),
-            true,
-        ),
-    );
+    mention(&discord, thread, "write approved.txt");
     let (post, key) = question(1).await;
     assert!(
         post["content"]
@@ -510,10 +485,7 @@ async fn approvals_are_granted_denied_timed_out_and_guarded() {
     assert_eq!(update.body["type"], 7);
     assert_eq!(update.body["data"]["components"], json!([]));
 
-    discord.dispatch(
-        "MESSAGE_CREATE",
-        discord.message(thread + 1, thread, ALICE, "now denied.txt", false),
-    );
+    say(&discord, thread + 1, thread, ALICE, "now denied.txt");
     let (post, key) = question(2).await;
     discord.dispatch(
         "INTERACTION_CREATE",
@@ -524,10 +496,7 @@ async fn approvals_are_granted_denied_timed_out_and_guarded() {
         .await;
     assert!(!dir.path().join("denied.txt").exists());
 
-    discord.dispatch(
-        "MESSAGE_CREATE",
-        discord.message(thread + 2, thread, ALICE, "and ignored.txt", false),
-    );
+    say(&discord, thread + 2, thread, ALICE, "and ignored.txt");
     question(3).await;
     discord
         .wait_for("the timed-out answer", |c| {
@@ -562,26 +531,14 @@ async fn a_restarted_bot_carries_on_in_its_threads() {
     model.script([text("Noted: blue."), text("You said blue.")]);
     let bot = start(&discord, &model, dir.path(), &[]).await;
     let thread = 550_000_000_000_000_001;
-    discord.dispatch(
-        "MESSAGE_CREATE",
-        discord.message(
-            thread,
-            CHANNEL,
-            ALICE,
-            &format!("<@{BOT}> my colour is blue"),
-            true,
-        ),
-    );
+    mention(&discord, thread, "my colour is blue");
     discord
         .wait_for("the first answer", |c| c.body["content"] == "Noted: blue.")
         .await;
     bot.stop().await;
 
     let bot = start(&discord, &model, dir.path(), &[]).await;
-    discord.dispatch(
-        "MESSAGE_CREATE",
-        discord.message(thread + 1, thread, ALICE, "what is my colour?", false),
-    );
+    say(&discord, thread + 1, thread, ALICE, "what is my colour?");
     discord
         .wait_for("the answer after the restart", |c| {
             c.body["content"] == "You said blue."
@@ -613,10 +570,7 @@ async fn access_lists_refuse_what_they_should() {
         discord.message(bob, CHANNEL, BOB, &format!("<@{BOT}> hi"), true),
     );
     let alice = bob + 1;
-    discord.dispatch(
-        "MESSAGE_CREATE",
-        discord.message(alice, CHANNEL, ALICE, &format!("<@{BOT}> hi"), true),
-    );
+    mention(&discord, alice, "hi");
     discord
         .wait_for("Alice's answer", |c| c.body["content"] == "Hello Alice.")
         .await;
@@ -706,16 +660,7 @@ async fn a_truncated_tool_result_is_attached_in_full() {
     )
     .await;
     let thread = 590_000_000_000_000_001;
-    discord.dispatch(
-        "MESSAGE_CREATE",
-        discord.message(
-            thread,
-            CHANNEL,
-            ALICE,
-            &format!("<@{BOT}> read big.txt"),
-            true,
-        ),
-    );
+    mention(&discord, thread, "read big.txt");
     discord
         .wait_for("the answer", |c| c.body["content"] == "It is long.")
         .await;
@@ -745,16 +690,7 @@ async fn shutdown_waits_for_the_grace_period_then_cuts_the_turn_cleanly() {
     )
     .await;
     let thread = 600_000_000_000_000_001;
-    discord.dispatch(
-        "MESSAGE_CREATE",
-        discord.message(
-            thread,
-            CHANNEL,
-            ALICE,
-            &format!("<@{BOT}> think hard"),
-            true,
-        ),
-    );
+    mention(&discord, thread, "think hard");
     model.wait_for_requests(1).await;
     bot.stop().await;
     assert!(
@@ -903,10 +839,7 @@ async fn in_other_threads_a_mention_is_needed_and_errors_are_explained() {
     let bot = start(&discord, &model, dir.path(), &[]).await;
     let thread = 620_000_000_000_000_001;
     discord.add_thread(thread);
-    discord.dispatch(
-        "MESSAGE_CREATE",
-        discord.message(thread + 1, thread, ALICE, "no mention here", false),
-    );
+    say(&discord, thread + 1, thread, ALICE, "no mention here");
     discord.dispatch(
         "MESSAGE_CREATE",
         discord.message(thread + 2, thread, ALICE, &format!("<@{BOT}> now?"), true),

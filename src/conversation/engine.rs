@@ -148,7 +148,21 @@ impl Engine {
         self.forget_idle();
         outcome.duration = started.elapsed();
         match result {
-            Ok(()) => Ok(outcome),
+            Ok(()) => {
+                tracing::info!(
+                    conversation,
+                    model = %outcome.model,
+                    rounds = outcome.rounds,
+                    tool_calls = outcome.tool_calls,
+                    prompt_tokens = outcome.usage.prompt_tokens,
+                    completion_tokens = outcome.usage.completion_tokens,
+                    cost = outcome.usage.cost,
+                    duration_ms = outcome.duration.as_millis() as u64,
+                    answered = outcome.answered,
+                    "turn finished"
+                );
+                Ok(outcome)
+            }
             Err(error) => {
                 let _ = events.send(TurnEvent::Error(error.to_string()));
                 Err(error)

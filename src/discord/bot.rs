@@ -307,21 +307,8 @@ impl Bot {
             drop(events);
             result
         };
-        let (result, ()) = tokio::join!(run, render);
+        let (_, ()) = tokio::join!(run, render);
         typing.cancel();
-        if let Ok(outcome) = result {
-            tracing::info!(
-                conversation = %queued.conversation,
-                model = %outcome.model,
-                rounds = outcome.rounds,
-                tool_calls = outcome.tool_calls,
-                prompt_tokens = outcome.usage.prompt_tokens,
-                completion_tokens = outcome.usage.completion_tokens,
-                cost = outcome.usage.cost,
-                duration_ms = outcome.duration.as_millis() as u64,
-                "turn finished"
-            );
-        }
     }
 
     /// Keeps the typing indicator on until the returned token is cancelled.

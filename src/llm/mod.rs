@@ -169,14 +169,7 @@ impl OpenRouter {
     /// or `GET /models` on endpoints that have no `/key`.
     pub async fn verify_key(&self) -> Result<(), ModelError> {
         for path in ["key", "models"] {
-            let response = self
-                .http
-                .get(format!("{}/{path}", self.base_url))
-                .bearer_auth(self.api_key.expose())
-                .timeout(self.timeout)
-                .send()
-                .await
-                .map_err(connection_error)?;
+            let response = self.get(path).await?;
             let status = response.status();
             if status.is_success() {
                 return Ok(());
@@ -193,15 +186,19 @@ impl OpenRouter {
         Ok(())
     }
 
-    async fn fetch_catalogue(&self) -> Result<Catalogue, ModelError> {
-        let response = self
-            .http
-            .get(format!("{}/models", self.base_url))
+    /// `GET {base}/{path}` with the key.
+    async fn get(&self, path: &str) -> Result<reqwest::Response, ModelError> {
+        self.http
+            .get(format!("{}/{path}", self.base_url))
             .bearer_auth(self.api_key.expose())
             .timeout(self.timeout)
             .send()
             .await
-            .map_err(connection_error)?;
+            .map_err(connection_error)
+    }
+
+    async fn fetch_catalogue(&self) -> Result<Catalogue, ModelError> {
+        let response = self.get("models").await?;
         let status = response.status();
         let body: Value = response.json().await.map_err(connection_error)?;
         if !status.is_success() {
