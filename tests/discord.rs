@@ -56,30 +56,12 @@ async fn start(
             .map(|(_, v)| v.clone())
     })
     .unwrap();
-    let registered = discord
-        .calls()
-        .iter()
-        .filter(|c| c.path.ends_with("/commands"))
-        .count();
+    let registered = discord.registrations();
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(mcpcord::discord::run(app.clone(), config, async move {
         let _ = stopped.await;
     }));
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while discord
-        .calls()
-        .iter()
-        .filter(|c| c.path.ends_with("/commands"))
-        .count()
-        == registered
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the bot never connected: {:#?}",
-            discord.calls()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    discord.wait_registered(registered).await;
     Running { stop, task, app }
 }
 
@@ -509,13 +491,7 @@ async fn approvals_are_granted_denied_timed_out_and_guarded() {
             .as_str()
             .is_some_and(|s| s.contains("No answer within 1 seconds"))
     }));
-    let results: Vec<String> = model.requests()[5]["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|m| m["role"] == "tool")
-        .map(|m| m["content"].as_str().unwrap().to_owned())
-        .collect();
+    let results = support::tool_results(&model.requests()[5]);
     assert!(
         results[1].contains("declined") && results[2].contains("nobody approved"),
         "{results:?}"
@@ -787,29 +763,12 @@ async fn the_run_command_explains_token_problems_and_stops_on_sigterm() {
             .unwrap()
     };
     assert!(!health().status.success(), "healthy before the bot ran");
-    let registered = discord
-        .calls()
-        .iter()
-        .filter(|c| c.path.ends_with("/commands"))
-        .count();
+    let registered = discord.registrations();
     let child = command(Some(support::discord::TOKEN))
         .env("HEALTH_FILE", &health_file)
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while discord
-        .calls()
-        .iter()
-        .filter(|c| c.path.ends_with("/commands"))
-        .count()
-        == registered
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the bot never connected"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    discord.wait_registered(registered).await;
     let checked = health();
     assert!(
         checked.status.success(),

@@ -96,14 +96,6 @@ fn messages(request: &Value) -> Vec<Value> {
     request["messages"].as_array().unwrap().clone()
 }
 
-fn tool_contents(request: &Value) -> Vec<String> {
-    messages(request)
-        .iter()
-        .filter(|m| m["role"] == "tool")
-        .map(|m| m["content"].as_str().unwrap().to_owned())
-        .collect()
-}
-
 fn files_setup_dir() -> TempDir {
     let files = tempfile::tempdir().unwrap();
     std::fs::write(files.path().join("a.txt"), "alpha contents").unwrap();
@@ -169,12 +161,12 @@ async fn lists_a_directory_and_reads_two_files_in_one_reply() {
             .iter()
             .all(|r| r["tools"].as_array().is_some_and(|t| !t.is_empty()))
     );
-    let listing = &tool_contents(&requests[1])[0];
+    let listing = &support::tool_results(&requests[1])[0];
     assert!(
         listing.contains("a.txt") && listing.contains("b.txt"),
         "{listing}"
     );
-    let reads = tool_contents(&requests[2]);
+    let reads = support::tool_results(&requests[2]);
     assert!(
         reads[1].contains("alpha contents") && reads[2].contains("bravo contents"),
         "{reads:?}"
@@ -215,7 +207,7 @@ async fn bad_arguments_and_unknown_tools_become_results_for_the_model() {
     let app = app(&s, &[]).await;
     let (result, events) = turn(&app, "terminal:t", "read it").await;
     assert!(result.unwrap().answered);
-    let results = tool_contents(&s.model.requests()[1]);
+    let results = support::tool_results(&s.model.requests()[1]);
     assert!(
         results[0].starts_with("ERROR:") && results[0].contains("not valid JSON"),
         "{}",
@@ -357,7 +349,7 @@ async fn non_streaming_mode_runs_tools_and_answers() {
     assert_eq!(answer(&events), Some("It says alpha."));
     let requests = s.model.requests();
     assert_eq!(requests[0]["stream"], false);
-    assert!(tool_contents(&requests[1])[0].contains("alpha contents"));
+    assert!(support::tool_results(&requests[1])[0].contains("alpha contents"));
     app.shutdown().await;
 }
 
@@ -484,7 +476,7 @@ async fn the_round_limit_stops_the_turn_and_says_so() {
     s.model.script([text("ok")]);
     let (result, _) = turn(&app, "terminal:t", "continue").await;
     assert!(result.unwrap().answered);
-    let last = tool_contents(&s.model.requests()[2]);
+    let last = support::tool_results(&s.model.requests()[2]);
     assert!(last[1].contains("not run"), "{last:?}");
     assert!(s.model.rejected().is_empty());
     app.shutdown().await;
@@ -572,7 +564,7 @@ async fn the_time_server_from_pypi_answers() {
     let app = app(&s, &[]).await;
     let (result, _) = turn(&app, "terminal:t", "what time is it?").await;
     assert!(result.unwrap().answered);
-    let output = &tool_contents(&s.model.requests()[1])[0];
+    let output = &support::tool_results(&s.model.requests()[1])[0];
     assert!(
         output.contains("UTC") && output.contains("datetime"),
         "{output}"
@@ -612,7 +604,7 @@ async fn images_from_tools_reach_models_that_read_images() {
             .starts_with("data:image/png;base64,"),
         "{last}"
     );
-    assert!(tool_contents(&s.model.requests()[1])[0].contains("image/png"));
+    assert!(support::tool_results(&s.model.requests()[1])[0].contains("image/png"));
 
     // A text-only model gets the description alone.
     app.engine

@@ -243,13 +243,7 @@ async fn the_engine_runs_all_calls_of_a_reply_at_once() {
         .await
         .unwrap();
     assert_eq!(outcome.tool_calls, 3);
-    let results: Vec<Value> = model.requests()[1]["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|m| m["role"] == "tool")
-        .map(|m| m["content"].clone())
-        .collect();
+    let results = support::tool_results(&model.requests()[1]);
     assert_eq!(
         results,
         ["met", "met", "met"],
@@ -317,13 +311,7 @@ async fn approvals_follow_the_server_policy_and_declines_reach_the_model() {
         let mut asked = recorder.asked.lock().unwrap().clone();
         asked.sort();
         assert_eq!(asked, expected, "policy {policy}");
-        let results: Vec<String> = model.requests()[1]["messages"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|m| m["role"] == "tool")
-            .map(|m| m["content"].as_str().unwrap().to_owned())
-            .collect();
+        let results = support::tool_results(&model.requests()[1]);
         let mut warned = false;
         while let Some(event) = received.recv().await {
             if let mcpcord::conversation::TurnEvent::Warning(w) = event {

@@ -88,12 +88,27 @@ impl FakeDiscord {
             .expect("no bot is connected");
     }
 
-    /// Waits until the bot has connected to the gateway.
-    pub async fn wait_connected(&self) {
-        self.wait_for("the bot to register its commands", |c| {
-            c.method == "PUT" && c.path.ends_with("/commands")
-        })
-        .await;
+    /// How many times a bot registered its commands (once per connection).
+    pub fn registrations(&self) -> usize {
+        let calls = self.calls();
+        calls
+            .iter()
+            .filter(|c| c.method == "PUT" && c.path.ends_with("/commands"))
+            .count()
+    }
+
+    /// Waits until a bot connects and registers its commands, when
+    /// `before` registrations had happened.
+    pub async fn wait_registered(&self, before: usize) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.registrations() == before {
+            assert!(
+                Instant::now() < deadline,
+                "the bot never connected; calls: {:#?}",
+                self.calls()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// The next REST call to `path_suffix` answers 429 with `retry_after`.

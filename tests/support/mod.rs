@@ -324,6 +324,17 @@ fn validate(request: &Value) -> Result<(), String> {
     Ok(())
 }
 
+/// The contents of the tool messages in a chat request, in order.
+pub fn tool_results(request: &Value) -> Vec<String> {
+    request["messages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|m| m["role"] == "tool")
+        .map(|m| m["content"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
 /// Where `.ci/install-test-servers` put the real MCP servers.
 pub fn servers_dir() -> PathBuf {
     let dir = std::env::var_os("MCPCORD_TEST_SERVERS")
