@@ -48,7 +48,9 @@ fn init_logging(default_filter: &str) {
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colours only for a person at a terminal, not in container logs.
+        .with_ansi(std::io::stderr().is_terminal());
     if std::env::var("LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
         builder.json().init();
     } else {
@@ -66,7 +68,7 @@ async fn main() -> ExitCode {
         cli.command,
         Some(Command::Chat { .. } | Command::Check | Command::Health)
     );
-    init_logging(if quiet { "warn" } else { "info" });
+    init_logging(if quiet { "warn" } else { "mcpcord=info,warn" });
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
