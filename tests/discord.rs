@@ -827,3 +827,46 @@ async fn in_other_threads_a_mention_is_needed_and_errors_are_explained() {
     assert_eq!(model.requests().len(), 1, "only the mention is a turn");
     assert_eq!(model.requests()[0]["messages"][0]["content"], "now?");
 }
+
+#[tokio::test]
+async fn a_channel_allow_list_covers_the_threads_of_its_channels() {
+    let discord = FakeDiscord::start().await;
+    let model = FakeModel::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    model.script([text("In the allowed channel."), text("In its thread.")]);
+    let bot = start(
+        &discord,
+        &model,
+        dir.path(),
+        &[("ALLOWED_CHANNELS", &CHANNEL.to_string())],
+    )
+    .await;
+    let elsewhere = 630_000_000_000_000_001;
+    discord.add_channel(elsewhere);
+    let refused = elsewhere + 1;
+    discord.dispatch(
+        "MESSAGE_CREATE",
+        discord.message(refused, elsewhere, ALICE, &format!("<@{BOT}> hi"), true),
+    );
+    let thread = elsewhere + 2;
+    mention(&discord, thread, "hi");
+    discord
+        .wait_for("the answer", |c| {
+            c.body["content"] == "In the allowed channel."
+        })
+        .await;
+    say(&discord, thread + 1, thread, ALICE, "and here?");
+    discord
+        .wait_for("the answer in the thread", |c| {
+            c.body["content"] == "In its thread."
+        })
+        .await;
+    bot.stop().await;
+    assert!(
+        !discord
+            .calls()
+            .iter()
+            .any(|c| c.path.contains(&format!("/messages/{refused}/")))
+    );
+    assert_eq!(model.requests().len(), 2);
+}

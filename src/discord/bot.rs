@@ -148,13 +148,8 @@ impl Bot {
                 .then_some((channel, key)));
         };
         let key = format!("discord:{channel}");
-        if self.app.store.is_discord_thread(&key).await? {
-            let parent = self
-                .rest
-                .channel(channel)
-                .await
-                .ok()
-                .and_then(|c| snowflake(&c["parent_id"]));
+        if let Some(parent) = self.app.store.discord_thread_parent(&key).await? {
+            let parent = Some(parent);
             return Ok(self
                 .allowed(Some(guild), channel, parent, user, &roles)
                 .then_some((channel, key)));

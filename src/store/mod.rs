@@ -124,15 +124,19 @@ impl SqliteStore {
         Ok(())
     }
 
-    /// Whether the Discord bot started the thread of `conversation`.
-    pub async fn is_discord_thread(&self, conversation: &str) -> Result<bool, StoreError> {
+    /// The parent channel of the thread of `conversation`, when the Discord
+    /// bot started that thread.
+    pub async fn discord_thread_parent(
+        &self,
+        conversation: &str,
+    ) -> Result<Option<u64>, StoreError> {
         let row: Option<(i64,)> =
-            sqlx::query_as("SELECT 1 FROM discord_threads WHERE conversation = ?1")
+            sqlx::query_as("SELECT channel_id FROM discord_threads WHERE conversation = ?1")
                 .bind(conversation)
                 .fetch_optional(&self.pool)
                 .await
                 .map_err(db)?;
-        Ok(row.is_some())
+        Ok(row.map(|(parent,)| parent as u64))
     }
 
     /// Tokens and cost of the bot's threads in one Discord server since

@@ -150,6 +150,12 @@ impl FakeDiscord {
         }
     }
 
+    /// Another text channel in the guild.
+    pub fn add_channel(&self, id: u64) {
+        let channel = json!({"id": id.to_string(), "type": 0, "guild_id": GUILD.to_string()});
+        self.state.lock().unwrap().channels.insert(id, channel);
+    }
+
     /// A thread that someone else started in `CHANNEL`.
     pub fn add_thread(&self, id: u64) {
         let thread = json!({"id": id.to_string(), "type": 11, "parent_id": CHANNEL.to_string(), "guild_id": GUILD.to_string()});
