@@ -7,7 +7,7 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Config;
+use crate::config::{Config, Secret};
 use crate::conversation::{Engine, EngineSettings};
 use crate::llm::OpenRouter;
 use crate::mcp::{self, McpHost};
@@ -25,6 +25,19 @@ pub struct App {
     stop: CancellationToken,
 }
 
+/// mcpcord's own secret values (the key, the Discord token, the database
+/// URL), to be redacted wherever servers could echo them.
+pub fn own_secrets(config: &Config) -> Vec<Secret> {
+    let mut secrets = vec![config.api_key.clone()];
+    secrets.extend(
+        mcp::stdio::OWN_SECRETS
+            .iter()
+            .filter_map(|name| std::env::var(name).ok())
+            .map(Secret::new),
+    );
+    secrets
+}
+
 /// Makes rustls use ring (reqwest is built without a default provider).
 pub fn install_crypto() {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -39,7 +52,8 @@ impl App {
         })?;
         let store = SqliteStore::open(&config.database_url).await?;
         let model = Arc::new(OpenRouter::new(config).context("cannot build the HTTP client")?);
-        let mcp = Arc::new(McpHost::new(servers, config.limits.clone()));
+        let mcp =
+            Arc::new(McpHost::new(servers, config.limits.clone()).redacting(&own_secrets(config)));
         let settings = EngineSettings {
             default_model: config.default_model.clone(),
             system_prompt: config.system_prompt.clone(),

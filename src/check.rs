@@ -73,8 +73,13 @@ async fn check_mcp(config: &Config, report: &mut Report<'_, impl Write>) -> std:
         config.mcp_config.display(),
         servers.len()
     ))?;
-    let host = McpHost::new(servers.clone(), config.limits.clone());
-    let (tools, problems) = host.list("check").await;
+    let host = McpHost::new(servers.clone(), config.limits.clone())
+        .redacting(&crate::app::own_secrets(config));
+    let mcp::Listing {
+        tools,
+        problems,
+        warnings,
+    } = host.list("check").await;
     for server in &servers {
         let names: Vec<&str> = tools
             .iter()
@@ -104,8 +109,19 @@ async fn check_mcp(config: &Config, report: &mut Report<'_, impl Write>) -> std:
                     server.name,
                     names.len()
                 ))?;
+                for (_, warning) in warnings.iter().filter(|(s, _)| *s == server.name) {
+                    report.note(&format!("MCP server \"{}\": {warning}", server.name))?;
+                }
             }
         }
+    }
+    if tools.len() > mcp::MAX_TOOLS_PER_REQUEST {
+        report.problem(&format!(
+            "the MCP servers offer {} tools together, more than the {} one request may carry; the last {} would be left out. Narrow them with \"allowedTools\" or \"blockedTools\".",
+            tools.len(),
+            mcp::MAX_TOOLS_PER_REQUEST,
+            tools.len() - mcp::MAX_TOOLS_PER_REQUEST
+        ))?;
     }
     host.shutdown().await;
     Ok(())

@@ -39,6 +39,49 @@ impl fmt::Display for Secret {
     }
 }
 
+/// Shorter values are not redacted: they would blank out ordinary words.
+const MIN_REDACTED_LEN: usize = 6;
+
+/// Replaces known secret values in text meant for a log.
+#[derive(Clone, Default)]
+pub struct Redactor {
+    values: std::sync::Arc<Vec<String>>,
+}
+
+impl fmt::Debug for Redactor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Redactor({} values)", self.values.len())
+    }
+}
+
+impl Redactor {
+    pub fn new<'a>(secrets: impl IntoIterator<Item = &'a str>) -> Self {
+        let mut values: Vec<String> = secrets
+            .into_iter()
+            .map(str::trim)
+            .filter(|s| s.len() >= MIN_REDACTED_LEN)
+            .map(str::to_owned)
+            .collect();
+        // Longest first, so a secret that contains another is caught whole.
+        values.sort_by_key(|v| std::cmp::Reverse(v.len()));
+        values.dedup();
+        Redactor {
+            values: std::sync::Arc::new(values),
+        }
+    }
+
+    /// `text` with every known secret value replaced by `[redacted]`.
+    pub fn redact(&self, text: &str) -> String {
+        let mut out = text.to_owned();
+        for value in self.values.iter() {
+            if out.contains(value.as_str()) {
+                out = out.replace(value.as_str(), "[redacted]");
+            }
+        }
+        out
+    }
+}
+
 /// Named bounds, each with a variable and a default.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Limits {
@@ -58,6 +101,18 @@ pub struct Limits {
     pub model_max_retries: usize,
     /// `FALLBACK_CONTEXT_TOKENS`: context window assumed for models the catalogue does not list.
     pub fallback_context_tokens: u64,
+    /// `MODEL_MAX_RESPONSE_BYTES`: the largest reply (streamed or not) read from the model endpoint.
+    pub model_max_response_bytes: usize,
+    /// `MCP_START_TIMEOUT_SECS`: how long an MCP server may take to start and answer `initialize`.
+    pub mcp_start_timeout: Duration,
+    /// `MCP_LIST_TIMEOUT_SECS`: how long listing one server's tools may take, all pages together.
+    pub mcp_list_timeout: Duration,
+    /// `MCP_MAX_TOOLS_PER_SERVER`: tools taken from one server; the rest are left out.
+    pub mcp_max_tools_per_server: usize,
+    /// `MCP_MAX_MESSAGE_BYTES`: the largest message (a tool result, a tool list page) read from an MCP server.
+    pub mcp_max_message_bytes: usize,
+    /// `MCP_RETRY_MAX_SECS`: the longest wait before a server that failed to start is tried again.
+    pub mcp_retry_max: Duration,
 }
 
 impl Default for Limits {
@@ -71,6 +126,12 @@ impl Default for Limits {
             model_timeout: Duration::from_secs(300),
             model_max_retries: 4,
             fallback_context_tokens: 32_000,
+            model_max_response_bytes: 16 * 1024 * 1024,
+            mcp_start_timeout: Duration::from_secs(60),
+            mcp_list_timeout: Duration::from_secs(30),
+            mcp_max_tools_per_server: 128,
+            mcp_max_message_bytes: 32 * 1024 * 1024,
+            mcp_retry_max: Duration::from_secs(300),
         }
     }
 }
@@ -137,6 +198,24 @@ impl Config {
                 "FALLBACK_CONTEXT_TOKENS",
                 defaults.fallback_context_tokens,
             )?,
+            model_max_response_bytes: number(
+                &get,
+                "MODEL_MAX_RESPONSE_BYTES",
+                defaults.model_max_response_bytes,
+            )?,
+            mcp_start_timeout: seconds(&get, "MCP_START_TIMEOUT_SECS", defaults.mcp_start_timeout)?,
+            mcp_list_timeout: seconds(&get, "MCP_LIST_TIMEOUT_SECS", defaults.mcp_list_timeout)?,
+            mcp_max_tools_per_server: number(
+                &get,
+                "MCP_MAX_TOOLS_PER_SERVER",
+                defaults.mcp_max_tools_per_server,
+            )?,
+            mcp_max_message_bytes: number(
+                &get,
+                "MCP_MAX_MESSAGE_BYTES",
+                defaults.mcp_max_message_bytes,
+            )?,
+            mcp_retry_max: seconds(&get, "MCP_RETRY_MAX_SECS", defaults.mcp_retry_max)?,
         };
         Ok(Config {
             api_key: Secret::new(api_key),

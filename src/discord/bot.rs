@@ -487,7 +487,9 @@ impl Bot {
                 }
             }
             "tools" => {
-                let (tools, problems) = self.app.mcp.list(&conversation).await;
+                let crate::mcp::Listing {
+                    tools, problems, ..
+                } = self.app.mcp.list(&conversation).await;
                 let mut by_server: BTreeMap<String, Vec<String>> = BTreeMap::new();
                 for tool in tools {
                     by_server

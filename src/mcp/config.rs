@@ -9,6 +9,19 @@ use serde_json::{Map, Value};
 
 use crate::config::Secret;
 
+/// What a stdio server inherits from mcpcord's environment besides the
+/// default set (`HOME`, `LOGNAME`, `PATH`, `SHELL`, `TERM`, `USER`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum InheritEnv {
+    /// Only the default set.
+    #[default]
+    Default,
+    /// Everything except mcpcord's own secrets (`"inheritEnv": true`).
+    All,
+    /// The default set and these names (`"inheritEnv": ["LANG", ...]`).
+    Names(Vec<String>),
+}
+
 /// How a server is reached.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Transport {
@@ -18,6 +31,7 @@ pub enum Transport {
         /// Values are secrets: they reach the child, never a log.
         env: BTreeMap<String, Secret>,
         cwd: Option<PathBuf>,
+        inherit_env: InheritEnv,
     },
     Http {
         url: String,
@@ -93,6 +107,12 @@ pub fn load(
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Vec<ServerSpec>, McpConfigError> {
     let shown = path.display().to_string();
+    if path.is_dir() {
+        return Err(McpConfigError::Unreadable {
+            path: shown,
+            reason: "it is a directory, not a file. Docker makes a directory when the file it should mount does not exist: remove the directory, create the file (see mcp.example.json), and start again".into(),
+        });
+    }
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
@@ -115,10 +135,11 @@ pub fn parse(
     path: &str,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Vec<ServerSpec>, McpConfigError> {
-    let root: Value = serde_json::from_str(text).map_err(|e| McpConfigError::Syntax {
+    let syntax = |e: serde_json::Error| McpConfigError::Syntax {
         path: path.to_owned(),
         reason: e.to_string(),
-    })?;
+    };
+    let root: Value = serde_json::from_str(text).map_err(syntax)?;
     let layout = |reason: &str| McpConfigError::Layout {
         path: path.to_owned(),
         reason: reason.to_owned(),
@@ -130,6 +151,15 @@ pub fn parse(
         .ok_or_else(|| layout("the \"mcpServers\" key is missing"))?
         .as_object()
         .ok_or_else(|| layout("\"mcpServers\" must be an object of servers by name"))?;
+    // serde_json keeps the last of two equal keys; read the names again in
+    // order to catch a server defined twice.
+    let names: ServerNames = serde_json::from_str(text).map_err(syntax)?;
+    let mut seen = std::collections::HashSet::new();
+    if let Some(twice) = names.0.iter().find(|name| !seen.insert(name.as_str())) {
+        return Err(layout(&format!(
+            "the server \"{twice}\" is defined twice in \"mcpServers\"; give each server its own name"
+        )));
+    }
     let mut specs = Vec::new();
     for (name, entry) in servers {
         let reader = Entry {
@@ -142,6 +172,60 @@ pub fn parse(
         }
     }
     Ok(specs)
+}
+
+/// The names under `mcpServers`, in order and with repeats.
+struct ServerNames(Vec<String>);
+
+impl<'de> serde::Deserialize<'de> for ServerNames {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Root;
+        impl<'de> serde::de::Visitor<'de> for Root {
+            type Value = ServerNames;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<ServerNames, A::Error> {
+                let mut names = Vec::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    if key == "mcpServers" {
+                        names = map.next_value::<Keys>()?.0;
+                    } else {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                    }
+                }
+                Ok(ServerNames(names))
+            }
+        }
+        deserializer.deserialize_map(Root)
+    }
+}
+
+/// The keys of one object, in order and with repeats.
+struct Keys(Vec<String>);
+
+impl<'de> serde::Deserialize<'de> for Keys {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Keys;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Keys, A::Error> {
+                let mut keys = Vec::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                    keys.push(key);
+                }
+                Ok(Keys(keys))
+            }
+        }
+        deserializer.deserialize_map(Visit)
+    }
 }
 
 /// Keys mcpcord understands in a server entry.
@@ -160,6 +244,7 @@ const KNOWN_KEYS: &[&str] = &[
     "blockedTools",
     "timeoutSecs",
     "approval",
+    "inheritEnv",
 ];
 
 /// Reads one server entry, with what error messages need.
@@ -194,8 +279,12 @@ impl Entry<'_> {
                 "unknown key in MCP config ignored"
             );
         }
-        if map.get("disabled").and_then(Value::as_bool) == Some(true) {
-            return Ok(None);
+        match map.get("disabled") {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => {}
+            Some(Value::Bool(true)) => return Ok(None),
+            Some(_) => {
+                return Err(self.error("disabled", "must be true or false, without quotes"));
+            }
         }
         let transport =
             match (map.get("command"), map.get("url")) {
@@ -214,6 +303,7 @@ impl Entry<'_> {
                     args: self.strings(map, "args")?.unwrap_or_default(),
                     env: self.secrets(map, "env")?,
                     cwd: self.string(map, "cwd")?.map(PathBuf::from),
+                    inherit_env: self.inherit_env(map)?,
                 },
                 (None, Some(_)) => {
                     let url = self.string(map, "url")?.unwrap_or_default();
@@ -288,6 +378,28 @@ impl Entry<'_> {
             timeout,
             approval,
         }))
+    }
+
+    fn inherit_env(&self, map: &Map<String, Value>) -> Result<InheritEnv, McpConfigError> {
+        let key = "inheritEnv";
+        match map.get(key) {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => Ok(InheritEnv::Default),
+            Some(Value::Bool(true)) => Ok(InheritEnv::All),
+            Some(Value::Array(_)) => {
+                let names = self.strings(map, key)?.unwrap_or_default();
+                if let Some(own) = names
+                    .iter()
+                    .find(|n| super::stdio::OWN_SECRETS.contains(&n.as_str()))
+                {
+                    return Err(self.error(
+                        key,
+                        format!("{own} is one of mcpcord's own secrets and is never inherited; if this server really needs it, pass it on purpose with \"env\": {{\"{own}\": \"${{{own}}}\"}}"),
+                    ));
+                }
+                Ok(InheritEnv::Names(names))
+            }
+            Some(_) => Err(self.error(key, "must be true, false, or a list of variable names")),
+        }
     }
 
     fn string(

@@ -5,13 +5,15 @@
 //! server gets one session per conversation (capped per server, least
 //! recently used closed first, idle ones closed by [`McpHost::close_idle`]);
 //! a `shared` one gets one session for everyone. A session that crashed is
-//! started again on its next use.
+//! started again on its next use; one that fails to start is tried again
+//! only after a growing pause (at most `MCP_RETRY_MAX_SECS`).
 
 pub mod config;
 pub mod naming;
 pub mod result;
 pub mod schema;
 mod session;
+pub mod stdio;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -22,14 +24,28 @@ use futures::future::join_all;
 use serde_json::Value;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Limits;
+use crate::config::{Limits, Redactor, Secret};
 use crate::conversation::{ToolHost, ToolList, ToolOutcome, ToolSpec};
-pub use config::{Approval, Scope, ServerSpec, Transport};
+pub use config::{Approval, InheritEnv, Scope, ServerSpec, Transport};
 use session::{CallError, Session};
-pub use session::{RemoteTool, STARTUP_TIMEOUT};
+pub use session::{MAX_LIST_PAGES, RemoteTool, ServerTools};
 
 /// The owner of a shared session.
 const SHARED: &str = "";
+/// Tools one request may offer: providers refuse requests with more.
+pub const MAX_TOOLS_PER_REQUEST: usize = 128;
+/// The first pause before a server that failed to start is tried again;
+/// it doubles with each failure, up to `MCP_RETRY_MAX_SECS`.
+pub const RETRY_MIN: Duration = Duration::from_secs(5);
+
+/// A server that failed to start or to list its tools, and when it may be
+/// tried again.
+#[derive(Debug, Clone)]
+struct Failure {
+    failures: u32,
+    retry_at: Instant,
+    problem: String,
+}
 
 /// A session slot: (server index, owner). The async mutex serialises
 /// starting and restarting; calls clone the `Arc<Session>` and run freely.
@@ -56,8 +72,22 @@ pub struct McpHost {
     slots: Mutex<HashMap<(usize, String), SlotEntry>>,
     /// Per conversation: the names last offered to the model.
     routes: Mutex<HashMap<String, Arc<HashMap<String, Route>>>>,
-    /// Tasks that forward server stderr to the log.
+    /// Tasks that filter server stdout and forward stderr to the log.
     tasks: TaskTracker,
+    /// Secret values blanked out of server stderr before it is logged.
+    redactor: Redactor,
+    /// Per server: its last failure to start, while it is backed off.
+    failures: Mutex<HashMap<usize, Failure>>,
+}
+
+/// The tools of every server for one conversation.
+#[derive(Debug, Clone, Default)]
+pub struct Listing {
+    pub tools: Vec<ListedTool>,
+    /// One sentence per server that is unavailable.
+    pub problems: Vec<String>,
+    /// Per server: what was wrong with its tool list (tools changed or left out).
+    pub warnings: Vec<(String, String)>,
 }
 
 /// A tool as listed for a check report: the name the model sees and the
@@ -70,14 +100,28 @@ pub struct ListedTool {
 }
 
 impl McpHost {
+    /// A host for `servers`. The secret values of their `env` and
+    /// `headers` are redacted from their stderr; add mcpcord's own with
+    /// [`McpHost::redacting`].
     pub fn new(servers: Vec<ServerSpec>, limits: Limits) -> Self {
+        let redactor = Redactor::new(server_secrets(&servers).map(Secret::expose));
         McpHost {
             servers,
             limits,
             slots: Mutex::new(HashMap::new()),
             routes: Mutex::new(HashMap::new()),
             tasks: TaskTracker::new(),
+            redactor,
+            failures: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Also redacts `secrets` (mcpcord's own) from server stderr.
+    pub fn redacting<'a>(mut self, secrets: impl IntoIterator<Item = &'a Secret>) -> Self {
+        let own: Vec<&Secret> = secrets.into_iter().collect();
+        let all = server_secrets(&self.servers).chain(own);
+        self.redactor = Redactor::new(all.map(Secret::expose));
+        self
     }
 
     pub fn servers(&self) -> &[ServerSpec] {
@@ -90,23 +134,30 @@ impl McpHost {
     }
 
     /// The tools `conversation` may use, with the names the model sees,
-    /// and one sentence per server that failed.
-    pub async fn list(&self, conversation: &str) -> (Vec<ListedTool>, Vec<String>) {
+    /// one sentence per server that failed, and what was wrong with the
+    /// lists of the others.
+    pub async fn list(&self, conversation: &str) -> Listing {
         let per_server =
             join_all((0..self.servers.len()).map(|i| self.server_tools(i, conversation))).await;
         let mut found: Vec<(usize, RemoteTool)> = Vec::new();
-        let mut problems = Vec::new();
+        let mut listing = Listing::default();
         for (i, result) in per_server.into_iter().enumerate() {
+            let name = &self.servers[i].name;
             match result {
-                Ok(tools) => found.extend(
-                    tools
-                        .iter()
-                        .filter(|t| self.servers[i].permits(&t.name))
-                        .map(|t| (i, t.clone())),
-                ),
-                Err(problem) => problems.push(format!(
-                    "The tool server \"{}\" is unavailable ({problem}); its tools are left out this time.",
-                    self.servers[i].name
+                Ok(tools) => {
+                    found.extend(
+                        tools
+                            .tools
+                            .iter()
+                            .filter(|t| self.servers[i].permits(&t.name))
+                            .map(|t| (i, t.clone())),
+                    );
+                    listing
+                        .warnings
+                        .extend(tools.warnings.iter().map(|w| (name.clone(), w.clone())));
+                }
+                Err(problem) => listing.problems.push(format!(
+                    "The tool server \"{name}\" is unavailable ({problem}); its tools are left out."
                 )),
             }
         }
@@ -115,7 +166,7 @@ impl McpHost {
             .map(|(i, t)| (self.servers[*i].name.as_str(), t.name.as_str()))
             .collect();
         let names = naming::exposed_names(&pairs);
-        let listed: Vec<ListedTool> = found
+        listing.tools = found
             .into_iter()
             .zip(names)
             .map(|((i, tool), exposed)| ListedTool {
@@ -124,16 +175,57 @@ impl McpHost {
                 tool,
             })
             .collect();
-        (listed, problems)
+        listing
     }
 
+    /// A server's tools. A failure to start or to list backs the server off.
     async fn server_tools(
         &self,
         server: usize,
         conversation: &str,
-    ) -> Result<Arc<Vec<RemoteTool>>, String> {
+    ) -> Result<Arc<ServerTools>, String> {
         let session = self.session(server, conversation).await?;
-        session.tools().await
+        match session.tools(&self.limits).await {
+            Ok(tools) => Ok(tools),
+            Err(problem) => {
+                // A server that cannot list its tools is no use; close it
+                // so that the next try starts it afresh.
+                session.close().await;
+                Err(self.record_failure(server, problem))
+            }
+        }
+    }
+
+    /// Remembers that `server` failed and says when it will be tried again.
+    fn record_failure(&self, server: usize, problem: String) -> String {
+        let mut failures = self.failures.lock().expect("failures poisoned");
+        let count = failures.get(&server).map_or(0, |f| f.failures) + 1;
+        let wait = RETRY_MIN
+            .saturating_mul(2u32.saturating_pow(count - 1))
+            .min(self.limits.mcp_retry_max);
+        let sentence = format!("{problem}; it will be tried again in {}", seconds(wait));
+        tracing::warn!(server = %self.servers[server].name, failures = count, "MCP server unavailable: {sentence}");
+        failures.insert(
+            server,
+            Failure {
+                failures: count,
+                retry_at: Instant::now() + wait,
+                problem,
+            },
+        );
+        sentence
+    }
+
+    /// Why `server` is not tried now, while it is backed off.
+    fn backed_off(&self, server: usize) -> Option<String> {
+        let failures = self.failures.lock().expect("failures poisoned");
+        let failure = failures.get(&server)?;
+        let left = failure.retry_at.checked_duration_since(Instant::now())?;
+        Some(format!(
+            "{}; it will be tried again in {}",
+            failure.problem,
+            seconds(left)
+        ))
     }
 
     /// The live session of `server` for `conversation`, started (or
@@ -153,11 +245,21 @@ impl McpHost {
             if !session.is_closed() {
                 return Ok(session.clone());
             }
-            tracing::warn!(server = %spec.name, "MCP session was closed by the server; starting it again");
+            tracing::warn!(server = %spec.name, "MCP session was closed; starting it again");
             session.close().await;
         }
+        if let Some(problem) = self.backed_off(server) {
+            return Err(problem);
+        }
         let started = Instant::now();
-        let session = Arc::new(Session::start(spec, &self.tasks).await?);
+        let session = Session::start(spec, &self.limits, &self.redactor, &self.tasks)
+            .await
+            .map_err(|problem| self.record_failure(server, problem))?;
+        self.failures
+            .lock()
+            .expect("failures poisoned")
+            .remove(&server);
+        let session = Arc::new(session);
         tracing::info!(server = %spec.name, conversation, elapsed_ms = started.elapsed().as_millis() as u64, "MCP session started");
         *guard = Some(session.clone());
         Ok(session)
@@ -242,6 +344,24 @@ impl McpHost {
     }
 }
 
+/// The secret values in the servers' `env` and `headers`.
+fn server_secrets(servers: &[ServerSpec]) -> impl Iterator<Item = &Secret> {
+    servers.iter().flat_map(|s| match &s.transport {
+        Transport::Stdio { env, .. } => env.values(),
+        Transport::Http { headers, .. } => headers.values(),
+    })
+}
+
+/// A wait as people say it: "40 s", "5 min".
+fn seconds(wait: Duration) -> String {
+    let secs = wait.as_secs_f64().ceil() as u64;
+    if secs >= 120 && secs.is_multiple_of(60) {
+        format!("{} min", secs / 60)
+    } else {
+        format!("{secs} s")
+    }
+}
+
 async fn close_slot(slot: &Slot) {
     if let Some(session) = slot.lock().await.take() {
         session.close().await;
@@ -251,7 +371,23 @@ async fn close_slot(slot: &Slot) {
 #[async_trait]
 impl ToolHost for McpHost {
     async fn tools(&self, conversation: &str) -> ToolList {
-        let (listed, problems) = self.list(conversation).await;
+        let Listing {
+            tools: mut listed,
+            problems,
+            ..
+        } = self.list(conversation).await;
+        if listed.len() > MAX_TOOLS_PER_REQUEST {
+            let left_out: Vec<String> = listed
+                .drain(MAX_TOOLS_PER_REQUEST..)
+                .map(|t| t.exposed)
+                .collect();
+            tracing::warn!(
+                conversation,
+                left_out = left_out.len(),
+                "the MCP servers offer more than {MAX_TOOLS_PER_REQUEST} tools, the most one request may carry; left out: {}",
+                left_out.join(", ")
+            );
+        }
         let mut routes = HashMap::with_capacity(listed.len());
         let specs = listed
             .into_iter()

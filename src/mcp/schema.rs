@@ -1,16 +1,46 @@
 //! MCP input schemas made acceptable to strict providers: local `$ref`s
 //! inlined, meta keys dropped, nullable unions collapsed, objects given
 //! `properties`, `required` limited to properties that exist.
+//!
+//! Inlining is bounded in size, not only in depth: definitions that refer
+//! to each other several times grow exponentially when inlined, so the
+//! work stops as soon as the output would pass [`MAX_SCHEMA_BYTES`].
 
 use serde_json::{Map, Value, json};
 
 /// How deep `$ref`s are followed before a recursive one is cut off.
 const MAX_REF_DEPTH: usize = 8;
+/// The largest schema accepted from a server, and the largest one sent to
+/// the model after inlining (in bytes of JSON, roughly).
+pub const MAX_SCHEMA_BYTES: usize = 64 * 1024;
+
+/// Why a schema could not be normalised.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SchemaError {
+    #[error("its input schema is not a JSON object")]
+    NotAnObject,
+    #[error("its input schema is larger than {} KiB", MAX_SCHEMA_BYTES / 1024)]
+    TooLarge,
+    #[error("its input schema grows past {} KiB once its $refs are inlined", MAX_SCHEMA_BYTES / 1024)]
+    ExpandsTooMuch,
+}
+
+/// The schema offered for a tool whose own schema cannot be used: any object.
+pub fn open_object() -> Value {
+    json!({"type": "object", "properties": {}})
+}
 
 /// A normalised copy of `schema`, always an object schema at the root.
-pub fn normalise(schema: &Value) -> Value {
+pub fn normalise(schema: &Value) -> Result<Value, SchemaError> {
+    if !schema.is_object() {
+        return Err(SchemaError::NotAnObject);
+    }
+    if approximate_size(schema, MAX_SCHEMA_BYTES + 1) > MAX_SCHEMA_BYTES {
+        return Err(SchemaError::TooLarge);
+    }
     let defs = definitions(schema);
-    let mut out = inline_refs(schema, &defs, 0);
+    let mut budget = MAX_SCHEMA_BYTES;
+    let mut out = inline_refs(schema, &defs, 0, &mut budget).ok_or(SchemaError::ExpandsTooMuch)?;
     clean(&mut out);
     let mut root = match out {
         Value::Object(map) => map,
@@ -20,7 +50,43 @@ pub fn normalise(schema: &Value) -> Value {
         root.insert("type".into(), "object".into());
     }
     ensure_object_shape(&mut root);
-    Value::Object(root)
+    Ok(Value::Object(root))
+}
+
+/// The size of `value` as JSON, roughly, counted only up to `limit`.
+fn approximate_size(value: &Value, limit: usize) -> usize {
+    let mut size = 0;
+    let mut stack = vec![value];
+    while let Some(value) = stack.pop() {
+        size += node_cost(value);
+        if size > limit {
+            return size;
+        }
+        match value {
+            Value::Object(map) => {
+                size += map.keys().map(|k| k.len() + 3).sum::<usize>();
+                stack.extend(map.values());
+            }
+            Value::Array(items) => stack.extend(items),
+            _ => {}
+        }
+    }
+    size
+}
+
+/// What one value costs of the budget, its children aside.
+fn node_cost(value: &Value) -> usize {
+    match value {
+        Value::String(s) => s.len() + 2,
+        Value::Object(map) => 2 + map.keys().map(|k| k.len() + 3).sum::<usize>(),
+        _ => 4,
+    }
+}
+
+/// Takes `cost` from `budget`; `None` once it is spent.
+fn spend(budget: &mut usize, cost: usize) -> Option<()> {
+    *budget = budget.checked_sub(cost)?;
+    Some(())
 }
 
 fn definitions(schema: &Value) -> Map<String, Value> {
@@ -35,39 +101,50 @@ fn definitions(schema: &Value) -> Map<String, Value> {
     defs
 }
 
-fn inline_refs(value: &Value, defs: &Map<String, Value>, depth: usize) -> Value {
+/// A copy of `value` with local `$ref`s inlined; `None` when the copy
+/// would exceed `budget`.
+fn inline_refs(
+    value: &Value,
+    defs: &Map<String, Value>,
+    depth: usize,
+    budget: &mut usize,
+) -> Option<Value> {
+    spend(budget, node_cost(value))?;
     match value {
         Value::Object(map) => {
             if let Some(Value::String(reference)) = map.get("$ref") {
                 let target = defs.get(reference.as_str());
                 return match target {
                     Some(target) if depth < MAX_REF_DEPTH => {
-                        let mut resolved = inline_refs(target, defs, depth + 1);
+                        let mut resolved = inline_refs(target, defs, depth + 1, budget)?;
                         // Siblings of $ref (description, title) are kept.
                         if let Value::Object(resolved_map) = &mut resolved {
                             for (k, v) in map.iter().filter(|(k, _)| k.as_str() != "$ref") {
-                                resolved_map
-                                    .entry(k.clone())
-                                    .or_insert_with(|| inline_refs(v, defs, depth));
+                                if !resolved_map.contains_key(k) {
+                                    let v = inline_refs(v, defs, depth, budget)?;
+                                    resolved_map.insert(k.clone(), v);
+                                }
                             }
                         }
-                        resolved
+                        Some(resolved)
                     }
-                    _ => {
-                        json!({"type": "object", "description": format!("(a nested {reference} value)")})
-                    }
+                    _ => Some(
+                        json!({"type": "object", "description": format!("(a nested {reference} value)")}),
+                    ),
                 };
             }
-            Value::Object(
-                map.iter()
-                    .map(|(k, v)| (k.clone(), inline_refs(v, defs, depth)))
-                    .collect(),
-            )
+            let mut out = Map::new();
+            for (k, v) in map {
+                out.insert(k.clone(), inline_refs(v, defs, depth, budget)?);
+            }
+            Some(Value::Object(out))
         }
-        Value::Array(items) => {
-            Value::Array(items.iter().map(|v| inline_refs(v, defs, depth)).collect())
-        }
-        other => other.clone(),
+        Value::Array(items) => items
+            .iter()
+            .map(|v| inline_refs(v, defs, depth, budget))
+            .collect::<Option<Vec<_>>>()
+            .map(Value::Array),
+        other => Some(other.clone()),
     }
 }
 
@@ -180,11 +257,11 @@ mod tests {
     #[test]
     fn zero_argument_tools_get_properties() {
         assert_eq!(
-            normalise(&json!({"type": "object"})),
+            normalise(&json!({"type": "object"})).unwrap(),
             json!({"type": "object", "properties": {}})
         );
         assert_eq!(
-            normalise(&json!({})),
+            normalise(&json!({})).unwrap(),
             json!({"type": "object", "properties": {}})
         );
     }
@@ -199,7 +276,7 @@ mod tests {
             "additionalProperties": {}
         });
         assert_eq!(
-            normalise(&schema),
+            normalise(&schema).unwrap(),
             json!({"type": "object", "properties": {"a": {"type": "string", "title": "A"}}, "required": ["a"]})
         );
     }
@@ -213,7 +290,7 @@ mod tests {
             "o": {"type": ["null", "object"]}
         }});
         assert_eq!(
-            normalise(&schema)["properties"],
+            normalise(&schema).unwrap()["properties"],
             json!({
                 "n": {"type": "integer", "description": "d"},
                 "z": {"type": "string"},
@@ -233,7 +310,7 @@ mod tests {
                 "Node": {"type": "object", "properties": {"next": {"$ref": "#/$defs/Node"}}}
             }
         });
-        let out = normalise(&schema);
+        let out = normalise(&schema).unwrap();
         assert_eq!(
             out["properties"]["p"]["properties"]["x"],
             json!({"type": "number"})
@@ -241,5 +318,40 @@ mod tests {
         assert_eq!(out["properties"]["p"]["description"], "where");
         assert!(out.get("$defs").is_none());
         assert!(!out.to_string().contains("$ref"));
+    }
+
+    /// Definitions that each use the next one several times: inlined
+    /// naively this grows as 4^depth.
+    fn exponential(levels: usize) -> Value {
+        let mut defs = Map::new();
+        defs.insert("D0".into(), json!({"type": "string"}));
+        for i in 1..levels {
+            let r = json!({"$ref": format!("#/$defs/D{}", i - 1)});
+            defs.insert(
+                format!("D{i}"),
+                json!({"type": "object", "properties": {"a": r, "b": r, "c": r, "d": r}}),
+            );
+        }
+        json!({"type": "object", "properties": {"x": {"$ref": format!("#/$defs/D{}", levels - 1)}}, "$defs": defs})
+    }
+
+    #[test]
+    fn exponential_refs_stop_at_the_size_bound() {
+        assert!(exponential(9).to_string().len() < 3_000);
+        assert_eq!(normalise(&exponential(9)), Err(SchemaError::ExpandsTooMuch));
+        // A small expansion of the same shape is still inlined.
+        let small = normalise(&exponential(3)).unwrap();
+        assert_eq!(
+            small["properties"]["x"]["properties"]["a"]["properties"]["b"],
+            json!({"type": "string"})
+        );
+    }
+
+    #[test]
+    fn unusable_schemas_are_refused() {
+        assert_eq!(normalise(&json!("object")), Err(SchemaError::NotAnObject));
+        assert_eq!(normalise(&Value::Null), Err(SchemaError::NotAnObject));
+        let huge = json!({"type": "object", "description": "x".repeat(MAX_SCHEMA_BYTES + 1)});
+        assert_eq!(normalise(&huge), Err(SchemaError::TooLarge));
     }
 }

@@ -1,31 +1,32 @@
 //! One live MCP client session (rmcp), over stdio or Streamable HTTP.
 
 use std::collections::HashMap;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use process_wrap::tokio::{CommandWrap, KillOnDrop, ProcessGroup};
 use rmcp::model::{
-    CallToolRequestParams, ClientCapabilities, ClientConfig, Implementation, ProtocolVersion,
+    CallToolRequest, CallToolRequestParams, CancelledNotificationParam, ClientCapabilities,
+    ClientConfig, ClientRequest, Implementation, ListToolsRequest, PaginatedRequestParams,
+    ProtocolVersion, Request, RequestId, RequestOptionalParam, ServerResult,
 };
-use rmcp::service::{NotificationContext, Peer, RunningService, ServiceExt};
+use rmcp::service::{NotificationContext, Peer, PeerRequestOptions, RunningService, ServiceExt};
+use rmcp::transport::StreamableHttpClientTransport;
 use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
-use rmcp::transport::{StreamableHttpClientTransport, TokioChildProcess};
 use rmcp::{ClientHandler, RoleClient, ServiceError};
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::Mutex;
 use tokio_util::task::TaskTracker;
 
 use super::config::{ServerSpec, Transport};
-use super::schema::normalise;
+use super::schema::{normalise, open_object};
+use super::stdio::{ChildTransport, Launch};
+use crate::config::{Limits, Redactor};
 
-/// How long a server may take to start and answer `initialize`.
-pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long closing a session may take before it is abandoned.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pages of `tools/list` read before the rest is left out.
+pub const MAX_LIST_PAGES: usize = 32;
 
 /// A tool as the server lists it, with its schema already normalised.
 #[derive(Debug, Clone)]
@@ -34,6 +35,14 @@ pub struct RemoteTool {
     pub description: String,
     pub parameters: Value,
     pub read_only: bool,
+}
+
+/// A server's tools, and what was wrong with the list it sent.
+#[derive(Debug, Clone, Default)]
+pub struct ServerTools {
+    pub tools: Vec<RemoteTool>,
+    /// One sentence per tool that was changed or left out, and per bound hit.
+    pub warnings: Vec<String>,
 }
 
 /// Receives server notifications. `tools/list_changed` marks the cached
@@ -63,13 +72,124 @@ pub enum CallError {
     Protocol(String),
 }
 
+impl CallError {
+    fn sentence(&self) -> String {
+        match self {
+            CallError::Disconnected(m) => format!("the server disconnected ({m})"),
+            CallError::Protocol(m) => m.clone(),
+        }
+    }
+}
+
+/// Sends `notifications/cancelled` for a request nobody waits for any more.
+struct CancelOnDrop {
+    peer: Peer<RoleClient>,
+    /// `None` once the answer has arrived.
+    id: Option<RequestId>,
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        let Some(id) = self.id.take() else {
+            return;
+        };
+        let peer = self.peer.clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let param =
+                CancelledNotificationParam::new(Some(id), Some("abandoned by mcpcord".into()));
+            // Bounded: a peer that does not take it within a second is skipped.
+            runtime.spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(1), peer.notify_cancelled(param))
+                    .await;
+            });
+        }
+    }
+}
+
+/// Reads one `tools/list` page into `out`; returns the next cursor.
+fn read_tools_page(result: &Value, out: &mut ServerTools) -> Result<Option<String>, String> {
+    let items = result
+        .get("tools")
+        .and_then(Value::as_array)
+        .ok_or("its tools/list answer has no \"tools\" list")?;
+    for item in items {
+        match read_tool(item) {
+            Ok((tool, warning)) => {
+                out.warnings.extend(warning);
+                out.tools.push(tool);
+            }
+            Err(warning) => out.warnings.push(warning),
+        }
+    }
+    Ok(result
+        .get("nextCursor")
+        .and_then(Value::as_str)
+        .filter(|c| !c.is_empty())
+        .map(str::to_owned))
+}
+
+/// One tool as listed, leniently: only a name is required.
+fn read_tool(item: &Value) -> Result<(RemoteTool, Option<String>), String> {
+    let name = item
+        .get("name")
+        .and_then(Value::as_str)
+        .filter(|n| !n.trim().is_empty())
+        .ok_or("a tool without a name was left out")?;
+    let text = |key: &str| item.get(key).and_then(Value::as_str);
+    let (parameters, warning) = match item.get("inputSchema").map(normalise) {
+        Some(Ok(schema)) => (schema, None),
+        Some(Err(problem)) => (
+            open_object(),
+            Some(format!(
+                "the tool \"{name}\" is offered with an open argument schema: {problem}"
+            )),
+        ),
+        None => (
+            open_object(),
+            Some(format!(
+                "the tool \"{name}\" has no inputSchema; it is offered with an open argument schema"
+            )),
+        ),
+    };
+    let tool = RemoteTool {
+        description: text("description")
+            .or(text("title"))
+            .unwrap_or(name)
+            .to_owned(),
+        parameters,
+        read_only: item
+            .pointer("/annotations/readOnlyHint")
+            .and_then(Value::as_bool)
+            == Some(true),
+        name: name.to_owned(),
+    };
+    Ok((tool, warning))
+}
+
+/// At most ten names, then how many more.
+fn shorten_list(names: &[String]) -> String {
+    const SHOWN: usize = 10;
+    let mut text = names
+        .iter()
+        .take(SHOWN)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > SHOWN {
+        text.push_str(&format!(" and {} more", names.len() - SHOWN));
+    }
+    text
+}
+
 /// A running session. Calls go through a clone of the peer, so several run
 /// at once; `service` is only taken out to close the session.
 pub struct Session {
+    /// The server's name, for logs.
+    server: String,
     peer: Peer<RoleClient>,
     service: Mutex<Option<RunningService<RoleClient, Handler>>>,
     tools_stale: Arc<AtomicBool>,
-    tools: Mutex<Option<Arc<Vec<RemoteTool>>>>,
+    tools: Mutex<Option<Arc<ServerTools>>>,
     /// Set when a request found the transport gone.
     disconnected: AtomicBool,
 }
@@ -83,7 +203,12 @@ impl std::fmt::Debug for Session {
 impl Session {
     /// Starts the server of `spec` and runs the MCP handshake. A stdio
     /// server's stderr is forwarded to the log by a task on `tasks`.
-    pub async fn start(spec: &ServerSpec, tasks: &TaskTracker) -> Result<Session, String> {
+    pub async fn start(
+        spec: &ServerSpec,
+        limits: &Limits,
+        redactor: &Redactor,
+        tasks: &TaskTracker,
+    ) -> Result<Session, String> {
         let tools_stale = Arc::new(AtomicBool::new(true));
         let mut info = ClientConfig::new(
             ClientCapabilities::default(),
@@ -95,15 +220,18 @@ impl Session {
             tools_stale: tools_stale.clone(),
             info,
         };
-        let service = tokio::time::timeout(STARTUP_TIMEOUT, connect(spec, handler, tasks))
+        let timeout = limits.mcp_start_timeout;
+        let connecting = connect(spec, limits, redactor, handler, tasks);
+        let service = tokio::time::timeout(timeout, connecting)
             .await
             .map_err(|_| {
                 format!(
-                    "did not finish starting within {} s",
-                    STARTUP_TIMEOUT.as_secs()
+                    "it did not finish starting within {} s (MCP_START_TIMEOUT_SECS)",
+                    timeout.as_secs()
                 )
             })??;
         Ok(Session {
+            server: spec.name.clone(),
             peer: service.peer().clone(),
             service: Mutex::new(Some(service)),
             tools_stale,
@@ -117,8 +245,10 @@ impl Session {
         self.disconnected.load(Ordering::SeqCst) || self.peer.is_transport_closed()
     }
 
-    /// The server's tools, listed again after `tools/list_changed`.
-    pub async fn tools(&self) -> Result<Arc<Vec<RemoteTool>>, String> {
+    /// The server's tools, listed again after `tools/list_changed`. Listing
+    /// is bounded in time, pages and tools; a tool with an unusable schema
+    /// is offered with an open one, or left out alone, with a warning.
+    pub async fn tools(&self, limits: &Limits) -> Result<Arc<ServerTools>, String> {
         let mut cached = self.tools.lock().await;
         if let Some(tools) = cached.as_ref()
             && !self.tools_stale.load(Ordering::SeqCst)
@@ -126,57 +256,107 @@ impl Session {
             return Ok(tools.clone());
         }
         self.tools_stale.store(false, Ordering::SeqCst);
-        let listed = self.peer.list_all_tools().await.map_err(|e| {
-            self.tools_stale.store(true, Ordering::SeqCst);
-            format!("listing its tools failed: {e}")
-        })?;
-        let tools: Vec<RemoteTool> = listed
-            .into_iter()
-            .map(|tool| {
-                let json = serde_json::to_value(&tool).unwrap_or(Value::Null);
-                RemoteTool {
-                    description: tool
-                        .description
-                        .as_deref()
-                        .or(tool.title.as_deref())
-                        .unwrap_or(&tool.name)
-                        .to_owned(),
-                    parameters: normalise(json.get("inputSchema").unwrap_or(&Value::Null)),
-                    read_only: json
-                        .pointer("/annotations/readOnlyHint")
-                        .and_then(Value::as_bool)
-                        == Some(true),
-                    name: tool.name.into_owned(),
-                }
-            })
-            .collect();
+        let timeout = limits.mcp_list_timeout;
+        let listed = tokio::time::timeout(timeout, self.list_tools(limits))
+            .await
+            .unwrap_or_else(|_| {
+                Err(format!(
+                    "listing its tools took longer than {} s (MCP_LIST_TIMEOUT_SECS)",
+                    timeout.as_secs()
+                ))
+            });
+        let tools = listed.inspect_err(|_| self.tools_stale.store(true, Ordering::SeqCst))?;
+        for warning in &tools.warnings {
+            tracing::warn!(server = %self.server, "{warning}");
+        }
         let tools = Arc::new(tools);
         *cached = Some(tools.clone());
         Ok(tools)
     }
 
-    /// Calls `tool`; the result is the `CallToolResult` as JSON.
+    async fn list_tools(&self, limits: &Limits) -> Result<ServerTools, String> {
+        let mut out = ServerTools::default();
+        let mut cursor: Option<String> = None;
+        for page in 1.. {
+            let params = PaginatedRequestParams::default().with_cursor(cursor.take());
+            let request: ListToolsRequest = RequestOptionalParam::with_param(params);
+            let result = self
+                .request(ClientRequest::ListToolsRequest(request))
+                .await
+                .map_err(|e| format!("listing its tools failed: {}", e.sentence()))?;
+            let next = read_tools_page(&result, &mut out)?;
+            if out.tools.len() > limits.mcp_max_tools_per_server {
+                let extra: Vec<String> = out
+                    .tools
+                    .drain(limits.mcp_max_tools_per_server..)
+                    .map(|t| t.name)
+                    .collect();
+                out.warnings.push(format!(
+                    "it lists more than {} tools (MCP_MAX_TOOLS_PER_SERVER); these were left out: {}",
+                    limits.mcp_max_tools_per_server,
+                    shorten_list(&extra)
+                ));
+                break;
+            }
+            match next {
+                None => break,
+                Some(_) if page >= MAX_LIST_PAGES => {
+                    out.warnings.push(format!(
+                        "its tool list goes on past {MAX_LIST_PAGES} pages; the rest was left out"
+                    ));
+                    break;
+                }
+                Some(next) => cursor = Some(next),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Calls `tool`; the result is the `CallToolResult` as JSON, as the
+    /// server sent it when rmcp could not read it.
     pub async fn call(&self, tool: &str, arguments: Value) -> Result<Value, CallError> {
         let mut params = CallToolRequestParams::new(tool.to_owned());
         if let Value::Object(map) = arguments {
             params = params.with_arguments(map);
         }
-        match self.peer.call_tool(params).await {
-            Ok(result) => Ok(serde_json::to_value(&result).unwrap_or(Value::Null)),
-            Err(error)
-                if self.is_closed()
-                    || matches!(
-                        error,
-                        ServiceError::TransportClosed | ServiceError::TransportSend(_)
-                    ) =>
-            {
-                self.disconnected.store(true, Ordering::SeqCst);
-                Err(CallError::Disconnected(error.to_string()))
-            }
-            Err(ServiceError::McpError(error)) => {
-                Err(CallError::Protocol(error.message.to_string()))
-            }
-            Err(error) => Err(CallError::Protocol(error.to_string())),
+        let request: CallToolRequest = Request::new(params);
+        self.request(ClientRequest::CallToolRequest(request)).await
+    }
+
+    /// Sends one request and returns its result as JSON. Dropping the
+    /// future (a timeout, an aborted turn) cancels the request on the server.
+    async fn request(&self, request: ClientRequest) -> Result<Value, CallError> {
+        let handle = self
+            .peer
+            .send_request_with_option(request, PeerRequestOptions::no_options())
+            .await
+            .map_err(|e| self.failed(e))?;
+        let mut guard = CancelOnDrop {
+            peer: self.peer.clone(),
+            id: Some(handle.id.clone()),
+        };
+        let result = handle.await_response().await;
+        guard.id = None;
+        match result.map_err(|e| self.failed(e))? {
+            // Whatever rmcp could not type is kept as the server sent it.
+            ServerResult::CustomResult(custom) => Ok(custom.0),
+            typed => Ok(serde_json::to_value(&typed).unwrap_or(Value::Null)),
+        }
+    }
+
+    fn failed(&self, error: ServiceError) -> CallError {
+        if self.is_closed()
+            || matches!(
+                error,
+                ServiceError::TransportClosed | ServiceError::TransportSend(_)
+            )
+        {
+            self.disconnected.store(true, Ordering::SeqCst);
+            return CallError::Disconnected(error.to_string());
+        }
+        match error {
+            ServiceError::McpError(error) => CallError::Protocol(error.message.to_string()),
+            error => CallError::Protocol(error.to_string()),
         }
     }
 
@@ -191,6 +371,8 @@ impl Session {
 
 async fn connect(
     spec: &ServerSpec,
+    limits: &Limits,
+    redactor: &Redactor,
     handler: Handler,
     tasks: &TaskTracker,
 ) -> Result<RunningService<RoleClient, Handler>, String> {
@@ -200,29 +382,18 @@ async fn connect(
             args,
             env,
             cwd,
+            inherit_env,
         } => {
-            let mut cmd = tokio::process::Command::new(command);
-            cmd.args(args);
-            cmd.envs(env.iter().map(|(k, v)| (k, v.expose())));
-            if let Some(cwd) = cwd {
-                cmd.current_dir(cwd);
-            }
-            let mut wrapped = CommandWrap::from(cmd);
-            // Its own process group, so `npx`/`uvx` grandchildren die with it.
-            wrapped.wrap(ProcessGroup::leader()).wrap(KillOnDrop);
-            let (transport, stderr) = TokioChildProcess::builder(wrapped)
-                .stderr(Stdio::piped())
-                .spawn()
-                .map_err(|e| format!("could not run {command:?}: {e}"))?;
-            if let Some(stderr) = stderr {
-                let server = spec.name.clone();
-                tasks.spawn(async move {
-                    let mut lines = BufReader::new(stderr).lines();
-                    while let Ok(Some(line)) = lines.next_line().await {
-                        tracing::info!(target: "mcpcord::mcp::stderr", server = %server, "{line}");
-                    }
-                });
-            }
+            let launch = Launch {
+                server: &spec.name,
+                command,
+                args,
+                env,
+                cwd: cwd.as_deref(),
+                inherit: inherit_env,
+                max_message_bytes: limits.mcp_max_message_bytes,
+            };
+            let transport = ChildTransport::spawn(&launch, redactor, tasks)?;
             handler
                 .serve(transport)
                 .await
@@ -246,5 +417,34 @@ async fn connect(
                 .await
                 .map_err(|e| format!("could not connect to {url}: {e}"))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_tool_list_keeps_what_it_can() {
+        let page = json!({"tools": [
+            {"name": "good", "inputSchema": {"type": "object", "properties": {"a": {"type": "string"}}}},
+            {"name": "no_schema", "description": "d"},
+            {"name": "string_schema", "inputSchema": "object"},
+            {"description": "nameless"}
+        ], "nextCursor": "2"});
+        let mut out = ServerTools::default();
+        assert_eq!(
+            read_tools_page(&page, &mut out).unwrap().as_deref(),
+            Some("2")
+        );
+        let names: Vec<&str> = out.tools.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["good", "no_schema", "string_schema"]);
+        assert_eq!(out.tools[1].parameters, open_object());
+        assert_eq!(out.warnings.len(), 3, "{:?}", out.warnings);
+        assert!(out.warnings[0].contains("\"no_schema\" has no inputSchema"));
+        assert!(out.warnings[1].contains("\"string_schema\""));
+        assert!(out.warnings[2].contains("without a name"));
+        assert!(read_tools_page(&json!({"items": []}), &mut out).is_err());
     }
 }

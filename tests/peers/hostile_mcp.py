@@ -1,0 +1,143 @@
+"""A misbehaving MCP server over stdio, in raw JSON-RPC.
+
+Usage: hostile_mcp.py MODE [ARG]. Every mode answers `initialize` (except
+`never-init`) and offers the tools `echo` and the mode's own.
+
+Modes:
+  never-init         reads requests and never answers any
+  silent-list        never answers tools/list
+  endless-pages      every tools/list page has one tool and a new nextCursor
+  exponential-refs   a small tools/list whose $refs expand exponentially
+  bad-tools          tools without a usable inputSchema; a result with an unknown block type
+  many-tools N       offers N tools
+  env FILE           writes its environment (JSON) to FILE and dumps it on stderr
+  bad-stderr         floods stderr with invalid UTF-8 before answering each call
+  huge-result MB     the tool `big` answers with MB megabytes of text
+  flood              sends 5,000 tools/list_changed notifications after initialize
+"""
+
+import json
+import os
+import sys
+
+MODE = sys.argv[1]
+ARG = sys.argv[2] if len(sys.argv) > 2 else None
+out = sys.stdout.buffer
+
+
+def send(message):
+    out.write(json.dumps(message).encode() + b"\n")
+    out.flush()
+
+
+def answer(request, result):
+    send({"jsonrpc": "2.0", "id": request["id"], "result": result})
+
+
+def tool(name, schema=None):
+    entry = {"name": name, "description": f"the {name} tool"}
+    if schema is not None:
+        entry["inputSchema"] = schema
+    return entry
+
+
+OBJECT = {"type": "object", "properties": {"text": {"type": "string"}}}
+
+
+def exponential(levels):
+    defs = {"D0": {"type": "string"}}
+    for i in range(1, levels):
+        ref = {"$ref": f"#/$defs/D{i - 1}"}
+        defs[f"D{i}"] = {"type": "object", "properties": {k: ref for k in "abcd"}}
+    return {
+        "type": "object",
+        "properties": {"x": {"$ref": f"#/$defs/D{levels - 1}"}},
+        "$defs": defs,
+    }
+
+
+def tools_page(request):
+    if MODE == "silent-list":
+        return None
+    if MODE == "endless-pages":
+        cursor = int(((request.get("params") or {}).get("cursor")) or 0)
+        return {"tools": [tool(f"t{cursor}", OBJECT)], "nextCursor": str(cursor + 1)}
+    tools = [tool("echo", OBJECT)]
+    if MODE == "exponential-refs":
+        tools.append(tool("deep", exponential(12)))
+    if MODE == "bad-tools":
+        tools += [tool("no_schema"), tool("string_schema", "object"), {"description": "nameless"}]
+        tools.append(tool("mixed", {"type": "object"}))
+    if MODE == "many-tools":
+        tools += [tool(f"tool_{i}", OBJECT) for i in range(int(ARG))]
+    if MODE == "huge-result":
+        tools.append(tool("big", {"type": "object"}))
+    if MODE == "env":
+        tools.append(tool("env", {"type": "object"}))
+    return {"tools": tools}
+
+
+def call(request):
+    params = request.get("params") or {}
+    name = params.get("name")
+    arguments = params.get("arguments") or {}
+    if MODE == "bad-stderr":
+        # Far more than a pipe holds, with bytes that are not UTF-8.
+        for _ in range(2000):
+            sys.stderr.buffer.write(b"\xff\xfe broken \xc3\x28 line\n")
+        sys.stderr.buffer.flush()
+    if name == "big":
+        size = int(float(ARG) * 1024 * 1024)
+        return {"content": [{"type": "text", "text": "x" * size}]}
+    if name == "mixed":
+        return {
+            "content": [
+                {"type": "text", "text": "before"},
+                {"type": "hologram", "data": "???"},
+                {"type": "text", "text": "after"},
+            ]
+        }
+    if name == "env":
+        return {"content": [{"type": "text", "text": json.dumps(dict(os.environ))}]}
+    return {"content": [{"type": "text", "text": f"echo: {arguments.get('text', '')}"}]}
+
+
+def main():
+    if MODE == "env":
+        with open(ARG, "w") as f:
+            json.dump(dict(os.environ), f)
+        for key, value in os.environ.items():
+            sys.stderr.write(f"{key}={value}\n")
+        sys.stderr.flush()
+    for line in sys.stdin.buffer:
+        try:
+            request = json.loads(line)
+        except ValueError:
+            continue
+        method = request.get("method")
+        if "id" not in request or MODE == "never-init":
+            continue
+        if method == "initialize":
+            version = (request.get("params") or {}).get("protocolVersion", "2025-06-18")
+            answer(request, {
+                "protocolVersion": version,
+                "capabilities": {"tools": {"listChanged": True}},
+                "serverInfo": {"name": "hostile", "version": "1"},
+            })
+            if MODE == "flood":
+                for _ in range(5000):
+                    send({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"})
+        elif method == "tools/list":
+            page = tools_page(request)
+            if page is not None:
+                answer(request, page)
+        elif method == "tools/call":
+            answer(request, call(request))
+        elif method == "ping":
+            answer(request, {})
+        else:
+            send({"jsonrpc": "2.0", "id": request["id"],
+                  "error": {"code": -32601, "message": "method not found"}})
+
+
+main()
