@@ -84,7 +84,7 @@ pub enum ModelError {
         "The conversation is too long for this model's context window. Start over with a reset, or pick a model with a larger context."
     )]
     ContextTooLong,
-    #[error("The model is rate limited right now and retries ran out. Try again in a minute.")]
+    #[error("The model is rate limited right now (HTTP 429). Try again in a minute.")]
     RateLimited { retry_after: Option<Duration> },
     #[error(
         "The model did not answer in time. Try again; if it keeps happening, pick another model."
@@ -105,6 +105,37 @@ pub enum ModelError {
     BadRequest { status: u16, message: String },
     #[error("The model returned no answer. Try again.")]
     Empty,
+    #[error(
+        "The answer was cut off: the model's stream ended before the answer was complete, so it was not kept. Send your message again."
+    )]
+    Cut,
+    #[error(
+        "The model endpoint sent something that is not an answer: {message}. Check OPENROUTER_BASE_URL (it must be an OpenAI-compatible API such as https://openrouter.ai/api/v1)."
+    )]
+    Unreadable { message: String },
+    #[error(
+        "The model's answer was larger than {limit_mib} MiB (MODEL_MAX_RESPONSE_BYTES) and was dropped. Ask for a shorter answer."
+    )]
+    TooLarge { limit_mib: usize },
+}
+
+impl ModelError {
+    /// What went wrong, in a few words, for a log line about a retry.
+    pub fn brief(&self) -> String {
+        match self {
+            ModelError::RateLimited { .. } => "rate limited (HTTP 429)".into(),
+            ModelError::Timeout => "timed out".into(),
+            ModelError::Provider {
+                status: Some(status),
+                message,
+            } => format!("HTTP {status}: {message}"),
+            ModelError::Provider { message, .. } | ModelError::Connection { message } => {
+                message.clone()
+            }
+            ModelError::BadRequest { status, message } => format!("HTTP {status}: {message}"),
+            other => other.to_string(),
+        }
+    }
 }
 
 /// Where streamed answer text goes while a reply is being written.

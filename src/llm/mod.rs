@@ -103,6 +103,8 @@ pub struct OpenRouter {
     stream: bool,
     timeout: Duration,
     max_retries: usize,
+    /// `MODEL_MAX_RESPONSE_BYTES`.
+    max_response_bytes: usize,
     catalogue: Mutex<CatalogueState>,
 }
 
@@ -138,6 +140,7 @@ impl OpenRouter {
             stream: config.stream,
             timeout: config.limits.model_timeout,
             max_retries: config.limits.model_max_retries,
+            max_response_bytes: config.limits.model_max_response_bytes,
             catalogue: Mutex::new(CatalogueState::NotFetched),
         })
     }
@@ -200,7 +203,13 @@ impl OpenRouter {
     async fn fetch_catalogue(&self) -> Result<Catalogue, ModelError> {
         let response = self.get("models").await?;
         let status = response.status();
-        let body: Value = response.json().await.map_err(connection_error)?;
+        let bytes = read_bounded(response, self.max_response_bytes).await?;
+        let body: Value = serde_json::from_slice(&bytes).map_err(|e| ModelError::Unreadable {
+            message: format!(
+                "a model list that is not JSON ({e}), starting {:?}",
+                preview(&bytes)
+            ),
+        })?;
         if !status.is_success() {
             return Err(error_from_body(
                 Some(status.as_u16()),
@@ -261,7 +270,7 @@ impl OpenRouter {
                 (None, delay) => delay,
             })
             .notify(|a: &Attempt, delay| {
-                tracing::warn!(error = %a.error, ?delay, "model request failed; retrying");
+                tracing::warn!(error = %a.error.brief(), ?delay, "model request failed; trying again");
             })
             .await
             .map_err(|a| a.error)
@@ -274,25 +283,37 @@ impl OpenRouter {
     ) -> Result<Completion, ModelError> {
         let body = request_body(&request, self.stream);
         let response = self.send(&body).await?;
+        let limit = self.max_response_bytes;
         if !self.stream {
-            let body: Value = response.json().await.map_err(connection_error)?;
+            let bytes = read_bounded(response, limit).await?;
+            let body: Value =
+                serde_json::from_slice(&bytes).map_err(|e| ModelError::Unreadable {
+                    message: format!(
+                        "a reply that is not JSON ({e}), starting {:?}",
+                        preview(&bytes)
+                    ),
+                })?;
             let completion = parse_completion(&body)?;
             if let Some(content) = completion.message.content.as_deref() {
                 text.push(content);
             }
             return Ok(completion);
         }
-        let mut events = response.bytes_stream().eventsource();
+        let mut events = bounded_stream(response, limit).eventsource();
         let mut accumulator = StreamAccumulator::default();
         while let Some(event) = events.next().await {
-            let event = event.map_err(|e| ModelError::Connection {
-                message: format!("the answer stream broke off: {e}"),
+            let event = event.map_err(|e| match e {
+                eventsource_stream::EventStreamError::Transport(error) => error,
+                other => ModelError::Connection {
+                    message: format!("the answer stream broke off: {other}"),
+                },
             })?;
             let data = event.data.trim();
             if data.is_empty() {
                 continue;
             }
             if data == "[DONE]" {
+                accumulator.done();
                 break;
             }
             let chunk: Value = serde_json::from_str(data).map_err(|e| ModelError::Provider {
@@ -303,6 +324,45 @@ impl OpenRouter {
         }
         accumulator.finish()
     }
+}
+
+/// The body of `response`, refused once it passes `limit` bytes.
+async fn read_bounded(response: reqwest::Response, limit: usize) -> Result<Vec<u8>, ModelError> {
+    let mut body = Vec::new();
+    let mut stream = bounded_stream(response, limit);
+    while let Some(chunk) = stream.next().await {
+        body.extend_from_slice(&chunk?);
+    }
+    Ok(body)
+}
+
+/// The body of `response` as a stream that fails once it passes `limit`
+/// bytes, so that no reply can grow memory without bound.
+fn bounded_stream(
+    response: reqwest::Response,
+    limit: usize,
+) -> impl futures::Stream<Item = Result<bytes::Bytes, ModelError>> {
+    let mut seen = 0usize;
+    response.bytes_stream().map(move |chunk| {
+        let chunk = chunk.map_err(|e| ModelError::Connection {
+            message: format!(
+                "the answer stream broke off: {}",
+                connection_error(e).brief()
+            ),
+        })?;
+        seen += chunk.len();
+        if seen > limit {
+            return Err(ModelError::TooLarge {
+                limit_mib: limit / (1024 * 1024),
+            });
+        }
+        Ok(chunk)
+    })
+}
+
+/// The start of a body, for an error message.
+fn preview(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(&bytes[..bytes.len().min(60)]).into_owned()
 }
 
 fn connection_error(error: reqwest::Error) -> ModelError {

@@ -131,9 +131,8 @@ pub fn parse_completion(body: &Value) -> Result<Completion, ModelError> {
         .map(|calls| {
             calls
                 .iter()
-                .enumerate()
-                .map(|(i, c)| ToolCall {
-                    id: str_field(c, "id").unwrap_or_else(|| format!("call_{i}")),
+                .map(|c| ToolCall {
+                    id: str_field(c, "id").unwrap_or_default(),
                     name: c
                         .pointer("/function/name")
                         .and_then(Value::as_str)
@@ -151,7 +150,7 @@ pub fn parse_completion(body: &Value) -> Result<Completion, ModelError> {
     let message = Message {
         role: Some(Role::Assistant),
         content: str_field(&raw, "content"),
-        tool_calls,
+        tool_calls: unique_ids(tool_calls),
         reasoning: str_field(&raw, "reasoning"),
         reasoning_details: raw
             .get("reasoning_details")
@@ -226,9 +225,16 @@ pub struct StreamAccumulator {
     finish: Option<String>,
     usage: Usage,
     saw_choice: bool,
+    /// Whether `data: [DONE]` arrived.
+    done: bool,
 }
 
 impl StreamAccumulator {
+    /// Records the end-of-stream marker.
+    pub fn done(&mut self) {
+        self.done = true;
+    }
+
     /// Applies one `data:` chunk. Text fragments go to `on_text`.
     pub fn apply(&mut self, chunk: &Value, sink: &dyn TextSink) -> Result<(), ModelError> {
         if let Some(error) = chunk.get("error") {
@@ -279,25 +285,29 @@ impl StreamAccumulator {
         Ok(())
     }
 
-    /// A fragment with a new id starts a new call even when its index is
-    /// taken; one without an id continues the call with its index, or the
-    /// last call when it has no index either.
+    /// A fragment continues the call with its index (the last one, when
+    /// a backend reuses an index) unless it carries a different id; one
+    /// with neither index nor id continues the last call. Two calls that
+    /// share an id are kept apart; [`unique_ids`] renames them later.
     fn merge_call(&mut self, fragment: &Value) {
         let index = fragment.get("index").and_then(Value::as_u64);
         let id = fragment
             .get("id")
             .and_then(Value::as_str)
             .filter(|s| !s.is_empty());
-        let position = match id {
-            Some(id) => self.calls.iter().position(|c| c.id == id).or_else(|| {
-                self.calls
-                    .iter()
-                    .position(|c| c.id.is_empty() && c.index == index && index.is_some())
-            }),
-            None => match index {
-                Some(_) => self.calls.iter().rposition(|c| c.index == index),
-                None => self.calls.len().checked_sub(1),
-            },
+        let position = match (index, id) {
+            (Some(_), Some(id)) => self
+                .calls
+                .iter()
+                .rposition(|c| c.index == index)
+                .filter(|&p| self.calls[p].id.is_empty() || self.calls[p].id == id),
+            (Some(_), None) => self.calls.iter().rposition(|c| c.index == index),
+            (None, Some(id)) => self
+                .calls
+                .len()
+                .checked_sub(1)
+                .filter(|&p| self.calls[p].id == id),
+            (None, None) => self.calls.len().checked_sub(1),
         };
         let position = position.unwrap_or_else(|| {
             self.calls.push(PartialCall {
@@ -328,21 +338,20 @@ impl StreamAccumulator {
         if !self.saw_choice {
             return Err(ModelError::Empty);
         }
+        if !self.done && self.finish.is_none() {
+            return Err(ModelError::Cut);
+        }
         let tool_calls = self
             .calls
             .into_iter()
-            .enumerate()
-            .filter(|(_, c)| !c.name.is_empty())
-            .map(|(i, c)| ToolCall {
-                id: if c.id.is_empty() {
-                    format!("call_{i}")
-                } else {
-                    c.id
-                },
+            .filter(|c| !c.name.is_empty())
+            .map(|c| ToolCall {
+                id: c.id,
                 name: c.name,
                 arguments: c.arguments,
             })
             .collect();
+        let tool_calls = unique_ids(tool_calls);
         let message = Message {
             role: Some(Role::Assistant),
             content: (!self.content.is_empty()).then_some(self.content),
@@ -358,6 +367,34 @@ impl StreamAccumulator {
             usage: self.usage,
         })
     }
+}
+
+/// Calls without an id, or with one an earlier call of the reply already
+/// has, get a fresh id: every call is kept, and the history stays valid for
+/// providers that insist on unique ids.
+fn unique_ids(mut calls: Vec<ToolCall>) -> Vec<ToolCall> {
+    let mut seen = std::collections::HashSet::new();
+    for call in &mut calls {
+        if call.id.is_empty() || !seen.insert(call.id.clone()) {
+            call.id = fresh_call_id();
+            seen.insert(call.id.clone());
+        }
+    }
+    calls
+}
+
+/// An id no provider sent: the process start time and a counter.
+fn fresh_call_id() -> String {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static START: OnceLock<u128> = OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let start = START.get_or_init(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    });
+    format!("call_mc{start:x}_{}", NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
 /// Streamed reasoning details arrive in pieces that share an `index`:
@@ -457,6 +494,7 @@ mod tests {
         for chunk in chunks {
             acc.apply(chunk, &text).unwrap();
         }
+        acc.done();
         (acc.finish().unwrap(), text.0.into_inner().unwrap())
     }
 
@@ -570,5 +608,51 @@ mod tests {
         let json = message_json(&message);
         assert_eq!(json["reasoning_details"], details);
         assert_eq!(json["content"], Value::Null);
+    }
+
+    #[test]
+    fn duplicate_and_missing_ids_are_replaced_and_every_call_kept() {
+        let (completion, _) = apply_all(&[
+            json!({"choices":[{"delta":{"tool_calls":[{"index":0,"id":"x","function":{"name":"a","arguments":"{}"}}]}}]}),
+            json!({"choices":[{"delta":{"tool_calls":[{"index":1,"id":"x","function":{"name":"b","arguments":"{}"}}]}}]}),
+            json!({"choices":[{"delta":{"tool_calls":[{"index":2,"function":{"name":"c","arguments":"{}"}}]}, "finish_reason":"tool_calls"}]}),
+        ]);
+        let calls = &completion.message.tool_calls;
+        let names: Vec<&str> = calls.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["a", "b", "c"]);
+        assert_eq!(calls[0].id, "x");
+        let ids: std::collections::HashSet<&str> = calls.iter().map(|c| c.id.as_str()).collect();
+        assert_eq!(ids.len(), 3);
+        assert!(calls.iter().all(|c| !c.id.is_empty()));
+
+        let body = json!({"choices":[{"finish_reason":"tool_calls","message":{"role":"assistant","tool_calls":[
+            {"id":"y","type":"function","function":{"name":"a","arguments":"{}"}},
+            {"id":"y","type":"function","function":{"name":"b","arguments":"{}"}},
+            {"type":"function","function":{"name":"c","arguments":"{}"}}]}}]});
+        let calls = parse_completion(&body).unwrap().message.tool_calls;
+        let ids: std::collections::HashSet<&str> = calls.iter().map(|c| c.id.as_str()).collect();
+        assert_eq!((calls.len(), ids.len()), (3, 3));
+    }
+
+    #[test]
+    fn a_stream_without_done_or_finish_reason_is_cut() {
+        let mut acc = StreamAccumulator::default();
+        acc.apply(
+            &json!({"choices":[{"delta":{"content":"Half an ans"}}]}),
+            &(),
+        )
+        .unwrap();
+        assert_eq!(acc.finish().unwrap_err(), ModelError::Cut);
+        // A finish reason without [DONE] is a complete answer.
+        let mut acc = StreamAccumulator::default();
+        acc.apply(
+            &json!({"choices":[{"delta":{"content":"Done."},"finish_reason":"stop"}]}),
+            &(),
+        )
+        .unwrap();
+        assert_eq!(
+            acc.finish().unwrap().message.content.as_deref(),
+            Some("Done.")
+        );
     }
 }

@@ -32,6 +32,8 @@ pub enum Reply {
     MidStreamError,
     /// Never answers (the client must give up or be aborted).
     Hang,
+    /// A 200 with this body and content type, as it is.
+    Raw(&'static str, String),
 }
 
 pub fn text(s: &str) -> Reply {
@@ -166,6 +168,10 @@ async fn completions(
     match reply {
         None => error(500, "the fake model has no more scripted replies"),
         Some(Reply::Hang) => std::future::pending().await,
+        Some(Reply::Raw(content_type, body)) => Response::builder()
+            .header(header::CONTENT_TYPE, content_type)
+            .body(Body::from(body))
+            .unwrap(),
         Some(Reply::Status(code, message, retry_after)) => {
             let mut response = error(code, &message);
             if let Some(seconds) = retry_after {
@@ -252,6 +258,7 @@ fn validate(request: &Value) -> Result<(), String> {
     }
     let has_tools = request["tools"].as_array().is_some_and(|t| !t.is_empty());
     let mut open: Vec<String> = Vec::new();
+    let mut ids = std::collections::HashSet::new();
     for (i, message) in messages.iter().enumerate() {
         let role = message["role"]
             .as_str()
@@ -289,7 +296,13 @@ fn validate(request: &Value) -> Result<(), String> {
                         "messages[{i}]: tool call arguments must be a string"
                     ));
                 }
-                open.push(call["id"].as_str().unwrap_or_default().to_owned());
+                let id = call["id"].as_str().unwrap_or_default().to_owned();
+                if id.is_empty() || !ids.insert(id.clone()) {
+                    return Err(format!(
+                        "messages[{i}]: tool_use ids must be unique: {id:?}"
+                    ));
+                }
+                open.push(id);
             }
         } else if role == "assistant" && message["content"].as_str().is_none_or(str::is_empty) {
             return Err(format!(
