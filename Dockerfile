@@ -27,6 +27,8 @@ RUN python3 -m venv /opt/uv \
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin mcpcord \
     && mkdir -p /data /config && chown mcpcord:mcpcord /data
 COPY --from=build /src/target/release/mcpcord /usr/local/bin/mcpcord
+# A working default set of MCP servers; mount your own file over it.
+COPY mcp.example.json /config/mcp.json
 
 ENV DATABASE_URL=sqlite:///data/mcpcord.db \
     MCP_CONFIG=/config/mcp.json \

@@ -172,6 +172,7 @@ impl Config {
         let defaults = Limits::default();
         let api_key =
             get("OPENROUTER_API_KEY").ok_or(ConfigError::Missing("OPENROUTER_API_KEY"))?;
+        token_text("OPENROUTER_API_KEY", &api_key)?;
         let base_url = http_url(&get, "OPENROUTER_BASE_URL", DEFAULT_BASE_URL)?;
         let limits = Limits {
             max_tool_rounds: number(&get, "MAX_TOOL_ROUNDS", defaults.max_tool_rounds)?,
@@ -222,7 +223,7 @@ impl Config {
             base_url,
             default_model: get("DEFAULT_MODEL").unwrap_or_else(|| DEFAULT_MODEL.to_owned()),
             system_prompt: get("SYSTEM_PROMPT"),
-            database_url: get("DATABASE_URL").unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned()),
+            database_url: database_url(get("DATABASE_URL"))?,
             mcp_config_explicit: get("MCP_CONFIG").is_some(),
             mcp_config: PathBuf::from(
                 get("MCP_CONFIG").unwrap_or_else(|| DEFAULT_MCP_CONFIG.to_owned()),
@@ -230,6 +231,44 @@ impl Config {
             stream: boolean(&get, "STREAM_RESPONSES", true)?,
             limits,
         })
+    }
+}
+
+/// A key or token is one word: a line break or space inside it is a
+/// copy-and-paste mistake, named here rather than as a failed request.
+fn token_text(name: &'static str, value: &str) -> Result<(), ConfigError> {
+    if value.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(ConfigError::Invalid {
+            name,
+            problem: "it contains a line break, a space or another invisible character; copy it again as one line".into(),
+        });
+    }
+    Ok(())
+}
+
+/// A `sqlite:` URL (the only store so far).
+fn database_url(value: Option<String>) -> Result<String, ConfigError> {
+    let name = "DATABASE_URL";
+    let Some(url) = value else {
+        return Ok(DEFAULT_DATABASE_URL.to_owned());
+    };
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Err(ConfigError::Invalid {
+            name,
+            problem: "PostgreSQL is not supported by this version; use a SQLite file such as sqlite:///data/mcpcord.db".into(),
+        });
+    }
+    let path = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"));
+    match path {
+        Some(path) if !path.is_empty() && !path.starts_with('?') => Ok(url),
+        _ => Err(ConfigError::Invalid {
+            name,
+            problem: format!(
+                "{url:?} is not a SQLite URL; write sqlite://mcpcord.db (a file here) or sqlite:///data/mcpcord.db (an absolute path)"
+            ),
+        }),
     }
 }
 
@@ -367,6 +406,37 @@ mod tests {
     }
 
     #[test]
+    fn keys_and_database_urls_are_checked_with_their_names() {
+        let err = config(&[("OPENROUTER_API_KEY", "sk-or-v1-abc\ndef")]).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("Invalid OPENROUTER_API_KEY: it contains a line break")
+        );
+        let with = |url: &str| config(&[("OPENROUTER_API_KEY", "k"), ("DATABASE_URL", url)]);
+        assert!(
+            with("::::")
+                .unwrap_err()
+                .to_string()
+                .starts_with("Invalid DATABASE_URL: \"::::\" is not a SQLite URL")
+        );
+        assert!(
+            with("postgres://u:p@h/db")
+                .unwrap_err()
+                .to_string()
+                .contains("PostgreSQL is not supported")
+        );
+        assert!(with("sqlite:").is_err());
+        assert_eq!(
+            with("sqlite:///data/x.db").unwrap().database_url,
+            "sqlite:///data/x.db"
+        );
+        assert_eq!(
+            with("sqlite:x.db?mode=rwc").unwrap().database_url,
+            "sqlite:x.db?mode=rwc"
+        );
+    }
+
+    #[test]
     fn base_url_is_checked_and_trimmed() {
         let c = config(&[
             ("OPENROUTER_API_KEY", "k"),
@@ -415,6 +485,7 @@ impl DiscordConfig {
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let get = non_empty(lookup);
         let token = get("DISCORD_TOKEN").ok_or(ConfigError::Missing("DISCORD_TOKEN"))?;
+        token_text("DISCORD_TOKEN", &token)?;
         let api_base = http_url(&get, "DISCORD_API_BASE_URL", "https://discord.com")?;
         Ok(DiscordConfig {
             token: Secret::new(token),

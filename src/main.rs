@@ -1,7 +1,6 @@
 //! The `mcpcord` command: CLI, `.env`, logging, configuration, then the app.
 
 use std::io::IsTerminal;
-use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
@@ -59,7 +58,7 @@ fn init_logging(default_filter: &str) {
 }
 
 #[tokio::main]
-async fn main() -> ExitCode {
+async fn main() {
     let cli = Cli::parse();
     // A missing .env is normal; variables may come from the environment.
     let _ = dotenvy::dotenv();
@@ -69,13 +68,17 @@ async fn main() -> ExitCode {
         Some(Command::Chat { .. } | Command::Check | Command::Health)
     );
     init_logging(if quiet { "warn" } else { "mcpcord=info,warn" });
-    match run(cli).await {
-        Ok(()) => ExitCode::SUCCESS,
+    let code = match run(cli).await {
+        Ok(()) => 0,
         Err(error) => {
             eprintln!("error: {error:#}");
-            ExitCode::FAILURE
+            1
         }
-    }
+    };
+    // Everything is closed by now. Exiting here does not wait for a read of
+    // stdin that may never end (the runtime would wait for it on drop).
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    std::process::exit(code)
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -99,8 +102,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run => {
             let discord = DiscordConfig::from_env()?;
             let app = Arc::new(App::build(&config).await?);
-            let result = mcpcord::discord::run(app.clone(), discord, shutdown_signal()).await;
+            let (stop, lost) = stop_or_lost(&app);
+            let result = mcpcord::discord::run(app.clone(), discord, stop).await;
             app.shutdown().await;
+            lost_database(&lost)?;
             result
         }
         Command::Chat {
@@ -125,16 +130,45 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 };
                 let chat = terminal::run(&app.engine, &key, stdin, approvals, &mut out, &mut err);
                 // Ctrl-C or SIGTERM ends the chat like EOF; MCP sessions are still closed.
+                let (stop, lost) = stop_or_lost(&app);
                 tokio::select! {
                     result = chat => result?,
-                    () = shutdown_signal() => {}
+                    () = stop => {}
                 }
-                anyhow::Ok(())
+                lost_database(&lost)
             }
             .await;
             app.shutdown().await;
             result
         }
+    }
+}
+
+/// Why the database was lost, once it was.
+type Lost = Arc<std::sync::Mutex<Option<String>>>;
+
+/// A future that resolves on a signal or when the database file goes
+/// away (then the reason is in the returned cell).
+fn stop_or_lost(app: &App) -> (impl Future<Output = ()> + use<>, Lost) {
+    let lost = Lost::default();
+    let cell = lost.clone();
+    let store = app.store.clone();
+    let stop = async move {
+        tokio::select! {
+            () = shutdown_signal() => {}
+            reason = store.lost() => {
+                tracing::error!("{reason}");
+                *cell.lock().expect("lost poisoned") = Some(reason);
+            }
+        }
+    };
+    (stop, lost)
+}
+
+fn lost_database(lost: &Lost) -> anyhow::Result<()> {
+    match lost.lock().expect("lost poisoned").take() {
+        Some(reason) => Err(anyhow::anyhow!(reason)),
+        None => Ok(()),
     }
 }
 

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use tokio::io::{AsyncBufRead, AsyncBufReadExt, Lines};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt};
 use tokio::sync::{Mutex, mpsc};
 
 use crate::conversation::{
@@ -13,7 +13,34 @@ use crate::conversation::{
 };
 
 /// The input, shared by the chat loop and approval questions.
-type Input = Arc<Mutex<Lines<Box<dyn AsyncBufRead + Unpin + Send>>>>;
+type Input = Arc<Mutex<LossyLines>>;
+
+/// Lines of input; bytes that are not UTF-8 become U+FFFD with a warning
+/// instead of ending the chat.
+struct LossyLines {
+    reader: Box<dyn AsyncBufRead + Unpin + Send>,
+    buffer: Vec<u8>,
+}
+
+impl LossyLines {
+    async fn next_line(&mut self) -> std::io::Result<Option<String>> {
+        self.buffer.clear();
+        if self.reader.read_until(b'\n', &mut self.buffer).await? == 0 {
+            return Ok(None);
+        }
+        let bytes = self.buffer.strip_suffix(b"\n").unwrap_or(&self.buffer);
+        let bytes = bytes.strip_suffix(b"\r").unwrap_or(bytes);
+        Ok(Some(match std::str::from_utf8(bytes) {
+            Ok(text) => text.to_owned(),
+            Err(_) => {
+                eprintln!(
+                    "warning: this line is not valid UTF-8; the bytes that are not were replaced by \u{FFFD}"
+                );
+                String::from_utf8_lossy(bytes).into_owned()
+            }
+        }))
+    }
+}
 
 /// How tool calls that need approval are decided in the terminal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,8 +91,10 @@ pub async fn run(
     out: &mut impl Write,
     err: &mut impl Write,
 ) -> std::io::Result<()> {
-    let boxed: Box<dyn AsyncBufRead + Unpin + Send> = Box::new(input);
-    let input: Input = Arc::new(Mutex::new(boxed.lines()));
+    let input: Input = Arc::new(Mutex::new(LossyLines {
+        reader: Box::new(input),
+        buffer: Vec::new(),
+    }));
     let approver: Box<dyn Approver> = match approvals {
         Approvals::All => Box::new(ApproveAll),
         Approvals::Ask => Box::new(Prompt {
@@ -81,16 +110,27 @@ pub async fn run(
         if line.is_empty() {
             continue;
         }
-        if line == "/reset" {
-            match engine.reset(conversation).await {
-                Ok(()) => writeln!(out, "(conversation cleared)")?,
-                Err(e) => writeln!(err, "error: {e}")?,
+        let (word, rest) = line.split_once(char::is_whitespace).unwrap_or((line, ""));
+        match word {
+            "/reset" if rest.trim().is_empty() => {
+                match engine.reset(conversation).await {
+                    Ok(()) => writeln!(out, "(conversation cleared)")?,
+                    Err(e) => writeln!(err, "error: {e}")?,
+                }
+                continue;
             }
-            continue;
-        }
-        if let Some(rest) = line.strip_prefix("/model") {
-            command_model(engine, conversation, rest.trim(), out, err).await?;
-            continue;
+            "/model" => {
+                command_model(engine, conversation, rest.trim(), out, err).await?;
+                continue;
+            }
+            _ if word.starts_with('/') && !word[1..].contains('/') => {
+                writeln!(
+                    err,
+                    "error: there is no command {word}. Commands: /reset, /model [name]."
+                )?;
+                continue;
+            }
+            _ => {}
         }
         turn(engine, conversation, line, approver.as_ref(), out, err).await?;
     }

@@ -24,13 +24,13 @@ fn command(model: &FakeModel, dir: &Path) -> Command {
 }
 
 /// Runs `mcpcord chat` with `input` on stdin, off the async runtime.
-async fn chat(model: &FakeModel, dir: &Path, input: &str) -> Output {
+async fn chat(model: &FakeModel, dir: &Path, input: impl AsRef<[u8]>) -> Output {
     let mut cmd = command(model, dir);
-    let input = input.to_owned();
+    let input = input.as_ref().to_vec();
     tokio::task::spawn_blocking(move || {
         let mut child = cmd.arg("chat").spawn().unwrap();
         let mut stdin = child.stdin.take().unwrap();
-        stdin.write_all(input.as_bytes()).unwrap();
+        stdin.write_all(&input).unwrap();
         drop(stdin);
         child.wait_with_output().unwrap()
     })
@@ -263,4 +263,24 @@ async fn an_interactive_chat_asks_before_calls_that_need_approval() {
         "the answers were not taken as messages"
     );
     app.shutdown().await;
+}
+
+#[tokio::test]
+async fn invalid_utf8_and_unknown_commands_do_not_end_the_chat() {
+    let model = FakeModel::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    model.script([text("one"), text("two")]);
+    let output = chat(&model, dir.path(), b"hello \xff there\n/models\nsecond\n").await;
+    let err = stderr(&output);
+    assert!(output.status.success(), "{err}");
+    assert!(err.contains("this line is not valid UTF-8"), "{err}");
+    assert!(err.contains("there is no command /models"), "{err}");
+    let requests = model.requests();
+    assert_eq!(requests.len(), 2);
+    assert_eq!(
+        requests[0]["messages"][0]["content"],
+        "hello \u{FFFD} there"
+    );
+    assert_eq!(requests[1]["messages"][2]["content"], "second");
+    assert_eq!(requests[1]["model"], "test/tools");
 }

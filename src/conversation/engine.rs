@@ -51,12 +51,27 @@ pub struct TurnOutcome {
     pub answered: bool,
 }
 
+/// Why a turn failed. Store failures say exactly what was kept.
 #[derive(Debug, thiserror::Error)]
 pub enum TurnError {
     #[error(transparent)]
     Model(#[from] ModelError),
-    #[error("{0}. The message was not processed; try again.")]
-    Store(#[from] StoreError),
+    /// Before the message was stored (reading the history, or the write).
+    #[error("{0}. Your message was not saved; send it again.")]
+    InputNotStored(StoreError),
+    /// The message is stored; a round of tool results could not be.
+    #[error(
+        "{0}. Your message was saved, but the results of its tool calls could not be, so the turn stopped. Say \"continue\" to try again (no need to send your message again)."
+    )]
+    ToolsNotStored(StoreError),
+    /// The message is stored; the answer could not be, and was not shown.
+    #[error(
+        "{0}. Your message was saved, but the answer could not be, so it was not shown. Say \"continue\" to get it (no need to send your message again)."
+    )]
+    AnswerNotStored(StoreError),
+    /// A setting (the model) could not be saved.
+    #[error("{0}. The setting was not changed; try again.")]
+    SettingNotStored(StoreError),
 }
 
 /// The in-memory state of a conversation. Its mutex is the turn queue:
@@ -67,6 +82,9 @@ struct Live {
     history: Option<Vec<Message>>,
     /// The chosen model, once read from the store.
     model: Option<Option<String>>,
+    /// How many exchanges were last left out to fit the context, so the
+    /// warning comes only when that changes.
+    trimmed: usize,
 }
 
 /// What the calls of one reply share.
@@ -189,7 +207,10 @@ impl Engine {
         }
         let live = self.live(conversation);
         let mut live = live.lock().await;
-        self.store.set_model(conversation, model).await?;
+        self.store
+            .set_model(conversation, model)
+            .await
+            .map_err(TurnError::SettingNotStored)?;
         live.model = Some(model.map(str::to_owned));
         Ok(model.unwrap_or(&self.settings.default_model).to_owned())
     }
@@ -226,9 +247,16 @@ impl Engine {
         approver: &dyn Approver,
         outcome: &mut TurnOutcome,
     ) -> Result<(), TurnError> {
-        let model = self.chosen_model(conversation, live).await?;
+        let model = self
+            .chosen_model(conversation, live)
+            .await
+            .map_err(TurnError::InputNotStored)?;
         outcome.model.clone_from(&model);
-        let mut history = self.history(conversation, live).await?;
+        let mut history = self
+            .history(conversation, live)
+            .await
+            .map_err(TurnError::InputNotStored)?;
+        retire_tool_images(&mut history);
         // Until this turn ends cleanly the cache may lag behind the store
         // (an aborted turn), so it is only put back at the end.
         // Storing the message, reading the catalogue and starting tool
@@ -239,7 +267,7 @@ impl Engine {
             self.model.model_info(&model),
             self.tools.tools(conversation),
         );
-        stored?;
+        stored.map_err(TurnError::InputNotStored)?;
         history.push(input);
         let info = lookup.info();
         for problem in &tools.problems {
@@ -253,14 +281,17 @@ impl Engine {
         let sees_images = info.is_some_and(|i| i.supports_images);
         let budget = self.history_budget(context, &tools.specs);
 
-        let mut warned_trim = false;
         let result = loop {
             let (start, dropped) = fit_to_context(&history, budget);
-            if dropped > 0 && !warned_trim {
-                warned_trim = true;
+            // Said once, and again only when more is left out than before
+            // (a long chat would otherwise hear it on every turn).
+            if dropped > live.trimmed {
                 let _ = events.send(TurnEvent::Warning(format!(
-                    "The conversation is longer than {model} can read; the {dropped} oldest exchange(s) were left out of this request."
+                    "The conversation is longer than {model} can read; the {dropped} oldest exchange(s) are left out of what it sees."
                 )));
+            }
+            if dropped > 0 {
+                live.trimmed = live.trimmed.max(dropped);
             }
             let request = ChatRequest {
                 model: &model,
@@ -282,7 +313,7 @@ impl Engine {
                         .append(conversation, std::slice::from_ref(&message))
                         .await
                     {
-                        break Err(error.into());
+                        break Err(TurnError::AnswerNotStored(error));
                     }
                     history.push(message);
                     if finish == FinishReason::Length {
@@ -322,7 +353,7 @@ impl Engine {
                         });
                     }
                     if let Err(error) = self.store.append(conversation, &group).await {
-                        break Err(error.into());
+                        break Err(TurnError::ToolsNotStored(error));
                     }
                     history.extend(group);
                     if exhausted {
@@ -461,6 +492,24 @@ impl Engine {
         let mut live = self.live.lock().expect("live map poisoned");
         if live.len() > MAX_CACHED_CONVERSATIONS {
             live.retain(|_, state| Arc::strong_count(state) > 1);
+        }
+    }
+}
+
+/// Images that tools returned in earlier turns are not sent again: the
+/// model saw them in the turn they came, and re-sending megabytes on every
+/// later request costs each time. What they were stays in the text.
+fn retire_tool_images(history: &mut [Message]) {
+    for message in history.iter_mut() {
+        if message.role() == Role::User
+            && message.text() == TOOL_IMAGES_NOTE
+            && !message.images.is_empty()
+        {
+            let count = message.images.len();
+            message.images.clear();
+            message.content = Some(format!(
+                "({count} image(s) returned by the tool calls above were shown in that turn and are not sent again.)"
+            ));
         }
     }
 }

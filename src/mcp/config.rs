@@ -561,4 +561,52 @@ mod tests {
             Err(McpConfigError::Unreadable { .. })
         ));
     }
+
+    #[test]
+    fn mistakes_that_used_to_pass_silently_are_named() {
+        assert_eq!(
+            parse_err(r#"{"mcpServers": {"a": {"command": "x"}, "a": {"command": "y"}}}"#),
+            "MCP config mcp.json: the server \"a\" is defined twice in \"mcpServers\"; give each server its own name"
+        );
+        assert_eq!(
+            parse_err(r#"{"mcpServers": {"a": {"command": "x", "disabled": "true"}}}"#),
+            "MCP config mcp.json: server \"a\", key \"disabled\": must be true or false, without quotes"
+        );
+        assert!(
+            parse_err(
+                r#"{"mcpServers": {"a": {"command": "x", "inheritEnv": ["DISCORD_TOKEN"]}}}"#
+            )
+            .contains("DISCORD_TOKEN is one of mcpcord's own secrets")
+        );
+        assert!(
+            parse_err(r#"{"mcpServers": {"a": {"command": "x", "inheritEnv": "yes"}}}"#)
+                .contains("key \"inheritEnv\": must be true, false, or a list")
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let error = load(dir.path(), true, &env).unwrap_err().to_string();
+        assert!(error.contains("it is a directory, not a file"), "{error}");
+    }
+
+    #[test]
+    fn inherit_env_reads_true_and_lists() {
+        let specs = parse_ok(
+            r#"{"mcpServers": {"all": {"command": "x", "inheritEnv": true},
+                "some": {"command": "x", "inheritEnv": ["LANG"]}, "none": {"command": "x"}}}"#,
+        );
+        let inherit: Vec<InheritEnv> = specs
+            .iter()
+            .map(|s| match &s.transport {
+                Transport::Stdio { inherit_env, .. } => inherit_env.clone(),
+                Transport::Http { .. } => unreachable!(),
+            })
+            .collect();
+        assert_eq!(
+            inherit,
+            [
+                InheritEnv::All,
+                InheritEnv::Default,
+                InheritEnv::Names(vec!["LANG".into()])
+            ]
+        );
+    }
 }

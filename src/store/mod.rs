@@ -1,6 +1,8 @@
 //! SQLite persistence (sqlx). The only place with SQL.
 
 use std::collections::HashSet;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -16,10 +18,15 @@ const MAX_CONNECTIONS: u32 = 4;
 /// How long a write waits for another to finish before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How often the database file is checked for having been deleted or replaced.
+pub const FILE_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+
 /// The store of conversations in one SQLite database.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// The database file, and its identity (device, inode) when opened.
+    file: Option<(PathBuf, (u64, u64))>,
     /// Conversations known to have a row, so appends skip the upsert.
     known: Arc<Mutex<HashSet<String>>>,
 }
@@ -65,15 +72,63 @@ impl SqliteStore {
             .test_before_acquire(false)
             .connect_with(options)
             .await
-            .map_err(|e| StoreError(format!("cannot open the database {url:?}: {e}")))?;
+            .map_err(|e| opening_failed(url, "open", &e.to_string()))?;
         sqlx::migrate!("./migrations")
             .run(&pool)
             .await
-            .map_err(|e| StoreError(format!("cannot migrate the database {url:?}: {e}")))?;
-        Ok(SqliteStore {
+            .map_err(|e| opening_failed(url, "migrate", &e.to_string()))?;
+        let path = file_of(url);
+        let store = SqliteStore {
+            file: path
+                .as_ref()
+                .and_then(|p| identity(p).map(|id| (p.clone(), id))),
             pool,
             known: Arc::default(),
-        })
+        };
+        if let Err(error) = store.verify_writable().await {
+            store.close().await;
+            return Err(StoreError(not_writable(path.as_deref(), &error.0)));
+        }
+        Ok(store)
+    }
+
+    /// Writes in a transaction and rolls it back: a file (or folder) this
+    /// user cannot write opens fine and fails only at the first write.
+    async fn verify_writable(&self) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        sqlx::query("INSERT INTO conversations (key, model, created_at) VALUES ('mcpcord:write-check', NULL, 0) ON CONFLICT (key) DO NOTHING")
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        tx.rollback().await.map_err(db)
+    }
+
+    /// Resolves when the database file has been deleted or replaced while
+    /// open; what is written after that would be lost. Never resolves for
+    /// an in-memory database.
+    pub async fn lost(&self) -> String {
+        let Some((path, opened)) = &self.file else {
+            return std::future::pending().await;
+        };
+        let mut ticks = tokio::time::interval(FILE_CHECK_INTERVAL);
+        loop {
+            ticks.tick().await;
+            match identity(path) {
+                Some(now) if now == *opened => {}
+                Some(_) => {
+                    return format!(
+                        "the database file {} was replaced by another file while mcpcord was running; stopping so that nothing is written to the old one. Restart mcpcord to use the new file.",
+                        path.display()
+                    );
+                }
+                None => {
+                    return format!(
+                        "the database file {} was deleted while mcpcord was running; stopping so that nothing more is lost. Restore it from a backup (or let mcpcord make a new one) and start again.",
+                        path.display()
+                    );
+                }
+            }
+        }
     }
 
     fn remember(&self, conversation: &str) {
@@ -189,6 +244,66 @@ fn totals(
         cost: cost.unwrap_or(0.0),
         responses: responses.max(0) as u64,
     }
+}
+
+/// The file of a `sqlite:` URL, unless it is in memory.
+fn file_of(url: &str) -> Option<PathBuf> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split('?').next().unwrap_or_default();
+    (!path.is_empty() && path != ":memory:" && !url.contains("mode=memory"))
+        .then(|| PathBuf::from(path))
+}
+
+/// (device, inode) of `path`, when it exists.
+fn identity(path: &Path) -> Option<(u64, u64)> {
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// An error opening the database; a permission problem says whose files
+/// are in the way.
+fn opening_failed(url: &str, step: &str, error: &str) -> StoreError {
+    let lower = error.to_lowercase();
+    if [
+        "readonly",
+        "read-only",
+        "permission denied",
+        "unable to open",
+    ]
+    .iter()
+    .any(|p| lower.contains(p))
+    {
+        return StoreError(not_writable(file_of(url).as_deref(), error));
+    }
+    StoreError(format!("cannot {step} the database {url:?}: {error}"))
+}
+
+/// Why the database cannot be written, with whose it is and how to fix it.
+fn not_writable(path: Option<&Path>, error: &str) -> String {
+    let Some(path) = path else {
+        return format!("the database cannot be written: {error}");
+    };
+    let me = current_uid().map_or("this user".to_owned(), |uid| format!("uid {uid}"));
+    let folder = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let owner = |p: &Path| std::fs::metadata(p).map_or("?".to_owned(), |m| m.uid().to_string());
+    format!(
+        "the database {} cannot be written by {me} ({error}); the file belongs to uid {} and its folder {} to uid {}. Give the file and its folder to the user mcpcord runs as; in Docker (uid 10001): docker compose run --rm --user root mcpcord chown -R 10001:10001 /data",
+        path.display(),
+        owner(path),
+        folder.display(),
+        owner(folder)
+    )
+}
+
+/// The real uid of this process, from /proc.
+fn current_uid() -> Option<u32> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 fn db(error: sqlx::Error) -> StoreError {
