@@ -487,9 +487,15 @@ async fn a_long_history_is_fitted_to_the_context_window() {
     let s = setup(json!({})).await;
     let app = app(&s, &[("DEFAULT_MODEL", "test/small")]).await;
     let long = "word ".repeat(800);
-    for i in 0..3 {
+    // Warned when the window first overflows, not again on every turn.
+    for i in 0..4 {
         s.model.script([text(&format!("answer {i}"))]);
-        let (result, events) = turn(&app, "terminal:t", &format!("{i} {long}")).await;
+        let message = if i < 3 {
+            format!("{i} {long}")
+        } else {
+            "short".into()
+        };
+        let (result, events) = turn(&app, "terminal:t", &message).await;
         result.unwrap();
         let trimmed = events
             .iter()
@@ -502,7 +508,7 @@ async fn a_long_history_is_fitted_to_the_context_window() {
         "the oldest exchange goes first"
     );
     // Nothing was deleted: the store still has everything.
-    assert_eq!(app.store.history("terminal:t").await.unwrap().len(), 6);
+    assert_eq!(app.store.history("terminal:t").await.unwrap().len(), 8);
     app.shutdown().await;
 }
 
@@ -606,6 +612,13 @@ async fn images_from_tools_reach_models_that_read_images() {
     );
     assert!(support::tool_results(&s.model.requests()[1])[0].contains("image/png"));
 
+    // The next turn does not send the image again, only a note of it.
+    s.model.script([text("Still tiny.")]);
+    turn(&app, "terminal:vision", "and now?").await.0.unwrap();
+    let later = s.model.requests()[2].to_string();
+    assert!(!later.contains("data:image/png"), "{later}");
+    assert!(later.contains("shown in that turn and are not sent again"));
+
     // A text-only model gets the description alone.
     app.engine
         .set_model("terminal:text", Some("test/small"))
@@ -616,7 +629,7 @@ async fn images_from_tools_reach_models_that_read_images() {
         text("Noted."),
     ]);
     turn(&app, "terminal:text", "show me").await.0.unwrap();
-    let sent = messages(&s.model.requests()[3]);
+    let sent = messages(&s.model.requests()[4]);
     assert_eq!(sent.last().unwrap()["role"], "tool");
     assert!(s.model.rejected().is_empty());
     app.shutdown().await;
