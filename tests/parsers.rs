@@ -91,8 +91,6 @@ fn chunk() -> impl Strategy<Value = Value> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
-
     #[test]
     fn the_stream_accumulator_keeps_calls_apart_with_unique_ids(
         chunks in prop::collection::vec(chunk(), 0..12),
