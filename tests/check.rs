@@ -3,23 +3,15 @@
 mod support;
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 
 use serde_json::json;
 use support::FakeModel;
 use support::discord::FakeDiscord;
 
 async fn check(model: &FakeModel, dir: &Path, env: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mcpcord"));
-    cmd.arg("check")
-        .current_dir(dir)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("OPENROUTER_API_KEY", support::KEY)
-        .env("OPENROUTER_BASE_URL", &model.base_url)
-        .env("DEFAULT_MODEL", "test/tools")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    let mut cmd = support::mcpcord(model, dir);
+    cmd.arg("check").stdin(Stdio::null());
     for (name, value) in env {
         cmd.env(name, value);
     }

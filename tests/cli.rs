@@ -4,23 +4,13 @@ mod support;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Output};
 
 use serde_json::json;
 use support::{FakeModel, Reply, call, text};
 
 fn command(model: &FakeModel, dir: &Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mcpcord"));
-    cmd.current_dir(dir)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("OPENROUTER_API_KEY", "sk-or-v1-test-secret")
-        .env("OPENROUTER_BASE_URL", &model.base_url)
-        .env("DEFAULT_MODEL", "test/tools")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    cmd
+    support::mcpcord(model, dir)
 }
 
 /// Runs `mcpcord chat` with `input` on stdin, off the async runtime.

@@ -11,7 +11,7 @@ use mcpcord::conversation::{
     ApproveAll, Message, ModelError, Role, Store, TurnError, TurnEvent, TurnOutcome,
 };
 use serde_json::{Value, json};
-use support::{FakeModel, Reply, call, text};
+use support::{FakeModel, Reply, call, text, turn};
 use tempfile::TempDir;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -34,24 +34,6 @@ async fn app(setup: &Setup, extra: &[(&str, &str)]) -> App {
     App::build(&support::config(&setup.model, setup.dir.path(), extra))
         .await
         .unwrap()
-}
-
-async fn turn(
-    app: &App,
-    key: &str,
-    message: &str,
-) -> (Result<TurnOutcome, TurnError>, Vec<TurnEvent>) {
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let result = app
-        .engine
-        .run_turn(key, Message::user(message), &tx, &ApproveAll)
-        .await;
-    drop(tx);
-    let mut events = Vec::new();
-    while let Some(event) = rx.recv().await {
-        events.push(event);
-    }
-    (result, events)
 }
 
 /// Starts a turn in its own task, so a test can abort it.

@@ -118,20 +118,9 @@ async fn check_stays_small_on_an_exponential_schema() {
         json!({"refs": hostile("exponential-refs", None)}),
     );
     let model = support::FakeModel::start().await;
-    let mut cmd = Command::new("sh");
-    cmd.arg("-c")
-        .arg(format!(
-            "ulimit -v 4000000 && exec {} check",
-            env!("CARGO_BIN_EXE_mcpcord")
-        ))
-        .current_dir(dir.path())
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("OPENROUTER_API_KEY", support::KEY)
-        .env("OPENROUTER_BASE_URL", &model.base_url)
-        .env("DEFAULT_MODEL", "test/tools")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    let mut check = support::mcpcord(&model, dir.path());
+    check.arg("check");
+    let mut cmd = support::wrapped(&["prlimit", "--as=4000000000"], &check);
     let output = tokio::task::spawn_blocking(move || cmd.output().unwrap())
         .await
         .unwrap();
@@ -262,21 +251,14 @@ async fn servers_get_a_minimal_environment_and_secrets_stay_out_of_the_log() {
     let discord = support::discord::FakeDiscord::start().await;
     let secret = support::KEY;
     let discord_secret = support::discord::TOKEN;
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mcpcord"));
+    let mut cmd = support::mcpcord(&model, dir.path());
     cmd.arg("check")
-        .current_dir(dir.path())
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .stdin(Stdio::null())
         .env("HOME", dir.path())
         .env("LANG", "C.UTF-8")
-        .env("OPENROUTER_API_KEY", secret)
         .env("DISCORD_TOKEN", discord_secret)
         .env("DISCORD_API_BASE_URL", &discord.base_url)
-        .env("OPENROUTER_BASE_URL", &model.base_url)
-        .env("DEFAULT_MODEL", "test/tools")
-        .env("RUST_LOG", "mcpcord=debug")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .env("RUST_LOG", "mcpcord=debug");
     let output = tokio::task::spawn_blocking(move || cmd.output().unwrap())
         .await
         .unwrap();
@@ -306,4 +288,19 @@ async fn servers_get_a_minimal_environment_and_secrets_stay_out_of_the_log() {
         "{log}"
     );
     assert!(output.status.success(), "{log}");
+}
+
+#[tokio::test]
+async fn a_missing_working_directory_is_named_as_such() {
+    let mut server = hostile("bad-tools", None);
+    server["cwd"] = json!("/nonexistent/mcpcord-test");
+    let host = host(json!({"lost": server}), quick());
+    let listing = host.list("a").await;
+    let problem = &listing.problems[0];
+    assert!(
+        problem
+            .contains("its working directory /nonexistent/mcpcord-test (\"cwd\") does not exist"),
+        "{problem}"
+    );
+    host.shutdown().await;
 }

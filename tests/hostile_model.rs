@@ -5,11 +5,10 @@
 mod support;
 
 use mcpcord::app::App;
-use mcpcord::conversation::{ApproveAll, Message, ModelError, TurnError, TurnEvent, TurnOutcome};
+use mcpcord::conversation::{ModelError, TurnError, TurnEvent, TurnOutcome};
 use serde_json::{Value, json};
 use support::{FakeModel, Reply, text};
 use tempfile::TempDir;
-use tokio::sync::mpsc;
 
 struct Setup {
     dir: TempDir,
@@ -28,17 +27,7 @@ async fn setup(extra: &[(&str, &str)]) -> Setup {
 }
 
 async fn turn(app: &App, message: &str) -> (Result<TurnOutcome, TurnError>, Vec<TurnEvent>) {
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let result = app
-        .engine
-        .run_turn("terminal:t", Message::user(message), &tx, &ApproveAll)
-        .await;
-    drop(tx);
-    let mut events = Vec::new();
-    while let Some(event) = rx.recv().await {
-        events.push(event);
-    }
-    (result, events)
+    support::turn(app, "terminal:t", message).await
 }
 
 fn sse(chunks: &[Value], done: bool) -> Reply {

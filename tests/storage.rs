@@ -12,21 +12,7 @@ use std::time::{Duration, Instant};
 
 use mcpcord::app::App;
 use mcpcord::conversation::{ApproveAll, Message, Store, TurnError};
-use support::{FakeModel, text};
-
-fn mcpcord(model: &FakeModel, dir: &Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mcpcord"));
-    cmd.current_dir(dir)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("OPENROUTER_API_KEY", support::KEY)
-        .env("OPENROUTER_BASE_URL", &model.base_url)
-        .env("DEFAULT_MODEL", "test/tools")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    cmd
-}
+use support::{FakeModel, text, wrapped};
 
 fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
@@ -38,22 +24,17 @@ fn is_root() -> bool {
 /// `mcpcord SUBCOMMAND` run by a user who cannot write the database in
 /// `dir`: as root, an unprivileged uid; otherwise, on a read-only file.
 fn command_without_write_access(model: &FakeModel, dir: &Path, subcommand: &str) -> Command {
-    let plain = mcpcord(model, dir);
+    let plain = support::mcpcord(model, dir);
     let mut cmd = if is_root() {
-        let mut wrapped = Command::new("setpriv");
-        wrapped
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-            .arg(plain.get_program())
-            .current_dir(dir)
-            .env_clear()
-            .envs(
-                plain
-                    .get_envs()
-                    .filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned()))),
-            )
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        wrapped
+        wrapped(
+            &[
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+            ],
+            &plain,
+        )
     } else {
         let db = dir.join("mcpcord.db");
         std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o444)).unwrap();
@@ -116,7 +97,10 @@ async fn a_deleted_database_file_stops_the_process_with_the_reason() {
     let model = FakeModel::start().await;
     let dir = tempfile::tempdir().unwrap();
     model.script([text("Hello there.")]);
-    let mut child = mcpcord(&model, dir.path()).arg("chat").spawn().unwrap();
+    let mut child = support::mcpcord(&model, dir.path())
+        .arg("chat")
+        .spawn()
+        .unwrap();
     let mut stdin = child.stdin.take().unwrap();
     let stdout = child.stdout.take().unwrap();
     let dir_path = dir.path().to_owned();

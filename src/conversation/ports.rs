@@ -276,3 +276,29 @@ impl Approver for DeclineAll {
         Decision::Decline(self.0.clone())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_log_lines_do_not_claim_the_retries_ran_out() {
+        let errors = [
+            ModelError::RateLimited { retry_after: None },
+            ModelError::Timeout,
+            ModelError::Provider {
+                status: Some(503),
+                message: "overloaded".into(),
+            },
+        ];
+        let briefs: Vec<String> = errors.iter().map(ModelError::brief).collect();
+        assert_eq!(
+            briefs,
+            [
+                "rate limited (HTTP 429)",
+                "timed out",
+                "HTTP 503: overloaded"
+            ]
+        );
+    }
+}

@@ -17,7 +17,9 @@ use serde_json::{Value, json};
 
 pub mod discord;
 
+use mcpcord::app::App;
 use mcpcord::config::Config;
+use mcpcord::conversation::{ApproveAll, Message, TurnError, TurnEvent, TurnOutcome};
 
 /// One scripted answer of the fake model.
 #[derive(Debug, Clone)]
@@ -416,4 +418,60 @@ pub fn filesystem(root: &Path) -> Value {
 
 pub fn everything() -> Value {
     json!({"command": "node", "args": [node_server("server-everything")]})
+}
+
+/// The mcpcord binary, run in `dir` with a clean environment that points
+/// at `model`; standard streams piped.
+pub fn mcpcord(model: &FakeModel, dir: &Path) -> std::process::Command {
+    use std::process::Stdio;
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_mcpcord"));
+    cmd.current_dir(dir)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("OPENROUTER_API_KEY", KEY)
+        .env("OPENROUTER_BASE_URL", &model.base_url)
+        .env("DEFAULT_MODEL", "test/tools")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// Runs one turn of `key` and collects its events.
+pub async fn turn(
+    app: &App,
+    key: &str,
+    message: &str,
+) -> (Result<TurnOutcome, TurnError>, Vec<TurnEvent>) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let result = app
+        .engine
+        .run_turn(key, Message::user(message), &tx, &ApproveAll)
+        .await;
+    drop(tx);
+    let mut events = Vec::new();
+    while let Some(event) = rx.recv().await {
+        events.push(event);
+    }
+    (result, events)
+}
+
+/// `cmd` run through `wrapper` (`setpriv …`, `prlimit …`): the same
+/// program, arguments, directory and environment.
+pub fn wrapped(wrapper: &[&str], cmd: &std::process::Command) -> std::process::Command {
+    use std::process::Stdio;
+    let mut outer = std::process::Command::new(wrapper[0]);
+    outer
+        .args(&wrapper[1..])
+        .arg(cmd.get_program())
+        .args(cmd.get_args())
+        .env_clear()
+        .envs(cmd.get_envs().filter_map(|(k, v)| Some((k, v?))))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(dir) = cmd.get_current_dir() {
+        outer.current_dir(dir);
+    }
+    outer
 }
