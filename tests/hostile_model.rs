@@ -143,3 +143,17 @@ async fn an_endless_answer_stops_at_the_size_bound() {
     assert!(result.unwrap().answered);
     s.app.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_call_id_reused_in_a_later_reply_is_renamed() {
+    let s = setup(&[]).await;
+    let list = "fs__list_allowed_directories";
+    for _ in 0..2 {
+        s.model
+            .script([support::call("call_0", list, "{}"), text("Listed.")]);
+        let (result, _) = turn(&s.app, "list").await;
+        assert!(result.unwrap().answered);
+    }
+    assert!(s.model.rejected().is_empty(), "{:?}", s.model.rejected());
+    s.app.shutdown().await;
+}

@@ -325,7 +325,8 @@ impl Engine {
                     outcome.answered = true;
                     break Ok(());
                 }
-                Ok(Step::ToolCalls(message)) => {
+                Ok(Step::ToolCalls(mut message)) => {
+                    rename_reused_ids(&mut message, &history);
                     let exhausted = outcome.rounds > self.settings.max_tool_rounds;
                     let (results, images) = if exhausted {
                         let declined =
@@ -493,6 +494,22 @@ impl Engine {
         if live.len() > MAX_CACHED_CONVERSATIONS {
             live.retain(|_, state| Arc::strong_count(state) > 1);
         }
+    }
+}
+
+/// A provider that numbers calls per reply (`call_0`, `call_1`…) reuses ids
+/// across replies; strict providers refuse a history where two calls share
+/// an id, so a reused id is replaced before anything refers to it.
+fn rename_reused_ids(message: &mut Message, history: &[Message]) {
+    let used: std::collections::HashSet<&str> = history
+        .iter()
+        .flat_map(|m| m.tool_calls.iter().map(|c| c.id.as_str()))
+        .collect();
+    let reused: Vec<usize> = (0..message.tool_calls.len())
+        .filter(|&i| used.contains(message.tool_calls[i].id.as_str()))
+        .collect();
+    for i in reused {
+        message.tool_calls[i].id = ToolCall::fresh_id();
     }
 }
 

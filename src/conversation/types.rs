@@ -38,6 +38,23 @@ pub struct ToolCall {
     pub arguments: String,
 }
 
+impl ToolCall {
+    /// An id no provider sent: the process start time and a counter, so it
+    /// is unique across the conversation and across restarts.
+    pub fn fresh_id() -> String {
+        use std::sync::OnceLock;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static START: OnceLock<u128> = OnceLock::new();
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let start = START.get_or_init(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        });
+        format!("call_mc{start:x}_{}", NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
 /// Tokens and cost of one model response.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct Usage {

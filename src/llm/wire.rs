@@ -376,25 +376,11 @@ fn unique_ids(mut calls: Vec<ToolCall>) -> Vec<ToolCall> {
     let mut seen = std::collections::HashSet::new();
     for call in &mut calls {
         if call.id.is_empty() || !seen.insert(call.id.clone()) {
-            call.id = fresh_call_id();
+            call.id = ToolCall::fresh_id();
             seen.insert(call.id.clone());
         }
     }
     calls
-}
-
-/// An id no provider sent: the process start time and a counter.
-fn fresh_call_id() -> String {
-    use std::sync::OnceLock;
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static START: OnceLock<u128> = OnceLock::new();
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let start = START.get_or_init(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos())
-    });
-    format!("call_mc{start:x}_{}", NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
 /// Streamed reasoning details arrive in pieces that share an `index`:

@@ -39,6 +39,12 @@ pub fn outcome(result: &Value, max_chars: usize) -> ToolOutcome {
 
 /// Image types chat models accept.
 const IMAGE_TYPES: &[&str] = &["image/png", "image/jpeg", "image/webp", "image/gif"];
+/// The largest image (base64 characters) passed to the model; providers
+/// refuse larger ones, so those are only described.
+pub const MAX_IMAGE_CHARS: usize = 7 * 1024 * 1024;
+/// The most of a cut result kept for people to read in full (Discord's
+/// upload limit is 10 MB); past it the rest is dropped with a note.
+pub const FULL_OUTPUT_MAX_BYTES: usize = 8 * 1024 * 1024;
 
 /// An image block as a data URL, when it is a type models accept.
 fn image_url(block: &Value) -> Option<String> {
@@ -49,7 +55,10 @@ fn image_url(block: &Value) -> Option<String> {
         .get("mimeType")
         .and_then(Value::as_str)
         .filter(|m| IMAGE_TYPES.contains(m))?;
-    let data = block.get("data").and_then(Value::as_str)?;
+    let data = block
+        .get("data")
+        .and_then(Value::as_str)
+        .filter(|d| d.len() <= MAX_IMAGE_CHARS)?;
     Some(format!("data:{mime};base64,{data}"))
 }
 
@@ -64,12 +73,21 @@ fn cap(text: String, is_error: bool, max_chars: usize) -> ToolOutcome {
         };
     }
     let kept: String = text.chars().take(max_chars).collect();
+    let mut full = text;
+    if full.len() > FULL_OUTPUT_MAX_BYTES {
+        let mut end = FULL_OUTPUT_MAX_BYTES;
+        while !full.is_char_boundary(end) {
+            end -= 1;
+        }
+        full.truncate(end);
+        full.push_str("\n[the rest of this output, past 8 MiB, was not kept]");
+    }
     ToolOutcome {
         content: format!(
             "{kept}\n[truncated: showing the first {max_chars} of {total} characters]"
         ),
         is_error,
-        full_output: Some(text),
+        full_output: Some(full),
         images: Vec::new(),
     }
 }
@@ -164,5 +182,21 @@ mod tests {
                 .ends_with("[truncated: showing the first 10 of 50 characters]")
         );
         assert_eq!(out.full_output.as_deref(), Some(text.as_str()));
+    }
+
+    #[test]
+    fn huge_images_are_described_and_huge_outputs_capped() {
+        let data = "A".repeat(MAX_IMAGE_CHARS + 4);
+        let out = outcome(
+            &json!({"content": [{"type": "image", "data": data, "mimeType": "image/png"}]}),
+            1000,
+        );
+        assert!(out.images.is_empty());
+        assert!(out.content.starts_with("[image returned: image/png"));
+        let text = "é".repeat(FULL_OUTPUT_MAX_BYTES);
+        let out = outcome(&json!({"content": [{"type": "text", "text": text}]}), 10);
+        let full = out.full_output.unwrap();
+        assert!(full.len() < FULL_OUTPUT_MAX_BYTES + 100);
+        assert!(full.ends_with("past 8 MiB, was not kept]"));
     }
 }
