@@ -57,6 +57,11 @@ impl Toolbox {
                 object(json!({"type": "object"})),
             )
             .annotate(ToolAnnotations::new().read_only(true)),
+            Tool::new(
+                "big",
+                "Answers with `bytes` bytes of text",
+                object(json!({"type": "object", "properties": {"bytes": {"type": "integer"}}})),
+            ),
         ];
         if *self.unlocked.lock().unwrap() {
             tools.push(Tool::new(
@@ -109,6 +114,7 @@ impl ServerHandler for Toolbox {
                 "unlocked".to_owned()
             }
             "secret" => "the secret is 42".to_owned(),
+            "big" => "x".repeat(args.get("bytes").and_then(Value::as_u64).unwrap_or(0) as usize),
             other => {
                 return Err(McpError::invalid_params(
                     format!("Unknown tool: {other}"),
@@ -147,12 +153,52 @@ async fn serve(stop: &CancellationToken) -> String {
 }
 
 fn host(url: &str) -> McpHost {
+    host_with(url, Limits::default())
+}
+
+fn host_with(url: &str, limits: Limits) -> McpHost {
     mcpcord::app::install_crypto();
     let text = json!({"mcpServers": {"box": {"url": url}}}).to_string();
-    McpHost::new(
-        config::parse(&text, "mcp.json", &|_| None).unwrap(),
-        Limits::default(),
-    )
+    McpHost::new(config::parse(&text, "mcp.json", &|_| None).unwrap(), limits)
+}
+
+#[tokio::test]
+async fn an_http_result_over_the_size_limit_fails_and_the_server_stays_usable() {
+    let stop = CancellationToken::new();
+    let url = serve(&stop).await;
+    let limits = Limits {
+        mcp_max_message_bytes: 1024 * 1024,
+        tool_timeout: Duration::from_secs(30),
+        ..Limits::default()
+    };
+    let host = host_with(&url, limits);
+    host.tools("a").await;
+    let started = Instant::now();
+    let outcome = host
+        .call("a", "box__big", json!({"bytes": 3 * 1024 * 1024}))
+        .await;
+    assert!(
+        outcome.is_error,
+        "{}",
+        &outcome.content[..200.min(outcome.content.len())]
+    );
+    assert!(
+        !outcome.content.contains("did not finish"),
+        "{}",
+        outcome.content
+    );
+    assert!(
+        outcome
+            .content
+            .contains("larger than 1 MiB (MCP_MAX_MESSAGE_BYTES)"),
+        "{}",
+        outcome.content
+    );
+    assert!(started.elapsed() < Duration::from_secs(30));
+    let small = host.call("a", "box__big", json!({"bytes": 5})).await;
+    assert_eq!(small.content, "xxxxx");
+    host.shutdown().await;
+    stop.cancel();
 }
 
 #[tokio::test]
@@ -166,7 +212,7 @@ async fn list_changed_notifications_refresh_the_tools() {
     assert!(before.problems.is_empty(), "{:?}", before.problems);
     assert_eq!(
         names(&before.specs),
-        ["box__add", "box__meet", "box__unlock"]
+        ["box__add", "box__meet", "box__unlock", "box__big"]
     );
 
     let unlocked = host.call("a", "box__unlock", json!({})).await;

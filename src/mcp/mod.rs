@@ -462,10 +462,20 @@ impl ToolHost for McpHost {
             Ok(Err(CallError::Protocol(message))) => ToolOutcome::error(message),
             Ok(Err(CallError::Disconnected(message))) => {
                 tracing::warn!(server = %spec.name, %message, "MCP server disconnected during a call");
-                ToolOutcome::error(format!(
-                    "the tool server \"{}\" stopped during the call ({message}). It will be started again on the next call.",
-                    spec.name
-                ))
+                let sentence = match spec.transport {
+                    Transport::Stdio { .. } => format!(
+                        "the tool server \"{}\" stopped during the call ({message}). It will be started again on the next call.",
+                        spec.name
+                    ),
+                    // rmcp's HTTP client also ends the connection on an
+                    // answer over its size limit, the likelier cause.
+                    Transport::Http { .. } => format!(
+                        "the connection to the tool server \"{}\" ended during the call ({message}); an answer larger than {} MiB (MCP_MAX_MESSAGE_BYTES) ends it too, so if the tool returns a lot, ask for less. It will be connected again on the next call.",
+                        spec.name,
+                        self.limits.mcp_max_message_bytes / (1024 * 1024)
+                    ),
+                };
+                ToolOutcome::error(sentence)
             }
             Err(_) => ToolOutcome::error(format!(
                 "the tool did not finish within {} seconds and was cancelled.",

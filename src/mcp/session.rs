@@ -409,8 +409,10 @@ async fn connect(
                     .map_err(|_| format!("the value of header {name} is not valid"))?;
                 custom.insert(name, value);
             }
-            let config =
-                StreamableHttpClientTransportConfig::with_uri(url.as_str()).custom_headers(custom);
+            let config = StreamableHttpClientTransportConfig::with_uri(url.as_str())
+                .custom_headers(custom)
+                .max_json_response_size(limits.mcp_max_message_bytes)
+                .max_sse_event_size(limits.mcp_max_message_bytes);
             let transport = StreamableHttpClientTransport::from_config(config);
             handler
                 .serve(transport)
