@@ -273,15 +273,14 @@ impl Rest {
                 .headers()
                 .get("retry-after")
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<f64>().ok());
+                .map(str::to_owned);
             let text = response.text().await.unwrap_or_default();
             let body: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
             if status.is_success() {
                 return Ok(body);
             }
             if status == StatusCode::TOO_MANY_REQUESTS && !last {
-                let seconds = body["retry_after"].as_f64().or(header_wait).unwrap_or(1.0);
-                let wait = Duration::from_secs_f64(seconds.clamp(0.0, 3600.0));
+                let wait = rate_limit_wait(body["retry_after"].as_f64(), header_wait.as_deref());
                 if wait <= MAX_RETRY_AFTER {
                     tracing::info!(what, ?wait, "Discord rate limit; waiting");
                     tokio::time::sleep(wait).await;
@@ -304,6 +303,18 @@ impl Rest {
     }
 }
 
+/// How long a 429 asks to wait: the body's `retry_after`, else the
+/// `Retry-After` header, else a second. Whatever the peer sends (`1e20`,
+/// `NaN`, a negative number), the result is a valid wait of at most an hour.
+fn rate_limit_wait(body: Option<f64>, header: Option<&str>) -> Duration {
+    let header = header.and_then(|v| v.trim().parse::<f64>().ok());
+    let seconds = body
+        .filter(|s| s.is_finite())
+        .or(header.filter(|s| s.is_finite()))
+        .unwrap_or(1.0);
+    Duration::from_secs_f64(seconds.clamp(0.0, 3600.0))
+}
+
 fn backoff(attempt: usize) -> Duration {
     Duration::from_millis(250 * (1 << attempt.min(5)))
 }
@@ -321,5 +332,29 @@ fn id_of(value: &Value) -> u64 {
         Value::String(s) => s.parse().unwrap_or(0),
         Value::Number(n) => n.as_u64().unwrap_or(0),
         _ => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limit_waits_survive_hostile_numbers() {
+        assert_eq!(
+            rate_limit_wait(Some(0.25), Some("9")),
+            Duration::from_millis(250)
+        );
+        assert_eq!(rate_limit_wait(None, Some("2")), Duration::from_secs(2));
+        assert_eq!(rate_limit_wait(None, Some("NaN")), Duration::from_secs(1));
+        assert_eq!(
+            rate_limit_wait(Some(f64::NAN), None),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            rate_limit_wait(None, Some("1e20")),
+            Duration::from_secs(3600)
+        );
+        assert_eq!(rate_limit_wait(Some(-3.0), None), Duration::ZERO);
     }
 }

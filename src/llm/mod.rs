@@ -386,8 +386,8 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
         .trim()
         .parse::<f64>()
         .ok()
-        .filter(|s| s.is_finite() && *s >= 0.0)
-        .map(Duration::from_secs_f64)
+        // `1e20` would overflow a Duration; the peer's number is not trusted.
+        .and_then(|s| Duration::try_from_secs_f64(s).ok())
 }
 
 #[async_trait]
@@ -442,5 +442,9 @@ mod tests {
         assert_eq!(retry_after(&headers), Some(Duration::from_millis(1500)));
         headers.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
         assert_eq!(retry_after(&headers), None);
+        for hostile in ["1e20", "NaN", "-5", "inf"] {
+            headers.insert(RETRY_AFTER, HeaderValue::from_static(hostile));
+            assert_eq!(retry_after(&headers), None, "{hostile}");
+        }
     }
 }

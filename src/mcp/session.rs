@@ -166,6 +166,19 @@ fn read_tool(item: &Value) -> Result<(RemoteTool, Option<String>), String> {
     Ok((tool, warning))
 }
 
+/// Scheme, host and port of `url`: its path and query may carry a token
+/// expanded from `${VAR}`, and these sentences reach logs and Discord.
+fn origin(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(parsed) => match (parsed.host_str(), parsed.port()) {
+            (Some(host), Some(port)) => format!("{}://{host}:{port}", parsed.scheme()),
+            (Some(host), None) => format!("{}://{host}", parsed.scheme()),
+            _ => "the server's URL".to_owned(),
+        },
+        Err(_) => "the server's URL".to_owned(),
+    }
+}
+
 /// At most ten names, then how many more.
 fn shorten_list(names: &[String]) -> String {
     const SHOWN: usize = 10;
@@ -417,7 +430,7 @@ async fn connect(
             handler
                 .serve(transport)
                 .await
-                .map_err(|e| format!("could not connect to {url}: {e}"))
+                .map_err(|e| format!("could not connect to {}: {e}", origin(url)))
         }
     }
 }
@@ -426,6 +439,19 @@ async fn connect(
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn urls_are_shown_without_path_query_or_credentials() {
+        assert_eq!(
+            origin("https://user:pw@mcp.example.com/mcp?token=s3cret"),
+            "https://mcp.example.com"
+        );
+        assert_eq!(
+            origin("http://127.0.0.1:8080/x/s3cret"),
+            "http://127.0.0.1:8080"
+        );
+        assert_eq!(origin("not a url s3cret"), "the server's URL");
+    }
 
     #[test]
     fn a_tool_list_keeps_what_it_can() {
