@@ -594,17 +594,24 @@ async fn attachments_become_text_images_or_a_notice() {
     message["attachments"] = json!([
         file(1, "notes.txt", "text/plain"),
         file(2, "pixel.png", "image/png"),
-        file(3, "archive.zip", "application/zip")
+        file(3, "archive.zip", "application/zip"),
+        file(4, "endless.log", "text/plain")
     ]);
     discord.dispatch("MESSAGE_CREATE", message);
     discord
         .wait_for("the answer", |c| c.body["content"] == "Got them.")
         .await;
     let sent = &model.requests()[0]["messages"][0]["content"];
-    assert_eq!(
-        sent[0]["text"],
-        "look at these\n\n[attached file notes.txt]\nline one\nline two"
+    let text = sent[0]["text"].as_str().unwrap();
+    assert!(
+        text.starts_with(
+            "look at these\n\n[attached file notes.txt]\nline one\nline two\n\n[attached file endless.log]\ntick tock\n"
+        ),
+        "{}",
+        &text[..200]
     );
+    // The endless file is read up to the cap, not forever.
+    assert!(text.ends_with("[cut: the file is longer; the first 100000 bytes are shown]"));
     assert_eq!(
         sent[1]["image_url"]["url"],
         discord.attachment_url("pixel.png")

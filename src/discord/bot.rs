@@ -225,13 +225,11 @@ impl Bot {
     }
 
     async fn download(&self, url: &str) -> Option<String> {
-        let response = reqwest::get(url).await.ok()?.error_for_status().ok()?;
-        let bytes = response.bytes().await.ok()?;
-        let cut = bytes.len().min(MAX_TEXT_ATTACHMENT_BYTES);
-        let mut body = String::from_utf8_lossy(&bytes[..cut]).into_owned();
-        if bytes.len() > cut {
+        let (bytes, longer) = self.rest.download(url, MAX_TEXT_ATTACHMENT_BYTES).await?;
+        let mut body = String::from_utf8_lossy(&bytes).into_owned();
+        if longer {
             body.push_str(&format!(
-                "\n[cut: the file has {} bytes; the first {cut} are shown]",
+                "\n[cut: the file is longer; the first {} bytes are shown]",
                 bytes.len()
             ));
         }

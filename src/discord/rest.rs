@@ -49,6 +49,33 @@ pub struct Rest {
 }
 
 impl Rest {
+    /// Reads at most `max_bytes` of a file Discord hosts (an attachment),
+    /// without the bot token and within the request timeout. Returns the
+    /// bytes read and whether the file was longer.
+    pub async fn download(&self, url: &str, max_bytes: usize) -> Option<(Vec<u8>, bool)> {
+        use futures::StreamExt;
+        let response = self
+            .http
+            .get(url)
+            .send()
+            .await
+            .ok()?
+            .error_for_status()
+            .ok()?;
+        let mut body = Vec::new();
+        let mut chunks = response.bytes_stream();
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk.ok()?;
+            let room = max_bytes - body.len();
+            if chunk.len() > room {
+                body.extend_from_slice(&chunk[..room]);
+                return Some((body, true));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Some((body, false))
+    }
+
     pub fn new(base: &str, token: Secret) -> Result<Self, RestError> {
         let http = reqwest::Client::builder()
             .user_agent(concat!(

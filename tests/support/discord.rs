@@ -273,6 +273,11 @@ async fn attachment(Path(name): Path<String>) -> Response {
     match name.as_str() {
         "notes.txt" => "line one\nline two".into_response(),
         "pixel.png" => vec![0x89u8, b'P', b'N', b'G'].into_response(),
+        // A host that never stops sending.
+        "endless.log" => axum::body::Body::from_stream(futures::stream::repeat_with(|| {
+            Ok::<_, std::convert::Infallible>(bytes::Bytes::from_static(b"tick tock\n"))
+        }))
+        .into_response(),
         _ => StatusCode::NOT_FOUND.into_response(),
     }
 }
