@@ -157,3 +157,39 @@ async fn a_call_id_reused_in_a_later_reply_is_renamed() {
     assert!(s.model.rejected().is_empty(), "{:?}", s.model.rejected());
     s.app.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_reply_with_too_many_calls_runs_only_the_first_ones() {
+    use mcpcord::conversation::MAX_CALLS_PER_REPLY;
+    let s = setup(&[]).await;
+    let calls = (0..MAX_CALLS_PER_REPLY + 8)
+        .map(|i| {
+            (
+                format!("c{i}"),
+                "fs__list_allowed_directories".to_owned(),
+                "{}".to_owned(),
+            )
+        })
+        .collect();
+    s.model.script([Reply::Calls(calls), text("Done.")]);
+    let (result, events) = turn(&s.app, "list a lot").await;
+    assert!(result.unwrap().answered);
+    let results = support::tool_results(&s.model.requests()[1]);
+    assert_eq!(results.len(), MAX_CALLS_PER_REPLY + 8);
+    let skipped = results
+        .iter()
+        .filter(|r| r.contains("not run: at most 32"))
+        .count();
+    assert_eq!(skipped, 8);
+    let started = events
+        .iter()
+        .filter(|e| matches!(e, TurnEvent::ToolStarted { .. }))
+        .count();
+    assert_eq!(started, MAX_CALLS_PER_REPLY);
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, TurnEvent::Warning(w) if w.contains("first 32 were run")))
+    );
+    s.app.shutdown().await;
+}

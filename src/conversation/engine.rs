@@ -25,6 +25,10 @@ const ANSWER_RESERVE_TOKENS: u64 = 4_096;
 /// The text of the message that carries images returned by tools.
 const TOOL_IMAGES_NOTE: &str = "(Images returned by the tool calls above.)";
 
+/// Tool calls of one reply that are run; the rest get an error result, so
+/// a reply with thousands of calls cannot start thousands of tasks.
+pub const MAX_CALLS_PER_REPLY: usize = 32;
+
 /// Characters of a tool result shown in a one-line summary.
 const SUMMARY_CHARS: usize = 120;
 
@@ -375,6 +379,13 @@ impl Engine {
     /// Runs every call of one reply concurrently and returns one tool message
     /// per call, in the order of the calls, and the images they returned.
     async fn run_calls(&self, turn: &Calls<'_>, calls: &[ToolCall]) -> (Vec<Message>, Vec<String>) {
+        let (calls, skipped) = calls.split_at(calls.len().min(MAX_CALLS_PER_REPLY));
+        if !skipped.is_empty() {
+            let _ = turn.events.send(TurnEvent::Warning(format!(
+                "The model asked for {} tool calls at once; the first {MAX_CALLS_PER_REPLY} were run and the rest were not.",
+                calls.len() + skipped.len()
+            )));
+        }
         for call in calls {
             let _ = turn.events.send(TurnEvent::ToolStarted {
                 call_id: call.id.clone(),
@@ -396,8 +407,14 @@ impl Engine {
                 outcome.images,
             )
         });
-        let (messages, images): (Vec<Message>, Vec<Vec<String>>) =
+        let (mut messages, images): (Vec<Message>, Vec<Vec<String>>) =
             join_all(runs).await.into_iter().unzip();
+        messages.extend(skipped.iter().map(|call| {
+            Message::tool_result(
+                call.id.clone(),
+                format!("ERROR: not run: at most {MAX_CALLS_PER_REPLY} tool calls of one reply are run. Ask for fewer at once."),
+            )
+        }));
         (messages, images.concat())
     }
 

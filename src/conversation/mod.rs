@@ -10,7 +10,7 @@ mod history;
 mod ports;
 mod types;
 
-pub use engine::{Engine, EngineSettings, TurnError, TurnOutcome};
+pub use engine::{Engine, EngineSettings, MAX_CALLS_PER_REPLY, TurnError, TurnOutcome};
 pub use history::{estimate_tokens, fit_to_context, repair};
 pub use ports::{
     ApprovalRequest, ApproveAll, Approver, ChatModel, ChatRequest, Completion, Decision,

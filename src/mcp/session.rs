@@ -27,6 +27,8 @@ use crate::config::{Limits, Redactor};
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Pages of `tools/list` read before the rest is left out.
 pub const MAX_LIST_PAGES: usize = 32;
+/// Characters of a tool description kept and sent to the model.
+pub const MAX_DESCRIPTION_CHARS: usize = 2048;
 
 /// A tool as the server lists it, with its schema already normalised.
 #[derive(Debug, Clone)]
@@ -151,11 +153,13 @@ fn read_tool(item: &Value) -> Result<(RemoteTool, Option<String>), String> {
             )),
         ),
     };
+    let description = text("description").or(text("title")).unwrap_or(name);
+    let description = match description.char_indices().nth(MAX_DESCRIPTION_CHARS) {
+        Some((cut, _)) => format!("{}…", &description[..cut]),
+        None => description.to_owned(),
+    };
     let tool = RemoteTool {
-        description: text("description")
-            .or(text("title"))
-            .unwrap_or(name)
-            .to_owned(),
+        description,
         parameters,
         read_only: item
             .pointer("/annotations/readOnlyHint")
@@ -474,5 +478,12 @@ mod tests {
         assert!(out.warnings[1].contains("\"string_schema\""));
         assert!(out.warnings[2].contains("without a name"));
         assert!(read_tools_page(&json!({"items": []}), &mut out).is_err());
+        let long = json!({"tools": [{"name": "wordy", "description": "é".repeat(10_000)}]});
+        let mut out = ServerTools::default();
+        read_tools_page(&long, &mut out).unwrap();
+        assert_eq!(
+            out.tools[0].description.chars().count(),
+            MAX_DESCRIPTION_CHARS + 1
+        );
     }
 }
