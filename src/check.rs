@@ -95,15 +95,7 @@ async fn check_mcp(config: &Config, report: &mut Report<'_, impl Write>) -> std:
                 server.name
             ))?,
             None => {
-                let mut shown = names
-                    .iter()
-                    .take(NAMES_SHOWN)
-                    .copied()
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                if names.len() > NAMES_SHOWN {
-                    shown.push_str(&format!(", and {} more", names.len() - NAMES_SHOWN));
-                }
+                let shown = mcp::shorten_list(&names, NAMES_SHOWN);
                 report.ok(&format!(
                     "MCP server \"{}\": {} tool(s): {shown}",
                     server.name,

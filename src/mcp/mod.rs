@@ -28,7 +28,7 @@ use crate::config::{Limits, Redactor, Secret};
 use crate::conversation::{ToolHost, ToolList, ToolOutcome, ToolSpec};
 pub use config::{Approval, InheritEnv, Scope, ServerSpec, Transport};
 use session::{CallError, Session};
-pub use session::{MAX_LIST_PAGES, RemoteTool, ServerTools};
+pub use session::{MAX_LIST_PAGES, RemoteTool, ServerTools, shorten_list};
 
 /// The owner of a shared session.
 const SHARED: &str = "";

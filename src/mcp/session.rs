@@ -183,17 +183,16 @@ fn origin(url: &str) -> String {
     }
 }
 
-/// At most ten names, then how many more.
-fn shorten_list(names: &[String]) -> String {
-    const SHOWN: usize = 10;
+/// The first `shown` names, then how many more: "a, b, and 3 more".
+pub fn shorten_list(names: &[impl AsRef<str>], shown: usize) -> String {
     let mut text = names
         .iter()
-        .take(SHOWN)
-        .cloned()
+        .take(shown)
+        .map(AsRef::as_ref)
         .collect::<Vec<_>>()
         .join(", ");
-    if names.len() > SHOWN {
-        text.push_str(&format!(" and {} more", names.len() - SHOWN));
+    if names.len() > shown {
+        text.push_str(&format!(", and {} more", names.len() - shown));
     }
     text
 }
@@ -311,7 +310,7 @@ impl Session {
                 out.warnings.push(format!(
                     "it lists more than {} tools (MCP_MAX_TOOLS_PER_SERVER); these were left out: {}",
                     limits.mcp_max_tools_per_server,
-                    shorten_list(&extra)
+                    shorten_list(&extra, 10)
                 ));
                 break;
             }
