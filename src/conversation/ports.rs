@@ -114,9 +114,9 @@ pub enum ModelError {
     )]
     Unreadable { message: String },
     #[error(
-        "The model's answer was larger than {limit_mib} MiB (MODEL_MAX_RESPONSE_BYTES) and was dropped. Ask for a shorter answer."
+        "The model's answer was larger than {limit_bytes} bytes (MODEL_MAX_RESPONSE_BYTES) and was dropped. Ask for a shorter answer."
     )]
-    TooLarge { limit_mib: usize },
+    TooLarge { limit_bytes: usize },
 }
 
 impl ModelError {

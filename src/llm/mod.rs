@@ -203,13 +203,7 @@ impl OpenRouter {
     async fn fetch_catalogue(&self) -> Result<Catalogue, ModelError> {
         let response = self.get("models").await?;
         let status = response.status();
-        let bytes = read_bounded(response, self.max_response_bytes).await?;
-        let body: Value = serde_json::from_slice(&bytes).map_err(|e| ModelError::Unreadable {
-            message: format!(
-                "a model list that is not JSON ({e}), starting {:?}",
-                preview(&bytes)
-            ),
-        })?;
+        let body = read_json(response, self.max_response_bytes, "a model list").await?;
         if !status.is_success() {
             return Err(error_from_body(
                 Some(status.as_u16()),
@@ -285,14 +279,7 @@ impl OpenRouter {
         let response = self.send(&body).await?;
         let limit = self.max_response_bytes;
         if !self.stream {
-            let bytes = read_bounded(response, limit).await?;
-            let body: Value =
-                serde_json::from_slice(&bytes).map_err(|e| ModelError::Unreadable {
-                    message: format!(
-                        "a reply that is not JSON ({e}), starting {:?}",
-                        preview(&bytes)
-                    ),
-                })?;
+            let body = read_json(response, limit, "a reply").await?;
             let completion = parse_completion(&body)?;
             if let Some(content) = completion.message.content.as_deref() {
                 text.push(content);
@@ -326,14 +313,24 @@ impl OpenRouter {
     }
 }
 
-/// The body of `response`, refused once it passes `limit` bytes.
-async fn read_bounded(response: reqwest::Response, limit: usize) -> Result<Vec<u8>, ModelError> {
+/// The body of `response` as JSON, refused once it passes `limit` bytes;
+/// a body that is not JSON is named as `what` with its first characters.
+async fn read_json(
+    response: reqwest::Response,
+    limit: usize,
+    what: &str,
+) -> Result<Value, ModelError> {
     let mut body = Vec::new();
     let mut stream = bounded_stream(response, limit);
     while let Some(chunk) = stream.next().await {
         body.extend_from_slice(&chunk?);
     }
-    Ok(body)
+    serde_json::from_slice(&body).map_err(|e| ModelError::Unreadable {
+        message: format!(
+            "{what} that is not JSON ({e}), starting {:?}",
+            preview(&body)
+        ),
+    })
 }
 
 /// The body of `response` as a stream that fails once it passes `limit`
@@ -352,9 +349,7 @@ fn bounded_stream(
         })?;
         seen += chunk.len();
         if seen > limit {
-            return Err(ModelError::TooLarge {
-                limit_mib: limit / (1024 * 1024),
-            });
+            return Err(ModelError::TooLarge { limit_bytes: limit });
         }
         Ok(chunk)
     })

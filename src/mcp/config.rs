@@ -155,7 +155,12 @@ pub fn parse(
     // order to catch a server defined twice.
     let names: ServerNames = serde_json::from_str(text).map_err(syntax)?;
     let mut seen = std::collections::HashSet::new();
-    if let Some(twice) = names.0.iter().find(|name| !seen.insert(name.as_str())) {
+    if let Some(twice) = names
+        .servers
+        .0
+        .iter()
+        .find(|name| !seen.insert(name.as_str()))
+    {
         return Err(layout(&format!(
             "the server \"{twice}\" is defined twice in \"mcpServers\"; give each server its own name"
         )));
@@ -175,36 +180,14 @@ pub fn parse(
 }
 
 /// The names under `mcpServers`, in order and with repeats.
-struct ServerNames(Vec<String>);
-
-impl<'de> serde::Deserialize<'de> for ServerNames {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Root;
-        impl<'de> serde::de::Visitor<'de> for Root {
-            type Value = ServerNames;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("an object")
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                mut map: A,
-            ) -> Result<ServerNames, A::Error> {
-                let mut names = Vec::new();
-                while let Some(key) = map.next_key::<String>()? {
-                    if key == "mcpServers" {
-                        names = map.next_value::<Keys>()?.0;
-                    } else {
-                        map.next_value::<serde::de::IgnoredAny>()?;
-                    }
-                }
-                Ok(ServerNames(names))
-            }
-        }
-        deserializer.deserialize_map(Root)
-    }
+#[derive(serde::Deserialize)]
+struct ServerNames {
+    #[serde(rename = "mcpServers", default)]
+    servers: Keys,
 }
 
 /// The keys of one object, in order and with repeats.
+#[derive(Default)]
 struct Keys(Vec<String>);
 
 impl<'de> serde::Deserialize<'de> for Keys {

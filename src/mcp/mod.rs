@@ -40,7 +40,7 @@ pub const RETRY_MIN: Duration = Duration::from_secs(5);
 
 /// A server that failed to start or to list its tools, and when it may be
 /// tried again.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Failure {
     failures: u32,
     retry_at: Instant,
@@ -186,7 +186,15 @@ impl McpHost {
     ) -> Result<Arc<ServerTools>, String> {
         let session = self.session(server, conversation).await?;
         match session.tools(&self.limits).await {
-            Ok(tools) => Ok(tools),
+            Ok(tools) => {
+                // Only a listed server counts as working again: one that
+                // starts but never lists keeps backing off further.
+                self.failures
+                    .lock()
+                    .expect("failures poisoned")
+                    .remove(&server);
+                Ok(tools)
+            }
             Err(problem) => {
                 // A server that cannot list its tools is no use; close it
                 // so that the next try starts it afresh.
@@ -255,10 +263,6 @@ impl McpHost {
         let session = Session::start(spec, &self.limits, &self.redactor, &self.tasks)
             .await
             .map_err(|problem| self.record_failure(server, problem))?;
-        self.failures
-            .lock()
-            .expect("failures poisoned")
-            .remove(&server);
         let session = Arc::new(session);
         tracing::info!(server = %spec.name, conversation, elapsed_ms = started.elapsed().as_millis() as u64, "MCP session started");
         *guard = Some(session.clone());

@@ -366,9 +366,7 @@ impl Envelope {
                 self.escaped = true;
             } else if b == b'"' {
                 self.in_string = false;
-                if self.reading_key {
-                    self.reading_key = false;
-                }
+                self.reading_key = false;
                 return;
             }
             if self.reading_key && self.key.len() < ENVELOPE_FIELD_MAX {
