@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use mcpcord::conversation::{
     ApproveAll, ChatModel, ChatRequest, Completion, Engine, EngineSettings, FinishReason, Message,
-    ModelError, ModelInfo, ModelLookup, Role, Store, StoreError, TextSink, ToolCall, ToolHost,
-    ToolList, ToolOutcome, ToolSpec, Usage,
+    ModelError, ModelInfo, ModelLookup, Role, Store, TextSink, ToolCall, ToolHost, ToolList,
+    ToolOutcome, ToolSpec, Usage,
 };
 use mcpcord::store::SqliteStore;
 use serde_json::{Value, json};
@@ -85,6 +85,7 @@ impl ToolHost for Calculator {
                 description: "Adds two numbers".into(),
                 parameters: json!({"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}}),
                 needs_approval: false,
+                server: "calc".into(),
             }],
             problems: Vec::new(),
         }
@@ -104,44 +105,9 @@ impl ToolHost for Calculator {
 }
 
 /// Keeps messages in memory: the engine's cost without any database.
-#[derive(Default)]
-struct MemoryStore {
-    messages: std::sync::Mutex<std::collections::HashMap<String, Vec<Message>>>,
-}
-
-#[async_trait]
-impl Store for MemoryStore {
-    async fn model(&self, _conversation: &str) -> Result<Option<String>, StoreError> {
-        Ok(None)
-    }
-
-    async fn set_model(&self, _conversation: &str, _model: Option<&str>) -> Result<(), StoreError> {
-        Ok(())
-    }
-
-    async fn history(&self, conversation: &str) -> Result<Vec<Message>, StoreError> {
-        Ok(self
-            .messages
-            .lock()
-            .unwrap()
-            .get(conversation)
-            .cloned()
-            .unwrap_or_default())
-    }
-
-    async fn append(&self, conversation: &str, messages: &[Message]) -> Result<(), StoreError> {
-        let mut all = self.messages.lock().unwrap();
-        all.entry(conversation.to_owned())
-            .or_default()
-            .extend_from_slice(messages);
-        Ok(())
-    }
-
-    async fn reset(&self, conversation: &str) -> Result<(), StoreError> {
-        self.messages.lock().unwrap().remove(conversation);
-        Ok(())
-    }
-}
+#[path = "../tests/support/memory.rs"]
+mod memory;
+use memory::MemoryStore;
 
 fn engine(store: Arc<dyn Store>) -> Engine {
     Engine::new(

@@ -78,6 +78,17 @@ impl App {
         Ok(app)
     }
 
+    /// What the Discord surface talks to.
+    pub fn discord_ports(&self) -> crate::discord::Ports {
+        crate::discord::Ports {
+            engine: self.engine.clone(),
+            store: Arc::new(self.store.clone()),
+            model: self.model.clone(),
+            tools: self.mcp.clone(),
+            threads: Arc::new(self.store.clone()),
+        }
+    }
+
     /// Closes idle MCP sessions periodically until shutdown.
     fn start_reaper(&self) {
         let mcp = self.mcp.clone();

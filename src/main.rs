@@ -103,7 +103,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let discord = DiscordConfig::from_env()?;
             let app = Arc::new(App::build(&config).await?);
             let (stop, lost) = stop_or_lost(&app);
-            let result = mcpcord::discord::run(app.clone(), discord, stop).await;
+            let result = mcpcord::discord::run(app.discord_ports(), discord, stop).await;
             app.shutdown().await;
             lost_database(&lost)?;
             result

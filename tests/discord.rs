@@ -58,9 +58,13 @@ async fn start(
     .unwrap();
     let registered = discord.registrations();
     let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(mcpcord::discord::run(app.clone(), config, async move {
-        let _ = stopped.await;
-    }));
+    let task = tokio::spawn(mcpcord::discord::run(
+        app.discord_ports(),
+        config,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
     discord.wait_registered(registered).await;
     Running { stop, task, app }
 }

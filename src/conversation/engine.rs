@@ -16,8 +16,12 @@ use super::ports::{
 use super::types::{Message, Role, ToolCall, ToolSpec, TurnEvent, Usage};
 
 /// Conversations whose history stays cached in memory while idle. Past this,
-/// idle ones are forgotten and reloaded from the store on their next turn.
+/// the least recently used idle ones are forgotten and reloaded from the
+/// store on their next turn.
 const MAX_CACHED_CONVERSATIONS: usize = 64;
+
+/// The most history text kept cached across conversations, in bytes.
+const MAX_CACHED_HISTORY_BYTES: usize = 64 * 1024 * 1024;
 
 /// Tokens kept free in the context window for the model's answer.
 const ANSWER_RESERVE_TOKENS: u64 = 4_096;
@@ -78,17 +82,57 @@ pub enum TurnError {
     SettingNotStored(StoreError),
 }
 
-/// The in-memory state of a conversation. Its mutex is the turn queue:
-/// tokio's mutex is fair, so turns run one at a time in arrival order.
+impl TurnError {
+    /// A short name for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            TurnError::Model(error) => error.kind(),
+            TurnError::InputNotStored(_) => "input_not_stored",
+            TurnError::ToolsNotStored(_) => "tools_not_stored",
+            TurnError::AnswerNotStored(_) => "answer_not_stored",
+            TurnError::SettingNotStored(_) => "setting_not_stored",
+        }
+    }
+}
+
+/// The in-memory state of a conversation. Only a turn holds `turn`; the
+/// rest is read and written under the engine's map lock, never across an
+/// await, so settings and commands never wait for a running turn.
 #[derive(Debug, Default)]
 struct Live {
-    /// The repaired history, or `None` when it must be (re)loaded.
+    /// Held for the whole of a turn, so that turns of one conversation never
+    /// overlap (tokio's mutex is fair: they run in the order they came).
+    turn: Arc<tokio::sync::Mutex<()>>,
+    /// The repaired history, or `None` when it must be (re)loaded (also
+    /// while a turn has it).
     history: Option<Vec<Message>>,
+    /// The size of `history`, for the cache bound.
+    bytes: usize,
     /// The chosen model, once read from the store.
     model: Option<Option<String>>,
     /// How many exchanges were last left out to fit the context, so the
     /// warning comes only when that changes.
     trimmed: usize,
+    /// When a turn last used it, for forgetting the least recently used.
+    used: u64,
+}
+
+/// The input of a turn: a message, and where it is kept until stored.
+#[derive(Debug, Clone)]
+pub struct TurnInput {
+    pub message: Message,
+    /// The position of the kept input this message answers (see
+    /// `Store::keep_input`); it is forgotten when the message is stored.
+    pub kept: Option<u64>,
+}
+
+impl From<Message> for TurnInput {
+    fn from(message: Message) -> Self {
+        TurnInput {
+            message,
+            kept: None,
+        }
+    }
 }
 
 /// What the calls of one reply share.
@@ -111,7 +155,9 @@ pub struct Engine {
     tools: Arc<dyn ToolHost>,
     store: Arc<dyn Store>,
     settings: EngineSettings,
-    live: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Live>>>>,
+    live: Mutex<HashMap<String, Live>>,
+    /// Counts turns, for `Live::used`.
+    clock: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Engine {
@@ -135,6 +181,7 @@ impl Engine {
             store,
             settings,
             live: Mutex::new(HashMap::new()),
+            clock: Default::default(),
         }
     }
 
@@ -144,36 +191,38 @@ impl Engine {
 
     /// Runs one turn: stores `input`, then asks the model and runs its tool
     /// calls until it answers or the round limit is hit. Events go to
-    /// `events`; a failure is also sent as `TurnEvent::Error`.
+    /// `events`; a failure is also sent as `TurnEvent::Error`. Every turn
+    /// logs one line saying how it ended.
+    #[tracing::instrument(name = "turn", skip_all, fields(conversation))]
     pub async fn run_turn(
         &self,
         conversation: &str,
-        input: Message,
+        input: impl Into<TurnInput>,
         events: &UnboundedSender<TurnEvent>,
         approver: &dyn Approver,
     ) -> Result<TurnOutcome, TurnError> {
-        let live = self.live(conversation);
-        let mut live = live.lock().await;
+        let turn = self.with_live(conversation, |live| live.turn.clone());
+        let _turn = turn.lock().await;
         let started = Instant::now();
         let mut outcome = TurnOutcome::default();
+        let input = input.into();
+        let kept = input.kept;
         let result = self
-            .turn(
-                conversation,
-                &mut live,
-                input,
-                events,
-                approver,
-                &mut outcome,
-            )
+            .turn(conversation, input, events, approver, &mut outcome)
             .await;
-        drop(live);
-        self.forget_idle();
+        // The person is told to send it again, so it is not kept either.
+        if let (Err(TurnError::InputNotStored(_)), Some(position)) = (&result, kept)
+            && let Err(error) = self.store.drop_input(conversation, position).await
+        {
+            tracing::warn!(conversation, %error, "could not forget an input that was not stored");
+        }
         outcome.duration = started.elapsed();
         match result {
             Ok(()) => {
                 tracing::info!(
                     conversation,
                     model = %outcome.model,
+                    outcome = if outcome.answered { "answered" } else { "round_limit" },
                     rounds = outcome.rounds,
                     tool_calls = outcome.tool_calls,
                     prompt_tokens = outcome.usage.prompt_tokens,
@@ -186,21 +235,40 @@ impl Engine {
                 Ok(outcome)
             }
             Err(error) => {
+                tracing::warn!(
+                    conversation,
+                    model = %outcome.model,
+                    outcome = "failed",
+                    error_kind = error.kind(),
+                    rounds = outcome.rounds,
+                    tool_calls = outcome.tool_calls,
+                    duration_ms = outcome.duration.as_millis() as u64,
+                    %error,
+                    "turn failed"
+                );
                 let _ = events.send(TurnEvent::Error(error.to_string()));
                 Err(error)
             }
         }
     }
 
-    /// The model `conversation` uses.
+    /// The model `conversation` uses. Never waits for a running turn.
     pub async fn model_of(&self, conversation: &str) -> Result<String, StoreError> {
-        let live = self.live(conversation);
-        let mut live = live.lock().await;
-        self.chosen_model(conversation, &mut live).await
+        let chosen = match self.with_live(conversation, |live| live.model.clone()) {
+            Some(chosen) => chosen,
+            None => {
+                let chosen = self.store.model(conversation).await?;
+                self.with_live(conversation, |live| {
+                    live.model.get_or_insert(chosen).clone()
+                })
+            }
+        };
+        Ok(chosen.unwrap_or_else(|| self.settings.default_model.clone()))
     }
 
     /// Switches `conversation` to `model` after checking the catalogue.
-    /// `None` goes back to the default model.
+    /// `None` goes back to the default model. A running turn keeps the
+    /// model it started with.
     pub async fn set_model(
         &self,
         conversation: &str,
@@ -209,13 +277,13 @@ impl Engine {
         if let Some(model) = model {
             self.check_model(model).await?;
         }
-        let live = self.live(conversation);
-        let mut live = live.lock().await;
         self.store
             .set_model(conversation, model)
             .await
             .map_err(TurnError::SettingNotStored)?;
-        live.model = Some(model.map(str::to_owned));
+        self.with_live(conversation, |live| {
+            live.model = Some(model.map(str::to_owned));
+        });
         Ok(model.unwrap_or(&self.settings.default_model).to_owned())
     }
 
@@ -232,12 +300,17 @@ impl Engine {
         }
     }
 
-    /// Clears `conversation`'s history and closes its MCP sessions.
+    /// Clears `conversation`'s history and closes its MCP sessions. It
+    /// waits for a running turn to end (a surface stops it first).
     pub async fn reset(&self, conversation: &str) -> Result<(), StoreError> {
-        let live = self.live(conversation);
-        let mut live = live.lock().await;
+        let turn = self.with_live(conversation, |live| live.turn.clone());
+        let _turn = turn.lock().await;
         self.store.reset(conversation).await?;
-        live.history = Some(Vec::new());
+        self.with_live(conversation, |live| {
+            live.history = Some(Vec::new());
+            live.bytes = 0;
+            live.trimmed = 0;
+        });
         self.tools.close_conversation(conversation).await;
         Ok(())
     }
@@ -245,40 +318,56 @@ impl Engine {
     async fn turn(
         &self,
         conversation: &str,
-        live: &mut Live,
-        input: Message,
+        input: TurnInput,
         events: &UnboundedSender<TurnEvent>,
         approver: &dyn Approver,
         outcome: &mut TurnOutcome,
     ) -> Result<(), TurnError> {
         let model = self
-            .chosen_model(conversation, live)
+            .model_of(conversation)
             .await
             .map_err(TurnError::InputNotStored)?;
         outcome.model.clone_from(&model);
-        let mut history = self
-            .history(conversation, live)
+        let (history, mut trimmed) = self
+            .take_history(conversation)
             .await
             .map_err(TurnError::InputNotStored)?;
+        let mut history = history;
         retire_tool_images(&mut history);
         // Until this turn ends cleanly the cache may lag behind the store
         // (an aborted turn), so it is only put back at the end.
         // Storing the message, reading the catalogue and starting tool
         // sessions overlap; the model is only asked once all three are done.
+        let TurnInput {
+            message: input,
+            kept,
+        } = input;
+        let store_input = async {
+            match kept {
+                Some(position) => self.store.take_input(conversation, position, &input).await,
+                None => {
+                    self.store
+                        .append(conversation, std::slice::from_ref(&input))
+                        .await
+                }
+            }
+        };
         let (stored, lookup, tools) = tokio::join!(
-            self.store
-                .append(conversation, std::slice::from_ref(&input)),
+            store_input,
             self.model.model_info(&model),
             self.tools.tools(conversation),
         );
-        stored.map_err(TurnError::InputNotStored)?;
+        if let Err(error) = stored {
+            self.put_history(conversation, history, trimmed);
+            return Err(TurnError::InputNotStored(error));
+        }
         history.push(input);
         let info = lookup.info();
         for problem in &tools.problems {
             let _ = events.send(TurnEvent::Warning(problem.clone()));
         }
         if !tools.specs.is_empty() && info.as_ref().is_some_and(|i| !i.supports_tools) {
-            live.history = Some(history);
+            self.put_history(conversation, history, trimmed);
             return Err(ModelError::NoToolSupport { model }.into());
         }
         let context = info.map_or(self.settings.fallback_context_tokens, |i| i.context_length);
@@ -289,14 +378,12 @@ impl Engine {
             let (start, dropped) = fit_to_context(&history, budget);
             // Said once, and again only when more is left out than before
             // (a long chat would otherwise hear it on every turn).
-            if dropped > live.trimmed {
+            if dropped > trimmed {
                 let _ = events.send(TurnEvent::Warning(format!(
                     "The conversation is longer than {model} can read; the {dropped} oldest exchange(s) are left out of what it sees."
                 )));
             }
-            if dropped > 0 {
-                live.trimmed = live.trimmed.max(dropped);
-            }
+            trimmed = trimmed.max(dropped);
             let request = ChatRequest {
                 model: &model,
                 system: self.settings.system_prompt.as_deref(),
@@ -372,7 +459,7 @@ impl Engine {
                 Err(error) => break Err(error.into()),
             }
         };
-        live.history = Some(history);
+        self.put_history(conversation, history, trimmed);
         result
     }
 
@@ -468,26 +555,19 @@ impl Engine {
         context.saturating_sub(fixed).max(1) as usize
     }
 
-    async fn chosen_model(
-        &self,
-        conversation: &str,
-        live: &mut Live,
-    ) -> Result<String, StoreError> {
-        if live.model.is_none() {
-            live.model = Some(self.store.model(conversation).await?);
-        }
-        let chosen = live.model.as_ref().and_then(Option::as_ref);
-        Ok(chosen.unwrap_or(&self.settings.default_model).clone())
-    }
-
-    /// Takes the cached history, loading and repairing it when needed.
-    async fn history(
-        &self,
-        conversation: &str,
-        live: &mut Live,
-    ) -> Result<Vec<Message>, StoreError> {
-        if let Some(history) = live.history.take() {
-            return Ok(history);
+    /// Takes the cached history, loading and repairing it when needed, and
+    /// how much of it was last left out to fit the context.
+    async fn take_history(&self, conversation: &str) -> Result<(Vec<Message>, usize), StoreError> {
+        let used = self
+            .clock
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (cached, trimmed) = self.with_live(conversation, |live| {
+            live.used = used;
+            live.bytes = 0;
+            (live.history.take(), live.trimmed)
+        });
+        if let Some(history) = cached {
+            return Ok((history, trimmed));
         }
         let (history, changes) = repair(self.store.history(conversation).await?);
         if changes > 0 {
@@ -497,21 +577,76 @@ impl Engine {
                 "repaired a history left incomplete by an interrupted turn"
             );
         }
-        Ok(history)
+        Ok((history, trimmed))
     }
 
-    fn live(&self, conversation: &str) -> Arc<tokio::sync::Mutex<Live>> {
+    /// Puts a turn's history back in the cache, then forgets the least
+    /// recently used idle histories while the cache is over its bounds.
+    fn put_history(&self, conversation: &str, history: Vec<Message>, trimmed: usize) {
         let mut live = self.live.lock().expect("live map poisoned");
-        live.entry(conversation.to_owned()).or_default().clone()
+        let state = live.entry(conversation.to_owned()).or_default();
+        state.bytes = history.iter().map(approximate_bytes).sum();
+        state.history = Some(history);
+        state.trimmed = trimmed;
+        forget_least_used(&mut live);
     }
 
-    /// Drops cached state of idle conversations once there are too many.
-    fn forget_idle(&self) {
+    /// Runs `f` on the state of `conversation` under the map lock.
+    fn with_live<T>(&self, conversation: &str, f: impl FnOnce(&mut Live) -> T) -> T {
         let mut live = self.live.lock().expect("live map poisoned");
-        if live.len() > MAX_CACHED_CONVERSATIONS {
-            live.retain(|_, state| Arc::strong_count(state) > 1);
+        f(live.entry(conversation.to_owned()).or_default())
+    }
+
+    /// How many conversations have state in memory, and the bytes of their
+    /// cached histories (for tests and the benchmark).
+    pub fn cached(&self) -> (usize, usize) {
+        let live = self.live.lock().expect("live map poisoned");
+        (live.len(), live.values().map(|l| l.bytes).sum())
+    }
+}
+
+/// Forgets cached histories, least recently used first, while there are
+/// more than `MAX_CACHED_CONVERSATIONS` or more than
+/// `MAX_CACHED_HISTORY_BYTES` of them. Conversations with a running turn
+/// keep their state; idle ones without a cached history are dropped.
+fn forget_least_used(live: &mut HashMap<String, Live>) {
+    let idle = |state: &Live| Arc::strong_count(&state.turn) == 1;
+    let mut count = live.values().filter(|l| l.history.is_some()).count();
+    let mut bytes: usize = live.values().map(|l| l.bytes).sum();
+    if count > MAX_CACHED_CONVERSATIONS || bytes > MAX_CACHED_HISTORY_BYTES {
+        let mut order: Vec<(u64, String)> = live
+            .iter()
+            .filter(|(_, l)| l.history.is_some() && idle(l))
+            .map(|(k, l)| (l.used, k.clone()))
+            .collect();
+        order.sort_unstable();
+        for (_, key) in order {
+            if count <= MAX_CACHED_CONVERSATIONS && bytes <= MAX_CACHED_HISTORY_BYTES {
+                break;
+            }
+            if let Some(state) = live.get_mut(&key) {
+                state.history = None;
+                bytes -= state.bytes;
+                state.bytes = 0;
+                count -= 1;
+            }
         }
     }
+    if live.len() > MAX_CACHED_CONVERSATIONS {
+        live.retain(|_, l| l.history.is_some() || !idle(l));
+    }
+}
+
+/// What a message takes in memory, roughly: its text, images and calls.
+fn approximate_bytes(message: &Message) -> usize {
+    message.content.as_ref().map_or(0, String::len)
+        + message.reasoning.as_ref().map_or(0, String::len)
+        + message.images.iter().map(String::len).sum::<usize>()
+        + message
+            .tool_calls
+            .iter()
+            .map(|c| c.id.len() + c.name.len() + c.arguments.len())
+            .sum::<usize>()
 }
 
 /// A provider that numbers calls per reply (`call_0`, `call_1`…) reuses ids

@@ -9,12 +9,16 @@ mod engine;
 mod history;
 mod ports;
 mod types;
+mod workers;
 
-pub use engine::{Engine, EngineSettings, MAX_CALLS_PER_REPLY, TurnError, TurnOutcome};
+pub use engine::{Engine, EngineSettings, MAX_CALLS_PER_REPLY, TurnError, TurnInput, TurnOutcome};
 pub use history::{estimate_tokens, fit_to_context, repair};
 pub use ports::{
     ApprovalRequest, ApproveAll, Approver, ChatModel, ChatRequest, Completion, Decision,
     DeclineAll, FinishReason, ModelError, ModelInfo, ModelLookup, Store, StoreError, TextSink,
     ToolHost, ToolList, ToolOutcome,
 };
-pub use types::{Message, Role, ToolCall, ToolSpec, TurnEvent, Usage};
+pub use types::{
+    AttachmentRef, Inbound, Message, Role, ToolCall, ToolSpec, TurnEvent, Usage, UsageTotals,
+};
+pub use workers::{Accepted, Arrival, Stopped, TurnRunner, Workers};

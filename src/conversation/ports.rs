@@ -5,7 +5,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde_json::Value;
 
-use super::types::{Message, ToolSpec, Usage};
+use super::types::{Inbound, Message, ToolSpec, Usage};
 
 /// One request to the model.
 #[derive(Debug, Clone, Copy)]
@@ -120,6 +120,27 @@ pub enum ModelError {
 }
 
 impl ModelError {
+    /// A short name for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ModelError::CreditsExhausted => "credits_exhausted",
+            ModelError::InvalidKey => "invalid_key",
+            ModelError::NoToolSupport { .. } => "no_tool_support",
+            ModelError::UnknownModel { .. } => "unknown_model",
+            ModelError::ContextTooLong => "context_too_long",
+            ModelError::RateLimited { .. } => "rate_limited",
+            ModelError::Timeout => "timeout",
+            ModelError::Forbidden { .. } => "forbidden",
+            ModelError::Provider { .. } => "provider",
+            ModelError::Connection { .. } => "connection",
+            ModelError::BadRequest { .. } => "bad_request",
+            ModelError::Empty => "empty",
+            ModelError::Cut => "cut",
+            ModelError::Unreadable { .. } => "unreadable",
+            ModelError::TooLarge { .. } => "too_large",
+        }
+    }
+
     /// What went wrong, in a few words, for a log line about a retry.
     pub fn brief(&self) -> String {
         match self {
@@ -167,6 +188,11 @@ pub trait ChatModel: Send + Sync {
 
     /// What the catalogue says about `model`.
     async fn model_info(&self, model: &str) -> ModelLookup;
+
+    /// Every model the catalogue lists (empty when none could be read).
+    async fn models(&self) -> Vec<ModelInfo> {
+        Vec::new()
+    }
 }
 
 /// The tools of one conversation, and the problems met collecting them.
@@ -226,8 +252,25 @@ pub trait Store: Send + Sync {
     async fn history(&self, conversation: &str) -> Result<Vec<Message>, StoreError>;
     /// Appends `messages` in one transaction: all of them or none.
     async fn append(&self, conversation: &str, messages: &[Message]) -> Result<(), StoreError>;
-    /// Deletes the history of `conversation` (its model choice stays).
+    /// Deletes the history of `conversation` (its model choice and its
+    /// kept inputs stay).
     async fn reset(&self, conversation: &str) -> Result<(), StoreError>;
+
+    /// Keeps `input` until a turn takes it. `false` when an input at that
+    /// position is already kept (the same message delivered twice).
+    async fn keep_input(&self, conversation: &str, input: &Inbound) -> Result<bool, StoreError>;
+    /// Every kept input, by conversation and then position.
+    async fn kept_inputs(&self) -> Result<Vec<(String, Inbound)>, StoreError>;
+    /// Appends `message` as the turn's input and forgets the kept input at
+    /// `position`, in one transaction: the input is always in one place.
+    async fn take_input(
+        &self,
+        conversation: &str,
+        position: u64,
+        message: &Message,
+    ) -> Result<(), StoreError>;
+    /// Forgets a kept input without answering it.
+    async fn drop_input(&self, conversation: &str, position: u64) -> Result<(), StoreError>;
 }
 
 /// A tool call waiting for a person's decision.

@@ -71,6 +71,15 @@ impl Usage {
     }
 }
 
+/// Tokens and cost summed over some messages.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct UsageTotals {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cost: f64,
+    pub responses: u64,
+}
+
 /// One message of a conversation, as stored and as sent to the model.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Message {
@@ -134,6 +143,35 @@ pub struct ToolSpec {
     pub parameters: Value,
     /// Whether a person must approve each call (never sent to the model).
     pub needs_approval: bool,
+    /// The configured server that offers it (for listings; never sent).
+    pub server: String,
+}
+
+/// A message accepted from a person and kept in the store until its turn
+/// takes it, so that it survives a restart, a crash or a failed turn.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Inbound {
+    /// Its place in the conversation: inputs are answered in this order. A
+    /// Discord message id, which grows with the time the message was sent.
+    #[serde(skip)]
+    pub position: u64,
+    /// Who sent it, as the surface numbers people (a Discord user id).
+    #[serde(skip)]
+    pub author: u64,
+    pub text: String,
+    /// Files to fetch when the turn starts (not before: a slow download
+    /// must not hold up the messages after it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attachments: Vec<AttachmentRef>,
+}
+
+/// A file attached to an inbound message, not yet fetched.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct AttachmentRef {
+    pub name: String,
+    pub url: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_type: Option<String>,
 }
 
 /// What a turn reports while it runs. Surfaces render these.

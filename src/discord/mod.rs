@@ -1,30 +1,137 @@
 //! The Discord surface: a serenity gateway client that turns mentions into
 //! threads and threads into conversations, and renders each turn there.
 //!
+//! - [`access`]: who may talk where, and who is an admin (pure).
+//! - `inbound`: routing, mentions, thread names, attachments.
+//! - `turns`: one turn shown in its thread; `stream`: the streamed answer.
+//! - `commands`: slash commands and autocomplete.
+//! - `approvals`: Approve / Deny buttons.
+//! - `handler`: serenity's event handler.
 //! - [`render`]: message splitting and tool notices (pure).
 //! - [`rest`]: the REST calls, with 429s honoured.
-//! - `bot`: the event handler: routing, access lists, turns, slash commands,
-//!   approval buttons.
+//!
+//! Messages reach the conversation's worker ([`Workers`]) as soon as they
+//! are routed and stored; the turn itself runs there, in order.
 
-mod bot;
+pub mod access;
+mod approvals;
+mod commands;
+mod handler;
 pub mod health;
+mod inbound;
+pub mod protocol;
 pub mod render;
 pub mod rest;
+mod stream;
+mod turns;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use serenity::all::{GatewayIntents, HttpBuilder};
+use async_trait::async_trait;
+use serde_json::json;
+use serenity::all::{GatewayIntents, HttpBuilder, RoleId};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
-use crate::app::App;
 use crate::config::DiscordConfig;
-use bot::{Bot, Handler};
+use crate::conversation::{ChatModel, Engine, Store, StoreError, ToolHost, UsageTotals, Workers};
+use access::Access;
+use approvals::Approvals;
+use handler::Handler;
+use rest::Rest;
 
 /// How often the health file is refreshed.
 const HEALTH_EVERY: Duration = Duration::from_secs(15);
-use rest::Rest;
+/// How long the gateway gets to close at shutdown.
+const GATEWAY_CLOSE: Duration = Duration::from_secs(10);
+
+/// The thread table: threads the bot started, and usage per thread and
+/// per server.
+#[async_trait]
+pub trait Threads: Send + Sync {
+    /// The parent channel of the thread of `conversation`, when the bot
+    /// started that thread.
+    async fn parent(&self, conversation: &str) -> Result<Option<u64>, StoreError>;
+    /// Remembers a thread the bot started in `parent`.
+    async fn add(
+        &self,
+        conversation: &str,
+        guild: Option<u64>,
+        parent: u64,
+        started_by: u64,
+    ) -> Result<(), StoreError>;
+    /// Tokens and cost of one conversation's answers.
+    async fn usage(&self, conversation: &str) -> Result<UsageTotals, StoreError>;
+    /// Tokens and cost of the bot's threads in one server since `since_unix`.
+    async fn guild_usage_since(
+        &self,
+        guild: u64,
+        since_unix: i64,
+    ) -> Result<UsageTotals, StoreError>;
+}
+
+/// What the surface talks to: the domain's ports and its own.
+pub struct Ports {
+    pub engine: Arc<Engine>,
+    pub store: Arc<dyn Store>,
+    pub model: Arc<dyn ChatModel>,
+    pub tools: Arc<dyn ToolHost>,
+    pub threads: Arc<dyn Threads>,
+}
+
+impl std::fmt::Debug for Ports {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ports").finish_non_exhaustive()
+    }
+}
+
+/// What every part of the surface shares.
+pub(crate) struct Surface {
+    rest: Rest,
+    config: DiscordConfig,
+    access: Access,
+    engine: Arc<Engine>,
+    model: Arc<dyn ChatModel>,
+    tools: Arc<dyn ToolHost>,
+    threads: Arc<dyn Threads>,
+    approvals: Approvals,
+    application_id: u64,
+    /// The bot's own user id, once the gateway said it.
+    me: AtomicU64,
+}
+
+impl Surface {
+    fn me(&self) -> u64 {
+        self.me.load(Ordering::SeqCst)
+    }
+
+    fn set_me(&self, id: u64) {
+        self.me.store(id, Ordering::SeqCst);
+    }
+
+    /// Posts `content` in `channel`; a failure is only logged.
+    async fn say(&self, channel: u64, content: &str) {
+        if let Err(error) = self
+            .rest
+            .create_message(channel, json!({"content": content}))
+            .await
+        {
+            tracing::warn!(%error, channel, "could not post in a channel");
+        }
+    }
+}
+
+/// The surface and the conversations' workers.
+pub(crate) struct Bot {
+    surface: Arc<Surface>,
+    workers: Workers,
+}
+
+/// Role ids of a member.
+fn role_ids(roles: Option<&[RoleId]>) -> Vec<u64> {
+    roles.unwrap_or_default().iter().map(|r| r.get()).collect()
+}
 
 /// What the bot needs from Discord: messages in servers and DMs (with their
 /// content, so follow-ups in threads need no mention) and guild/thread events.
@@ -36,31 +143,41 @@ pub fn intents() -> GatewayIntents {
 }
 
 /// Runs the bot until `shutdown` resolves, then stops taking messages, lets
-/// running turns finish within the grace period (cutting the rest cleanly),
-/// and returns; the caller closes MCP sessions and the database.
+/// running turns finish within the grace period (cutting the rest cleanly;
+/// messages still waiting stay stored), and returns; the caller closes MCP
+/// sessions and the database. Messages kept from before a restart are
+/// answered first.
 pub async fn run(
-    app: Arc<App>,
+    ports: Ports,
     config: DiscordConfig,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let rest = Rest::new(&config.api_base, config.token.clone())?;
     // Fails early, with a clear message, on a missing or rejected token.
     let application = rest.current_application().await?;
-    let application_id: u64 = application["id"]
-        .as_str()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
+    let application_id: u64 = inbound::snowflake(&application["id"]).unwrap_or(0);
 
-    let turns = TaskTracker::new();
-    let cut = CancellationToken::new();
-    let bot = Arc::new(Bot::new(
-        app,
+    let surface = Arc::new(Surface {
         rest,
-        config.clone(),
+        access: Access::new(&config),
+        config: config.clone(),
+        engine: ports.engine,
+        model: ports.model,
+        tools: ports.tools,
+        threads: ports.threads,
+        approvals: Approvals::default(),
         application_id,
-        turns.clone(),
-        cut.clone(),
-    ));
+        me: AtomicU64::new(0),
+    });
+    let workers = Workers::new(ports.store, Arc::new(turns::Turns(surface.clone())));
+    match workers.resume().await {
+        Ok(0) => {}
+        Ok(kept) => tracing::info!(kept, "answering messages kept from before the restart"),
+        Err(error) => {
+            tracing::error!(%error, "could not read the messages kept from before the restart")
+        }
+    }
+    let bot = Arc::new(Bot { surface, workers });
 
     let mut http = HttpBuilder::new(config.token.expose());
     if config.api_base != rest::DEFAULT_API_BASE {
@@ -100,14 +217,17 @@ pub async fn run(
         stop
     });
 
-    tokio::select! {
-        () = shutdown => tracing::info!("shutting down: no new messages are taken"),
-        result = &mut gateway => {
-            result??;
-            anyhow::bail!("the Discord gateway connection ended");
+    let ended = tokio::select! {
+        () = shutdown => {
+            tracing::info!("shutting down: no new messages are taken");
+            None
         }
-    }
-    bot.stop_accepting();
+        result = &mut gateway => Some(match result {
+            Ok(Ok(())) => anyhow::anyhow!("the Discord gateway connection ended"),
+            Ok(Err(error)) => error.into(),
+            Err(error) => error.into(),
+        })
+    };
     if let Some(health) = health {
         health.cancel();
     }
@@ -115,18 +235,9 @@ pub async fn run(
         let _ = health::write(path, false);
     }
     shards.shutdown_all().await;
-    let _ = tokio::time::timeout(Duration::from_secs(10), gateway).await;
-    turns.close();
-    if tokio::time::timeout(config.shutdown_grace, turns.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            grace_secs = config.shutdown_grace.as_secs(),
-            "turns still running after the grace period; cutting them"
-        );
-        cut.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(5), turns.wait()).await;
+    if ended.is_none() {
+        let _ = tokio::time::timeout(GATEWAY_CLOSE, gateway).await;
     }
-    Ok(())
+    bot.workers.shutdown(config.shutdown_grace).await;
+    ended.map_or(Ok(()), Err)
 }

@@ -407,6 +407,13 @@ impl ChatModel for OpenRouter {
                 .map_or(ModelLookup::Unlisted, ModelLookup::Known),
         }
     }
+
+    async fn models(&self) -> Vec<ModelInfo> {
+        self.catalogue()
+            .await
+            .map(|c| c.models.values().cloned().collect())
+            .unwrap_or_default()
+    }
 }
 
 #[cfg(test)]

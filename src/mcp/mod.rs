@@ -418,6 +418,7 @@ impl ToolHost for McpHost {
                     description: t.tool.description,
                     parameters: t.tool.parameters,
                     needs_approval,
+                    server: t.server,
                 }
             })
             .collect();

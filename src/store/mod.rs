@@ -9,14 +9,18 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{FromRow, QueryBuilder, Sqlite, SqlitePool};
+use sqlx::{FromRow, QueryBuilder, Sqlite, SqliteConnection, SqlitePool};
 
-use crate::conversation::{Message, Role, Store, StoreError, ToolCall, Usage};
+pub use crate::conversation::UsageTotals;
+use crate::conversation::{Inbound, Message, Role, Store, StoreError, ToolCall, Usage};
 
 /// Connections in the pool. SQLite has one writer; a few readers help.
 const MAX_CONNECTIONS: u32 = 4;
 /// How long a write waits for another to finish before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Conversations remembered as having their row; past this the set starts over.
+const MAX_KNOWN_CONVERSATIONS: usize = 10_000;
 
 /// How often the database file is checked for having been deleted or replaced.
 pub const FILE_CHECK_INTERVAL: Duration = Duration::from_secs(2);
@@ -29,15 +33,6 @@ pub struct SqliteStore {
     file: Option<(PathBuf, (u64, u64))>,
     /// Conversations known to have a row, so appends skip the upsert.
     known: Arc<Mutex<HashSet<String>>>,
-}
-
-/// Tokens and cost summed over some messages.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct UsageTotals {
-    pub prompt_tokens: u64,
-    pub completion_tokens: u64,
-    pub cost: f64,
-    pub responses: u64,
 }
 
 #[derive(FromRow)]
@@ -132,10 +127,12 @@ impl SqliteStore {
     }
 
     fn remember(&self, conversation: &str) {
-        self.known
-            .lock()
-            .expect("known poisoned")
-            .insert(conversation.to_owned());
+        let mut known = self.known.lock().expect("known poisoned");
+        // Forgetting only costs one upsert per conversation on its next write.
+        if known.len() >= MAX_KNOWN_CONVERSATIONS {
+            known.clear();
+        }
+        known.insert(conversation.to_owned());
     }
 
     /// Closes the pool, waiting for connections to finish.
@@ -232,6 +229,36 @@ impl SqliteStore {
         .await
         .map_err(db)?;
         Ok(totals(row))
+    }
+}
+
+#[async_trait]
+impl crate::discord::Threads for SqliteStore {
+    async fn parent(&self, conversation: &str) -> Result<Option<u64>, StoreError> {
+        self.discord_thread_parent(conversation).await
+    }
+
+    async fn add(
+        &self,
+        conversation: &str,
+        guild: Option<u64>,
+        parent: u64,
+        started_by: u64,
+    ) -> Result<(), StoreError> {
+        self.add_discord_thread(conversation, guild, parent, started_by)
+            .await
+    }
+
+    async fn usage(&self, conversation: &str) -> Result<UsageTotals, StoreError> {
+        SqliteStore::usage(self, conversation).await
+    }
+
+    async fn guild_usage_since(
+        &self,
+        guild: u64,
+        since_unix: i64,
+    ) -> Result<UsageTotals, StoreError> {
+        SqliteStore::guild_usage_since(self, guild, since_unix).await
     }
 }
 
@@ -403,14 +430,113 @@ impl Store for SqliteStore {
         if messages.is_empty() {
             return Ok(());
         }
-        let now = now();
         let mut connection = self.pool.acquire().await.map_err(db)?;
-        if !self
+        let created = self
+            .insert_messages(&mut connection, conversation, messages)
+            .await;
+        self.remember_after(conversation, created)
+    }
+
+    async fn reset(&self, conversation: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM messages WHERE conversation = ?1")
+            .bind(conversation)
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(())
+    }
+
+    async fn keep_input(&self, conversation: &str, input: &Inbound) -> Result<bool, StoreError> {
+        let body = serde_json::to_string(input).map_err(|e| StoreError(e.to_string()))?;
+        let done = sqlx::query(
+            "INSERT INTO inbox (conversation, position, author, body, received_at)
+             VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (conversation, position) DO NOTHING",
+        )
+        .bind(conversation)
+        .bind(input.position as i64)
+        .bind(input.author as i64)
+        .bind(body)
+        .bind(now())
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn kept_inputs(&self) -> Result<Vec<(String, Inbound)>, StoreError> {
+        let rows: Vec<(String, i64, i64, String)> = sqlx::query_as(
+            "SELECT conversation, position, author, body FROM inbox ORDER BY conversation, position",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        rows.into_iter()
+            .map(|(conversation, position, author, body)| {
+                let input: Inbound = serde_json::from_str(&body)
+                    .map_err(|e| StoreError(format!("corrupt inbox body: {e}")))?;
+                let input = Inbound {
+                    position: position as u64,
+                    author: author as u64,
+                    ..input
+                };
+                Ok((conversation, input))
+            })
+            .collect()
+    }
+
+    async fn take_input(
+        &self,
+        conversation: &str,
+        position: u64,
+        message: &Message,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        let created = self
+            .insert_messages(&mut tx, conversation, std::slice::from_ref(message))
+            .await;
+        let written = async {
+            created?;
+            sqlx::query("DELETE FROM inbox WHERE conversation = ?1 AND position = ?2")
+                .bind(conversation)
+                .bind(position as i64)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+            tx.commit().await.map_err(db)
+        }
+        .await;
+        // The conversation's row only counts as there once it is committed.
+        self.remember_after(conversation, written.map(|()| true))
+    }
+
+    async fn drop_input(&self, conversation: &str, position: u64) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM inbox WHERE conversation = ?1 AND position = ?2")
+            .bind(conversation)
+            .bind(position as i64)
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(())
+    }
+}
+
+impl SqliteStore {
+    /// Inserts `messages` in one statement (all of the rows or none),
+    /// creating the conversation's row the first time. `true` when the
+    /// conversation's row was written (see `remember_after`).
+    async fn insert_messages(
+        &self,
+        connection: &mut SqliteConnection,
+        conversation: &str,
+        messages: &[Message],
+    ) -> Result<bool, StoreError> {
+        let now = now();
+        let known = self
             .known
             .lock()
             .expect("known poisoned")
-            .contains(conversation)
-        {
+            .contains(conversation);
+        if !known {
             sqlx::query(
                 "INSERT INTO conversations (key, created_at) VALUES (?1, ?2) ON CONFLICT (key) DO NOTHING",
             )
@@ -419,9 +545,7 @@ impl Store for SqliteStore {
             .execute(&mut *connection)
             .await
             .map_err(db)?;
-            self.remember(conversation);
         }
-        // One statement, so SQLite writes all the rows or none.
         let mut insert = QueryBuilder::<Sqlite>::new(
             "INSERT INTO messages (conversation, role, content, images, tool_calls, tool_call_id,
                 reasoning, reasoning_details, model, prompt_tokens, completion_tokens, cost, created_at) ",
@@ -451,15 +575,19 @@ impl Store for SqliteStore {
                 .push_bind(now);
         });
         insert.build().execute(&mut *connection).await.map_err(db)?;
-        Ok(())
+        Ok(!known)
     }
 
-    async fn reset(&self, conversation: &str) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM messages WHERE conversation = ?1")
-            .bind(conversation)
-            .execute(&self.pool)
-            .await
-            .map_err(db)?;
+    /// Remembers that `conversation` has its row once a write that made it
+    /// has succeeded.
+    fn remember_after(
+        &self,
+        conversation: &str,
+        written: Result<bool, StoreError>,
+    ) -> Result<(), StoreError> {
+        if written? {
+            self.remember(conversation);
+        }
         Ok(())
     }
 }

@@ -16,6 +16,7 @@ use axum::routing::{get, post};
 use serde_json::{Value, json};
 
 pub mod discord;
+pub mod memory;
 
 use mcpcord::app::App;
 use mcpcord::config::Config;

@@ -1,0 +1,372 @@
+//! One worker per live conversation: inputs are kept in the store when they
+//! are accepted, then answered one at a time in the order of their
+//! positions, whatever order the surface's handlers ran in.
+//!
+//! - `accept` stores the input and hands it to its conversation's worker; it
+//!   never waits for a turn.
+//! - A surface marks a position as arriving as soon as it sees a message,
+//!   before its slow checks; a worker does not take a later input while an
+//!   earlier one is still arriving.
+//! - A turn that panics is logged, its input forgotten, and the surface told;
+//!   the worker goes on with the next input.
+//! - Idle workers exit and their state is dropped.
+//! - At shutdown no new turn starts; running ones get the grace period and
+//!   are then cut. Inputs still waiting stay stored, and `resume` answers
+//!   them after the restart.
+
+use std::collections::{BTreeMap, HashMap};
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::FutureExt;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::ports::{Store, StoreError};
+use super::types::Inbound;
+
+/// How long cut turns get to drop their work and say so, after the grace
+/// period.
+const CUT_WAIT: Duration = Duration::from_secs(5);
+
+/// What happened to a conversation's work when the workers stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stopped {
+    /// Its running turn was cut short.
+    pub cut: bool,
+    /// Inputs still waiting (kept in the store, answered after a restart).
+    pub waiting: usize,
+}
+
+/// The surface's side of a turn: fetch what the input needs, run the
+/// engine's turn, show it. The workers decide when.
+#[async_trait]
+pub trait TurnRunner: Send + Sync + 'static {
+    /// Answers one input. `resumed` is true for an input kept from before a
+    /// restart.
+    async fn run(&self, conversation: &str, input: Inbound, resumed: bool);
+    /// The turn for `input` panicked (a bug): say so in the conversation.
+    async fn crashed(&self, conversation: &str, input: &Inbound);
+    /// Shutdown stopped this conversation's work: say so in it.
+    async fn stopped(&self, conversation: &str, stopped: Stopped);
+}
+
+/// One input waiting for its turn.
+#[derive(Debug)]
+struct Job {
+    input: Inbound,
+    resumed: bool,
+}
+
+/// The state of one conversation.
+#[derive(Debug, Default)]
+struct Slot {
+    waiting: BTreeMap<u64, Job>,
+    /// Positions seen by the surface and not yet accepted or turned away,
+    /// with how many handlers hold each.
+    arriving: BTreeMap<u64, usize>,
+    /// Whether a worker task runs for this conversation.
+    worker: bool,
+    /// Cancels the running turn.
+    running: Option<CancellationToken>,
+    /// Wakes the worker when an arrival ends.
+    wake: Arc<Notify>,
+}
+
+impl Slot {
+    fn idle(&self) -> bool {
+        self.waiting.is_empty() && self.arriving.is_empty() && !self.worker
+    }
+}
+
+#[derive(Debug)]
+struct Shared {
+    slots: Mutex<HashMap<String, Slot>>,
+    accepting: AtomicBool,
+    tasks: TaskTracker,
+    /// Cancelled when the grace period is over.
+    cut: CancellationToken,
+}
+
+/// The conversations' workers.
+pub struct Workers {
+    store: Arc<dyn Store>,
+    runner: Arc<dyn TurnRunner>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Workers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Workers")
+            .field("shared", &self.shared)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Marks a position as arriving until dropped (see [`Workers::arriving`]).
+#[derive(Debug)]
+#[must_use = "the position counts as arriving only while this is held"]
+pub struct Arrival {
+    shared: Arc<Shared>,
+    conversation: String,
+    position: u64,
+}
+
+impl Drop for Arrival {
+    fn drop(&mut self) {
+        let mut slots = self.shared.slots.lock().expect("slots poisoned");
+        let Some(slot) = slots.get_mut(&self.conversation) else {
+            return;
+        };
+        if let Some(count) = slot.arriving.get_mut(&self.position) {
+            *count -= 1;
+            if *count == 0 {
+                slot.arriving.remove(&self.position);
+            }
+        }
+        slot.wake.notify_one();
+        if slot.idle() {
+            slots.remove(&self.conversation);
+        }
+    }
+}
+
+/// Whether an accepted input will be answered now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accepted {
+    /// Queued for its conversation's worker.
+    Queued,
+    /// The same position was already kept; nothing more is done.
+    Duplicate,
+    /// Kept, but the workers are stopping: it is answered after a restart.
+    Kept,
+}
+
+impl Workers {
+    pub fn new(store: Arc<dyn Store>, runner: Arc<dyn TurnRunner>) -> Self {
+        Workers {
+            store,
+            runner,
+            shared: Arc::new(Shared {
+                slots: Mutex::default(),
+                accepting: AtomicBool::new(true),
+                tasks: TaskTracker::new(),
+                cut: CancellationToken::new(),
+            }),
+        }
+    }
+
+    /// Marks `position` of `conversation` as arriving: until the returned
+    /// guard is dropped, no later input of it starts its turn. Call it before
+    /// any await in the handler that will accept the input.
+    pub fn arriving(&self, conversation: &str, position: u64) -> Arrival {
+        let mut slots = self.shared.slots.lock().expect("slots poisoned");
+        let slot = slots.entry(conversation.to_owned()).or_default();
+        *slot.arriving.entry(position).or_default() += 1;
+        Arrival {
+            shared: self.shared.clone(),
+            conversation: conversation.to_owned(),
+            position,
+        }
+    }
+
+    /// Keeps `input` in the store, then queues it for its conversation's
+    /// worker. Waits for the store only, never for a turn.
+    pub async fn accept(&self, conversation: &str, input: Inbound) -> Result<Accepted, StoreError> {
+        if !self.store.keep_input(conversation, &input).await? {
+            return Ok(Accepted::Duplicate);
+        }
+        if !self.shared.accepting.load(Ordering::SeqCst) {
+            return Ok(Accepted::Kept);
+        }
+        self.queue(conversation, input, false);
+        Ok(Accepted::Queued)
+    }
+
+    /// Queues every input kept in the store (from before a restart). Call it
+    /// once at start, before new input is accepted. Returns how many.
+    pub async fn resume(&self) -> Result<usize, StoreError> {
+        let kept = self.store.kept_inputs().await?;
+        let count = kept.len();
+        for (conversation, input) in kept {
+            self.queue(&conversation, input, true);
+        }
+        Ok(count)
+    }
+
+    /// Stops the running turn of `conversation`, if any; its inputs still
+    /// waiting are answered after it. Returns whether a turn was running.
+    pub fn stop_turn(&self, conversation: &str) -> bool {
+        let slots = self.shared.slots.lock().expect("slots poisoned");
+        let running = slots.get(conversation).and_then(|s| s.running.as_ref());
+        running.inspect(|token| token.cancel()).is_some()
+    }
+
+    /// How many conversations have a worker or waiting input.
+    pub fn live(&self) -> usize {
+        self.shared.slots.lock().expect("slots poisoned").len()
+    }
+
+    /// Stops taking turns: running ones get `grace` to finish, then are cut.
+    /// Waiting inputs stay stored. Returns how many turns were cut.
+    pub async fn shutdown(&self, grace: Duration) -> usize {
+        self.shared.accepting.store(false, Ordering::SeqCst);
+        self.shared.tasks.close();
+        if tokio::time::timeout(grace, self.shared.tasks.wait())
+            .await
+            .is_ok()
+        {
+            return 0;
+        }
+        let running = {
+            let slots = self.shared.slots.lock().expect("slots poisoned");
+            slots.values().filter(|s| s.running.is_some()).count()
+        };
+        tracing::warn!(
+            grace_secs = grace.as_secs(),
+            running,
+            "turns still running after the grace period; cutting them"
+        );
+        self.shared.cut.cancel();
+        let _ = tokio::time::timeout(CUT_WAIT, self.shared.tasks.wait()).await;
+        running
+    }
+
+    fn queue(&self, conversation: &str, input: Inbound, resumed: bool) {
+        let mut slots = self.shared.slots.lock().expect("slots poisoned");
+        let slot = slots.entry(conversation.to_owned()).or_default();
+        slot.waiting.insert(input.position, Job { input, resumed });
+        slot.wake.notify_one();
+        if slot.worker {
+            return;
+        }
+        slot.worker = true;
+        let worker = Worker {
+            conversation: conversation.to_owned(),
+            store: self.store.clone(),
+            runner: self.runner.clone(),
+            shared: self.shared.clone(),
+        };
+        self.shared.tasks.spawn(worker.work());
+    }
+}
+
+/// The task of one conversation.
+struct Worker {
+    conversation: String,
+    store: Arc<dyn Store>,
+    runner: Arc<dyn TurnRunner>,
+    shared: Arc<Shared>,
+}
+
+/// What the worker does next.
+enum Next {
+    Run(Job, CancellationToken),
+    Wait(Arc<Notify>),
+    Exit(Option<usize>),
+}
+
+impl Worker {
+    async fn work(self) {
+        loop {
+            match self.next() {
+                Next::Run(job, stop) => self.run(job, stop).await,
+                Next::Wait(wake) => tokio::select! {
+                    () = wake.notified() => {}
+                    () = self.shared.cut.cancelled() => {}
+                },
+                Next::Exit(waiting) => {
+                    if let Some(waiting) = waiting {
+                        let stopped = Stopped {
+                            cut: false,
+                            waiting,
+                        };
+                        self.runner.stopped(&self.conversation, stopped).await;
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Takes the next input, unless an earlier one is still arriving. Marks
+    /// the worker gone when there is nothing (more) to do; at shutdown says
+    /// how many inputs are left waiting.
+    fn next(&self) -> Next {
+        let mut slots = self.shared.slots.lock().expect("slots poisoned");
+        let Some(slot) = slots.get_mut(&self.conversation) else {
+            return Next::Exit(None);
+        };
+        slot.running = None;
+        let stopping = !self.shared.accepting.load(Ordering::SeqCst);
+        let first = slot.waiting.first_key_value().map(|(&p, _)| p);
+        let next = match first {
+            Some(_) if stopping => Next::Exit(Some(slot.waiting.len())),
+            None => Next::Exit(None),
+            Some(first) if slot.arriving.range(..first).next().is_some() => {
+                return Next::Wait(slot.wake.clone());
+            }
+            Some(_) => {
+                let (_, job) = slot.waiting.pop_first().expect("checked above");
+                let stop = CancellationToken::new();
+                slot.running = Some(stop.clone());
+                return Next::Run(job, stop);
+            }
+        };
+        slot.worker = false;
+        if stopping {
+            // What waits is in the store; forget it here.
+            slot.waiting.clear();
+        }
+        if slot.idle() {
+            slots.remove(&self.conversation);
+        }
+        next
+    }
+
+    async fn run(&self, job: Job, stop: CancellationToken) {
+        let conversation = self.conversation.as_str();
+        let turn = AssertUnwindSafe(
+            self.runner
+                .run(conversation, job.input.clone(), job.resumed),
+        )
+        .catch_unwind();
+        tokio::select! {
+            result = turn => {
+                if let Err(panic) = result {
+                    let message = panic_message(panic.as_ref());
+                    tracing::error!(conversation, position = job.input.position, panic = %message, "a turn panicked; the conversation goes on with its next message");
+                    // The input may not have reached the history; it is not
+                    // tried again (it could panic again), and the person is told.
+                    if let Err(error) = self.store.drop_input(conversation, job.input.position).await {
+                        tracing::warn!(conversation, %error, "could not forget the input of a turn that panicked");
+                    }
+                    self.runner.crashed(conversation, &job.input).await;
+                }
+            }
+            () = stop.cancelled() => {
+                tracing::info!(conversation, "the running turn was stopped");
+            }
+            () = self.shared.cut.cancelled() => {
+                let waiting = {
+                    let mut slots = self.shared.slots.lock().expect("slots poisoned");
+                    slots.get_mut(conversation).map_or(0, |s| std::mem::take(&mut s.waiting).len())
+                };
+                self.runner.stopped(conversation, Stopped { cut: true, waiting }).await;
+            }
+        }
+    }
+}
+
+/// The text of a panic, when it has one.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".to_owned())
+}

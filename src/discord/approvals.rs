@@ -1,0 +1,251 @@
+//! Approval questions: Approve / Deny buttons under a tool's notice, who may
+//! press them, and what a press or a timeout decides.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use serde_json::{Value, json};
+use serenity::all::ComponentInteraction;
+use tokio::sync::{mpsc, oneshot};
+
+use super::Surface;
+use super::protocol::{button, component, flags, response};
+use super::render::notice_started;
+use super::rest::RestError;
+use crate::conversation::{ApprovalRequest, Approver, Decision};
+
+/// A message the turn's renderer posts for someone else, in its place
+/// among the turn's other messages; the id of the posted message comes back.
+#[derive(Debug)]
+pub struct Post {
+    pub body: Value,
+    pub posted: oneshot::Sender<Result<u64, RestError>>,
+}
+
+/// A question waiting for a button press.
+#[derive(Debug)]
+struct Pending {
+    /// Who may answer (besides admins).
+    asker: u64,
+    answer: oneshot::Sender<Decision>,
+}
+
+/// Why a press decides nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    NotYours,
+    Gone,
+}
+
+/// The questions waiting for an answer, by button key.
+#[derive(Debug, Default)]
+pub struct Approvals {
+    pending: Mutex<HashMap<String, Pending>>,
+    next: AtomicU64,
+}
+
+/// Removes its question when dropped: answered, timed out, or the turn cut.
+struct Open<'a> {
+    approvals: &'a Approvals,
+    key: String,
+}
+
+impl Drop for Open<'_> {
+    fn drop(&mut self) {
+        self.approvals.lock().remove(&self.key);
+    }
+}
+
+impl Approvals {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Pending>> {
+        self.pending.lock().expect("approvals poisoned")
+    }
+
+    fn open(&self, asker: u64) -> (Open<'_>, oneshot::Receiver<Decision>) {
+        let key = self.next.fetch_add(1, Ordering::Relaxed).to_string();
+        let (answer, decided) = oneshot::channel();
+        self.lock().insert(key.clone(), Pending { asker, answer });
+        (
+            Open {
+                approvals: self,
+                key,
+            },
+            decided,
+        )
+    }
+
+    /// Decides the question `key` if `user` may: its asker, or an admin.
+    pub fn decide(
+        &self,
+        key: &str,
+        user: u64,
+        admin: bool,
+        decision: Decision,
+    ) -> Result<(), Refused> {
+        let mut pending = self.lock();
+        match pending.get(key) {
+            Some(p) if p.asker == user || admin => {}
+            Some(_) => return Err(Refused::NotYours),
+            None => return Err(Refused::Gone),
+        }
+        let question = pending.remove(key).ok_or(Refused::Gone)?;
+        question.answer.send(decision).map_err(|_| Refused::Gone)
+    }
+
+    /// Questions waiting now.
+    #[cfg(test)]
+    pub fn waiting(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+/// Asks in the thread with Approve / Deny buttons, through the turn's
+/// renderer so that the question comes after the tool's notice.
+pub struct Buttons {
+    pub surface: Arc<Surface>,
+    pub channel: u64,
+    pub asker: u64,
+    pub posts: mpsc::UnboundedSender<Post>,
+}
+
+impl Buttons {
+    async fn post(&self, body: Value) -> Result<u64, String> {
+        let (posted, reply) = oneshot::channel();
+        self.posts
+            .send(Post { body, posted })
+            .map_err(|_| "the turn is over".to_owned())?;
+        match reply.await {
+            Ok(result) => result.map_err(|e| e.to_string()),
+            Err(_) => Err("the turn is over".to_owned()),
+        }
+    }
+}
+
+#[async_trait]
+impl Approver for Buttons {
+    async fn decide(&self, request: &ApprovalRequest) -> Decision {
+        let approvals = &self.surface.approvals;
+        let (open, decided) = approvals.open(self.asker);
+        let content = format!(
+            "🔐 May I run {}?",
+            notice_started(&request.tool, &request.arguments).trim_start_matches("🔧 ")
+        );
+        let key = &open.key;
+        let body = json!({"content": content, "components": [{"type": component::ACTION_ROW, "components": [
+            {"type": component::BUTTON, "style": button::SUCCESS, "label": "Approve", "custom_id": format!("approve:{key}")},
+            {"type": component::BUTTON, "style": button::DANGER, "label": "Deny", "custom_id": format!("deny:{key}")}
+        ]}]});
+        let message = match self.post(body).await {
+            Ok(id) => id,
+            Err(error) => {
+                return Decision::Decline(format!(
+                    "the approval question could not be posted ({error})"
+                ));
+            }
+        };
+        let timeout = self.surface.config.approval_timeout;
+        if let Ok(Ok(decision)) = tokio::time::timeout(timeout, decided).await {
+            return decision;
+        }
+        drop(open);
+        let note = format!(
+            "{content}\n⌛ No answer within {} seconds: denied.",
+            timeout.as_secs()
+        );
+        let edit = json!({"content": note, "components": []});
+        if let Err(error) = self
+            .surface
+            .rest
+            .edit_message(self.channel, message, edit)
+            .await
+        {
+            tracing::warn!(%error, "could not mark an approval question as expired");
+        }
+        Decision::Decline(format!(
+            "nobody approved it within {} seconds",
+            timeout.as_secs()
+        ))
+    }
+}
+
+/// Handles a press of Approve or Deny.
+pub async fn press(surface: &Surface, press: &ComponentInteraction) -> Result<(), RestError> {
+    let Some((verdict, key)) = press.data.custom_id.split_once(':') else {
+        return Ok(());
+    };
+    let user = press.user.id.get();
+    let roles = super::role_ids(press.member.as_ref().map(|m| m.roles.as_slice()));
+    let permissions = press.member.as_ref().and_then(|m| m.permissions);
+    let admin = surface.access.is_admin(user, &roles, permissions);
+    let approved = verdict == "approve";
+    let decision = if approved {
+        Decision::Approve
+    } else {
+        Decision::Decline(format!("<@{user}> denied it"))
+    };
+    let body = match surface.approvals.decide(key, user, admin, decision) {
+        Ok(()) => {
+            let outcome = if approved {
+                format!("✅ Approved by <@{user}>")
+            } else {
+                format!("🚫 Denied by <@{user}>")
+            };
+            let content = format!("{}\n{outcome}", press.message.content);
+            json!({"type": response::UPDATE_MESSAGE, "data": {"content": content, "components": [], "allowed_mentions": {"parse": []}}})
+        }
+        Err(refused) => {
+            let content = match refused {
+                Refused::NotYours => {
+                    "Only the person who started this turn, or an admin, can decide."
+                }
+                Refused::Gone => "This question was already answered or has expired.",
+            };
+            json!({"type": response::MESSAGE, "data": {"flags": flags::EPHEMERAL, "content": content}})
+        }
+    };
+    surface
+        .rest
+        .respond(press.id.get(), &press.token, body)
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_asker_or_an_admin_decides_and_only_once() {
+        let approvals = Approvals::default();
+        let (open, mut decided) = approvals.open(7);
+        let key = open.key.clone();
+        assert_eq!(
+            approvals.decide(&key, 8, false, Decision::Approve),
+            Err(Refused::NotYours)
+        );
+        assert!(decided.try_recv().is_err(), "nothing decided yet");
+        assert_eq!(approvals.decide(&key, 8, true, Decision::Approve), Ok(()));
+        assert_eq!(decided.try_recv(), Ok(Decision::Approve));
+        assert_eq!(
+            approvals.decide(&key, 7, false, Decision::Approve),
+            Err(Refused::Gone)
+        );
+        drop(open);
+        assert_eq!(approvals.waiting(), 0);
+    }
+
+    #[test]
+    fn a_question_is_forgotten_when_its_turn_is_dropped() {
+        let approvals = Approvals::default();
+        let (open, _decided) = approvals.open(7);
+        let key = open.key.clone();
+        assert_eq!(approvals.waiting(), 1);
+        drop(open);
+        assert_eq!(approvals.waiting(), 0);
+        assert_eq!(
+            approvals.decide(&key, 7, false, Decision::Approve),
+            Err(Refused::Gone)
+        );
+    }
+}

@@ -1,0 +1,229 @@
+//! Slash commands (/reset, /model, /tools, /usage) and /model's
+//! autocomplete. None of them waits for a running turn.
+
+use std::collections::BTreeMap;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::{Value, json};
+use serenity::all::{CommandDataOptionValue, CommandInteraction};
+
+use super::Bot;
+use super::access::Place;
+use super::inbound::conversation_of;
+use super::protocol::{MAX_CHOICE_CHARS, MAX_CHOICES, command, response};
+use super::render::MAX_MESSAGE_CHARS;
+use super::rest::RestError;
+
+/// The commands, as registered with Discord.
+pub fn definitions() -> Value {
+    json!([
+        {"name": "reset", "description": "Start this conversation over", "type": command::CHAT_INPUT},
+        {"name": "model", "description": "Show or change this conversation's model", "type": command::CHAT_INPUT,
+         "options": [{"name": "model", "description": "A model that supports tools", "type": command::STRING_OPTION,
+                      "required": false, "autocomplete": true}]},
+        {"name": "tools", "description": "The tools available here", "type": command::CHAT_INPUT},
+        {"name": "usage", "description": "Tokens and cost so far", "type": command::CHAT_INPUT}
+    ])
+}
+
+/// Answers a command: deferred at once (Discord wants an answer within
+/// three seconds), then the reply.
+pub async fn run(bot: &Bot, command: &CommandInteraction) -> Result<(), RestError> {
+    let rest = &bot.surface.rest;
+    let deferred = json!({"type": response::DEFERRED_MESSAGE});
+    rest.respond(command.id.get(), &command.token, deferred)
+        .await?;
+    let content = reply(bot, command)
+        .await
+        .unwrap_or_else(|error| format!("❌ {error}"));
+    rest.edit_original(
+        command.application_id.get(),
+        &command.token,
+        json!({"content": truncate(&content)}),
+    )
+    .await
+}
+
+async fn reply(bot: &Bot, command: &CommandInteraction) -> anyhow::Result<String> {
+    let surface = &bot.surface;
+    let channel = command.channel_id.get();
+    let conversation = conversation_of(channel);
+    let user = command.user.id.get();
+    let roles = super::role_ids(command.member.as_ref().map(|m| m.roles.as_slice()));
+    let permissions = command.member.as_ref().and_then(|m| m.permissions);
+    let guild = command.guild_id.map(|g| g.get());
+    let admin = surface.access.is_admin(user, &roles, permissions);
+    // In a thread the channel lists apply to its parent, as for messages.
+    let parent = match command.channel.as_ref().and_then(|c| c.parent_id) {
+        Some(parent) => Some(parent.get()),
+        None => surface.threads.parent(&conversation).await?,
+    };
+    let place = Place {
+        guild,
+        channel,
+        parent,
+        user,
+        roles: &roles,
+    };
+    if !surface.access.allows(&place) && !admin {
+        anyhow::bail!("You are not allowed to use this bot here.");
+    }
+    match command.data.name.as_str() {
+        "reset" => {
+            let stopped = bot.workers.stop_turn(&conversation);
+            surface.engine.reset(&conversation).await?;
+            let mut text = "🧹 This conversation starts over: its history is cleared and its tool sessions are closed.".to_owned();
+            if stopped {
+                text.push_str(" The answer that was being written was stopped.");
+            }
+            Ok(text)
+        }
+        "model" => {
+            let wanted = command.data.options.iter().find_map(|o| match &o.value {
+                CommandDataOptionValue::String(s) if o.name == "model" => Some(s.clone()),
+                _ => None,
+            });
+            match wanted {
+                None => Ok(format!(
+                    "This conversation uses `{}`.",
+                    surface.engine.model_of(&conversation).await?
+                )),
+                Some(_) if !admin => {
+                    anyhow::bail!(
+                        "Only admins (or people with Manage Threads) can change the model."
+                    )
+                }
+                Some(model) => {
+                    let model = surface
+                        .engine
+                        .set_model(&conversation, Some(&model))
+                        .await?;
+                    Ok(format!("This conversation now uses `{model}`."))
+                }
+            }
+        }
+        "tools" => {
+            let list = surface.tools.tools(&conversation).await;
+            let mut by_server: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            for spec in list.specs {
+                let prefix = format!("{}__", spec.server);
+                let name = spec.name.strip_prefix(&prefix).unwrap_or(&spec.name);
+                by_server
+                    .entry(spec.server.clone())
+                    .or_default()
+                    .push(format!("`{name}`"));
+            }
+            let mut lines: Vec<String> = by_server
+                .into_iter()
+                .map(|(server, tools)| format!("**{server}**: {}", tools.join(", ")))
+                .collect();
+            lines.extend(list.problems.into_iter().map(|p| format!("⚠️ {p}")));
+            if lines.is_empty() {
+                lines.push("No tools are configured.".into());
+            }
+            Ok(lines.join("\n"))
+        }
+        "usage" => {
+            let here = surface.threads.usage(&conversation).await?;
+            let mut text = format!(
+                "This thread: {} responses, {} prompt + {} completion tokens, ${:.4}.",
+                here.responses, here.prompt_tokens, here.completion_tokens, here.cost
+            );
+            if let Some(guild) = guild {
+                let server = surface
+                    .threads
+                    .guild_usage_since(guild, start_of_today())
+                    .await?;
+                text.push_str(&format!(
+                    "\nThis server today (UTC): {} responses, {} prompt + {} completion tokens, ${:.4}.",
+                    server.responses, server.prompt_tokens, server.completion_tokens, server.cost
+                ));
+            }
+            Ok(text)
+        }
+        other => anyhow::bail!("Unknown command /{other}."),
+    }
+}
+
+/// Models that support tools, matching what was typed, from the cached
+/// catalogue (autocomplete has no deferred answer).
+pub async fn autocomplete(bot: &Bot, command: &CommandInteraction) -> Result<(), RestError> {
+    let typed = command
+        .data
+        .autocomplete()
+        .map(|o| o.value.to_lowercase())
+        .unwrap_or_default();
+    let models = bot.surface.model.models().await;
+    let choices: Vec<Value> = choices(
+        models
+            .iter()
+            .filter(|m| m.supports_tools)
+            .map(|m| m.id.as_str()),
+        &typed,
+    )
+    .into_iter()
+    .map(|id| json!({"name": id, "value": id}))
+    .collect();
+    let body = json!({"type": response::AUTOCOMPLETE, "data": {"choices": choices}});
+    bot.surface
+        .rest
+        .respond(command.id.get(), &command.token, body)
+        .await
+}
+
+/// The ids containing `typed`, sorted, as many as Discord shows.
+fn choices<'a>(ids: impl Iterator<Item = &'a str>, typed: &str) -> Vec<&'a str> {
+    let mut found: Vec<&str> = ids
+        .filter(|id| id.chars().count() <= MAX_CHOICE_CHARS && id.to_lowercase().contains(typed))
+        .collect();
+    found.sort_unstable();
+    found.truncate(MAX_CHOICES);
+    found
+}
+
+fn truncate(text: &str) -> String {
+    if text.chars().count() <= MAX_MESSAGE_CHARS {
+        return text.to_owned();
+    }
+    let cut: String = text.chars().take(MAX_MESSAGE_CHARS - 1).collect();
+    format!("{cut}…")
+}
+
+fn start_of_today() -> i64 {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    now - now % 86_400
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn choices_match_anywhere_sorted_and_capped() {
+        let ids: Vec<String> = (0..40).map(|i| format!("vendor/model-{i:02}")).collect();
+        let long = format!("x/{}", "m".repeat(120));
+        let all = ids
+            .iter()
+            .map(String::as_str)
+            .chain([long.as_str(), "other/Thing"]);
+        let found = choices(all.clone(), "model-1");
+        assert_eq!(found.len(), 10);
+        assert_eq!(found[0], "vendor/model-10");
+        assert_eq!(choices(all.clone(), "").len(), MAX_CHOICES);
+        assert_eq!(choices(all.clone(), "thing"), ["other/Thing"]);
+        assert!(
+            choices(all, "mmmm").is_empty(),
+            "ids too long to offer are left out"
+        );
+    }
+
+    #[test]
+    fn long_replies_are_cut_under_the_limit() {
+        assert_eq!(truncate("short"), "short");
+        let cut = truncate(&"x".repeat(3000));
+        assert_eq!(cut.chars().count(), MAX_MESSAGE_CHARS);
+        assert!(cut.ends_with('…'));
+    }
+}

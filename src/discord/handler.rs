@@ -1,0 +1,86 @@
+//! serenity's event handler: a thin layer that hands each event to its part.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serenity::all::{Context, EventHandler, Interaction, Message as DiscordMessage, Ready};
+
+use super::inbound::{self, conversation_of};
+use super::{Bot, approvals, commands, health};
+use crate::conversation::Accepted;
+
+/// serenity's handler: it gets `&self`, and the parts need an owned `Arc`.
+pub struct Handler(pub Arc<Bot>);
+
+#[async_trait]
+impl EventHandler for Handler {
+    async fn ready(&self, _ctx: Context, ready: Ready) {
+        let bot = &self.0;
+        bot.surface.set_me(ready.user.id.get());
+        tracing::info!(user = %ready.user.name, guilds = ready.guilds.len(), "connected to Discord");
+        if let Some(path) = &bot.surface.config.health_file
+            && let Err(error) = health::write(path, true)
+        {
+            tracing::warn!(%error, "could not write the health file");
+        }
+        let rest = &bot.surface.rest;
+        if let Err(error) = rest
+            .set_commands(bot.surface.application_id, commands::definitions())
+            .await
+        {
+            tracing::error!(%error, "could not register slash commands");
+        }
+    }
+
+    async fn message(&self, _ctx: Context, msg: DiscordMessage) {
+        let bot = &self.0;
+        if msg.author.bot {
+            return;
+        }
+        let channel = msg.channel_id.get();
+        // Before any await: a later message of this channel waits for this
+        // one, however the two handlers are scheduled.
+        let _arrival = bot
+            .workers
+            .arriving(&conversation_of(channel), msg.id.get());
+        let target = match inbound::route(&bot.surface, &msg).await {
+            Ok(Some(target)) => target,
+            Ok(None) => return,
+            Err(error) => {
+                tracing::warn!(%error, channel, "could not take a message");
+                bot.surface.say(channel, &format!("❌ {error}")).await;
+                return;
+            }
+        };
+        let input = inbound::inbound(&msg, bot.surface.me());
+        match bot.workers.accept(&target.conversation, input).await {
+            Ok(Accepted::Queued | Accepted::Duplicate) => {}
+            Ok(Accepted::Kept) => {
+                bot.surface
+                    .say(
+                        target.channel,
+                        "⏸️ The bot is restarting; your message is kept and will be answered when it is back.",
+                    )
+                    .await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, conversation = %target.conversation, "could not keep a message");
+                let content = format!("❌ {error}. Your message was not saved; send it again.");
+                bot.surface.say(target.channel, &content).await;
+            }
+        }
+    }
+
+    async fn interaction_create(&self, _ctx: Context, interaction: Interaction) {
+        let bot = &self.0;
+        let result = match &interaction {
+            Interaction::Command(command) => commands::run(bot, command).await,
+            Interaction::Autocomplete(command) => commands::autocomplete(bot, command).await,
+            Interaction::Component(press) => approvals::press(&bot.surface, press).await,
+            _ => Ok(()),
+        };
+        if let Err(error) = result {
+            tracing::warn!(%error, "could not answer an interaction");
+        }
+    }
+}

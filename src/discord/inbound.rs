@@ -1,0 +1,306 @@
+//! Messages coming in: which conversation a message belongs to (starting a
+//! thread for a mention), what it says without the mention, and its files,
+//! fetched when its turn starts.
+
+use serde_json::Value;
+use serenity::all::Message as DiscordMessage;
+
+use super::Surface;
+use super::access::Place;
+use super::protocol::{MAX_THREAD_NAME, THREAD_CHANNEL_TYPES};
+use super::rest::Rest;
+use crate::conversation::{AttachmentRef, Inbound, Message};
+
+/// Text attachments are read up to this size.
+pub const MAX_TEXT_ATTACHMENT_BYTES: usize = 100_000;
+
+/// Where a message starts a turn.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// The channel (or thread) the turn is shown in.
+    pub channel: u64,
+    pub conversation: String,
+}
+
+/// The conversation of a channel, thread or DM.
+pub fn conversation_of(channel: u64) -> String {
+    format!("discord:{channel}")
+}
+
+/// The channel of a conversation, when it is a Discord one.
+pub fn channel_of(conversation: &str) -> Option<u64> {
+    conversation.strip_prefix("discord:")?.parse().ok()
+}
+
+/// Why a message could not be routed; shown only to someone who mentioned
+/// the bot (or wrote in its thread).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct RouteError(String);
+
+/// Decides whether `msg` starts a turn, and where. Messages in the bot's
+/// threads and DMs need no mention; elsewhere a mention starts a thread
+/// (or, in someone else's thread, a turn there). A failure matters only for
+/// a message meant for the bot: for the rest it is logged, never answered.
+pub async fn route(surface: &Surface, msg: &DiscordMessage) -> Result<Option<Target>, RouteError> {
+    let me = surface.me();
+    let channel = msg.channel_id.get();
+    let roles = super::role_ids(msg.member.as_deref().map(|m| m.roles.as_slice()));
+    let mentioned = msg.mentions.iter().any(|u| u.id.get() == me);
+    let mut place = Place {
+        guild: msg.guild_id.map(|g| g.get()),
+        channel,
+        parent: None,
+        user: msg.author.id.get(),
+        roles: &roles,
+    };
+    let here = Target {
+        channel,
+        conversation: conversation_of(channel),
+    };
+    if place.guild.is_none() {
+        return Ok(surface.access.allows(&place).then_some(here));
+    }
+    match surface.threads.parent(&here.conversation).await {
+        Ok(Some(parent)) => {
+            place.parent = Some(parent);
+            return Ok(surface.access.allows(&place).then_some(here));
+        }
+        Ok(None) => {}
+        Err(error) if mentioned => {
+            return Err(RouteError(format!(
+                "{error}. Your message was not saved; send it again."
+            )));
+        }
+        Err(error) => {
+            // Could be a message in the bot's thread; nobody is answered
+            // in channels where the bot may not have been meant.
+            tracing::warn!(%error, channel, "could not tell whether a channel is one of the bot's threads; the message is ignored");
+            return Ok(None);
+        }
+    }
+    if !mentioned {
+        return Ok(None);
+    }
+    let failed = |error: &dyn std::fmt::Display| RouteError(format!("{error}"));
+    let info = surface
+        .rest
+        .channel(channel)
+        .await
+        .map_err(|e| failed(&e))?;
+    let is_thread = info["type"]
+        .as_u64()
+        .is_some_and(|t| THREAD_CHANNEL_TYPES.contains(&t));
+    place.parent = if is_thread {
+        snowflake(&info["parent_id"])
+    } else {
+        None
+    };
+    if !surface.access.allows(&place) {
+        return Ok(None);
+    }
+    if is_thread {
+        return Ok(Some(here));
+    }
+    let name = thread_name(&strip_mention(&msg.content, me));
+    let thread = surface
+        .rest
+        .start_thread(channel, msg.id.get(), &name)
+        .await
+        .map_err(|e| failed(&e))?;
+    let conversation = conversation_of(thread);
+    surface
+        .threads
+        .add(&conversation, place.guild, channel, place.user)
+        .await
+        .map_err(|e| {
+            failed(&format!(
+                "{e}. The thread was started, but I could not remember it: mention me in it to go on"
+            ))
+        })?;
+    Ok(Some(Target {
+        channel: thread,
+        conversation,
+    }))
+}
+
+/// The message as it is kept: its text without the mention, and its files
+/// to fetch later.
+pub fn inbound(msg: &DiscordMessage, me: u64) -> Inbound {
+    Inbound {
+        position: msg.id.get(),
+        author: msg.author.id.get(),
+        text: strip_mention(&msg.content, me),
+        attachments: msg
+            .attachments
+            .iter()
+            .map(|a| AttachmentRef {
+                name: a.filename.clone(),
+                url: a.url.clone(),
+                content_type: a.content_type.clone(),
+            })
+            .collect(),
+    }
+}
+
+/// What to do with one attachment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handling {
+    /// Passed to the model as an image.
+    Image,
+    /// Downloaded and put into the text.
+    Text,
+    /// An image for a model that cannot see: left out, with a notice.
+    Unseen,
+    /// Neither text nor image: left out, with a notice.
+    Unreadable,
+}
+
+pub fn handling(attachment: &AttachmentRef, model_reads_images: bool) -> Handling {
+    let kind = attachment.content_type.as_deref().unwrap_or_default();
+    if kind.starts_with("image/") {
+        if model_reads_images {
+            Handling::Image
+        } else {
+            Handling::Unseen
+        }
+    } else if kind.starts_with("text/") || kind.contains("json") || is_text_name(&attachment.name) {
+        Handling::Text
+    } else {
+        Handling::Unreadable
+    }
+}
+
+/// The message as the model sees it, and notices about files left out.
+/// Text files are downloaded here, when the turn starts.
+pub async fn prepare(
+    rest: &Rest,
+    input: &Inbound,
+    model_reads_images: bool,
+) -> (Message, Vec<String>) {
+    let mut text = input.text.clone();
+    let mut images = Vec::new();
+    let mut notices = Vec::new();
+    for attachment in &input.attachments {
+        let name = &attachment.name;
+        match handling(attachment, model_reads_images) {
+            Handling::Image => images.push(attachment.url.clone()),
+            Handling::Text => match download(rest, &attachment.url).await {
+                Some(body) => text.push_str(&format!("\n\n[attached file {name}]\n{body}")),
+                None => notices.push(format!("I could not read {name}.")),
+            },
+            Handling::Unseen => notices.push(format!(
+                "This model cannot see images, so {name} was left out."
+            )),
+            Handling::Unreadable => notices.push(format!(
+                "I can only read text files and images, so {name} was left out."
+            )),
+        }
+    }
+    let message = Message {
+        images,
+        ..Message::user(text)
+    };
+    (message, notices)
+}
+
+async fn download(rest: &Rest, url: &str) -> Option<String> {
+    let (bytes, longer) = rest.download(url, MAX_TEXT_ATTACHMENT_BYTES).await?;
+    let mut body = String::from_utf8_lossy(&bytes).into_owned();
+    if longer {
+        body.push_str(&format!(
+            "\n[cut: the file is longer; the first {} bytes are shown]",
+            bytes.len()
+        ));
+    }
+    Some(body)
+}
+
+pub fn snowflake(value: &Value) -> Option<u64> {
+    value.as_str().and_then(|s| s.parse().ok())
+}
+
+/// The text without `<@me>` / `<@!me>` mentions.
+pub fn strip_mention(content: &str, me: u64) -> String {
+    content
+        .replace(&format!("<@{me}>"), "")
+        .replace(&format!("<@!{me}>"), "")
+        .trim()
+        .to_owned()
+}
+
+/// A thread's name: the first line of the message, shortened.
+pub fn thread_name(text: &str) -> String {
+    let line = text
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim();
+    let name: String = line.chars().take(MAX_THREAD_NAME).collect();
+    if name.is_empty() {
+        "Conversation".to_owned()
+    } else {
+        name
+    }
+}
+
+fn is_text_name(name: &str) -> bool {
+    const TEXT: &[&str] = &[
+        "txt", "md", "csv", "json", "yaml", "yml", "toml", "log", "rs", "py", "js", "ts", "html",
+        "css", "sh", "xml",
+    ];
+    name.rsplit_once('.')
+        .is_some_and(|(_, ext)| TEXT.contains(&ext.to_lowercase().as_str()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mentions_are_stripped_in_both_forms_and_others_kept() {
+        assert_eq!(strip_mention("<@42> hello <@!42>", 42), "hello");
+        assert_eq!(strip_mention("<@7> hi <@42>", 42), "<@7> hi");
+        assert_eq!(strip_mention("  plain  ", 42), "plain");
+    }
+
+    #[test]
+    fn thread_names_use_the_first_line_and_are_capped() {
+        assert_eq!(thread_name("\n\n  first line \nsecond"), "first line");
+        assert_eq!(thread_name("   "), "Conversation");
+        let long = "é".repeat(200);
+        assert_eq!(thread_name(&long).chars().count(), MAX_THREAD_NAME);
+    }
+
+    #[test]
+    fn conversations_and_channels_map_both_ways() {
+        assert_eq!(channel_of(&conversation_of(123)), Some(123));
+        assert_eq!(channel_of("terminal:default"), None);
+        assert_eq!(channel_of("discord:abc"), None);
+    }
+
+    #[test]
+    fn attachments_are_read_seen_or_left_out() {
+        let file = |name: &str, kind: Option<&str>| AttachmentRef {
+            name: name.into(),
+            url: String::new(),
+            content_type: kind.map(str::to_owned),
+        };
+        let png = file("a.png", Some("image/png"));
+        assert_eq!(handling(&png, true), Handling::Image);
+        assert_eq!(handling(&png, false), Handling::Unseen);
+        assert_eq!(
+            handling(&file("a.bin", Some("text/plain")), false),
+            Handling::Text
+        );
+        assert_eq!(
+            handling(&file("a.x", Some("application/json")), false),
+            Handling::Text
+        );
+        assert_eq!(handling(&file("notes.MD", None), false), Handling::Text);
+        assert_eq!(
+            handling(&file("a.zip", Some("application/zip")), true),
+            Handling::Unreadable
+        );
+    }
+}

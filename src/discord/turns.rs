@@ -1,0 +1,250 @@
+//! A turn in a thread: the input's files fetched, a typing indicator, then
+//! the engine's events shown in the order they happened (notices, approval
+//! questions, the streamed answer, warnings and errors).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::Surface;
+use super::approvals::{Buttons, Post};
+use super::inbound::{self, channel_of};
+use super::protocol::TYPING_LASTS_SECS;
+use super::render::{notice_finished, notice_started};
+use super::rest::Attachment;
+use super::stream::Answer;
+use crate::conversation::{Inbound, Stopped, TurnEvent, TurnInput, TurnRunner};
+
+/// The typing indicator is renewed a little before it runs out.
+const TYPING_EVERY: Duration = Duration::from_secs(TYPING_LASTS_SECS - 2);
+
+/// Runs turns for the workers and shows them in Discord.
+pub struct Turns(pub Arc<Surface>);
+
+#[async_trait]
+impl TurnRunner for Turns {
+    async fn run(&self, conversation: &str, input: Inbound, resumed: bool) {
+        let surface = &self.0;
+        let Some(channel) = channel_of(conversation) else {
+            tracing::warn!(
+                conversation,
+                "not a Discord conversation; its input is left kept"
+            );
+            return;
+        };
+        // Stops the indicator however the turn ends (answered, cut, panic).
+        let _typing = typing(surface, channel).drop_guard();
+        let (events, received) = mpsc::unbounded_channel();
+        let (posts, questions) = mpsc::unbounded_channel();
+        if resumed {
+            let _ = events.send(TurnEvent::Warning(
+                "Answering a message sent before the bot restarted.".into(),
+            ));
+        }
+        let run = async {
+            // Never waits for another turn: reads the setting and the catalogue.
+            let model = surface
+                .engine
+                .model_of(conversation)
+                .await
+                .unwrap_or_default();
+            let reads_images = surface
+                .model
+                .model_info(&model)
+                .await
+                .info()
+                .is_some_and(|m| m.supports_images);
+            let (message, notices) = inbound::prepare(&surface.rest, &input, reads_images).await;
+            for notice in notices {
+                let _ = events.send(TurnEvent::Warning(notice));
+            }
+            let approver = Buttons {
+                surface: surface.clone(),
+                channel,
+                asker: input.author,
+                posts,
+            };
+            let turn = TurnInput {
+                message,
+                kept: Some(input.position),
+            };
+            // A failure is an error event too, and is logged by the engine.
+            let _ = surface
+                .engine
+                .run_turn(conversation, turn, &events, &approver)
+                .await;
+            drop(events);
+        };
+        let ((), ()) = tokio::join!(run, render(surface, channel, received, questions));
+    }
+
+    async fn crashed(&self, conversation: &str, _input: &Inbound) {
+        if let Some(channel) = channel_of(conversation) {
+            say(
+                &self.0,
+                channel,
+                "❌ Something went wrong on my side while answering this (it is in the bot's log). Send your message again; the conversation goes on.",
+            )
+            .await;
+        }
+    }
+
+    async fn stopped(&self, conversation: &str, stopped: Stopped) {
+        let Some(channel) = channel_of(conversation) else {
+            return;
+        };
+        let mut lines = Vec::new();
+        if stopped.cut {
+            lines.push(
+                "⚠️ The bot is restarting, so this answer was cut short. Say \"continue\" once it is back.".to_owned(),
+            );
+        }
+        if stopped.waiting > 0 {
+            lines.push(format!(
+                "⏸️ The bot is restarting. {} message(s) waiting here are kept and will be answered when it is back.",
+                stopped.waiting
+            ));
+        }
+        if !lines.is_empty() {
+            say(&self.0, channel, &lines.join("\n")).await;
+        }
+    }
+}
+
+async fn say(surface: &Surface, channel: u64, content: &str) {
+    if let Err(error) = surface
+        .rest
+        .create_message(channel, json!({"content": content}))
+        .await
+    {
+        tracing::warn!(%error, channel, "could not post in a thread");
+    }
+}
+
+/// Keeps the typing indicator on until the returned token is cancelled.
+fn typing(surface: &Surface, channel: u64) -> CancellationToken {
+    let stop = CancellationToken::new();
+    let rest = surface.rest.clone();
+    let done = stop.clone();
+    tokio::spawn(async move {
+        loop {
+            let _ = rest.typing(channel).await;
+            tokio::select! {
+                () = done.cancelled() => break,
+                () = tokio::time::sleep(TYPING_EVERY) => {}
+            }
+        }
+    });
+    stop
+}
+
+/// Shows a turn's events, and posts approval questions in their place: an
+/// event sent before a question is always shown before it.
+async fn render(
+    surface: &Surface,
+    channel: u64,
+    mut events: mpsc::UnboundedReceiver<TurnEvent>,
+    mut questions: mpsc::UnboundedReceiver<Post>,
+) {
+    let rest = &surface.rest;
+    let interval = surface.config.stream_interval;
+    let mut answer = Answer::new(channel, interval);
+    // Per call: its notice and the arguments it showed.
+    let mut notices: HashMap<String, (u64, String)> = HashMap::new();
+    let mut tick = tokio::time::interval(interval);
+    loop {
+        let event = tokio::select! {
+            biased;
+            event = events.recv() => event,
+            Some(question) = questions.recv() => {
+                answer.flush(rest, true).await;
+                let _ = question.posted.send(rest.create_message(channel, question.body).await);
+                continue;
+            }
+            _ = tick.tick() => {
+                answer.flush(rest, false).await;
+                continue;
+            }
+        };
+        let Some(event) = event else {
+            break;
+        };
+        let posted = match event {
+            TurnEvent::Text(fragment) => {
+                answer.text.push_str(&fragment);
+                Ok(())
+            }
+            TurnEvent::ToolStarted {
+                call_id,
+                name,
+                arguments,
+            } => {
+                answer.flush(rest, true).await;
+                answer = Answer::new(channel, interval);
+                let content = notice_started(&name, &arguments);
+                rest.create_message(channel, json!({"content": content}))
+                    .await
+                    .map(|id| {
+                        notices.insert(call_id, (id, arguments));
+                    })
+            }
+            TurnEvent::ToolFinished {
+                call_id,
+                name,
+                ok,
+                summary,
+                full_output,
+            } => {
+                let notice = notices.remove(&call_id);
+                let arguments = notice.as_ref().map(|(_, a)| a.as_str()).unwrap_or_default();
+                let content = notice_finished(&name, arguments, ok, &summary);
+                let mut result = match notice {
+                    Some((id, _)) => {
+                        rest.edit_message(channel, id, json!({"content": content}))
+                            .await
+                    }
+                    None => rest
+                        .create_message(channel, json!({"content": content}))
+                        .await
+                        .map(drop),
+                };
+                if let (Some(full), Ok(())) = (full_output, &result) {
+                    let file = Attachment {
+                        name: format!("{}-output.txt", name.replace("__", "-")),
+                        bytes: full.into_bytes(),
+                    };
+                    let body =
+                        json!({"content": "The model saw a shortened result; here is all of it."});
+                    result = rest
+                        .create_message_with_file(channel, body, &file)
+                        .await
+                        .map(drop);
+                }
+                result
+            }
+            TurnEvent::Answer(text) => {
+                answer.text = text;
+                answer.flush(rest, true).await;
+                answer = Answer::new(channel, interval);
+                Ok(())
+            }
+            TurnEvent::Warning(warning) => rest
+                .create_message(channel, json!({"content": format!("⚠️ {warning}")}))
+                .await
+                .map(drop),
+            TurnEvent::Error(error) => rest
+                .create_message(channel, json!({"content": format!("❌ {error}")}))
+                .await
+                .map(drop),
+        };
+        if let Err(error) = posted {
+            tracing::warn!(%error, channel, "could not show a turn event");
+        }
+    }
+    answer.flush(rest, true).await;
+}

@@ -1,0 +1,409 @@
+//! In-memory fakes of the domain's three ports, for engine and worker tests
+//! that need no process, no socket and no wall clock: a store that can be
+//! told to fail, a scripted model that panics on a request it was not told
+//! about, and tools that answer at once or when a test lets them.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use mcpcord::conversation::{
+    ChatModel, ChatRequest, Completion, FinishReason, Inbound, Message, ModelError, ModelInfo,
+    ModelLookup, Role, Store, StoreError, TextSink, ToolCall, ToolHost, ToolList, ToolOutcome,
+    ToolSpec, Usage,
+};
+use serde_json::Value;
+use tokio::sync::Semaphore;
+
+/// Keeps everything in memory.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    state: Mutex<Stored>,
+}
+
+#[derive(Debug, Default)]
+struct Stored {
+    models: HashMap<String, Option<String>>,
+    messages: HashMap<String, Vec<Message>>,
+    inbox: BTreeMap<(String, u64), Inbound>,
+    /// When set, every write fails with this reason.
+    failing: Option<String>,
+}
+
+impl MemoryStore {
+    /// Makes every write fail (with `Some`) or work again (`None`).
+    pub fn fail_writes(&self, reason: Option<&str>) {
+        self.lock().failing = reason.map(str::to_owned);
+    }
+
+    pub fn messages(&self, conversation: &str) -> Vec<Message> {
+        self.lock()
+            .messages
+            .get(conversation)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The user messages' texts, in order.
+    pub fn user_texts(&self, conversation: &str) -> Vec<String> {
+        self.messages(conversation)
+            .iter()
+            .filter(|m| m.role() == Role::User)
+            .map(|m| m.text().to_owned())
+            .collect()
+    }
+
+    /// Kept inputs as (conversation, position).
+    pub fn kept(&self) -> Vec<(String, u64)> {
+        self.lock().inbox.keys().cloned().collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Stored> {
+        self.state.lock().unwrap()
+    }
+
+    fn writable(&self) -> Result<std::sync::MutexGuard<'_, Stored>, StoreError> {
+        let state = self.lock();
+        match &state.failing {
+            Some(reason) => Err(StoreError(reason.clone())),
+            None => Ok(state),
+        }
+    }
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn model(&self, conversation: &str) -> Result<Option<String>, StoreError> {
+        Ok(self.lock().models.get(conversation).cloned().flatten())
+    }
+
+    async fn set_model(&self, conversation: &str, model: Option<&str>) -> Result<(), StoreError> {
+        let mut state = self.writable()?;
+        state
+            .models
+            .insert(conversation.to_owned(), model.map(str::to_owned));
+        Ok(())
+    }
+
+    async fn history(&self, conversation: &str) -> Result<Vec<Message>, StoreError> {
+        Ok(self.messages(conversation))
+    }
+
+    async fn append(&self, conversation: &str, messages: &[Message]) -> Result<(), StoreError> {
+        let mut state = self.writable()?;
+        state
+            .messages
+            .entry(conversation.to_owned())
+            .or_default()
+            .extend_from_slice(messages);
+        Ok(())
+    }
+
+    async fn reset(&self, conversation: &str) -> Result<(), StoreError> {
+        self.writable()?.messages.remove(conversation);
+        Ok(())
+    }
+
+    async fn keep_input(&self, conversation: &str, input: &Inbound) -> Result<bool, StoreError> {
+        let mut state = self.writable()?;
+        let key = (conversation.to_owned(), input.position);
+        if state.inbox.contains_key(&key) {
+            return Ok(false);
+        }
+        state.inbox.insert(key, input.clone());
+        Ok(true)
+    }
+
+    async fn kept_inputs(&self) -> Result<Vec<(String, Inbound)>, StoreError> {
+        let state = self.lock();
+        Ok(state
+            .inbox
+            .iter()
+            .map(|((conversation, _), input)| (conversation.clone(), input.clone()))
+            .collect())
+    }
+
+    async fn take_input(
+        &self,
+        conversation: &str,
+        position: u64,
+        message: &Message,
+    ) -> Result<(), StoreError> {
+        let mut state = self.writable()?;
+        state
+            .messages
+            .entry(conversation.to_owned())
+            .or_default()
+            .push(message.clone());
+        state.inbox.remove(&(conversation.to_owned(), position));
+        Ok(())
+    }
+
+    async fn drop_input(&self, conversation: &str, position: u64) -> Result<(), StoreError> {
+        self.writable()?
+            .inbox
+            .remove(&(conversation.to_owned(), position));
+        Ok(())
+    }
+}
+
+/// Lets a test hold a fake at a point and release it: the fake calls
+/// `pass`, the test waits for `reached` and then calls `open`.
+#[derive(Debug)]
+pub struct Gate {
+    reached: Semaphore,
+    open: Semaphore,
+}
+
+impl Gate {
+    pub fn new() -> Arc<Gate> {
+        Arc::new(Gate {
+            reached: Semaphore::new(0),
+            open: Semaphore::new(0),
+        })
+    }
+
+    /// Waits until a fake is held at this gate.
+    pub async fn reached(&self) {
+        self.reached.acquire().await.unwrap().forget();
+    }
+
+    /// Lets one held fake go on.
+    pub fn open(&self) {
+        self.open.add_permits(1);
+    }
+
+    /// Holds the caller here until the test opens the gate.
+    pub async fn pass(&self) {
+        self.reached.add_permits(1);
+        self.open.acquire().await.unwrap().forget();
+    }
+}
+
+/// One scripted reply of the model.
+#[derive(Debug, Clone)]
+pub enum Scripted {
+    /// A plain answer.
+    Answer(String),
+    /// Tool calls: (name, arguments).
+    Calls(Vec<(String, String)>),
+    /// Fails with this error.
+    Fail(ModelError),
+    /// Panics, as a bug would.
+    Panic,
+    /// Waits at the gate, then replies.
+    Held(Arc<Gate>, Box<Scripted>),
+}
+
+pub fn answer(text: &str) -> Scripted {
+    Scripted::Answer(text.to_owned())
+}
+
+pub fn calls(names: &[&str]) -> Scripted {
+    Scripted::Calls(
+        names
+            .iter()
+            .map(|n| ((*n).to_owned(), "{}".to_owned()))
+            .collect(),
+    )
+}
+
+/// A model that replies from its script, and panics when asked more than
+/// the script holds (a test then fails where the extra request came from).
+#[derive(Debug, Default)]
+pub struct ScriptedModel {
+    script: Mutex<VecDeque<Scripted>>,
+    /// The messages of every request, as sent.
+    requests: Mutex<Vec<Vec<Message>>>,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+impl ScriptedModel {
+    pub fn new(script: impl IntoIterator<Item = Scripted>) -> Arc<Self> {
+        let model = ScriptedModel::default();
+        model.script(script);
+        Arc::new(model)
+    }
+
+    pub fn script(&self, replies: impl IntoIterator<Item = Scripted>) {
+        self.script.lock().unwrap().extend(replies);
+    }
+
+    pub fn requests(&self) -> Vec<Vec<Message>> {
+        self.requests.lock().unwrap().clone()
+    }
+
+    /// The last user message of each request.
+    pub fn asked(&self) -> Vec<String> {
+        self.requests()
+            .iter()
+            .map(|r| {
+                r.iter()
+                    .rev()
+                    .find(|m| m.role() == Role::User)
+                    .map(|m| m.text().to_owned())
+                    .unwrap_or_default()
+            })
+            .collect()
+    }
+
+    pub fn remaining(&self) -> usize {
+        self.script.lock().unwrap().len()
+    }
+
+    async fn reply(
+        &self,
+        scripted: Scripted,
+        text: &dyn TextSink,
+    ) -> Result<Completion, ModelError> {
+        let mut scripted = scripted;
+        while let Scripted::Held(gate, then) = scripted {
+            gate.pass().await;
+            scripted = *then;
+        }
+        let message = match scripted {
+            Scripted::Answer(answer) => {
+                text.push(&answer);
+                Message::assistant(answer)
+            }
+            Scripted::Calls(calls) => Message {
+                role: Some(Role::Assistant),
+                tool_calls: calls
+                    .into_iter()
+                    .map(|(name, arguments)| ToolCall {
+                        id: format!(
+                            "call_{}",
+                            self.next_id
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                        ),
+                        name,
+                        arguments,
+                    })
+                    .collect(),
+                ..Default::default()
+            },
+            Scripted::Fail(error) => return Err(error),
+            Scripted::Panic => panic!("the scripted model was told to panic"),
+            Scripted::Held(..) => unreachable!("unwrapped above"),
+        };
+        let finish_reason = if message.tool_calls.is_empty() {
+            FinishReason::Stop
+        } else {
+            FinishReason::ToolCalls
+        };
+        Ok(Completion {
+            message,
+            finish_reason,
+            usage: Usage {
+                prompt_tokens: 10,
+                completion_tokens: 2,
+                cost: 0.0,
+            },
+        })
+    }
+}
+
+#[async_trait]
+impl ChatModel for ScriptedModel {
+    async fn complete(
+        &self,
+        request: ChatRequest<'_>,
+        text: &dyn TextSink,
+    ) -> Result<Completion, ModelError> {
+        self.requests
+            .lock()
+            .unwrap()
+            .push(request.messages.to_vec());
+        let next = self.script.lock().unwrap().pop_front();
+        let Some(next) = next else {
+            panic!(
+                "unexpected model request; its last message: {:?}",
+                request.messages.last()
+            );
+        };
+        self.reply(next, text).await
+    }
+
+    async fn model_info(&self, model: &str) -> ModelLookup {
+        ModelLookup::Known(ModelInfo {
+            id: model.to_owned(),
+            context_length: 100_000,
+            supports_tools: true,
+            supports_images: false,
+        })
+    }
+}
+
+/// Tools that echo their name and arguments. A tool whose name is listed
+/// in `approval` needs approval; one with a gate waits at it.
+#[derive(Debug, Default)]
+pub struct FakeTools {
+    pub specs: Vec<ToolSpec>,
+    gates: HashMap<String, Arc<Gate>>,
+    calls: Mutex<Vec<(String, String, Value)>>,
+}
+
+impl FakeTools {
+    /// Tools named `server__tool`, with the names given.
+    pub fn new(names: &[&str]) -> Self {
+        FakeTools {
+            specs: names.iter().map(|n| spec(n, false)).collect(),
+            ..Default::default()
+        }
+    }
+
+    pub fn needing_approval(mut self, name: &str) -> Self {
+        self.specs.push(spec(name, true));
+        self
+    }
+
+    pub fn held(mut self, name: &str, gate: Arc<Gate>) -> Self {
+        self.gates.insert(name.to_owned(), gate);
+        self
+    }
+
+    /// (conversation, tool, arguments) of every call, in order.
+    pub fn calls(&self) -> Vec<(String, String, Value)> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+fn spec(name: &str, needs_approval: bool) -> ToolSpec {
+    ToolSpec {
+        name: name.to_owned(),
+        description: format!("The {name} tool."),
+        parameters: serde_json::json!({"type": "object", "properties": {}}),
+        needs_approval,
+        server: name.split("__").next().unwrap_or(name).to_owned(),
+    }
+}
+
+#[async_trait]
+impl ToolHost for FakeTools {
+    async fn tools(&self, _conversation: &str) -> ToolList {
+        ToolList {
+            specs: self.specs.clone(),
+            problems: Vec::new(),
+        }
+    }
+
+    async fn call(&self, conversation: &str, name: &str, arguments: Value) -> ToolOutcome {
+        self.calls.lock().unwrap().push((
+            conversation.to_owned(),
+            name.to_owned(),
+            arguments.clone(),
+        ));
+        if let Some(gate) = self.gates.get(name) {
+            gate.pass().await;
+        }
+        ToolOutcome {
+            content: format!("{name} ran with {arguments}"),
+            is_error: false,
+            full_output: None,
+            images: Vec::new(),
+        }
+    }
+
+    async fn close_conversation(&self, _conversation: &str) {}
+}

@@ -1,0 +1,412 @@
+//! The conversations' workers and the engine over in-memory ports, with
+//! tokio's clock paused: order, inputs kept before their turn, panics,
+//! shutdown cuts and restarts, settings that never wait for a turn.
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use mcpcord::conversation::{
+    Accepted, ApprovalRequest, ApproveAll, Approver, Decision, Engine, EngineSettings, Inbound,
+    Stopped, TurnEvent, TurnInput, TurnRunner, Workers,
+};
+use support::memory::{FakeTools, Gate, MemoryStore, Scripted, ScriptedModel, answer, calls};
+use tokio::sync::mpsc;
+
+const GRACE: Duration = Duration::from_secs(30);
+
+/// What the runner saw, in order.
+#[derive(Debug, Clone, PartialEq)]
+enum Seen {
+    Ran(String, String, bool),
+    Crashed(String, u64),
+    Stopped(String, Stopped),
+}
+
+/// Runs turns with the engine and notes what happened.
+struct Runner {
+    engine: Arc<Engine>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    done: Arc<tokio::sync::Notify>,
+}
+
+#[async_trait]
+impl TurnRunner for Runner {
+    async fn run(&self, conversation: &str, input: Inbound, resumed: bool) {
+        let (events, _received) = mpsc::unbounded_channel();
+        let turn = TurnInput {
+            message: mcpcord::conversation::Message::user(input.text.clone()),
+            kept: Some(input.position),
+        };
+        let _ = self
+            .engine
+            .run_turn(conversation, turn, &events, &ApproveAll)
+            .await;
+        self.note(Seen::Ran(conversation.to_owned(), input.text, resumed));
+    }
+
+    async fn crashed(&self, conversation: &str, input: &Inbound) {
+        self.note(Seen::Crashed(conversation.to_owned(), input.position));
+    }
+
+    async fn stopped(&self, conversation: &str, stopped: Stopped) {
+        self.note(Seen::Stopped(conversation.to_owned(), stopped));
+    }
+}
+
+impl Runner {
+    fn note(&self, seen: Seen) {
+        self.seen.lock().unwrap().push(seen);
+        self.done.notify_one();
+    }
+}
+
+struct Setup {
+    store: Arc<MemoryStore>,
+    model: Arc<ScriptedModel>,
+    engine: Arc<Engine>,
+    workers: Workers,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    done: Arc<tokio::sync::Notify>,
+}
+
+impl Setup {
+    fn new(script: impl IntoIterator<Item = Scripted>) -> Setup {
+        Setup::with(
+            Arc::new(MemoryStore::default()),
+            ScriptedModel::new(script),
+            FakeTools::new(&["files__read"]),
+        )
+    }
+
+    fn with(store: Arc<MemoryStore>, model: Arc<ScriptedModel>, tools: FakeTools) -> Setup {
+        let engine = Arc::new(Engine::new(
+            model.clone(),
+            Arc::new(tools),
+            store.clone(),
+            EngineSettings {
+                default_model: "test/model".into(),
+                system_prompt: None,
+                max_tool_rounds: 2,
+                fallback_context_tokens: 100_000,
+            },
+        ));
+        let seen = Arc::default();
+        let done = Arc::new(tokio::sync::Notify::new());
+        let runner = Runner {
+            engine: engine.clone(),
+            seen: Arc::clone(&seen),
+            done: done.clone(),
+        };
+        let workers = Workers::new(store.clone(), Arc::new(runner));
+        Setup {
+            store,
+            model,
+            engine,
+            workers,
+            seen,
+            done,
+        }
+    }
+
+    /// Waits until the runner has noted `count` things, and returns them.
+    async fn seen(&self, count: usize) -> Vec<Seen> {
+        loop {
+            let notified = self.done.notified();
+            {
+                let seen = self.seen.lock().unwrap();
+                if seen.len() >= count {
+                    return seen.clone();
+                }
+            }
+            notified.await;
+        }
+    }
+}
+
+fn input(position: u64, text: &str) -> Inbound {
+    Inbound {
+        position,
+        author: 7,
+        text: text.to_owned(),
+        attachments: Vec::new(),
+    }
+}
+
+fn ran(text: &str) -> Seen {
+    Seen::Ran("c".into(), text.into(), false)
+}
+
+#[tokio::test(start_paused = true)]
+async fn inputs_are_answered_in_position_order_whatever_order_they_arrive_in() {
+    let s = Setup::new([answer("to one"), answer("to two"), answer("to three")]);
+    // The handler of message 1 has started but not finished routing when
+    // the handlers of messages 2 and 3 are done.
+    let first = s.workers.arriving("c", 1);
+    assert_eq!(
+        s.workers.accept("c", input(3, "three")).await.unwrap(),
+        Accepted::Queued
+    );
+    assert_eq!(
+        s.workers.accept("c", input(2, "two")).await.unwrap(),
+        Accepted::Queued
+    );
+    tokio::task::yield_now().await;
+    assert!(
+        s.model.requests().is_empty(),
+        "no turn starts while an earlier message arrives"
+    );
+    s.workers.accept("c", input(1, "one")).await.unwrap();
+    drop(first);
+    assert_eq!(s.seen(3).await, [ran("one"), ran("two"), ran("three")]);
+    assert_eq!(s.model.asked(), ["one", "two", "three"]);
+    assert_eq!(s.store.user_texts("c"), ["one", "two", "three"]);
+    assert!(s.store.kept().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_arrival_that_is_turned_away_does_not_hold_up_the_next() {
+    let s = Setup::new([answer("ok")]);
+    let ignored = s.workers.arriving("c", 1);
+    s.workers.accept("c", input(2, "two")).await.unwrap();
+    drop(ignored);
+    assert_eq!(s.seen(1).await, [ran("two")]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_input_is_kept_before_its_turn_and_forgotten_once_stored() {
+    let gate = Gate::new();
+    let s = Setup::new([Scripted::Held(gate.clone(), Box::new(answer("hi")))]);
+    s.workers.accept("c", input(5, "hello")).await.unwrap();
+    assert_eq!(
+        s.store.kept(),
+        [("c".to_owned(), 5)],
+        "kept as soon as accepted"
+    );
+    gate.reached().await;
+    // The model is being asked: the input moved from the inbox to the history.
+    assert!(s.store.kept().is_empty());
+    assert_eq!(s.store.user_texts("c"), ["hello"]);
+    gate.open();
+    s.seen(1).await;
+    assert_eq!(
+        s.workers.live(),
+        0,
+        "an idle worker exits and its state goes"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_same_message_delivered_twice_is_answered_once() {
+    let s = Setup::new([answer("once")]);
+    assert_eq!(
+        s.workers.accept("c", input(1, "hi")).await.unwrap(),
+        Accepted::Queued
+    );
+    assert_eq!(
+        s.workers.accept("c", input(1, "hi")).await.unwrap(),
+        Accepted::Duplicate
+    );
+    assert_eq!(s.seen(1).await, [ran("hi")]);
+    assert_eq!(s.model.remaining(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_turn_that_panics_does_not_silence_its_conversation() {
+    let s = Setup::new([Scripted::Panic, answer("still here")]);
+    s.workers.accept("c", input(1, "boom")).await.unwrap();
+    s.workers.accept("c", input(2, "again")).await.unwrap();
+    assert_eq!(
+        s.seen(2).await,
+        [Seen::Crashed("c".into(), 1), ran("again")]
+    );
+    let messages = s.store.messages("c");
+    assert_eq!(messages.last().unwrap().text(), "still here");
+    assert!(
+        s.store.kept().is_empty(),
+        "the input that panicked is not tried again"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_cuts_a_long_turn_and_what_waits_is_answered_after_the_restart() {
+    let gate = Gate::new();
+    let store = Arc::new(MemoryStore::default());
+    let model = ScriptedModel::new([Scripted::Held(gate.clone(), Box::new(answer("never")))]);
+    let s = Setup::with(store.clone(), model, FakeTools::new(&[]));
+    s.workers.accept("c", input(1, "slow")).await.unwrap();
+    s.workers.accept("c", input(2, "queued")).await.unwrap();
+    gate.reached().await;
+    // The paused clock runs through the grace period at once.
+    let cut = s.workers.shutdown(GRACE).await;
+    assert_eq!(cut, 1);
+    let seen = s.seen(1).await;
+    assert!(
+        seen.contains(&Seen::Stopped(
+            "c".into(),
+            Stopped {
+                cut: true,
+                waiting: 1
+            }
+        )),
+        "{seen:?}"
+    );
+    assert_eq!(store.kept(), [("c".to_owned(), 2)]);
+
+    // The restart: a new engine and workers on the same store.
+    let model = ScriptedModel::new([answer("answered after the restart")]);
+    let after = Setup::with(store.clone(), model.clone(), FakeTools::new(&[]));
+    assert_eq!(after.workers.resume().await.unwrap(), 1);
+    assert_eq!(
+        after.seen(1).await,
+        [Seen::Ran("c".into(), "queued".into(), true)]
+    );
+    assert_eq!(model.asked(), ["queued"]);
+    assert!(store.kept().is_empty());
+    // The cut turn's history is valid: its input is there, then the next.
+    assert_eq!(store.user_texts("c"), ["slow", "queued"]);
+}
+
+/// Holds every approval at a gate, then approves.
+struct HeldApprover(Arc<Gate>);
+
+#[async_trait]
+impl Approver for HeldApprover {
+    async fn decide(&self, _request: &ApprovalRequest) -> Decision {
+        self.0.pass().await;
+        Decision::Approve
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn settings_answer_while_a_turn_waits_for_an_approval() {
+    let store = Arc::new(MemoryStore::default());
+    let model = ScriptedModel::new([calls(&["files__write"]), answer("written")]);
+    let tools = FakeTools::new(&[]).needing_approval("files__write");
+    let s = Setup::with(store, model, tools);
+    let gate = Gate::new();
+    let engine = s.engine.clone();
+    let approver = HeldApprover(gate.clone());
+    let turn = tokio::spawn(async move {
+        let (events, _received) = mpsc::unbounded_channel();
+        engine
+            .run_turn(
+                "c",
+                mcpcord::conversation::Message::user("write it"),
+                &events,
+                &approver,
+            )
+            .await
+    });
+    gate.reached().await;
+    // The turn holds its conversation; none of these waits for it.
+    assert_eq!(s.engine.model_of("c").await.unwrap(), "test/model");
+    assert_eq!(
+        s.engine.set_model("c", Some("test/other")).await.unwrap(),
+        "test/other"
+    );
+    assert_eq!(s.engine.model_of("c").await.unwrap(), "test/other");
+    gate.open();
+    let outcome = turn.await.unwrap().unwrap();
+    assert!(outcome.answered);
+    assert_eq!(
+        outcome.model, "test/model",
+        "a running turn keeps its model"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stopped_turn_lets_the_next_input_go_on() {
+    let gate = Gate::new();
+    let s = Setup::new([
+        Scripted::Held(gate.clone(), Box::new(answer("never shown"))),
+        answer("next"),
+    ]);
+    s.workers.accept("c", input(1, "long")).await.unwrap();
+    s.workers.accept("c", input(2, "short")).await.unwrap();
+    gate.reached().await;
+    assert!(s.workers.stop_turn("c"));
+    assert_eq!(s.seen(1).await, [ran("short")]);
+    assert!(!s.workers.stop_turn("c"), "nothing runs any more");
+    assert_eq!(s.store.user_texts("c"), ["long", "short"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_round_limit_declines_further_calls_and_says_so() {
+    let s = Setup::new([
+        calls(&["files__read"]),
+        calls(&["files__read"]),
+        calls(&["files__read"]),
+    ]);
+    let (events, mut received) = mpsc::unbounded_channel();
+    let outcome = s
+        .engine
+        .run_turn(
+            "c",
+            mcpcord::conversation::Message::user("loop"),
+            &events,
+            &ApproveAll,
+        )
+        .await
+        .unwrap();
+    drop(events);
+    assert!(!outcome.answered);
+    assert_eq!(outcome.rounds, 3);
+    let mut warnings = Vec::new();
+    while let Some(event) = received.recv().await {
+        if let TurnEvent::Warning(w) = event {
+            warnings.push(w);
+        }
+    }
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("Stopped after 2 rounds")),
+        "{warnings:?}"
+    );
+    let last = s.store.messages("c").last().unwrap().clone();
+    assert!(
+        last.text().contains("already used its 2 tool rounds"),
+        "{last:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_declined_call_is_not_run_and_the_model_hears_why() {
+    let store = Arc::new(MemoryStore::default());
+    let model = ScriptedModel::new([calls(&["files__write"]), answer("fine")]);
+    let s = Setup::with(
+        store.clone(),
+        model.clone(),
+        FakeTools::new(&[]).needing_approval("files__write"),
+    );
+    let (events, _received) = mpsc::unbounded_channel();
+    let decline = mcpcord::conversation::DeclineAll("nobody may write".into());
+    s.engine
+        .run_turn(
+            "c",
+            mcpcord::conversation::Message::user("write"),
+            &events,
+            &decline,
+        )
+        .await
+        .unwrap();
+    let second = &model.requests()[1];
+    let result = second.last().unwrap().text();
+    assert!(
+        result.contains("declined") && result.contains("nobody may write"),
+        "{result}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_write_of_the_input_is_not_kept_either() {
+    let s = Setup::new([]);
+    s.store.fail_writes(Some("disk full"));
+    // Keeping the input fails: the surface tells the person.
+    assert!(s.workers.accept("c", input(1, "hi")).await.is_err());
+    assert!(s.store.kept().is_empty());
+    assert!(s.model.requests().is_empty());
+}
