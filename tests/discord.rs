@@ -102,6 +102,7 @@ async fn a_mention_opens_a_thread_where_tools_run_and_the_answer_lands() {
         call("c1", "fs__list_directory", &list),
         text("You have notes.txt."),
         text("It was notes.txt."),
+        text("You are welcome."),
     ]);
     let bot = start(&discord, &model, dir.path(), &[]).await;
 
@@ -155,10 +156,23 @@ async fn a_mention_opens_a_thread_where_tools_run_and_the_answer_lands() {
         "which one was it?"
     );
     assert!(model.rejected().is_empty());
-    // A message in the channel that does not mention the bot is ignored.
+    // A message in the channel that does not mention the bot is ignored:
+    // the message after it is answered, and it was not.
     say(&discord, first + 2, CHANNEL, BOB, "unrelated chatter");
+    say(&discord, first + 3, first, ALICE, "thanks");
+    discord
+        .wait_for("the answer to the later message", |c| {
+            c.body["content"] == "You are welcome."
+        })
+        .await;
     bot.stop().await;
-    assert_eq!(model.requests().len(), 3);
+    assert_eq!(model.requests().len(), 4);
+    assert!(!model_saw(&model, "unrelated chatter"));
+    assert_eq!(
+        discord.posts(CHANNEL).len(),
+        0,
+        "nothing said in the channel"
+    );
     let all = format!("{:?}", discord.calls());
     assert!(!all.contains("discord-secret-token") && !all.contains("sk-or-v1-test-secret"));
 }
@@ -536,7 +550,7 @@ async fn access_lists_refuse_what_they_should() {
     let discord = FakeDiscord::start().await;
     let model = FakeModel::start().await;
     let dir = tempfile::tempdir().unwrap();
-    model.script([text("Hello Alice.")]);
+    model.script([text("Hello Alice."), text("Still here.")]);
     let bot = start(
         &discord,
         &model,
@@ -572,8 +586,25 @@ async fn access_lists_refuse_what_they_should() {
     dm.as_object_mut().unwrap().remove("guild_id");
     dm.as_object_mut().unwrap().remove("member");
     discord.dispatch("MESSAGE_CREATE", dm);
+    // A later message is answered; the DM before it was not.
+    mention(&discord, alice + 2, "still there?");
+    discord
+        .wait_for("Alice's second answer", |c| {
+            c.body["content"] == "Still here."
+        })
+        .await;
     bot.stop().await;
-    assert_eq!(model.requests().len(), 1);
+    assert_eq!(model.requests().len(), 2);
+    assert!(!model_saw(&model, "hello in private"));
+    assert!(discord.posts(570_000_000_000_000_001).is_empty());
+}
+
+/// Whether any request to the model contained `text`.
+fn model_saw(model: &FakeModel, text: &str) -> bool {
+    model
+        .requests()
+        .iter()
+        .any(|r| r.to_string().contains(text))
 }
 
 #[tokio::test]
@@ -880,4 +911,271 @@ async fn a_channel_allow_list_covers_the_threads_of_its_channels() {
             .any(|c| c.path.contains(&format!("/messages/{refused}/")))
     );
     assert_eq!(model.requests().len(), 2);
+}
+
+/// The inputs kept in the database in `dir` (waiting for their turn).
+async fn kept(dir: &Path) -> Vec<(String, u64)> {
+    use mcpcord::conversation::Store;
+    let url = format!("sqlite://{}", dir.join("mcpcord.db").display());
+    let store = mcpcord::store::SqliteStore::open(&url).await.unwrap();
+    let kept = store.kept_inputs().await.unwrap();
+    store.close().await;
+    kept.into_iter().map(|(c, i)| (c, i.position)).collect()
+}
+
+/// Waits (up to 20 s) until message `position` is kept in the database.
+async fn wait_kept(dir: &Path, position: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !kept(dir).await.iter().any(|(_, p)| *p == position) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "message {position} was never kept"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_earlier_message_with_a_slow_attachment_is_still_answered_first() {
+    let discord = FakeDiscord::start().await;
+    let model = FakeModel::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    model.script([text("Hello."), text("Read it."), text("Answer to two.")]);
+    let bot = start(&discord, &model, dir.path(), &[]).await;
+    let thread = 640_000_000_000_000_001;
+    mention(&discord, thread, "hi");
+    discord
+        .wait_for("the greeting", |c| c.body["content"] == "Hello.")
+        .await;
+    let mut slow = discord.message(thread + 1, thread, ALICE, "read this", false);
+    slow["attachments"] = json!([discord.file(1, "held.txt", "text/plain")]);
+    discord.dispatch("MESSAGE_CREATE", slow);
+    say(&discord, thread + 2, thread, BOB, "two");
+    // Message two is taken in while the file of message one is still coming.
+    wait_kept(dir.path(), thread + 2).await;
+    discord.release_held();
+    discord
+        .wait_for("the second answer", |c| {
+            c.body["content"] == "Answer to two."
+        })
+        .await;
+    let answers: Vec<String> = contents(&discord.posts(thread))
+        .into_iter()
+        .filter(|c| c.starts_with("Read") || c.starts_with("Answer"))
+        .collect();
+    assert_eq!(answers, ["Read it.", "Answer to two."]);
+    let requests = model.requests();
+    let last_user = |r: &Value| {
+        let last = r["messages"].as_array().unwrap().last().unwrap().clone();
+        last["content"].as_str().unwrap_or_default().to_owned()
+    };
+    assert!(
+        last_user(&requests[1]).starts_with("read this\n\n[attached file held.txt]\nheld contents")
+    );
+    assert_eq!(last_user(&requests[2]), "two");
+    bot.stop().await;
+}
+
+#[tokio::test]
+async fn a_message_waiting_behind_a_cut_turn_is_answered_after_the_restart() {
+    let discord = FakeDiscord::start().await;
+    let model = FakeModel::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    model.script([Reply::Hang]);
+    let grace = [("SHUTDOWN_GRACE_SECS", "1")];
+    let bot = start(&discord, &model, dir.path(), &grace).await;
+    let thread = 650_000_000_000_000_001;
+    mention(&discord, thread, "think hard");
+    model.wait_for_requests(1).await;
+    say(&discord, thread + 1, thread, BOB, "and this too");
+    wait_kept(dir.path(), thread + 1).await;
+    bot.stop().await;
+    let said = contents(&discord.posts(thread));
+    assert!(said.iter().any(|c| c.contains("cut short")), "{said:?}");
+    assert!(
+        said.iter()
+            .any(|c| c.contains("1 message(s) waiting here are kept")),
+        "{said:?}"
+    );
+    assert_eq!(
+        kept(dir.path()).await,
+        [(format!("discord:{thread}"), thread + 1)]
+    );
+
+    model.script([text("Answered after the restart.")]);
+    let bot = start(&discord, &model, dir.path(), &grace).await;
+    discord
+        .wait_for("the answer after the restart", |c| {
+            c.body["content"] == "Answered after the restart."
+        })
+        .await;
+    let said = contents(&discord.posts(thread));
+    assert!(
+        said.iter()
+            .any(|c| c.contains("sent before the bot restarted")),
+        "{said:?}"
+    );
+    let sent = model.requests()[1]["messages"].clone();
+    let users: Vec<&str> = sent
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["role"] == "user")
+        .map(|m| m["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(users, ["think hard", "and this too"]);
+    assert!(model.rejected().is_empty(), "{:?}", model.rejected());
+    bot.stop().await;
+    assert!(kept(dir.path()).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_message_waiting_when_the_bot_is_killed_is_answered_after_the_restart() {
+    let discord = FakeDiscord::start().await;
+    let model = FakeModel::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    support::write_mcp(dir.path(), json!({}));
+    model.script([Reply::Hang]);
+    let registered = discord.registrations();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mcpcord"))
+        .arg("run")
+        .current_dir(dir.path())
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("OPENROUTER_API_KEY", "sk-or-v1-test-secret")
+        .env("OPENROUTER_BASE_URL", &model.base_url)
+        .env("DEFAULT_MODEL", "test/tools")
+        .env("DISCORD_TOKEN", support::discord::TOKEN)
+        .env("DISCORD_API_BASE_URL", &discord.base_url)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    discord.wait_registered(registered).await;
+    let thread = 660_000_000_000_000_001;
+    mention(&discord, thread, "think hard");
+    model.wait_for_requests(1).await;
+    say(&discord, thread + 1, thread, BOB, "and this too");
+    wait_kept(dir.path(), thread + 1).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    model.script([text("Answered after the crash.")]);
+    let bot = start(&discord, &model, dir.path(), &[]).await;
+    discord
+        .wait_for("the answer after the crash", |c| {
+            c.body["content"] == "Answered after the crash."
+        })
+        .await;
+    let sent = model.requests()[1]["messages"].clone();
+    let last = sent.as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["content"], "and this too");
+    assert!(model.rejected().is_empty(), "{:?}", model.rejected());
+    bot.stop().await;
+}
+
+#[tokio::test]
+async fn commands_answer_while_a_turn_waits_for_an_approval_in_a_listed_channel() {
+    let discord = FakeDiscord::start().await;
+    let model = FakeModel::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut fs = support::filesystem(dir.path());
+    fs["approval"] = json!("ask");
+    support::write_mcp(dir.path(), json!({"fs": fs}));
+    let list = json!({"path": dir.path()}).to_string();
+    model.script([call("c1", "fs__list_directory", &list), text("Listed.")]);
+    let bot = start(
+        &discord,
+        &model,
+        dir.path(),
+        &[("ALLOWED_CHANNELS", &CHANNEL.to_string())],
+    )
+    .await;
+    let thread = 670_000_000_000_000_001;
+    mention(&discord, thread, "list my files");
+    let question = discord
+        .wait_for("the approval question", |c| {
+            c.body["content"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("🔐"))
+        })
+        .await;
+    // The notice comes before its question.
+    let said = contents(&discord.posts(thread));
+    let notice = said.iter().position(|c| c.starts_with("🔧")).unwrap();
+    let asked = said.iter().position(|c| c.starts_with("🔐")).unwrap();
+    assert!(notice < asked, "{said:?}");
+    // Bob (not an admin) asks for the model in the bot's thread, under the
+    // channel allow-list, while the turn waits for Alice's answer.
+    let command = discord.interaction(
+        680_000_000_000_000_001,
+        2,
+        thread,
+        BOB,
+        json!({"id": "1", "name": "model", "type": 1}),
+        None,
+    );
+    discord.dispatch("INTERACTION_CREATE", command);
+    let reply = discord
+        .wait_for("the /model answer", |c| {
+            c.method == "PATCH" && c.path.contains("/token-680000000000000001/")
+        })
+        .await;
+    assert_eq!(
+        reply.body["content"],
+        "This conversation uses `test/tools`."
+    );
+    let key = question.body["components"][0]["components"][0]["custom_id"].clone();
+    let press = discord.interaction(
+        680_000_000_000_000_002,
+        3,
+        thread,
+        ALICE,
+        json!({"custom_id": key, "component_type": 2}),
+        Some(json!({"id": "1", "channel_id": thread.to_string(), "content": question.body["content"],
+                    "author": support::discord::user(BOT, "mcpcord", true), "timestamp": "2026-11-26T12:00:00+00:00",
+                    "edited_timestamp": null, "tts": false, "mention_everyone": false, "mentions": [],
+                    "mention_roles": [], "attachments": [], "embeds": [], "pinned": false, "type": 0})),
+    );
+    discord.dispatch("INTERACTION_CREATE", press);
+    discord
+        .wait_for("the answer", |c| c.body["content"] == "Listed.")
+        .await;
+    bot.stop().await;
+}
+
+#[tokio::test]
+async fn a_broken_database_does_not_make_the_bot_answer_where_nobody_asked() {
+    let discord = FakeDiscord::start().await;
+    let model = FakeModel::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let bot = start(&discord, &model, dir.path(), &[]).await;
+    // The thread table goes away under the bot: every lookup fails.
+    let url = format!("sqlite://{}", dir.path().join("mcpcord.db").display());
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    sqlx::query("ALTER TABLE discord_threads RENAME TO gone")
+        .execute(&pool)
+        .await
+        .unwrap();
+    say(
+        &discord,
+        690_000_000_000_000_001,
+        CHANNEL,
+        BOB,
+        "chatter, not for the bot",
+    );
+    mention(&discord, 690_000_000_000_000_002, "are you there?");
+    let error = discord
+        .wait_for("the error for the mention", |c| {
+            c.body["content"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("❌"))
+        })
+        .await;
+    let text = error.body["content"].as_str().unwrap();
+    assert!(text.contains("not saved; send it again"), "{text}");
+    bot.stop().await;
+    let errors = contents(&discord.posts(CHANNEL));
+    assert_eq!(errors.len(), 1, "only the mention is answered: {errors:?}");
+    assert!(model.requests().is_empty());
 }

@@ -85,10 +85,7 @@ impl Rest {
             ))
             .timeout(REQUEST_TIMEOUT)
             .build()
-            .map_err(|e| RestError::Connection {
-                what: "the HTTP client".into(),
-                message: e.to_string(),
-            })?;
+            .map_err(|e| unreachable_for("the HTTP client", e))?;
         Ok(Rest {
             http,
             base: format!("{}{API_PATH}", base.trim_end_matches('/')),
@@ -284,16 +281,12 @@ impl Rest {
             let response = match build().send().await {
                 Ok(response) => response,
                 Err(e) if !last => {
-                    tracing::warn!(what, error = %e, "Discord request failed; retrying");
+                    let error = unreachable_for(what, e);
+                    tracing::warn!(%error, "Discord request failed; retrying");
                     tokio::time::sleep(backoff(attempt)).await;
                     continue;
                 }
-                Err(e) => {
-                    return Err(RestError::Connection {
-                        what: what.into(),
-                        message: e.to_string(),
-                    });
-                }
+                Err(e) => return Err(unreachable_for(what, e)),
             };
             let status = response.status();
             let header_wait = response
@@ -327,6 +320,15 @@ impl Rest {
                 message: body["message"].as_str().unwrap_or(text.as_str()).to_owned(),
             });
         }
+    }
+}
+
+/// A request that got no answer. reqwest's message names the URL, and
+/// interaction tokens sit in URL paths, so the URL is left out.
+fn unreachable_for(what: &str, error: reqwest::Error) -> RestError {
+    RestError::Connection {
+        what: what.into(),
+        message: error.without_url().to_string(),
     }
 }
 
@@ -365,6 +367,17 @@ fn id_of(value: &Value) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_failed_request_does_not_name_its_url() {
+        crate::app::install_crypto();
+        let url = "http://127.0.0.1:1/api/v10/interactions/1/interaction-secret/callback";
+        let error = reqwest::Client::new().post(url).send().await.unwrap_err();
+        assert!(error.to_string().contains("interaction-secret"), "{error}");
+        let error = unreachable_for("answering an interaction", error).to_string();
+        assert!(!error.contains("interaction-secret"), "{error}");
+        assert!(error.contains("answering an interaction"), "{error}");
+    }
 
     #[test]
     fn rate_limit_waits_survive_hostile_numbers() {

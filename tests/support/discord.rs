@@ -46,6 +46,8 @@ pub struct FakeDiscord {
     pub base_url: String,
     state: Arc<Mutex<State_>>,
     events: broadcast::Sender<String>,
+    /// `held.txt` is sent only when a test adds a permit.
+    held: Arc<tokio::sync::Semaphore>,
 }
 
 impl FakeDiscord {
@@ -65,6 +67,7 @@ impl FakeDiscord {
             base_url,
             state: Arc::new(Mutex::new(state)),
             events,
+            held: Arc::new(tokio::sync::Semaphore::new(0)),
         };
         let app = Router::new()
             .route("/gateway", get(gateway))
@@ -160,6 +163,17 @@ impl FakeDiscord {
     pub fn add_thread(&self, id: u64) {
         let thread = json!({"id": id.to_string(), "type": 11, "parent_id": CHANNEL.to_string(), "guild_id": GUILD.to_string()});
         self.state.lock().unwrap().channels.insert(id, thread);
+    }
+
+    /// Lets one download of `held.txt` finish.
+    pub fn release_held(&self) {
+        self.held.add_permits(1);
+    }
+
+    /// The JSON of an attachment the fake serves.
+    pub fn file(&self, id: u64, name: &str, kind: &str) -> Value {
+        json!({"id": id.to_string(), "filename": name, "size": 10, "url": self.attachment_url(name),
+               "proxy_url": self.attachment_url(name), "content_type": kind})
     }
 
     /// The URL of a file the fake serves (see `attachment`).
@@ -269,8 +283,13 @@ async fn session(fake: FakeDiscord, mut socket: WebSocket) {
 pub const TOKEN: &str = "discord-secret-token";
 
 /// Files that messages attach, served like Discord's CDN.
-async fn attachment(Path(name): Path<String>) -> Response {
+async fn attachment(State(fake): State<FakeDiscord>, Path(name): Path<String>) -> Response {
     match name.as_str() {
+        // A slow host: the file comes when the test says.
+        "held.txt" => {
+            fake.held.acquire().await.unwrap().forget();
+            "held contents".into_response()
+        }
         "notes.txt" => "line one\nline two".into_response(),
         "pixel.png" => vec![0x89u8, b'P', b'N', b'G'].into_response(),
         // A host that never stops sending.
