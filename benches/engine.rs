@@ -87,7 +87,7 @@ impl ToolHost for Calculator {
                 needs_approval: false,
                 server: "calc".into(),
             }],
-            problems: Vec::new(),
+            ..Default::default()
         }
     }
 

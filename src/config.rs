@@ -113,6 +113,8 @@ pub struct Limits {
     pub mcp_max_message_bytes: usize,
     /// `MCP_RETRY_MAX_SECS`: the longest wait before a server that failed to start is tried again.
     pub mcp_retry_max: Duration,
+    /// `MCP_SESSION_WAIT_SECS`: how long a turn waits for a free session when all of a server's are in use.
+    pub mcp_session_wait: Duration,
 }
 
 impl Default for Limits {
@@ -132,6 +134,7 @@ impl Default for Limits {
             mcp_max_tools_per_server: 128,
             mcp_max_message_bytes: 32 * 1024 * 1024,
             mcp_retry_max: Duration::from_secs(300),
+            mcp_session_wait: Duration::from_secs(120),
         }
     }
 }
@@ -217,6 +220,7 @@ impl Config {
                 defaults.mcp_max_message_bytes,
             )?,
             mcp_retry_max: seconds(&get, "MCP_RETRY_MAX_SECS", defaults.mcp_retry_max)?,
+            mcp_session_wait: seconds(&get, "MCP_SESSION_WAIT_SECS", defaults.mcp_session_wait)?,
         };
         Ok(Config {
             api_key: Secret::new(api_key),

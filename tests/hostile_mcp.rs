@@ -304,3 +304,153 @@ async fn a_missing_working_directory_is_named_as_such() {
     );
     host.shutdown().await;
 }
+
+/// An engine over `host` whose model calls `counted__echo` once per turn.
+fn echo_engine(
+    host: std::sync::Arc<McpHost>,
+    gates: std::collections::HashMap<String, std::sync::Arc<support::memory::Gate>>,
+) -> mcpcord::conversation::Engine {
+    let model = support::memory::EchoModel {
+        tool: "counted__echo".into(),
+        gates,
+    };
+    mcpcord::conversation::Engine::new(
+        std::sync::Arc::new(model),
+        host,
+        std::sync::Arc::new(support::memory::MemoryStore::default()),
+        mcpcord::conversation::EngineSettings {
+            default_model: "test/model".into(),
+            system_prompt: None,
+            max_tool_rounds: 3,
+            fallback_context_tokens: 100_000,
+        },
+    )
+}
+
+/// Runs one turn and returns its answer and warnings.
+async fn echo_turn(
+    engine: &mcpcord::conversation::Engine,
+    conversation: &str,
+) -> (String, Vec<String>) {
+    use mcpcord::conversation::{ApproveAll, Message, TurnEvent};
+    let (events, mut received) = tokio::sync::mpsc::unbounded_channel();
+    let outcome = engine
+        .run_turn(
+            conversation,
+            Message::user(conversation),
+            &events,
+            &ApproveAll,
+        )
+        .await;
+    drop(events);
+    let (mut answer, mut warnings) = (String::new(), Vec::new());
+    while let Some(event) = received.recv().await {
+        match event {
+            TurnEvent::Answer(text) => answer = text,
+            TurnEvent::Warning(text) | TurnEvent::Error(text) => warnings.push(text),
+            _ => {}
+        }
+    }
+    assert!(outcome.is_ok(), "{conversation}: {outcome:?} {warnings:?}");
+    (answer, warnings)
+}
+
+/// The most processes of the `counted` server alive at once, and how many
+/// were started, from its log.
+fn alive_and_started(log: &Path) -> (usize, usize) {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let (mut alive, mut most, mut started) = (0usize, 0usize, 0usize);
+    for line in text.lines() {
+        if line.starts_with("start") {
+            alive += 1;
+            started += 1;
+            most = most.max(alive);
+        } else {
+            alive = alive.saturating_sub(1);
+        }
+    }
+    (most, started)
+}
+
+#[tokio::test]
+async fn more_conversations_than_sessions_wait_for_one_and_all_get_their_tools() {
+    const CAP: usize = 3;
+    const CONVERSATIONS: usize = 12;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("starts.log");
+    let mut server = hostile("counted", Some(log.to_str().unwrap()));
+    server["scope"] = json!("conversation");
+    let limits = Limits {
+        max_sessions_per_server: CAP,
+        ..quick()
+    };
+    let host = std::sync::Arc::new(host(json!({"counted": server}), limits));
+    let engine = echo_engine(host.clone(), Default::default());
+    let names: Vec<String> = (0..CONVERSATIONS).map(|i| format!("thread-{i}")).collect();
+    let turns = names.iter().map(|name| echo_turn(&engine, name));
+    let results = futures::future::join_all(turns).await;
+    for (name, (answer, warnings)) in names.iter().zip(&results) {
+        assert_eq!(answer, &format!("echo: {name}"), "{warnings:?}");
+        assert!(warnings.is_empty(), "{name}: {warnings:?}");
+    }
+    assert!(host.open_sessions() <= CAP);
+    host.shutdown().await;
+    let (most, started) = alive_and_started(&log);
+    assert!(
+        most <= CAP,
+        "{most} processes alive at once against a cap of {CAP}"
+    );
+    assert_eq!(
+        started, CONVERSATIONS,
+        "each conversation's turn started its server once"
+    );
+}
+
+#[tokio::test]
+async fn a_turn_waiting_for_a_session_says_so_and_goes_on_when_one_is_free() {
+    use mcpcord::conversation::{ApproveAll, Message, TurnEvent};
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("starts.log");
+    let mut server = hostile("counted", Some(log.to_str().unwrap()));
+    server["scope"] = json!("conversation");
+    let limits = Limits {
+        max_sessions_per_server: 1,
+        mcp_session_wait: Duration::from_secs(30),
+        ..quick()
+    };
+    let host = std::sync::Arc::new(host(json!({"counted": server}), limits));
+    let gate = support::memory::Gate::new();
+    let engine = echo_engine(host.clone(), [("first".to_owned(), gate.clone())].into());
+    let second = async {
+        // The first turn holds the only session, and waits at the gate.
+        gate.reached().await;
+        let (events, mut received) = tokio::sync::mpsc::unbounded_channel();
+        let run = async {
+            let outcome = engine
+                .run_turn("second", Message::user("second"), &events, &ApproveAll)
+                .await;
+            drop(events);
+            outcome
+        };
+        let watch = async {
+            while let Some(event) = received.recv().await {
+                if let TurnEvent::Warning(w) = event
+                    && w.contains("are in use by other conversations")
+                {
+                    // Only now is the first turn let go.
+                    gate.open();
+                    return w;
+                }
+            }
+            panic!("the waiting turn said nothing");
+        };
+        tokio::join!(run, watch)
+    };
+    let (first, (second, notice)) = tokio::join!(echo_turn(&engine, "first"), second);
+    assert_eq!(first.0, "echo: first");
+    let second = second.unwrap();
+    assert!(second.answered && second.tool_calls == 1, "{second:?}");
+    assert!(notice.contains("\"counted\""), "{notice}");
+    host.shutdown().await;
+    assert_eq!(alive_and_started(&log), (1, 2));
+}

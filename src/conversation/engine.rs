@@ -193,7 +193,7 @@ impl Engine {
     /// calls until it answers or the round limit is hit. Events go to
     /// `events`; a failure is also sent as `TurnEvent::Error`. Every turn
     /// logs one line saying how it ended.
-    #[tracing::instrument(name = "turn", skip_all, fields(conversation))]
+    #[tracing::instrument(name = "turn", skip_all, fields(conversation = %conversation))]
     pub async fn run_turn(
         &self,
         conversation: &str,
@@ -355,7 +355,7 @@ impl Engine {
         let (stored, lookup, tools) = tokio::join!(
             store_input,
             self.model.model_info(&model),
-            self.tools.tools(conversation),
+            self.tools.tools_for_turn(conversation, events),
         );
         if let Err(error) = stored {
             self.put_history(conversation, history, trimmed);

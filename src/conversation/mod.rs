@@ -15,8 +15,8 @@ pub use engine::{Engine, EngineSettings, MAX_CALLS_PER_REPLY, TurnError, TurnInp
 pub use history::{estimate_tokens, fit_to_context, repair};
 pub use ports::{
     ApprovalRequest, ApproveAll, Approver, ChatModel, ChatRequest, Completion, Decision,
-    DeclineAll, FinishReason, ModelError, ModelInfo, ModelLookup, Store, StoreError, TextSink,
-    ToolHost, ToolList, ToolOutcome,
+    DeclineAll, FinishReason, Hold, ModelError, ModelInfo, ModelLookup, Notices, Store, StoreError,
+    TextSink, ToolHost, ToolList, ToolOutcome,
 };
 pub use types::{
     AttachmentRef, Inbound, Message, Role, ToolCall, ToolSpec, TurnEvent, Usage, UsageTotals,

@@ -201,6 +201,45 @@ pub struct ToolList {
     pub specs: Vec<ToolSpec>,
     /// One sentence per server that could not be used this turn.
     pub problems: Vec<String>,
+    /// Keeps the sessions behind `specs` for this turn while held: the host
+    /// does not close them for others until it is dropped.
+    pub hold: Hold,
+}
+
+/// Something a port keeps alive for as long as a caller holds it.
+#[derive(Clone, Default)]
+pub struct Hold(Option<std::sync::Arc<dyn std::any::Any + Send + Sync>>);
+
+impl Hold {
+    pub fn new(held: impl std::any::Any + Send + Sync) -> Self {
+        Hold(Some(std::sync::Arc::new(held)))
+    }
+}
+
+impl std::fmt::Debug for Hold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Hold(..)"
+        } else {
+            "Hold(none)"
+        })
+    }
+}
+
+/// Where a port tells the person something while a turn waits on it.
+pub trait Notices: Send + Sync {
+    fn notice(&self, text: String);
+}
+
+/// Nobody to tell (commands, checks).
+impl Notices for () {
+    fn notice(&self, _text: String) {}
+}
+
+impl Notices for tokio::sync::mpsc::UnboundedSender<super::TurnEvent> {
+    fn notice(&self, text: String) {
+        let _ = self.send(super::TurnEvent::Warning(text));
+    }
 }
 
 /// The result of one tool call, already shaped for the model.
@@ -231,6 +270,12 @@ impl ToolOutcome {
 pub trait ToolHost: Send + Sync {
     /// The tools `conversation` may use, starting sessions as needed.
     async fn tools(&self, conversation: &str) -> ToolList;
+    /// The same for a turn: a host that has to wait (for a free session)
+    /// says so through `notices`.
+    async fn tools_for_turn(&self, conversation: &str, notices: &dyn Notices) -> ToolList {
+        let _ = notices;
+        self.tools(conversation).await
+    }
     /// Runs one call. Every failure (unknown tool, timeout, crash, error
     /// result) comes back as an error outcome, never as a panic or `Err`.
     async fn call(&self, conversation: &str, name: &str, arguments: Value) -> ToolOutcome;

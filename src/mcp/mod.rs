@@ -25,7 +25,7 @@ use serde_json::Value;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Limits, Redactor, Secret};
-use crate::conversation::{ToolHost, ToolList, ToolOutcome, ToolSpec};
+use crate::conversation::{Hold, Notices, ToolHost, ToolList, ToolOutcome, ToolSpec};
 pub use config::{Approval, InheritEnv, Scope, ServerSpec, Transport};
 use session::{CallError, Session};
 pub use session::{MAX_LIST_PAGES, RemoteTool, ServerTools, shorten_list};
@@ -51,10 +51,63 @@ struct Failure {
 /// starting and restarting; calls clone the `Arc<Session>` and run freely.
 type Slot = Arc<tokio::sync::Mutex<Option<Arc<Session>>>>;
 
+/// After this long waiting for a free session, the turn says so.
+const SESSION_WAIT_NOTICE: Duration = Duration::from_secs(5);
+
 #[derive(Debug)]
 struct SlotEntry {
     slot: Slot,
     last_used: Instant,
+    /// One clone per turn using the session (see [`Lease`]); a session is
+    /// closed for someone else only when no clone is out.
+    users: Arc<()>,
+    /// The slot's place under its server's cap (per-conversation sessions),
+    /// held until the entry is dropped.
+    _place: Option<Place>,
+}
+
+impl SlotEntry {
+    fn in_use(&self) -> bool {
+        Arc::strong_count(&self.users) > 1
+    }
+}
+
+/// A place under a server's session cap. It is given back when the entry
+/// holding it is dropped, which is after its session has closed: a process
+/// still shutting down counts.
+#[derive(Debug)]
+struct Place {
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    freed: Arc<tokio::sync::Notify>,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        drop(self.permit.take());
+        self.freed.notify_waiters();
+    }
+}
+
+/// A turn's use of one session: while it is held, the session is not
+/// closed to make room for another conversation.
+#[derive(Debug)]
+struct Lease {
+    users: Option<Arc<()>>,
+    freed: Arc<tokio::sync::Notify>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        drop(self.users.take());
+        self.freed.notify_waiters();
+    }
+}
+
+/// The names offered to a conversation, and the turns still holding them.
+#[derive(Debug)]
+struct Routes {
+    holders: Vec<std::sync::Weak<Vec<Lease>>>,
+    names: Arc<HashMap<String, Route>>,
 }
 
 /// Where an exposed tool name leads.
@@ -70,8 +123,12 @@ pub struct McpHost {
     servers: Vec<ServerSpec>,
     limits: Limits,
     slots: Mutex<HashMap<(usize, String), SlotEntry>>,
-    /// Per conversation: the names last offered to the model.
-    routes: Mutex<HashMap<String, Arc<HashMap<String, Route>>>>,
+    /// Per server: its cap on per-conversation sessions, and what wakes
+    /// turns waiting for a place (a session closed or no longer in use).
+    caps: Vec<(Arc<tokio::sync::Semaphore>, Arc<tokio::sync::Notify>)>,
+    /// Per conversation: the names last offered to the model, kept while a
+    /// turn that got them holds its tools.
+    routes: Mutex<HashMap<String, Routes>>,
     /// Tasks that filter server stdout and forward stderr to the log.
     tasks: TaskTracker,
     /// Secret values blanked out of server stderr before it is logged.
@@ -105,9 +162,15 @@ impl McpHost {
     /// [`McpHost::redacting`].
     pub fn new(servers: Vec<ServerSpec>, limits: Limits) -> Self {
         let redactor = Redactor::new(server_secrets(&servers).map(Secret::expose));
+        let cap = limits.max_sessions_per_server.max(1);
+        let caps = servers
+            .iter()
+            .map(|_| (Arc::new(tokio::sync::Semaphore::new(cap)), Arc::default()))
+            .collect();
         McpHost {
             servers,
             limits,
+            caps,
             slots: Mutex::new(HashMap::new()),
             routes: Mutex::new(HashMap::new()),
             tasks: TaskTracker::new(),
@@ -137,14 +200,27 @@ impl McpHost {
     /// one sentence per server that failed, and what was wrong with the
     /// lists of the others.
     pub async fn list(&self, conversation: &str) -> Listing {
+        self.list_holding(conversation, &()).await.0
+    }
+
+    /// [`McpHost::list`], and the leases that keep the listed sessions for
+    /// the caller.
+    async fn list_holding(
+        &self,
+        conversation: &str,
+        notices: &dyn Notices,
+    ) -> (Listing, Vec<Lease>) {
         let per_server =
-            join_all((0..self.servers.len()).map(|i| self.server_tools(i, conversation))).await;
+            join_all((0..self.servers.len()).map(|i| self.server_tools(i, conversation, notices)))
+                .await;
+        let mut leases = Vec::new();
         let mut found: Vec<(usize, RemoteTool)> = Vec::new();
         let mut listing = Listing::default();
         for (i, result) in per_server.into_iter().enumerate() {
             let name = &self.servers[i].name;
             match result {
-                Ok(tools) => {
+                Ok((tools, lease)) => {
+                    leases.push(lease);
                     found.extend(
                         tools
                             .tools
@@ -175,7 +251,7 @@ impl McpHost {
                 tool,
             })
             .collect();
-        listing
+        (listing, leases)
     }
 
     /// A server's tools. A failure to start or to list backs the server off.
@@ -183,8 +259,9 @@ impl McpHost {
         &self,
         server: usize,
         conversation: &str,
-    ) -> Result<Arc<ServerTools>, String> {
-        let session = self.session(server, conversation).await?;
+        notices: &dyn Notices,
+    ) -> Result<(Arc<ServerTools>, Lease), String> {
+        let (session, lease) = self.session(server, conversation, notices).await?;
         match session.tools(&self.limits).await {
             Ok(tools) => {
                 // Only a listed server counts as working again: one that
@@ -193,7 +270,7 @@ impl McpHost {
                     .lock()
                     .expect("failures poisoned")
                     .remove(&server);
-                Ok(tools)
+                Ok((tools, lease))
             }
             Err(problem) => {
                 // A server that cannot list its tools is no use; close it
@@ -237,21 +314,23 @@ impl McpHost {
     }
 
     /// The live session of `server` for `conversation`, started (or
-    /// restarted after a crash) as needed.
-    async fn session(&self, server: usize, conversation: &str) -> Result<Arc<Session>, String> {
+    /// restarted after a crash) as needed, and a lease on it.
+    async fn session(
+        &self,
+        server: usize,
+        conversation: &str,
+        notices: &dyn Notices,
+    ) -> Result<(Arc<Session>, Lease), String> {
         let spec = &self.servers[server];
         let owner = match spec.scope {
             Scope::Shared => SHARED.to_owned(),
             Scope::Conversation => conversation.to_owned(),
         };
-        let (slot, evicted) = self.slot(server, owner);
-        if let Some(evicted) = evicted {
-            close_slot(&evicted).await;
-        }
+        let (slot, lease) = self.slot(server, owner, notices).await?;
         let mut guard = slot.lock().await;
         if let Some(session) = guard.as_ref() {
             if !session.is_closed() {
-                return Ok(session.clone());
+                return Ok((session.clone(), lease));
             }
             tracing::warn!(server = %spec.name, "MCP session was closed; starting it again");
             session.close().await;
@@ -266,65 +345,133 @@ impl McpHost {
         let session = Arc::new(session);
         tracing::info!(server = %spec.name, conversation, elapsed_ms = started.elapsed().as_millis() as u64, "MCP session started");
         *guard = Some(session.clone());
-        Ok(session)
+        Ok((session, lease))
     }
 
-    /// Finds or makes the slot, marking it used. When a per-conversation
-    /// server is at its cap, the least recently used slot is removed and
-    /// returned for closing.
-    fn slot(&self, server: usize, owner: String) -> (Slot, Option<Slot>) {
-        let mut slots = self.slots.lock().expect("slots poisoned");
+    /// Finds or makes the slot, marking it used, and leases it. A new
+    /// per-conversation slot needs a place under the server's cap: when all
+    /// are taken, the least recently used session nobody is using is closed
+    /// to make one; when every session is in use, the turn waits (saying so
+    /// after a few seconds) up to `MCP_SESSION_WAIT_SECS`.
+    async fn slot(
+        &self,
+        server: usize,
+        owner: String,
+        notices: &dyn Notices,
+    ) -> Result<(Slot, Lease), String> {
         let key = (server, owner);
-        if let Some(entry) = slots.get_mut(&key) {
-            entry.last_used = Instant::now();
-            return (entry.slot.clone(), None);
+        if let Some(found) = self.existing(&key) {
+            return Ok(found);
         }
-        let mut evicted = None;
-        if key.1 != SHARED {
-            let same_server: Vec<_> = slots
-                .iter()
-                .filter(|((s, o), _)| *s == server && o != SHARED)
-                .collect();
-            if same_server.len() >= self.limits.max_sessions_per_server {
-                let oldest = same_server
-                    .into_iter()
-                    .min_by_key(|(_, entry)| entry.last_used)
-                    .map(|(k, _)| k.clone());
-                if let Some(oldest) = oldest {
-                    tracing::info!(server = %self.servers[server].name, conversation = %oldest.1, "closing the least recently used MCP session");
-                    evicted = slots.remove(&oldest).map(|e| e.slot);
-                }
+        let place = if key.1 == SHARED {
+            None
+        } else {
+            Some(self.place(server, notices).await?)
+        };
+        let mut slots = self.slots.lock().expect("slots poisoned");
+        // Another call of the same owner may have made it meanwhile; then
+        // the place just taken is given back.
+        let entry = slots.entry(key).or_insert_with(|| SlotEntry {
+            slot: Slot::default(),
+            last_used: Instant::now(),
+            users: Arc::new(()),
+            _place: place,
+        });
+        entry.last_used = Instant::now();
+        let lease = self.lease(server, entry);
+        Ok((entry.slot.clone(), lease))
+    }
+
+    fn existing(&self, key: &(usize, String)) -> Option<(Slot, Lease)> {
+        let mut slots = self.slots.lock().expect("slots poisoned");
+        let entry = slots.get_mut(key)?;
+        entry.last_used = Instant::now();
+        let lease = self.lease(key.0, entry);
+        Some((entry.slot.clone(), lease))
+    }
+
+    fn lease(&self, server: usize, entry: &SlotEntry) -> Lease {
+        Lease {
+            users: Some(entry.users.clone()),
+            freed: self.caps[server].1.clone(),
+        }
+    }
+
+    /// A place under `server`'s cap for a new per-conversation session.
+    async fn place(&self, server: usize, notices: &dyn Notices) -> Result<Place, String> {
+        let (cap, freed) = &self.caps[server];
+        let started = tokio::time::Instant::now();
+        let deadline = started + self.limits.mcp_session_wait;
+        let mut told = false;
+        loop {
+            // Registered before looking, so a place freed meanwhile wakes us.
+            let woken = freed.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            if let Ok(permit) = cap.clone().try_acquire_owned() {
+                return Ok(Place {
+                    permit: Some(permit),
+                    freed: freed.clone(),
+                });
+            }
+            if let Some((owner, entry)) = self.take_least_used_idle(server) {
+                tracing::info!(server = %self.servers[server].name, conversation = %owner, "closing the least recently used MCP session to make room");
+                close_entry(entry).await;
+                continue;
+            }
+            let notice_at = started + SESSION_WAIT_NOTICE;
+            let until = if told {
+                deadline
+            } else {
+                notice_at.min(deadline)
+            };
+            if tokio::time::timeout_at(until, woken).await.is_ok() {
+                continue;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!(
+                    "all {} of its sessions stayed in use by other conversations for {} (MCP_MAX_SESSIONS_PER_SERVER, MCP_SESSION_WAIT_SECS); try again in a moment",
+                    self.limits.max_sessions_per_server,
+                    seconds(self.limits.mcp_session_wait)
+                ));
+            }
+            if !told {
+                told = true;
+                notices.notice(format!(
+                    "All {} sessions of the tool server \"{}\" are in use by other conversations; waiting for one to become free (at most {}).",
+                    self.limits.max_sessions_per_server,
+                    self.servers[server].name,
+                    seconds(self.limits.mcp_session_wait)
+                ));
             }
         }
-        let slot = Slot::default();
-        slots.insert(
-            key,
-            SlotEntry {
-                slot: slot.clone(),
-                last_used: Instant::now(),
-            },
-        );
-        (slot, evicted)
+    }
+
+    /// Removes the least recently used per-conversation entry of `server`
+    /// that no turn is using.
+    fn take_least_used_idle(&self, server: usize) -> Option<(String, SlotEntry)> {
+        let mut slots = self.slots.lock().expect("slots poisoned");
+        let oldest = slots
+            .iter()
+            .filter(|((s, o), e)| *s == server && o != SHARED && !e.in_use())
+            .min_by_key(|(_, e)| e.last_used)
+            .map(|(k, _)| k.clone())?;
+        slots.remove(&oldest).map(|e| (oldest.1, e))
     }
 
     /// Closes sessions unused for longer than the idle timeout.
     pub async fn close_idle(&self) {
         let idle = self.limits.session_idle_timeout;
-        let expired: Vec<Slot> = {
+        let expired: Vec<SlotEntry> = {
             let mut slots = self.slots.lock().expect("slots poisoned");
             let keys: Vec<_> = slots
                 .iter()
-                .filter(|(_, e)| e.last_used.elapsed() >= idle)
+                .filter(|(_, e)| e.last_used.elapsed() >= idle && !e.in_use())
                 .map(|(k, _)| k.clone())
                 .collect();
-            keys.iter()
-                .filter_map(|k| slots.remove(k))
-                .map(|e| e.slot)
-                .collect()
+            keys.iter().filter_map(|k| slots.remove(k)).collect()
         };
-        for slot in expired {
-            close_slot(&slot).await;
-        }
+        join_all(expired.into_iter().map(close_entry)).await;
     }
 
     /// How often [`McpHost::close_idle`] should run.
@@ -335,14 +482,14 @@ impl McpHost {
 
     /// Closes every session and waits for the stderr forwarders to end.
     pub async fn shutdown(&self) {
-        let all: Vec<Slot> = self
+        let all: Vec<SlotEntry> = self
             .slots
             .lock()
             .expect("slots poisoned")
             .drain()
-            .map(|(_, e)| e.slot)
+            .map(|(_, e)| e)
             .collect();
-        join_all(all.iter().map(close_slot)).await;
+        join_all(all.into_iter().map(close_entry)).await;
         self.tasks.close();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.tasks.wait()).await;
     }
@@ -366,20 +513,29 @@ fn seconds(wait: Duration) -> String {
     }
 }
 
-async fn close_slot(slot: &Slot) {
-    if let Some(session) = slot.lock().await.take() {
+/// Closes an entry's session, then gives back its place under the cap.
+async fn close_entry(entry: SlotEntry) {
+    if let Some(session) = entry.slot.lock().await.take() {
         session.close().await;
     }
+    drop(entry);
 }
 
 #[async_trait]
 impl ToolHost for McpHost {
     async fn tools(&self, conversation: &str) -> ToolList {
-        let Listing {
-            tools: mut listed,
-            problems,
-            ..
-        } = self.list(conversation).await;
+        self.tools_for_turn(conversation, &()).await
+    }
+
+    async fn tools_for_turn(&self, conversation: &str, notices: &dyn Notices) -> ToolList {
+        let (
+            Listing {
+                tools: mut listed,
+                problems,
+                ..
+            },
+            leases,
+        ) = self.list_holding(conversation, notices).await;
         if listed.len() > MAX_TOOLS_PER_REQUEST {
             let left_out: Vec<String> = listed
                 .drain(MAX_TOOLS_PER_REQUEST..)
@@ -422,11 +578,27 @@ impl ToolHost for McpHost {
                 }
             })
             .collect();
-        self.routes
-            .lock()
-            .expect("routes poisoned")
-            .insert(conversation.to_owned(), Arc::new(routes));
-        ToolList { specs, problems }
+        let hold = Arc::new(leases);
+        let mut all = self.routes.lock().expect("routes poisoned");
+        // Names nobody holds any more are forgotten, so the map stays as
+        // large as the turns running now.
+        all.retain(|_, r| {
+            r.holders.retain(|h| h.strong_count() > 0);
+            !r.holders.is_empty()
+        });
+        let entry = all
+            .entry(conversation.to_owned())
+            .or_insert_with(|| Routes {
+                holders: Vec::new(),
+                names: Arc::default(),
+            });
+        entry.holders.push(Arc::downgrade(&hold));
+        entry.names = Arc::new(routes);
+        ToolList {
+            specs,
+            problems,
+            hold: Hold::new(hold),
+        }
     }
 
     async fn call(&self, conversation: &str, name: &str, arguments: Value) -> ToolOutcome {
@@ -435,7 +607,7 @@ impl ToolHost for McpHost {
             .lock()
             .expect("routes poisoned")
             .get(conversation)
-            .cloned();
+            .map(|r| r.names.clone());
         let Some(route) = routes.as_ref().and_then(|r| r.get(name)).cloned() else {
             let known: Vec<&str> = routes
                 .iter()
@@ -453,8 +625,10 @@ impl ToolHost for McpHost {
         };
         let spec = &self.servers[route.server];
         let timeout = spec.timeout.unwrap_or(self.limits.tool_timeout);
-        let session = match self.session(route.server, conversation).await {
-            Ok(session) => session,
+        // The lease keeps the session for the call, also for callers that
+        // do not hold their tool list.
+        let (session, _lease) = match self.session(route.server, conversation, &()).await {
+            Ok(found) => found,
             Err(problem) => {
                 return ToolOutcome::error(format!(
                     "the tool server \"{}\" is unavailable: {problem}",
@@ -490,19 +664,16 @@ impl ToolHost for McpHost {
     }
 
     async fn close_conversation(&self, conversation: &str) {
-        let mine: Vec<Slot> = {
+        let mine: Vec<SlotEntry> = {
             let mut slots = self.slots.lock().expect("slots poisoned");
             let keys: Vec<_> = slots
                 .keys()
                 .filter(|(_, o)| o == conversation)
                 .cloned()
                 .collect();
-            keys.iter()
-                .filter_map(|k| slots.remove(k))
-                .map(|e| e.slot)
-                .collect()
+            keys.iter().filter_map(|k| slots.remove(k)).collect()
         };
-        join_all(mine.iter().map(close_slot)).await;
+        join_all(mine.into_iter().map(close_entry)).await;
         self.routes
             .lock()
             .expect("routes poisoned")

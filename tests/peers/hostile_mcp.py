@@ -14,6 +14,7 @@ Modes:
   bad-stderr         floods stderr with invalid UTF-8 before answering each call
   huge-result MB     the tool `big` answers with MB megabytes of text
   flood              sends 5,000 tools/list_changed notifications after initialize
+  counted FILE       a well-behaved server that appends "start PID" and "end PID" to FILE
 """
 
 import json
@@ -102,7 +103,14 @@ def call(request):
     return {"content": [{"type": "text", "text": f"echo: {arguments.get('text', '')}"}]}
 
 
+def note(event):
+    with open(ARG, "a") as f:
+        f.write(f"{event} {os.getpid()}\n")
+
+
 def main():
+    if MODE == "counted":
+        note("start")
     if MODE == "env":
         with open(ARG, "w") as f:
             json.dump(dict(os.environ), f)
@@ -138,6 +146,8 @@ def main():
         else:
             send({"jsonrpc": "2.0", "id": request["id"],
                   "error": {"code": -32601, "message": "method not found"}})
+    if MODE == "counted":
+        note("end")
 
 
 main()

@@ -384,7 +384,7 @@ impl ToolHost for FakeTools {
     async fn tools(&self, _conversation: &str) -> ToolList {
         ToolList {
             specs: self.specs.clone(),
-            problems: Vec::new(),
+            ..Default::default()
         }
     }
 
@@ -406,4 +406,55 @@ impl ToolHost for FakeTools {
     }
 
     async fn close_conversation(&self, _conversation: &str) {}
+}
+
+/// A model that, for a user message, calls `tool` with the message as
+/// `text`, and then answers with what the tool returned. A message with a
+/// gate waits there before the call.
+#[derive(Debug, Default)]
+pub struct EchoModel {
+    pub tool: String,
+    pub gates: HashMap<String, Arc<Gate>>,
+}
+
+#[async_trait]
+impl ChatModel for EchoModel {
+    async fn complete(
+        &self,
+        request: ChatRequest<'_>,
+        text: &dyn TextSink,
+    ) -> Result<Completion, ModelError> {
+        let last = request.messages.last().expect("a request has messages");
+        let message = if last.role() == Role::User {
+            if let Some(gate) = self.gates.get(last.text()) {
+                gate.pass().await;
+            }
+            Message {
+                role: Some(Role::Assistant),
+                tool_calls: vec![ToolCall {
+                    id: format!("call_{}", request.messages.len()),
+                    name: self.tool.clone(),
+                    arguments: serde_json::json!({"text": last.text()}).to_string(),
+                }],
+                ..Default::default()
+            }
+        } else {
+            text.push(last.text());
+            Message::assistant(last.text())
+        };
+        Ok(Completion {
+            message,
+            finish_reason: FinishReason::Stop,
+            usage: Usage::default(),
+        })
+    }
+
+    async fn model_info(&self, model: &str) -> ModelLookup {
+        ModelLookup::Known(ModelInfo {
+            id: model.to_owned(),
+            context_length: 100_000,
+            supports_tools: true,
+            supports_images: false,
+        })
+    }
 }
