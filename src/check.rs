@@ -6,10 +6,10 @@
 use std::io::Write;
 
 use crate::config::{Config, DiscordConfig};
-use crate::conversation::ModelLookup;
+use crate::conversation::{ModelLookup, StoreError};
 use crate::discord::rest::Rest;
 use crate::llm::OpenRouter;
-use crate::mcp::{self, McpHost};
+use crate::mcp::{self, McpHost, Step, Transport, Unavailable};
 use crate::store::SqliteStore;
 
 /// Tool names shown per server before the list is shortened.
@@ -44,9 +44,21 @@ pub async fn run(out: &mut impl Write) -> std::io::Result<usize> {
             ))?;
             store.close().await;
         }
-        Err(error) => report.problem(&format!(
-            "database: {error}. Check DATABASE_URL and that its folder is writable."
-        ))?,
+        Err(error) => {
+            let advice = match error {
+                // The sentence already says whose files are in the way.
+                StoreError::NotWritable(_) => "",
+                StoreError::Busy(_) => {
+                    " Another process holds it: stop it, or give each process its own DATABASE_URL."
+                }
+                StoreError::Full(_) => " Free some space on that disk.",
+                StoreError::Corrupt(_) => " Restore it from a backup.",
+                StoreError::Open(_) | StoreError::Failed(_) => {
+                    " Check DATABASE_URL and that its folder exists and is writable."
+                }
+            };
+            report.problem(&format!("database: {error}.{advice}"))?
+        }
     }
 
     check_mcp(&config, &mut report).await?;
@@ -86,14 +98,37 @@ async fn check_mcp(config: &Config, report: &mut Report<'_, impl Write>) -> std:
             .filter(|t| t.server == server.name)
             .map(|t| t.exposed.as_str())
             .collect();
-        let failed = problems
-            .iter()
-            .find(|p| p.contains(&format!("\"{}\"", server.name)));
+        let failed = problems.iter().find(|p| p.server == server.name);
         match failed {
-            Some(problem) => report.problem(&format!(
-                "MCP server \"{}\": {problem} Check its command, args and env.",
-                server.name
-            ))?,
+            Some(problem) => {
+                let advice = match (&problem.why, &server.transport) {
+                    (
+                        Unavailable::Failed {
+                            step: Step::Start, ..
+                        },
+                        Transport::Stdio { .. },
+                    ) => "Check its command, args, env and cwd.",
+                    (
+                        Unavailable::Failed {
+                            step: Step::Start, ..
+                        },
+                        Transport::Http { .. },
+                    ) => "Check its url and headers, and that the server is running.",
+                    (
+                        Unavailable::Failed {
+                            step: Step::List, ..
+                        },
+                        _,
+                    ) => {
+                        "It started but its tool list could not be read; check that it is an MCP server and that its version is current."
+                    }
+                    (Unavailable::Busy { .. }, _) => "Try again when the bot is less busy.",
+                };
+                report.problem(&format!(
+                    "MCP server \"{}\": {problem} {advice}",
+                    server.name
+                ))?
+            }
             None => {
                 let shown = mcp::shorten_list(&names, NAMES_SHOWN);
                 report.ok(&format!(

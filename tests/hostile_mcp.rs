@@ -57,7 +57,7 @@ async fn a_server_that_never_answers_is_bounded_then_backed_off() {
         let host = host(json!({"mute": hostile(mode, None)}), quick());
         let listing = host.list("a").await;
         assert!(listing.tools.is_empty());
-        let problem = &listing.problems[0];
+        let problem = listing.problems[0].to_string();
         assert!(problem.contains(expected), "{problem}");
         assert!(
             problem.contains("it will be tried again in 5 s"),
@@ -296,7 +296,7 @@ async fn a_missing_working_directory_is_named_as_such() {
     server["cwd"] = json!("/nonexistent/mcpcord-test");
     let host = host(json!({"lost": server}), quick());
     let listing = host.list("a").await;
-    let problem = &listing.problems[0];
+    let problem = listing.problems[0].to_string();
     assert!(
         problem
             .contains("its working directory /nonexistent/mcpcord-test (\"cwd\") does not exist"),

@@ -283,9 +283,49 @@ pub trait ToolHost: Send + Sync {
     async fn close_conversation(&self, conversation: &str);
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("database error: {0}")]
-pub struct StoreError(pub String);
+/// Why the store failed. Each `Display` is a sentence; callers add what
+/// became of the person's message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be opened or brought up to date.
+    #[error("the database could not be opened: {0}")]
+    Open(String),
+    /// This process may not write the database; the sentence says whose
+    /// files are in the way and how to fix it.
+    #[error("{0}")]
+    NotWritable(String),
+    /// Another writer held the database for longer than the wait allows.
+    #[error("the database was busy (another writer held it too long): {0}")]
+    Busy(String),
+    /// The disk is full.
+    #[error("the disk holding the database is full: {0}")]
+    Full(String),
+    /// Something stored cannot be read back.
+    #[error("the database holds a record that cannot be read: {0}")]
+    Corrupt(String),
+    /// Any other failure of the database.
+    #[error("database error: {0}")]
+    Failed(String),
+}
+
+impl StoreError {
+    /// A short name for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreError::Open(_) => "open",
+            StoreError::NotWritable(_) => "not_writable",
+            StoreError::Busy(_) => "busy",
+            StoreError::Full(_) => "full",
+            StoreError::Corrupt(_) => "corrupt",
+            StoreError::Failed(_) => "failed",
+        }
+    }
+
+    /// Whether trying the same thing again soon may work.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Busy(_))
+    }
+}
 
 /// Persistence of conversations and their messages.
 #[async_trait]

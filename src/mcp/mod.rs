@@ -44,7 +44,44 @@ pub const RETRY_MIN: Duration = Duration::from_secs(5);
 struct Failure {
     failures: u32,
     retry_at: Instant,
+    step: Step,
     problem: String,
+}
+
+/// What a server failed at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Starting: the process, the connection or `initialize`.
+    Start,
+    /// Listing its tools.
+    List,
+}
+
+/// Why a server's tools cannot be used now.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unavailable {
+    /// It failed to start or to list its tools, and is not tried again
+    /// before `retry_in`.
+    #[error("{problem}; it will be tried again in {}", seconds(*retry_in))]
+    Failed {
+        step: Step,
+        problem: String,
+        retry_in: Duration,
+    },
+    /// Every session it may have is in use by other conversations.
+    #[error(
+        "all {cap} of its sessions stayed in use by other conversations for {} (MCP_MAX_SESSIONS_PER_SERVER, MCP_SESSION_WAIT_SECS); try again in a moment",
+        seconds(*waited)
+    )]
+    Busy { cap: usize, waited: Duration },
+}
+
+/// A server whose tools are left out, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("The tool server \"{server}\" is unavailable ({why}); its tools are left out.")]
+pub struct ServerProblem {
+    pub server: String,
+    pub why: Unavailable,
 }
 
 /// A session slot: (server index, owner). The async mutex serialises
@@ -141,8 +178,8 @@ pub struct McpHost {
 #[derive(Debug, Clone, Default)]
 pub struct Listing {
     pub tools: Vec<ListedTool>,
-    /// One sentence per server that is unavailable.
-    pub problems: Vec<String>,
+    /// The servers that are unavailable, and why.
+    pub problems: Vec<ServerProblem>,
     /// Per server: what was wrong with its tool list (tools changed or left out).
     pub warnings: Vec<(String, String)>,
 }
@@ -232,9 +269,10 @@ impl McpHost {
                         .warnings
                         .extend(tools.warnings.iter().map(|w| (name.clone(), w.clone())));
                 }
-                Err(problem) => listing.problems.push(format!(
-                    "The tool server \"{name}\" is unavailable ({problem}); its tools are left out."
-                )),
+                Err(why) => listing.problems.push(ServerProblem {
+                    server: name.clone(),
+                    why,
+                }),
             }
         }
         let pairs: Vec<(&str, &str)> = found
@@ -260,7 +298,7 @@ impl McpHost {
         server: usize,
         conversation: &str,
         notices: &dyn Notices,
-    ) -> Result<(Arc<ServerTools>, Lease), String> {
+    ) -> Result<(Arc<ServerTools>, Lease), Unavailable> {
         let (session, lease) = self.session(server, conversation, notices).await?;
         match session.tools(&self.limits).await {
             Ok(tools) => {
@@ -276,41 +314,46 @@ impl McpHost {
                 // A server that cannot list its tools is no use; close it
                 // so that the next try starts it afresh.
                 session.close().await;
-                Err(self.record_failure(server, problem))
+                Err(self.record_failure(server, Step::List, problem))
             }
         }
     }
 
     /// Remembers that `server` failed and says when it will be tried again.
-    fn record_failure(&self, server: usize, problem: String) -> String {
+    fn record_failure(&self, server: usize, step: Step, problem: String) -> Unavailable {
         let mut failures = self.failures.lock().expect("failures poisoned");
         let count = failures.get(&server).map_or(0, |f| f.failures) + 1;
         let wait = RETRY_MIN
             .saturating_mul(2u32.saturating_pow(count - 1))
             .min(self.limits.mcp_retry_max);
-        let sentence = format!("{problem}; it will be tried again in {}", seconds(wait));
-        tracing::warn!(server = %self.servers[server].name, failures = count, "MCP server unavailable: {sentence}");
+        let why = Unavailable::Failed {
+            step,
+            problem: problem.clone(),
+            retry_in: wait,
+        };
+        tracing::warn!(server = %self.servers[server].name, failures = count, "MCP server unavailable: {why}");
         failures.insert(
             server,
             Failure {
                 failures: count,
                 retry_at: Instant::now() + wait,
+                step,
                 problem,
             },
         );
-        sentence
+        why
     }
 
     /// Why `server` is not tried now, while it is backed off.
-    fn backed_off(&self, server: usize) -> Option<String> {
+    fn backed_off(&self, server: usize) -> Option<Unavailable> {
         let failures = self.failures.lock().expect("failures poisoned");
         let failure = failures.get(&server)?;
         let left = failure.retry_at.checked_duration_since(Instant::now())?;
-        Some(format!(
-            "{}; it will be tried again in {}",
-            failure.problem,
-            seconds(left)
-        ))
+        Some(Unavailable::Failed {
+            step: failure.step,
+            problem: failure.problem.clone(),
+            retry_in: left,
+        })
     }
 
     /// The live session of `server` for `conversation`, started (or
@@ -320,7 +363,7 @@ impl McpHost {
         server: usize,
         conversation: &str,
         notices: &dyn Notices,
-    ) -> Result<(Arc<Session>, Lease), String> {
+    ) -> Result<(Arc<Session>, Lease), Unavailable> {
         let spec = &self.servers[server];
         let owner = match spec.scope {
             Scope::Shared => SHARED.to_owned(),
@@ -341,7 +384,7 @@ impl McpHost {
         let started = Instant::now();
         let session = Session::start(spec, &self.limits, &self.redactor, &self.tasks)
             .await
-            .map_err(|problem| self.record_failure(server, problem))?;
+            .map_err(|problem| self.record_failure(server, Step::Start, problem))?;
         let session = Arc::new(session);
         tracing::info!(server = %spec.name, conversation, elapsed_ms = started.elapsed().as_millis() as u64, "MCP session started");
         *guard = Some(session.clone());
@@ -358,7 +401,7 @@ impl McpHost {
         server: usize,
         owner: String,
         notices: &dyn Notices,
-    ) -> Result<(Slot, Lease), String> {
+    ) -> Result<(Slot, Lease), Unavailable> {
         let key = (server, owner);
         if let Some(found) = self.existing(&key) {
             return Ok(found);
@@ -398,7 +441,7 @@ impl McpHost {
     }
 
     /// A place under `server`'s cap for a new per-conversation session.
-    async fn place(&self, server: usize, notices: &dyn Notices) -> Result<Place, String> {
+    async fn place(&self, server: usize, notices: &dyn Notices) -> Result<Place, Unavailable> {
         let (cap, freed) = &self.caps[server];
         let started = tokio::time::Instant::now();
         let deadline = started + self.limits.mcp_session_wait;
@@ -429,11 +472,10 @@ impl McpHost {
                 continue;
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(format!(
-                    "all {} of its sessions stayed in use by other conversations for {} (MCP_MAX_SESSIONS_PER_SERVER, MCP_SESSION_WAIT_SECS); try again in a moment",
-                    self.limits.max_sessions_per_server,
-                    seconds(self.limits.mcp_session_wait)
-                ));
+                return Err(Unavailable::Busy {
+                    cap: self.limits.max_sessions_per_server,
+                    waited: self.limits.mcp_session_wait,
+                });
             }
             if !told {
                 told = true;
@@ -596,7 +638,7 @@ impl ToolHost for McpHost {
         entry.names = Arc::new(routes);
         ToolList {
             specs,
-            problems,
+            problems: problems.iter().map(ToString::to_string).collect(),
             hold: Hold::new(hold),
         }
     }

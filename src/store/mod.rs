@@ -55,7 +55,7 @@ impl SqliteStore {
     /// embedded migrations. WAL, foreign keys and a busy timeout are on.
     pub async fn open(url: &str) -> Result<Self, StoreError> {
         let options = SqliteConnectOptions::from_str(url)
-            .map_err(|e| StoreError(format!("invalid DATABASE_URL {url:?}: {e}")))?
+            .map_err(|e| StoreError::Open(format!("invalid DATABASE_URL {url:?}: {e}")))?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
@@ -67,11 +67,11 @@ impl SqliteStore {
             .test_before_acquire(false)
             .connect_with(options)
             .await
-            .map_err(|e| opening_failed(url, "open", &e.to_string()))?;
+            .map_err(|e| opening_failed(url, "open", &e))?;
         sqlx::migrate!("./migrations")
             .run(&pool)
             .await
-            .map_err(|e| opening_failed(url, "migrate", &e.to_string()))?;
+            .map_err(|e| opening_failed(url, "migrate", &sqlx::Error::from(e)))?;
         let path = file_of(url);
         let store = SqliteStore {
             file: path
@@ -82,7 +82,10 @@ impl SqliteStore {
         };
         if let Err(error) = store.verify_writable().await {
             store.close().await;
-            return Err(StoreError(not_writable(path.as_deref(), &error.0)));
+            return Err(StoreError::NotWritable(not_writable(
+                path.as_deref(),
+                &error.to_string(),
+            )));
         }
         Ok(store)
     }
@@ -290,20 +293,13 @@ fn identity(path: &Path) -> Option<(u64, u64)> {
 
 /// An error opening the database; a permission problem says whose files
 /// are in the way.
-fn opening_failed(url: &str, step: &str, error: &str) -> StoreError {
-    let lower = error.to_lowercase();
-    if [
-        "readonly",
-        "read-only",
-        "permission denied",
-        "unable to open",
-    ]
-    .iter()
-    .any(|p| lower.contains(p))
-    {
-        return StoreError(not_writable(file_of(url).as_deref(), error));
+fn opening_failed(url: &str, step: &str, error: &sqlx::Error) -> StoreError {
+    match classify(error) {
+        StoreError::NotWritable(message) => {
+            StoreError::NotWritable(not_writable(file_of(url).as_deref(), &message))
+        }
+        _ => StoreError::Open(format!("cannot {step} the database {url:?}: {error}")),
     }
-    StoreError(format!("cannot {step} the database {url:?}: {error}"))
 }
 
 /// Why the database cannot be written, with whose it is and how to fix it.
@@ -334,7 +330,30 @@ fn current_uid() -> Option<u32> {
 }
 
 fn db(error: sqlx::Error) -> StoreError {
-    StoreError(error.to_string())
+    classify(&error)
+}
+
+/// Sorts a database failure by SQLite's result code (its low byte is the
+/// primary code), not by its wording.
+fn classify(error: &sqlx::Error) -> StoreError {
+    const PERM: i64 = 3;
+    const BUSY: i64 = 5;
+    const LOCKED: i64 = 6;
+    const READONLY: i64 = 8;
+    const FULL: i64 = 13;
+    const CANTOPEN: i64 = 14;
+    let message = error.to_string();
+    let code = match error {
+        sqlx::Error::Database(e) => e.code().and_then(|c| c.parse::<i64>().ok()),
+        sqlx::Error::Io(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Some(PERM),
+        _ => None,
+    };
+    match code.map(|c| c & 0xff) {
+        Some(BUSY | LOCKED) => StoreError::Busy(message),
+        Some(PERM | READONLY | CANTOPEN) => StoreError::NotWritable(message),
+        Some(FULL) => StoreError::Full(message),
+        _ => StoreError::Failed(message),
+    }
 }
 
 fn now() -> i64 {
@@ -350,21 +369,21 @@ fn to_json<T: serde::Serialize>(value: &T) -> Option<String> {
 impl MessageRow {
     fn into_message(self) -> Result<Message, StoreError> {
         let role = Role::parse(&self.role)
-            .ok_or_else(|| StoreError(format!("unknown role {:?} in the database", self.role)))?;
+            .ok_or_else(|| StoreError::Corrupt(format!("unknown role {:?}", self.role)))?;
         let parse =
             |column: &str, text: Option<String>| -> Result<Option<serde_json::Value>, StoreError> {
                 text.map(|t| serde_json::from_str(&t))
                     .transpose()
-                    .map_err(|e| StoreError(format!("corrupt {column} column: {e}")))
+                    .map_err(|e| StoreError::Corrupt(format!("{column} column: {e}")))
             };
         let tool_calls: Vec<ToolCall> = match self.tool_calls {
             Some(text) => serde_json::from_str(&text)
-                .map_err(|e| StoreError(format!("corrupt tool_calls column: {e}")))?,
+                .map_err(|e| StoreError::Corrupt(format!("tool_calls column: {e}")))?,
             None => Vec::new(),
         };
         let images: Vec<String> = match self.images {
             Some(text) => serde_json::from_str(&text)
-                .map_err(|e| StoreError(format!("corrupt images column: {e}")))?,
+                .map_err(|e| StoreError::Corrupt(format!("images column: {e}")))?,
             None => Vec::new(),
         };
         let usage = self.prompt_tokens.map(|prompt| Usage {
@@ -447,7 +466,7 @@ impl Store for SqliteStore {
     }
 
     async fn keep_input(&self, conversation: &str, input: &Inbound) -> Result<bool, StoreError> {
-        let body = serde_json::to_string(input).map_err(|e| StoreError(e.to_string()))?;
+        let body = serde_json::to_string(input).map_err(|e| StoreError::Failed(e.to_string()))?;
         let done = sqlx::query(
             "INSERT INTO inbox (conversation, position, author, body, received_at)
              VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (conversation, position) DO NOTHING",
@@ -473,7 +492,7 @@ impl Store for SqliteStore {
         rows.into_iter()
             .map(|(conversation, position, author, body)| {
                 let input: Inbound = serde_json::from_str(&body)
-                    .map_err(|e| StoreError(format!("corrupt inbox body: {e}")))?;
+                    .map_err(|e| StoreError::Corrupt(format!("inbox body: {e}")))?;
                 let input = Inbound {
                     position: position as u64,
                     author: author as u64,
@@ -589,5 +608,61 @@ impl SqliteStore {
             self.remember(conversation);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlx::Connection;
+    use sqlx::sqlite::SqliteConnection;
+
+    async fn connect(path: &Path, read_only: bool) -> SqliteConnection {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .read_only(read_only)
+            .busy_timeout(Duration::ZERO);
+        SqliteConnection::connect_with(&options).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn failures_are_sorted_by_sqlite_code_not_by_wording() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let mut writer = connect(&path, false).await;
+        sqlx::query("CREATE TABLE t (x INTEGER)")
+            .execute(&mut writer)
+            .await
+            .unwrap();
+
+        let mut reader = connect(&path, true).await;
+        let error = sqlx::query("INSERT INTO t VALUES (1)")
+            .execute(&mut reader)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(classify(&error), StoreError::NotWritable(_)),
+            "{error}"
+        );
+
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut writer)
+            .await
+            .unwrap();
+        let mut other = connect(&path, false).await;
+        let error = sqlx::query("INSERT INTO t VALUES (2)")
+            .execute(&mut other)
+            .await
+            .unwrap_err();
+        let classified = classify(&error);
+        assert!(matches!(classified, StoreError::Busy(_)), "{error}");
+        assert!(classified.is_transient());
+
+        let error = sqlx::query("SELECT nope FROM t")
+            .execute(&mut other)
+            .await
+            .unwrap_err();
+        assert_eq!(classify(&error).kind(), "failed");
     }
 }

@@ -66,7 +66,7 @@ impl MemoryStore {
     fn writable(&self) -> Result<std::sync::MutexGuard<'_, Stored>, StoreError> {
         let state = self.lock();
         match &state.failing {
-            Some(reason) => Err(StoreError(reason.clone())),
+            Some(reason) => Err(StoreError::Failed(reason.clone())),
             None => Ok(state),
         }
     }
