@@ -105,7 +105,7 @@ impl ToolHost for Calculator {
 }
 
 /// Keeps messages in memory: the engine's cost without any database.
-#[path = "../tests/support/memory.rs"]
+#[path = "../tests/it/support/memory.rs"]
 mod memory;
 use memory::MemoryStore;
 

@@ -2,7 +2,7 @@
 //! deleted while running, and writes that fail mid-turn. Each says exactly
 //! what was kept and what to do.
 
-mod support;
+use crate::support;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -10,9 +10,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::support::{FakeModel, text, wrapped};
 use mcpcord::app::App;
 use mcpcord::conversation::{ApproveAll, Message, Store, TurnError};
-use support::{FakeModel, text, wrapped};
 
 fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")

@@ -1,13 +1,13 @@
 //! `mcpcord check` catches the common mistakes and says what to fix.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::process::{Output, Stdio};
 
+use crate::support::FakeModel;
+use crate::support::discord::FakeDiscord;
 use serde_json::json;
-use support::FakeModel;
-use support::discord::FakeDiscord;
 
 async fn check(model: &FakeModel, dir: &Path, env: &[(&str, &str)]) -> Output {
     let mut cmd = support::mcpcord(model, dir);
@@ -30,6 +30,7 @@ fn report(output: &Output) -> String {
 
 #[tokio::test]
 async fn a_good_setup_passes_and_lists_tools_as_the_model_sees_them() {
+    support::needs_servers!();
     let model = FakeModel::start().await;
     let discord = FakeDiscord::start().await;
     let dir = tempfile::tempdir().unwrap();
@@ -59,6 +60,7 @@ async fn a_good_setup_passes_and_lists_tools_as_the_model_sees_them() {
 
 #[tokio::test]
 async fn each_common_mistake_is_named_with_what_to_do() {
+    support::needs_servers!();
     let model = FakeModel::start().await;
     let discord = FakeDiscord::start().await;
     let dir = tempfile::tempdir().unwrap();

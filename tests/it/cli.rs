@@ -1,13 +1,13 @@
 //! `mcpcord chat` as a person runs it: the real binary, stdin and stdout.
 
-mod support;
+use crate::support;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Child, Command, Output};
 
+use crate::support::{FakeModel, Reply, call, text};
 use serde_json::json;
-use support::{FakeModel, Reply, call, text};
 
 fn command(model: &FakeModel, dir: &Path) -> Command {
     support::mcpcord(model, dir)
@@ -38,6 +38,7 @@ fn stderr(output: &Output) -> String {
 
 #[tokio::test]
 async fn chat_prints_tool_lines_and_answers_and_continues_next_time() {
+    support::needs_servers!();
     let model = FakeModel::start().await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("notes.txt"), "buy milk").unwrap();
@@ -69,6 +70,7 @@ async fn chat_prints_tool_lines_and_answers_and_continues_next_time() {
 
 #[tokio::test]
 async fn killed_mid_turn_the_next_run_carries_on() {
+    support::needs_servers!();
     let model = FakeModel::start().await;
     let dir = tempfile::tempdir().unwrap();
     support::write_mcp(dir.path(), json!({"fs": support::filesystem(dir.path())}));
@@ -173,6 +175,7 @@ async fn problems_go_to_stderr_and_the_chat_goes_on() {
 
 #[tokio::test]
 async fn calls_that_need_approval_are_declined_without_yes_and_run_with_it() {
+    support::needs_servers!();
     let model = FakeModel::start().await;
     let dir = tempfile::tempdir().unwrap();
     support::write_mcp(dir.path(), json!({"fs": support::filesystem(dir.path())}));
@@ -209,6 +212,7 @@ async fn calls_that_need_approval_are_declined_without_yes_and_run_with_it() {
 
 #[tokio::test]
 async fn an_interactive_chat_asks_before_calls_that_need_approval() {
+    support::needs_servers!();
     let model = FakeModel::start().await;
     let dir = tempfile::tempdir().unwrap();
     support::write_mcp(dir.path(), json!({"fs": support::filesystem(dir.path())}));

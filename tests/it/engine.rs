@@ -1,17 +1,17 @@
 //! The engine end to end: the real OpenRouter client against the loopback
 //! fake, a SQLite file, and the real filesystem and time MCP servers.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::support::{FakeModel, Reply, call, text, turn};
 use mcpcord::app::App;
 use mcpcord::conversation::{
     ApproveAll, Message, ModelError, Role, Store, TurnError, TurnEvent, TurnOutcome,
 };
 use serde_json::{Value, json};
-use support::{FakeModel, Reply, call, text, turn};
 use tempfile::TempDir;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -87,6 +87,7 @@ fn files_setup_dir() -> TempDir {
 
 #[tokio::test]
 async fn lists_a_directory_and_reads_two_files_in_one_reply() {
+    support::needs_servers!();
     let files = files_setup_dir();
     let root = files.path().display().to_string();
     let s = setup(json!({"fs": support::filesystem(files.path())})).await;
@@ -167,6 +168,7 @@ async fn lists_a_directory_and_reads_two_files_in_one_reply() {
 
 #[tokio::test]
 async fn bad_arguments_and_unknown_tools_become_results_for_the_model() {
+    support::needs_servers!();
     let files = files_setup_dir();
     let s = setup(json!({"fs": support::filesystem(files.path())})).await;
     s.model.script([
@@ -314,6 +316,7 @@ async fn a_mid_stream_error_is_reported_and_the_history_stays_valid() {
 
 #[tokio::test]
 async fn non_streaming_mode_runs_tools_and_answers() {
+    support::needs_servers!();
     let files = files_setup_dir();
     let s = setup(json!({"fs": support::filesystem(files.path())})).await;
     let path = files.path().join("a.txt").display().to_string();
@@ -374,6 +377,7 @@ async fn a_conversation_continues_after_a_restart() {
 
 #[tokio::test]
 async fn a_turn_aborted_during_a_tool_call_leaves_a_valid_history() {
+    support::needs_servers!();
     let s = setup(json!({"everything": support::everything()})).await;
     s.model.script([call(
         "slow",
@@ -402,6 +406,7 @@ async fn a_turn_aborted_during_a_tool_call_leaves_a_valid_history() {
 
 #[tokio::test]
 async fn a_turn_aborted_while_the_model_thinks_keeps_the_finished_tool_round() {
+    support::needs_servers!();
     let files = files_setup_dir();
     let s = setup(json!({"fs": support::filesystem(files.path())})).await;
     s.model.script([
@@ -434,6 +439,7 @@ async fn a_turn_aborted_while_the_model_thinks_keeps_the_finished_tool_round() {
 
 #[tokio::test]
 async fn the_round_limit_stops_the_turn_and_says_so() {
+    support::needs_servers!();
     let files = files_setup_dir();
     let s = setup(json!({"fs": support::filesystem(files.path())})).await;
     let list = json!({"path": files.path()}).to_string();
@@ -496,6 +502,7 @@ async fn a_long_history_is_fitted_to_the_context_window() {
 
 #[tokio::test]
 async fn a_model_without_tools_is_refused_with_the_reason() {
+    support::needs_servers!();
     let files = files_setup_dir();
     let s = setup(json!({"fs": support::filesystem(files.path())})).await;
     let app = app(&s, &[]).await;
@@ -544,6 +551,7 @@ async fn a_model_without_tools_is_refused_with_the_reason() {
 
 #[tokio::test]
 async fn the_time_server_from_pypi_answers() {
+    support::needs_servers!();
     let s = setup(json!({"time": {"command": support::time_server(), "args": ["--local-timezone", "UTC"], "scope": "shared"}})).await;
     s.model.script([
         call("t1", "time__get_current_time", r#"{"timezone":"UTC"}"#),
@@ -574,6 +582,7 @@ async fn reset_clears_the_history() {
 
 #[tokio::test]
 async fn images_from_tools_reach_models_that_read_images() {
+    support::needs_servers!();
     let s = setup(json!({"everything": support::everything()})).await;
     let app = app(&s, &[]).await;
     s.model.script([

@@ -2,16 +2,16 @@
 //! Discord (REST + gateway), the real engine, SQLite and MCP servers, and the
 //! loopback model.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::support::discord::{ALICE, BOB, BOT, CHANNEL, FakeDiscord};
+use crate::support::{FakeModel, Reply, call, text};
 use mcpcord::app::App;
 use mcpcord::config::DiscordConfig;
 use serde_json::{Value, json};
-use support::discord::{ALICE, BOB, BOT, CHANNEL, FakeDiscord};
-use support::{FakeModel, Reply, call, text};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -92,6 +92,7 @@ fn contents(posts: &[Value]) -> Vec<String> {
 
 #[tokio::test]
 async fn a_mention_opens_a_thread_where_tools_run_and_the_answer_lands() {
+    support::needs_servers!();
     let discord = FakeDiscord::start().await;
     let model = FakeModel::start().await;
     let dir = tempfile::tempdir().unwrap();
@@ -261,6 +262,7 @@ async fn two_quick_messages_are_answered_in_order() {
 
 #[tokio::test]
 async fn slash_commands_answer_in_time() {
+    support::needs_servers!();
     let discord = FakeDiscord::start().await;
     let model = FakeModel::start().await;
     let dir = tempfile::tempdir().unwrap();
@@ -399,6 +401,7 @@ async fn slash_commands_answer_in_time() {
 
 #[tokio::test]
 async fn approvals_are_granted_denied_timed_out_and_guarded() {
+    support::needs_servers!();
     let discord = FakeDiscord::start().await;
     let model = FakeModel::start().await;
     let dir = tempfile::tempdir().unwrap();
@@ -663,6 +666,7 @@ async fn attachments_become_text_images_or_a_notice() {
 
 #[tokio::test]
 async fn a_truncated_tool_result_is_attached_in_full() {
+    support::needs_servers!();
     let discord = FakeDiscord::start().await;
     let model = FakeModel::start().await;
     let dir = tempfile::tempdir().unwrap();
@@ -1076,6 +1080,7 @@ async fn a_message_waiting_when_the_bot_is_killed_is_answered_after_the_restart(
 
 #[tokio::test]
 async fn commands_answer_while_a_turn_waits_for_an_approval_in_a_listed_channel() {
+    support::needs_servers!();
     let discord = FakeDiscord::start().await;
     let model = FakeModel::start().await;
     let dir = tempfile::tempdir().unwrap();

@@ -1,7 +1,7 @@
 //! MCP servers that misbehave (tests/peers/hostile_mcp.py): each costs one
 //! bounded failure, never a hang, a memory blow-up or a leaked secret.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::process::{Command, Stdio};

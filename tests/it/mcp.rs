@@ -1,7 +1,7 @@
 //! The MCP host against real servers: Streamable HTTP, session scopes, the
 //! LRU cap, idle closing, crash restarts, and no orphan processes.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -47,6 +47,7 @@ fn fs_server(root: &Path) -> Value {
 
 #[tokio::test]
 async fn each_conversation_gets_its_own_session_capped_by_lru() {
+    support::needs_servers!();
     let root = tempfile::tempdir().unwrap();
     let marker = root.path().display().to_string();
     let limits = Limits {
@@ -79,6 +80,7 @@ async fn each_conversation_gets_its_own_session_capped_by_lru() {
 
 #[tokio::test]
 async fn idle_sessions_are_closed_and_started_again_when_needed() {
+    support::needs_servers!();
     let root = tempfile::tempdir().unwrap();
     let marker = root.path().display().to_string();
     let limits = Limits {
@@ -102,6 +104,7 @@ async fn idle_sessions_are_closed_and_started_again_when_needed() {
 
 #[tokio::test]
 async fn a_crashed_server_is_reported_and_restarted() {
+    support::needs_servers!();
     let root = tempfile::tempdir().unwrap();
     let marker = root.path().display().to_string();
     let host = host(json!({"fs": fs_server(root.path())}), Limits::default());
@@ -137,6 +140,7 @@ async fn a_crashed_server_is_reported_and_restarted() {
 
 #[tokio::test]
 async fn a_server_that_cannot_start_is_a_problem_not_a_failure() {
+    support::needs_servers!();
     let root = tempfile::tempdir().unwrap();
     let host = host(
         json!({"broken": {"command": "/nonexistent/mcp-server"}, "fs": fs_server(root.path())}),
@@ -155,6 +159,7 @@ async fn a_server_that_cannot_start_is_a_problem_not_a_failure() {
 
 #[tokio::test]
 async fn streamable_http_shared_server_with_env_and_rich_results() {
+    support::needs_servers!();
     let port = {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.local_addr().unwrap().port()
@@ -247,6 +252,7 @@ async fn streamable_http_shared_server_with_env_and_rich_results() {
 
 #[tokio::test]
 async fn a_slow_tool_times_out_with_a_message() {
+    support::needs_servers!();
     let host = host(
         json!({"everything": {"command": "node", "args": [support::node_server("server-everything")], "timeoutSecs": 1}}),
         Limits::default(),

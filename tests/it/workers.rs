@@ -2,17 +2,17 @@
 //! tokio's clock paused: order, inputs kept before their turn, panics,
 //! shutdown cuts and restarts, settings that never wait for a turn.
 
-mod support;
-
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::support::memory::{
+    FakeTools, Gate, MemoryStore, Scripted, ScriptedModel, answer, calls,
+};
 use async_trait::async_trait;
 use mcpcord::conversation::{
     Accepted, ApprovalRequest, ApproveAll, Approver, Decision, Engine, EngineSettings, Inbound,
     Stopped, TurnEvent, TurnInput, TurnRunner, Workers,
 };
-use support::memory::{FakeTools, Gate, MemoryStore, Scripted, ScriptedModel, answer, calls};
 use tokio::sync::mpsc;
 
 const GRACE: Duration = Duration::from_secs(30);

@@ -1,7 +1,7 @@
 //! The MCP host against an rmcp server running in this process (Streamable
 //! HTTP on loopback): tool list changes, strict schemas, parallel calls.
 
-mod support;
+use crate::support;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

@@ -2,12 +2,12 @@
 //! bodies that are not JSON, answers without end. Each is one clear error
 //! for the person, and the next turn works.
 
-mod support;
+use crate::support;
 
+use crate::support::{FakeModel, Reply, text};
 use mcpcord::app::App;
 use mcpcord::conversation::{ModelError, TurnError, TurnEvent, TurnOutcome};
 use serde_json::{Value, json};
-use support::{FakeModel, Reply, text};
 use tempfile::TempDir;
 
 struct Setup {
@@ -105,11 +105,13 @@ async fn duplicate_ids_run_every_call(extra: &[(&str, &str)]) {
 
 #[tokio::test]
 async fn duplicate_tool_call_ids_are_renamed_when_streamed() {
+    support::needs_servers!();
     duplicate_ids_run_every_call(&[]).await;
 }
 
 #[tokio::test]
 async fn duplicate_tool_call_ids_are_renamed_when_not_streamed() {
+    support::needs_servers!();
     duplicate_ids_run_every_call(&[("STREAM_RESPONSES", "false")]).await;
 }
 
@@ -146,6 +148,7 @@ async fn an_endless_answer_stops_at_the_size_bound() {
 
 #[tokio::test]
 async fn a_call_id_reused_in_a_later_reply_is_renamed() {
+    support::needs_servers!();
     let s = setup(&[]).await;
     let list = "fs__list_allowed_directories";
     for _ in 0..2 {
@@ -160,6 +163,7 @@ async fn a_call_id_reused_in_a_later_reply_is_renamed() {
 
 #[tokio::test]
 async fn a_reply_with_too_many_calls_runs_only_the_first_ones() {
+    support::needs_servers!();
     use mcpcord::conversation::MAX_CALLS_PER_REPLY;
     let s = setup(&[]).await;
     let calls = (0..MAX_CALLS_PER_REPLY + 8)

@@ -1,0 +1,27 @@
+//! The integration tests, in one binary (one link instead of one per file).
+//!
+//! - `workers`, and parts of `engine`: the engine and the conversations'
+//!   workers over in-memory ports, with tokio's clock paused.
+//! - `discord`: the real serenity client against a loopback Discord.
+//! - `mcp`, `mcp_in_process`, `hostile_mcp`: real MCP servers (npm, PyPI),
+//!   rmcp servers in process, and misbehaving ones in raw JSON-RPC.
+//! - `engine`, `hostile_model`: the loopback OpenAI-compatible model.
+//! - `cli`, `check`, `storage`: the `mcpcord` binary itself.
+//! - `parsers`: property tests of the parsers.
+//!
+//! Tests that need the real MCP servers skip, saying so, when
+//! `.ci/install-test-servers` has not been run; under CI they fail instead.
+
+mod support;
+
+mod check;
+mod cli;
+mod discord;
+mod engine;
+mod hostile_mcp;
+mod hostile_model;
+mod mcp;
+mod mcp_in_process;
+mod parsers;
+mod storage;
+mod workers;
