@@ -8,7 +8,7 @@
 //! - `approvals`: Approve / Deny buttons.
 //! - `handler`: serenity's event handler.
 //! - [`render`]: message splitting and tool notices (pure).
-//! - [`rest`]: the REST calls, with 429s honoured.
+//! - [`rest`]: the REST calls, with 429s honoured (`retry`: how it waits).
 //!
 //! Messages reach the conversation's worker ([`Workers`]) as soon as they
 //! are routed and stored; the turn itself runs there, in order.
@@ -22,6 +22,7 @@ mod inbound;
 pub mod protocol;
 pub mod render;
 pub mod rest;
+mod retry;
 mod stream;
 mod turns;
 

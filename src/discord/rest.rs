@@ -5,18 +5,15 @@
 
 use std::time::Duration;
 
-use reqwest::{Method, StatusCode};
+use reqwest::Method;
 use serde_json::{Value, json};
 
+use super::retry::{retrying, unreachable_for};
 use crate::config::Secret;
 
 /// Discord's HTTP API, unless `DISCORD_API_BASE_URL` says otherwise.
 pub const DEFAULT_API_BASE: &str = "https://discord.com";
 const API_PATH: &str = "/api/v10";
-/// Attempts of one request when Discord keeps answering 429 or 5xx.
-const MAX_ATTEMPTS: usize = 6;
-/// A rate limit longer than this is an error rather than a wait.
-const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
@@ -137,18 +134,17 @@ impl Rest {
         let mut body = with_no_pings(body);
         body["attachments"] = json!([{"id": 0, "filename": file.name}]);
         let path = format!("/channels/{channel}/messages");
-        let message = self
-            .retrying("posting a file", || {
-                let form = reqwest::multipart::Form::new()
-                    .text("payload_json", body.to_string())
-                    .part(
-                        "files[0]",
-                        reqwest::multipart::Part::bytes(file.bytes.clone())
-                            .file_name(file.name.clone()),
-                    );
-                self.request(Method::POST, &path).multipart(form)
-            })
-            .await?;
+        let message = retrying("posting a file", || {
+            let form = reqwest::multipart::Form::new()
+                .text("payload_json", body.to_string())
+                .part(
+                    "files[0]",
+                    reqwest::multipart::Part::bytes(file.bytes.clone())
+                        .file_name(file.name.clone()),
+                );
+            self.request(Method::POST, &path).multipart(form)
+        })
+        .await?;
         Ok(id_of(&message))
     }
 
@@ -257,7 +253,7 @@ impl Rest {
         body: Option<Value>,
         what: &str,
     ) -> Result<Value, RestError> {
-        self.retrying(what, || {
+        retrying(what, || {
             let request = self.request(method.clone(), path);
             match &body {
                 Some(body) => request.json(body),
@@ -266,86 +262,6 @@ impl Rest {
         })
         .await
     }
-
-    /// Sends what `build` makes until it succeeds, waiting out 429s and
-    /// retrying 5xx and connection failures a bounded number of times.
-    async fn retrying(
-        &self,
-        what: &str,
-        build: impl Fn() -> reqwest::RequestBuilder,
-    ) -> Result<Value, RestError> {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let last = attempt >= MAX_ATTEMPTS;
-            let response = match build().send().await {
-                Ok(response) => response,
-                Err(e) if !last => {
-                    let error = unreachable_for(what, e);
-                    tracing::warn!(%error, "Discord request failed; retrying");
-                    tokio::time::sleep(backoff(attempt)).await;
-                    continue;
-                }
-                Err(e) => return Err(unreachable_for(what, e)),
-            };
-            let status = response.status();
-            let header_wait = response
-                .headers()
-                .get("retry-after")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
-            let text = response.text().await.unwrap_or_default();
-            let body: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-            if status.is_success() {
-                return Ok(body);
-            }
-            if status == StatusCode::TOO_MANY_REQUESTS && !last {
-                let wait = rate_limit_wait(body["retry_after"].as_f64(), header_wait.as_deref());
-                if wait <= MAX_RETRY_AFTER {
-                    tracing::info!(what, ?wait, "Discord rate limit; waiting");
-                    tokio::time::sleep(wait).await;
-                    continue;
-                }
-            }
-            if status.is_server_error() && !last {
-                tokio::time::sleep(backoff(attempt)).await;
-                continue;
-            }
-            if status == StatusCode::UNAUTHORIZED {
-                return Err(RestError::Unauthorized);
-            }
-            return Err(RestError::Refused {
-                what: what.into(),
-                status: status.as_u16(),
-                message: body["message"].as_str().unwrap_or(text.as_str()).to_owned(),
-            });
-        }
-    }
-}
-
-/// A request that got no answer. reqwest's message names the URL, and
-/// interaction tokens sit in URL paths, so the URL is left out.
-fn unreachable_for(what: &str, error: reqwest::Error) -> RestError {
-    RestError::Connection {
-        what: what.into(),
-        message: error.without_url().to_string(),
-    }
-}
-
-/// How long a 429 asks to wait: the body's `retry_after`, else the
-/// `Retry-After` header, else a second. Whatever the peer sends (`1e20`,
-/// `NaN`, a negative number), the result is a valid wait of at most an hour.
-fn rate_limit_wait(body: Option<f64>, header: Option<&str>) -> Duration {
-    let header = header.and_then(|v| v.trim().parse::<f64>().ok());
-    let seconds = body
-        .filter(|s| s.is_finite())
-        .or(header.filter(|s| s.is_finite()))
-        .unwrap_or(1.0);
-    Duration::from_secs_f64(seconds.clamp(0.0, 3600.0))
-}
-
-fn backoff(attempt: usize) -> Duration {
-    Duration::from_millis(250 * (1 << attempt.min(5)))
 }
 
 /// Model output must never ping @everyone, roles or users.
@@ -361,40 +277,5 @@ fn id_of(value: &Value) -> u64 {
         Value::String(s) => s.parse().unwrap_or(0),
         Value::Number(n) => n.as_u64().unwrap_or(0),
         _ => 0,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn a_failed_request_does_not_name_its_url() {
-        crate::app::install_crypto();
-        let url = "http://127.0.0.1:1/api/v10/interactions/1/interaction-secret/callback";
-        let error = reqwest::Client::new().post(url).send().await.unwrap_err();
-        assert!(error.to_string().contains("interaction-secret"), "{error}");
-        let error = unreachable_for("answering an interaction", error).to_string();
-        assert!(!error.contains("interaction-secret"), "{error}");
-        assert!(error.contains("answering an interaction"), "{error}");
-    }
-
-    #[test]
-    fn rate_limit_waits_survive_hostile_numbers() {
-        assert_eq!(
-            rate_limit_wait(Some(0.25), Some("9")),
-            Duration::from_millis(250)
-        );
-        assert_eq!(rate_limit_wait(None, Some("2")), Duration::from_secs(2));
-        assert_eq!(rate_limit_wait(None, Some("NaN")), Duration::from_secs(1));
-        assert_eq!(
-            rate_limit_wait(Some(f64::NAN), None),
-            Duration::from_secs(1)
-        );
-        assert_eq!(
-            rate_limit_wait(None, Some("1e20")),
-            Duration::from_secs(3600)
-        );
-        assert_eq!(rate_limit_wait(Some(-3.0), None), Duration::ZERO);
     }
 }

@@ -365,6 +365,8 @@ fn connection_error(error: reqwest::Error) -> ModelError {
         return ModelError::Timeout;
     }
     // The source chain says what actually failed (refused, DNS, TLS...).
+    // The URL is left out: a local endpoint may carry a key in it.
+    let error = error.without_url();
     let mut message = error.to_string();
     let mut source = std::error::Error::source(&error);
     while let Some(cause) = source {
