@@ -16,7 +16,7 @@ pub use history::{estimate_tokens, fit_to_context, repair};
 pub use ports::{
     ApprovalRequest, ApproveAll, Approver, ChatModel, ChatRequest, Completion, Decision,
     DeclineAll, FinishReason, Hold, ModelError, ModelInfo, ModelLookup, Notices, Store, StoreError,
-    TextSink, ToolHost, ToolList, ToolOutcome,
+    TextSink, TimedApprover, ToolHost, ToolList, ToolOutcome,
 };
 pub use types::{
     AttachmentRef, Inbound, Message, Role, ToolCall, ToolSpec, TurnEvent, Usage, UsageTotals,

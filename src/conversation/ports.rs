@@ -381,6 +381,34 @@ pub enum Decision {
 #[async_trait]
 pub trait Approver: Send + Sync {
     async fn decide(&self, request: &ApprovalRequest) -> Decision;
+
+    /// The question about `request` went unanswered for `after` and counts
+    /// as declined (see [`TimedApprover`]); a surface may say so where it
+    /// asked.
+    async fn expired(&self, request: &ApprovalRequest, after: Duration) {
+        let _ = (request, after);
+    }
+}
+
+/// Asks `inner`, and counts no answer within `timeout` as a decline.
+#[derive(Debug, Clone)]
+pub struct TimedApprover<A> {
+    pub inner: A,
+    pub timeout: Duration,
+}
+
+#[async_trait]
+impl<A: Approver> Approver for TimedApprover<A> {
+    async fn decide(&self, request: &ApprovalRequest) -> Decision {
+        if let Ok(decision) = tokio::time::timeout(self.timeout, self.inner.decide(request)).await {
+            return decision;
+        }
+        self.inner.expired(request, self.timeout).await;
+        Decision::Decline(format!(
+            "nobody approved it within {} seconds",
+            self.timeout.as_secs()
+        ))
+    }
 }
 
 /// Approves every call (`mcpcord chat --yes`, and tests).

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use serde_json::{Value, json};
@@ -102,12 +103,18 @@ impl Approvals {
 }
 
 /// Asks in the thread with Approve / Deny buttons, through the turn's
-/// renderer so that the question comes after the tool's notice.
+/// renderer so that the question comes after the tool's notice. It waits
+/// as long as it takes; the turn wraps it in a [`TimedApprover`]
+/// (`APPROVAL_TIMEOUT_SECS`), and an expired question is marked as such.
+///
+/// [`TimedApprover`]: crate::conversation::TimedApprover
 pub struct Buttons {
     pub surface: Arc<Surface>,
     pub channel: u64,
     pub asker: u64,
     pub posts: mpsc::UnboundedSender<Post>,
+    /// Per call: the question's message and its text, for marking it expired.
+    pub asked: Mutex<HashMap<String, (u64, String)>>,
 }
 
 impl Buttons {
@@ -126,8 +133,9 @@ impl Buttons {
 #[async_trait]
 impl Approver for Buttons {
     async fn decide(&self, request: &ApprovalRequest) -> Decision {
-        let approvals = &self.surface.approvals;
-        let (open, decided) = approvals.open(self.asker);
+        // Dropped with this future (answered, or timed out): the buttons
+        // then decide nothing.
+        let (open, decided) = self.surface.approvals.open(self.asker);
         let content = format!(
             "🔐 May I run {}?",
             notice_started(&request.tool, &request.arguments).trim_start_matches("🔧 ")
@@ -145,14 +153,22 @@ impl Approver for Buttons {
                 ));
             }
         };
-        let timeout = self.surface.config.approval_timeout;
-        if let Ok(Ok(decision)) = tokio::time::timeout(timeout, decided).await {
-            return decision;
-        }
-        drop(open);
+        self.lock_asked()
+            .insert(request.call_id.clone(), (message, content));
+        let decision = decided
+            .await
+            .unwrap_or_else(|_| Decision::Decline("the question was withdrawn".to_owned()));
+        self.lock_asked().remove(&request.call_id);
+        decision
+    }
+
+    async fn expired(&self, request: &ApprovalRequest, after: Duration) {
+        let Some((message, content)) = self.lock_asked().remove(&request.call_id) else {
+            return;
+        };
         let note = format!(
             "{content}\n⌛ No answer within {} seconds: denied.",
-            timeout.as_secs()
+            after.as_secs()
         );
         let edit = json!({"content": note, "components": []});
         if let Err(error) = self
@@ -163,10 +179,12 @@ impl Approver for Buttons {
         {
             tracing::warn!(%error, "could not mark an approval question as expired");
         }
-        Decision::Decline(format!(
-            "nobody approved it within {} seconds",
-            timeout.as_secs()
-        ))
+    }
+}
+
+impl Buttons {
+    fn lock_asked(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u64, String)>> {
+        self.asked.lock().expect("asked poisoned")
     }
 }
 

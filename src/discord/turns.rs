@@ -3,7 +3,7 @@
 //! questions, the streamed answer, warnings and errors).
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -18,7 +18,7 @@ use super::protocol::TYPING_LASTS_SECS;
 use super::render::{notice_finished, notice_started};
 use super::rest::Attachment;
 use super::stream::Answer;
-use crate::conversation::{Inbound, Stopped, TurnEvent, TurnInput, TurnRunner};
+use crate::conversation::{Inbound, Stopped, TimedApprover, TurnEvent, TurnInput, TurnRunner};
 
 /// The typing indicator is renewed a little before it runs out.
 const TYPING_EVERY: Duration = Duration::from_secs(TYPING_LASTS_SECS - 2);
@@ -63,11 +63,15 @@ impl TurnRunner for Turns {
             for notice in notices {
                 let _ = events.send(TurnEvent::Warning(notice));
             }
-            let approver = Buttons {
-                surface: surface.clone(),
-                channel,
-                asker: input.author,
-                posts,
+            let approver = TimedApprover {
+                inner: Buttons {
+                    surface: surface.clone(),
+                    channel,
+                    asker: input.author,
+                    posts,
+                    asked: Mutex::default(),
+                },
+                timeout: surface.config.approval_timeout,
             };
             let turn = TurnInput {
                 message,

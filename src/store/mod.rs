@@ -19,6 +19,9 @@ const MAX_CONNECTIONS: u32 = 4;
 /// How long a write waits for another to finish before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Forgets a kept input (taken by its turn, or dropped).
+const FORGET_INPUT: &str = "DELETE FROM inbox WHERE conversation = ?1 AND position = ?2";
+
 /// Conversations remembered as having their row; past this the set starts over.
 const MAX_KNOWN_CONVERSATIONS: usize = 10_000;
 
@@ -156,64 +159,6 @@ impl SqliteStore {
         Ok(totals(row))
     }
 
-    /// Remembers a thread the Discord bot started.
-    pub async fn add_discord_thread(
-        &self,
-        conversation: &str,
-        guild: Option<u64>,
-        channel: u64,
-        started_by: u64,
-    ) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO discord_threads (conversation, guild_id, channel_id, started_by, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (conversation) DO NOTHING",
-        )
-        .bind(conversation)
-        .bind(guild.map(|g| g as i64))
-        .bind(channel as i64)
-        .bind(started_by as i64)
-        .bind(now())
-        .execute(&self.pool)
-        .await
-        .map_err(db)?;
-        Ok(())
-    }
-
-    /// The parent channel of the thread of `conversation`, when the Discord
-    /// bot started that thread.
-    pub async fn discord_thread_parent(
-        &self,
-        conversation: &str,
-    ) -> Result<Option<u64>, StoreError> {
-        let row: Option<(i64,)> =
-            sqlx::query_as("SELECT channel_id FROM discord_threads WHERE conversation = ?1")
-                .bind(conversation)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(db)?;
-        Ok(row.map(|(parent,)| parent as u64))
-    }
-
-    /// Tokens and cost of the bot's threads in one Discord server since
-    /// `since_unix` seconds.
-    pub async fn guild_usage_since(
-        &self,
-        guild: u64,
-        since_unix: i64,
-    ) -> Result<UsageTotals, StoreError> {
-        let row: (Option<i64>, Option<i64>, Option<f64>, i64) = sqlx::query_as(
-            "SELECT SUM(m.prompt_tokens), SUM(m.completion_tokens), SUM(m.cost), COUNT(m.prompt_tokens)
-             FROM messages m JOIN discord_threads t ON t.conversation = m.conversation
-             WHERE t.guild_id = ?1 AND m.created_at >= ?2",
-        )
-        .bind(guild as i64)
-        .bind(since_unix)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(db)?;
-        Ok(totals(row))
-    }
-
     /// Tokens and cost of every conversation whose key starts with `prefix`,
     /// since `since_unix` seconds.
     pub async fn usage_since(
@@ -238,7 +183,13 @@ impl SqliteStore {
 #[async_trait]
 impl crate::discord::Threads for SqliteStore {
     async fn parent(&self, conversation: &str) -> Result<Option<u64>, StoreError> {
-        self.discord_thread_parent(conversation).await
+        let row: Option<(i64,)> =
+            sqlx::query_as("SELECT channel_id FROM discord_threads WHERE conversation = ?1")
+                .bind(conversation)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db)?;
+        Ok(row.map(|(parent,)| parent as u64))
     }
 
     async fn add(
@@ -248,8 +199,19 @@ impl crate::discord::Threads for SqliteStore {
         parent: u64,
         started_by: u64,
     ) -> Result<(), StoreError> {
-        self.add_discord_thread(conversation, guild, parent, started_by)
-            .await
+        sqlx::query(
+            "INSERT INTO discord_threads (conversation, guild_id, channel_id, started_by, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (conversation) DO NOTHING",
+        )
+        .bind(conversation)
+        .bind(guild.map(|g| g as i64))
+        .bind(parent as i64)
+        .bind(started_by as i64)
+        .bind(now())
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(())
     }
 
     async fn usage(&self, conversation: &str) -> Result<UsageTotals, StoreError> {
@@ -261,7 +223,17 @@ impl crate::discord::Threads for SqliteStore {
         guild: u64,
         since_unix: i64,
     ) -> Result<UsageTotals, StoreError> {
-        SqliteStore::guild_usage_since(self, guild, since_unix).await
+        let row: (Option<i64>, Option<i64>, Option<f64>, i64) = sqlx::query_as(
+            "SELECT SUM(m.prompt_tokens), SUM(m.completion_tokens), SUM(m.cost), COUNT(m.prompt_tokens)
+             FROM messages m JOIN discord_threads t ON t.conversation = m.conversation
+             WHERE t.guild_id = ?1 AND m.created_at >= ?2",
+        )
+        .bind(guild as i64)
+        .bind(since_unix)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(totals(row))
     }
 }
 
@@ -515,7 +487,7 @@ impl Store for SqliteStore {
             .await;
         let written = async {
             created?;
-            sqlx::query("DELETE FROM inbox WHERE conversation = ?1 AND position = ?2")
+            sqlx::query(FORGET_INPUT)
                 .bind(conversation)
                 .bind(position as i64)
                 .execute(&mut *tx)
@@ -529,7 +501,7 @@ impl Store for SqliteStore {
     }
 
     async fn drop_input(&self, conversation: &str, position: u64) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM inbox WHERE conversation = ?1 AND position = ?2")
+        sqlx::query(FORGET_INPUT)
             .bind(conversation)
             .bind(position as i64)
             .execute(&self.pool)

@@ -11,7 +11,7 @@ use crate::support::memory::{
 use async_trait::async_trait;
 use mcpcord::conversation::{
     Accepted, ApprovalRequest, ApproveAll, Approver, Decision, Engine, EngineSettings, Inbound,
-    Stopped, TurnEvent, TurnInput, TurnRunner, Workers,
+    Stopped, TimedApprover, TurnEvent, TurnInput, TurnRunner, Workers,
 };
 use tokio::sync::mpsc;
 
@@ -409,4 +409,63 @@ async fn a_failed_write_of_the_input_is_not_kept_either() {
     assert!(s.workers.accept("c", input(1, "hi")).await.is_err());
     assert!(s.store.kept().is_empty());
     assert!(s.model.requests().is_empty());
+}
+
+/// Never answers; notes when its question expired.
+#[derive(Default)]
+struct Unanswered {
+    expired: Mutex<Vec<(String, Duration)>>,
+}
+
+#[async_trait]
+impl Approver for Unanswered {
+    async fn decide(&self, _request: &ApprovalRequest) -> Decision {
+        std::future::pending().await
+    }
+
+    async fn expired(&self, request: &ApprovalRequest, after: Duration) {
+        self.expired
+            .lock()
+            .unwrap()
+            .push((request.tool.clone(), after));
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unanswered_approval_counts_as_declined_after_its_timeout() {
+    let store = Arc::new(MemoryStore::default());
+    let model = ScriptedModel::new([calls(&["files__write"]), answer("not written")]);
+    let tools = FakeTools::new(&[]).needing_approval("files__write");
+    let s = Setup::with(store, model.clone(), tools);
+    let approver = TimedApprover {
+        inner: Unanswered::default(),
+        timeout: Duration::from_secs(300),
+    };
+    let (events, _received) = mpsc::unbounded_channel();
+    let started = tokio::time::Instant::now();
+    let outcome = s
+        .engine
+        .run_turn(
+            "c",
+            mcpcord::conversation::Message::user("write"),
+            &events,
+            &approver,
+        )
+        .await
+        .unwrap();
+    assert!(outcome.answered);
+    assert_eq!(
+        started.elapsed(),
+        Duration::from_secs(300),
+        "the paused clock ran to the timeout"
+    );
+    let result = model.requests()[1].last().unwrap().text().to_owned();
+    assert!(
+        result.contains("nobody approved it within 300 seconds"),
+        "{result}"
+    );
+    assert_eq!(
+        *approver.inner.expired.lock().unwrap(),
+        [("files__write".to_owned(), Duration::from_secs(300))]
+    );
 }

@@ -326,12 +326,7 @@ impl ChatModel for ScriptedModel {
     }
 
     async fn model_info(&self, model: &str) -> ModelLookup {
-        ModelLookup::Known(ModelInfo {
-            id: model.to_owned(),
-            context_length: 100_000,
-            supports_tools: true,
-            supports_images: false,
-        })
+        known(model)
     }
 }
 
@@ -450,11 +445,16 @@ impl ChatModel for EchoModel {
     }
 
     async fn model_info(&self, model: &str) -> ModelLookup {
-        ModelLookup::Known(ModelInfo {
-            id: model.to_owned(),
-            context_length: 100_000,
-            supports_tools: true,
-            supports_images: false,
-        })
+        known(model)
     }
+}
+
+/// What the fake models say of every model: known, with tools, no images.
+fn known(model: &str) -> ModelLookup {
+    ModelLookup::Known(ModelInfo {
+        id: model.to_owned(),
+        context_length: 100_000,
+        supports_tools: true,
+        supports_images: false,
+    })
 }
