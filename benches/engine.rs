@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use mcpcord::conversation::{
-    ApproveAll, ChatModel, ChatRequest, Completion, Engine, EngineSettings, FinishReason, Message,
-    ModelError, ModelInfo, ModelLookup, Role, Store, TextSink, ToolCall, ToolHost, ToolList,
-    ToolOutcome, ToolSpec, Usage,
+    ApproveAll, ChatModel, ChatRequest, Completion, Engine, EngineSettings, FinishReason, Inbound,
+    Message, ModelError, ModelInfo, ModelLookup, Role, Stopped, Store, TextSink, ToolCall,
+    ToolHost, ToolList, ToolOutcome, ToolSpec, TurnInput, TurnRunner, Usage, Workers,
 };
 use mcpcord::store::SqliteStore;
 use serde_json::{Value, json};
@@ -154,6 +154,32 @@ async fn one_turn(engine: &Engine, conversation: &str) -> Duration {
     elapsed
 }
 
+/// Runs each input's turn with the engine and says when it is done.
+struct Runner {
+    engine: Arc<Engine>,
+    done: mpsc::UnboundedSender<()>,
+}
+
+#[async_trait]
+impl TurnRunner for Runner {
+    async fn run(&self, conversation: &str, input: Inbound, _resumed: bool) {
+        let (events, _received) = mpsc::unbounded_channel();
+        let turn = TurnInput {
+            message: Message::user(input.text),
+            kept: Some(input.position),
+        };
+        self.engine
+            .run_turn(conversation, turn, &events, &ApproveAll)
+            .await
+            .expect("turn failed");
+        let _ = self.done.send(());
+    }
+
+    async fn crashed(&self, _conversation: &str, _input: &Inbound) {}
+
+    async fn stopped(&self, _conversation: &str, _stopped: Stopped) {}
+}
+
 fn memory_kib(field: &str) -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
@@ -194,6 +220,33 @@ async fn main() {
     let short = measure(&memory, "in memory", 2).await;
     let long = measure(&memory, "in memory", 50).await;
     println!("in memory, turn 50 / turn 2 (medians): {:.2}", long / short);
+
+    // The way a Discord message goes: kept in the inbox first, then its
+    // worker's turn moves it into the history.
+    let (done, mut finished) = mpsc::unbounded_channel();
+    let runner = Arc::new(Runner {
+        engine: Arc::new(engine(Arc::new(store.clone()))),
+        done,
+    });
+    let workers = Workers::new(Arc::new(store.clone()), runner);
+    let mut samples = Vec::with_capacity(CONVERSATIONS);
+    for c in 0..CONVERSATIONS {
+        let input = Inbound {
+            position: c as u64 + 1,
+            author: 1,
+            text: "What is 1 + 2?".into(),
+            attachments: Vec::new(),
+        };
+        let started = Instant::now();
+        workers
+            .accept(&format!("workers:{c}"), input)
+            .await
+            .expect("accept");
+        finished.recv().await.expect("the turn ran");
+        samples.push(started.elapsed());
+    }
+    report("SQLite through the workers (kept, then taken)", samples);
+    workers.shutdown(Duration::from_secs(5)).await;
 
     // The share of a turn that is SQLite: one commit of one message.
     let message = [Message::user("What is 1 + 2?")];

@@ -594,7 +594,12 @@ impl Engine {
     /// Runs `f` on the state of `conversation` under the map lock.
     fn with_live<T>(&self, conversation: &str, f: impl FnOnce(&mut Live) -> T) -> T {
         let mut live = self.live.lock().expect("live map poisoned");
-        f(live.entry(conversation.to_owned()).or_default())
+        let result = f(live.entry(conversation.to_owned()).or_default());
+        // Settings reads of many conversations must not grow the map either.
+        if live.len() > MAX_CACHED_CONVERSATIONS {
+            forget_least_used(&mut live);
+        }
+        result
     }
 
     /// How many conversations have state in memory, and the bytes of their

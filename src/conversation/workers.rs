@@ -350,6 +350,11 @@ impl Worker {
             }
             () = stop.cancelled() => {
                 tracing::info!(conversation, "the running turn was stopped");
+                // Stopped on purpose (a reset): not answered after a restart
+                // either, should it not have reached the history yet.
+                if let Err(error) = self.store.drop_input(conversation, job.input.position).await {
+                    tracing::warn!(conversation, %error, "could not forget the input of a stopped turn");
+                }
             }
             () = self.shared.cut.cancelled() => {
                 let waiting = {

@@ -469,3 +469,28 @@ async fn an_unanswered_approval_counts_as_declined_after_its_timeout() {
         [("files__write".to_owned(), Duration::from_secs(300))]
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_engine_keeps_a_bounded_cache_whatever_it_is_asked() {
+    // Many conversations asked for their model only.
+    let s = Setup::new([]);
+    for i in 0..500 {
+        s.engine.model_of(&format!("c{i}")).await.unwrap();
+    }
+    assert!(s.engine.cached().0 <= 65, "{:?}", s.engine.cached());
+
+    // Histories of 2 MiB each: the cache stays under its 64 MiB.
+    let big = "x".repeat(2 * 1024 * 1024);
+    let s = Setup::new((0..40).map(|_| answer("ok")));
+    let (events, _received) = mpsc::unbounded_channel();
+    for i in 0..40 {
+        let message = mcpcord::conversation::Message::user(big.clone());
+        s.engine
+            .run_turn(&format!("big{i}"), message, &events, &ApproveAll)
+            .await
+            .unwrap();
+    }
+    let (_, bytes) = s.engine.cached();
+    assert!(bytes <= 64 * 1024 * 1024, "{bytes} bytes cached");
+    assert!(bytes >= 30 * 1024 * 1024, "the cache is used: {bytes}");
+}
