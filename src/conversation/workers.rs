@@ -36,7 +36,8 @@ const CUT_WAIT: Duration = Duration::from_secs(5);
 /// What happened to a conversation's work when the workers stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Stopped {
-    /// Its running turn was cut short.
+    /// Its running turn was cut short after its input was stored (the
+    /// person is asked to say "continue" later).
     pub cut: bool,
     /// Inputs still waiting (kept in the store, answered after a restart).
     pub waiting: usize,
@@ -361,7 +362,17 @@ impl Worker {
                     let mut slots = self.shared.slots.lock().expect("slots poisoned");
                     slots.get_mut(conversation).map_or(0, |s| std::mem::take(&mut s.waiting).len())
                 };
-                self.runner.stopped(conversation, Stopped { cut: true, waiting }).await;
+                // Cut before its input reached the history, the input is
+                // still kept and is answered after the restart like the rest.
+                let position = job.input.position;
+                let still_kept = self.store.kept_inputs().await.is_ok_and(|kept| {
+                    kept.iter().any(|(c, i)| c == conversation && i.position == position)
+                });
+                let stopped = Stopped {
+                    cut: !still_kept,
+                    waiting: waiting + usize::from(still_kept),
+                };
+                self.runner.stopped(conversation, stopped).await;
             }
         }
     }

@@ -25,16 +25,21 @@ enum Seen {
     Stopped(String, Stopped),
 }
 
-/// Runs turns with the engine and notes what happened.
+/// Runs turns with the engine and notes what happened. An input whose
+/// text has a gate waits there before its turn (as for a slow download).
 struct Runner {
     engine: Arc<Engine>,
     seen: Arc<Mutex<Vec<Seen>>>,
     done: Arc<tokio::sync::Notify>,
+    before: std::collections::HashMap<String, Arc<Gate>>,
 }
 
 #[async_trait]
 impl TurnRunner for Runner {
     async fn run(&self, conversation: &str, input: Inbound, resumed: bool) {
+        if let Some(gate) = self.before.get(&input.text) {
+            gate.pass().await;
+        }
         let (events, _received) = mpsc::unbounded_channel();
         let turn = TurnInput {
             message: mcpcord::conversation::Message::user(input.text.clone()),
@@ -82,6 +87,15 @@ impl Setup {
     }
 
     fn with(store: Arc<MemoryStore>, model: Arc<ScriptedModel>, tools: FakeTools) -> Setup {
+        Setup::gated(store, model, tools, Default::default())
+    }
+
+    fn gated(
+        store: Arc<MemoryStore>,
+        model: Arc<ScriptedModel>,
+        tools: FakeTools,
+        before: std::collections::HashMap<String, Arc<Gate>>,
+    ) -> Setup {
         let engine = Arc::new(Engine::new(
             model.clone(),
             Arc::new(tools),
@@ -99,6 +113,7 @@ impl Setup {
             engine: engine.clone(),
             seen: Arc::clone(&seen),
             done: done.clone(),
+            before,
         };
         let workers = Workers::new(store.clone(), Arc::new(runner));
         Setup {
@@ -493,4 +508,42 @@ async fn the_engine_keeps_a_bounded_cache_whatever_it_is_asked() {
     let (_, bytes) = s.engine.cached();
     assert!(bytes <= 64 * 1024 * 1024, "{bytes} bytes cached");
     assert!(bytes >= 30 * 1024 * 1024, "the cache is used: {bytes}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_turn_cut_before_its_input_was_stored_is_answered_after_the_restart() {
+    let gate = Gate::new();
+    let store = Arc::new(MemoryStore::default());
+    let s = Setup::gated(
+        store.clone(),
+        ScriptedModel::new([]),
+        FakeTools::new(&[]),
+        [("slow download".to_owned(), gate.clone())].into(),
+    );
+    s.workers
+        .accept("c", input(1, "slow download"))
+        .await
+        .unwrap();
+    gate.reached().await;
+    assert_eq!(s.workers.shutdown(GRACE).await, 1);
+    // Not "cut short": nothing of it was stored, so it just waits.
+    assert_eq!(
+        s.seen(1).await,
+        [Seen::Stopped(
+            "c".into(),
+            Stopped {
+                cut: false,
+                waiting: 1
+            }
+        )]
+    );
+    assert_eq!(store.kept(), [("c".to_owned(), 1)]);
+    let model = ScriptedModel::new([answer("fetched")]);
+    let after = Setup::with(store.clone(), model, FakeTools::new(&[]));
+    after.workers.resume().await.unwrap();
+    assert_eq!(
+        after.seen(1).await,
+        [Seen::Ran("c".into(), "slow download".into(), true)]
+    );
+    assert_eq!(store.user_texts("c"), ["slow download"]);
 }
