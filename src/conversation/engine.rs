@@ -328,11 +328,10 @@ impl Engine {
             .await
             .map_err(TurnError::InputNotStored)?;
         outcome.model.clone_from(&model);
-        let (history, mut trimmed) = self
+        let (mut history, mut trimmed) = self
             .take_history(conversation)
             .await
             .map_err(TurnError::InputNotStored)?;
-        let mut history = history;
         retire_tool_images(&mut history);
         // Until this turn ends cleanly the cache may lag behind the store
         // (an aborted turn), so it is only put back at the end.

@@ -89,8 +89,7 @@ impl TurnRunner for Turns {
 
     async fn crashed(&self, conversation: &str, _input: &Inbound) {
         if let Some(channel) = channel_of(conversation) {
-            say(
-                &self.0,
+            self.0.say(
                 channel,
                 "❌ Something went wrong on my side while answering this (it is in the bot's log). Send your message again; the conversation goes on.",
             )
@@ -115,18 +114,8 @@ impl TurnRunner for Turns {
             ));
         }
         if !lines.is_empty() {
-            say(&self.0, channel, &lines.join("\n")).await;
+            self.0.say(channel, &lines.join("\n")).await;
         }
-    }
-}
-
-async fn say(surface: &Surface, channel: u64, content: &str) {
-    if let Err(error) = surface
-        .rest
-        .create_message(channel, json!({"content": content}))
-        .await
-    {
-        tracing::warn!(%error, channel, "could not post in a thread");
     }
 }
 

@@ -85,10 +85,13 @@ impl SqliteStore {
         };
         if let Err(error) = store.verify_writable().await {
             store.close().await;
-            return Err(StoreError::NotWritable(not_writable(
-                path.as_deref(),
-                &error.to_string(),
-            )));
+            // Only a refusal to write is about whose files these are.
+            return Err(match error {
+                StoreError::NotWritable(message) => {
+                    StoreError::NotWritable(not_writable(path.as_deref(), &message))
+                }
+                other => other,
+            });
         }
         Ok(store)
     }
