@@ -38,6 +38,8 @@ impl ChatModel for InstantModel {
     ) -> Result<Completion, ModelError> {
         let last = request.messages.last().map(Message::role);
         let usage = Usage {
+            cached_tokens: 0,
+            cache_write_tokens: 0,
             prompt_tokens: 100,
             completion_tokens: 10,
             cost: 0.0001,
@@ -57,6 +59,8 @@ impl ChatModel for InstantModel {
             Message::assistant("The sum is 3.")
         };
         Ok(Completion {
+            provider: None,
+            citations: Vec::new(),
             message,
             finish_reason: FinishReason::Stop,
             usage,
@@ -66,8 +70,9 @@ impl ChatModel for InstantModel {
     async fn model_info(&self, model: &str) -> ModelLookup {
         ModelLookup::Known(ModelInfo {
             id: model.to_owned(),
-            context_length: 1_000_000,
-            supports_tools: true,
+            context_length: Some(1_000_000),
+            supports_tools: Some(true),
+            supports_reasoning: false,
             supports_images: false,
         })
     }
@@ -232,6 +237,7 @@ async fn main() {
     let mut samples = Vec::with_capacity(CONVERSATIONS);
     for c in 0..CONVERSATIONS {
         let input = Inbound {
+            author_name: String::new(),
             position: c as u64 + 1,
             author: 1,
             text: "What is 1 + 2?".into(),

@@ -165,10 +165,20 @@ async fn check_model(config: &Config, report: &mut Report<'_, impl Write>) -> st
     }
     let name = &config.default_model;
     match crate::conversation::ChatModel::model_info(&model, name).await {
-        ModelLookup::Known(info) if info.supports_tools => report.ok(&format!(
-            "default model {name}: supports tools, context {} tokens",
-            info.context_length
-        )),
+        ModelLookup::Known(info) if info.supports_tools != Some(false) => {
+            let tools = match info.supports_tools {
+                Some(_) => "supports tools",
+                None => "listed (the endpoint does not say whether it supports tools; they are offered)",
+            };
+            let context = match info.context_length {
+                Some(tokens) => format!("context {tokens} tokens"),
+                None => format!(
+                    "context not listed, {} tokens assumed (FALLBACK_CONTEXT_TOKENS)",
+                    config.limits.fallback_context_tokens
+                ),
+            };
+            report.ok(&format!("default model {name}: {tools}, {context}"))
+        }
         ModelLookup::Known(_) => report.problem(&format!(
             "default model {name} cannot use tools. Set DEFAULT_MODEL to a model whose supported parameters include tools."
         )),

@@ -152,7 +152,102 @@ pub struct Config {
     pub mcp_config_explicit: bool,
     /// `STREAM_RESPONSES`: stream answers as they are written.
     pub stream: bool,
+    /// `MODEL_API`: which dialect the endpoint speaks.
+    pub model_api: ModelApi,
+    /// `OPENROUTER_APP_URL`: sent as `HTTP-Referer` for OpenRouter's app
+    /// attribution; `None` when set empty.
+    pub app_url: Option<String>,
+    /// `OPENROUTER_PROVIDER`: OpenRouter's `provider` preferences, a JSON object.
+    pub provider: Option<serde_json::Value>,
+    /// `REASONING_EFFORT`: unset leaves it to the model.
+    pub reasoning_effort: Option<ReasoningEffort>,
+    /// `WEB_SEARCH`: OpenRouter's web search beside the MCP tools.
+    pub web_search: Option<WebSearch>,
     pub limits: Limits,
+}
+
+/// The project's address, for OpenRouter's app attribution.
+pub const PROJECT_URL: &str = env!("CARGO_PKG_REPOSITORY");
+
+/// The dialect of the chat completions endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelApi {
+    /// OpenRouter: attribution, sessions, users, caching markers, provider
+    /// preferences, plugins and server tools.
+    OpenRouter,
+    /// Plain OpenAI fields only (llama.cpp's server, vLLM, Ollama...).
+    OpenAi,
+}
+
+/// `REASONING_EFFORT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReasoningEffort {
+    Minimal,
+    Low,
+    Medium,
+    High,
+}
+
+impl ReasoningEffort {
+    fn parse(value: &str) -> Result<Self, ConfigError> {
+        Ok(match value.to_ascii_lowercase().as_str() {
+            "minimal" => ReasoningEffort::Minimal,
+            "low" => ReasoningEffort::Low,
+            "medium" => ReasoningEffort::Medium,
+            "high" => ReasoningEffort::High,
+            _ => {
+                return Err(ConfigError::Invalid {
+                    name: "REASONING_EFFORT",
+                    problem: format!("{value:?} is not one of minimal, low, medium, high"),
+                });
+            }
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReasoningEffort::Minimal => "minimal",
+            ReasoningEffort::Low => "low",
+            ReasoningEffort::Medium => "medium",
+            ReasoningEffort::High => "high",
+        }
+    }
+}
+
+/// OpenRouter's web search server tool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WebSearch {
+    /// `WEB_SEARCH_MAX_RESULTS`: results per search.
+    pub max_results: u32,
+    /// `WEB_SEARCH_MAX_USES`: searches per request.
+    pub max_uses: u32,
+}
+
+/// The host of an http(s) URL, without credentials or port.
+fn host_of(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    host.split(':').next().unwrap_or("")
+}
+
+/// `OPENROUTER_PROVIDER`: a JSON object, checked at start so that a typo
+/// is named here rather than refused by every request.
+fn provider(value: Option<String>) -> Result<Option<serde_json::Value>, ConfigError> {
+    let Some(text) = value else {
+        return Ok(None);
+    };
+    let invalid = |problem: String| ConfigError::Invalid {
+        name: "OPENROUTER_PROVIDER",
+        problem,
+    };
+    match serde_json::from_str::<serde_json::Value>(&text) {
+        Ok(value @ serde_json::Value::Object(_)) => Ok(Some(value)),
+        Ok(_) => Err(invalid(format!(
+            "{text:?} is not a JSON object; write e.g. {{\"data_collection\":\"deny\",\"zdr\":true}}"
+        ))),
+        Err(e) => Err(invalid(format!("{text:?} is not valid JSON ({e})"))),
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -171,7 +266,7 @@ impl Config {
 
     /// Reads the configuration through `lookup`, so tests need no globals.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let get = non_empty(lookup);
+        let get = non_empty(&lookup);
         let defaults = Limits::default();
         let api_key =
             get("OPENROUTER_API_KEY").ok_or(ConfigError::Missing("OPENROUTER_API_KEY"))?;
@@ -222,6 +317,32 @@ impl Config {
             mcp_retry_max: seconds(&get, "MCP_RETRY_MAX_SECS", defaults.mcp_retry_max)?,
             mcp_session_wait: seconds(&get, "MCP_SESSION_WAIT_SECS", defaults.mcp_session_wait)?,
         };
+        let model_api = match get("MODEL_API").map(|v| v.to_ascii_lowercase()) {
+            None if host_of(&base_url) == "openrouter.ai" => ModelApi::OpenRouter,
+            None => ModelApi::OpenAi,
+            Some(v) if v == "openrouter" => ModelApi::OpenRouter,
+            Some(v) if v == "openai" => ModelApi::OpenAi,
+            Some(v) => {
+                return Err(ConfigError::Invalid {
+                    name: "MODEL_API",
+                    problem: format!("{v:?} is neither openrouter nor openai"),
+                });
+            }
+        };
+        // Set but empty turns attribution off; unset means the project's URL.
+        let app_url = match lookup("OPENROUTER_APP_URL").map(|v| v.trim().to_owned()) {
+            None => Some(PROJECT_URL.to_owned()),
+            Some(v) if v.is_empty() => None,
+            Some(_) => Some(http_url(&get, "OPENROUTER_APP_URL", PROJECT_URL)?),
+        };
+        let web_search = boolean(&get, "WEB_SEARCH", false)?
+            .then(|| {
+                Ok::<_, ConfigError>(WebSearch {
+                    max_results: number(&get, "WEB_SEARCH_MAX_RESULTS", 5)?,
+                    max_uses: number(&get, "WEB_SEARCH_MAX_USES", 3)?,
+                })
+            })
+            .transpose()?;
         Ok(Config {
             api_key: Secret::new(api_key),
             base_url,
@@ -233,6 +354,13 @@ impl Config {
                 get("MCP_CONFIG").unwrap_or_else(|| DEFAULT_MCP_CONFIG.to_owned()),
             ),
             stream: boolean(&get, "STREAM_RESPONSES", true)?,
+            model_api,
+            app_url,
+            provider: provider(get("OPENROUTER_PROVIDER"))?,
+            reasoning_effort: get("REASONING_EFFORT")
+                .map(|v| ReasoningEffort::parse(&v))
+                .transpose()?,
+            web_search,
             limits,
         })
     }
@@ -479,6 +607,10 @@ pub struct DiscordConfig {
     pub shutdown_grace: Duration,
     /// `HEALTH_FILE`: where the bot records its gateway connection for `mcpcord health`.
     pub health_file: Option<PathBuf>,
+    /// `IMAGE_MAX_BYTES`: the largest image attachment kept; larger ones are left out.
+    pub image_max_bytes: usize,
+    /// `IMAGES_PER_MESSAGE`: images of one message that are kept; the rest are left out.
+    pub images_per_message: usize,
 }
 
 impl DiscordConfig {
@@ -487,7 +619,7 @@ impl DiscordConfig {
     }
 
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let get = non_empty(lookup);
+        let get = non_empty(&lookup);
         let token = get("DISCORD_TOKEN").ok_or(ConfigError::Missing("DISCORD_TOKEN"))?;
         token_text("DISCORD_TOKEN", &token)?;
         let api_base = http_url(&get, "DISCORD_API_BASE_URL", "https://discord.com")?;
@@ -509,6 +641,8 @@ impl DiscordConfig {
             approval_timeout: seconds(&get, "APPROVAL_TIMEOUT_SECS", Duration::from_secs(300))?,
             shutdown_grace: seconds(&get, "SHUTDOWN_GRACE_SECS", Duration::from_secs(30))?,
             health_file: get("HEALTH_FILE").map(PathBuf::from),
+            image_max_bytes: number(&get, "IMAGE_MAX_BYTES", 5 * 1024 * 1024)?,
+            images_per_message: number(&get, "IMAGES_PER_MESSAGE", 4)?,
         })
     }
 }

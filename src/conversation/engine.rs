@@ -8,12 +8,12 @@ use futures::future::join_all;
 use serde_json::Value;
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::history::{estimate_tokens, fit_to_context, repair};
+use super::history::{estimate_tokens, fit_to_context, repair, valid_arguments};
 use super::ports::{
-    ApprovalRequest, Approver, ChatModel, ChatRequest, Completion, Decision, FinishReason,
-    ModelError, ModelLookup, Store, StoreError, ToolHost, ToolOutcome,
+    ApprovalRequest, Approver, ChatModel, ChatRequest, Citation, Completion, Decision,
+    FinishReason, ModelError, ModelLookup, Store, StoreError, ToolHost, ToolOutcome,
 };
-use super::types::{Message, Role, ToolCall, ToolSpec, TurnEvent, Usage};
+use super::types::{Author, Message, Role, ToolCall, ToolSpec, TurnEvent, Usage};
 
 /// Conversations whose history stays cached in memory while idle. Past this,
 /// the least recently used idle ones are forgotten and reloaded from the
@@ -35,6 +35,13 @@ pub const MAX_CALLS_PER_REPLY: usize = 32;
 
 /// Characters of a tool result shown in a one-line summary.
 const SUMMARY_CHARS: usize = 120;
+
+/// Appended to the system prompt when people are named in the messages.
+pub const SPEAKERS_NOTE: &str = "Several people may write in this conversation: each of their messages starts with <@id> (their name) and a colon; mention someone by writing <@id>, and do not start your answers with such a prefix.";
+
+/// What a tool call cut off by the output limit gets as its result; its
+/// arguments are stored as `{}` so that no endpoint chokes on them later.
+const CUT_CALL: &str = "ERROR: not run: this call was cut off at the model's output limit before its arguments were complete. Call it again with shorter arguments, or split the work into smaller calls.";
 
 /// The engine's settings, from `Config`.
 #[derive(Debug, Clone)]
@@ -110,9 +117,10 @@ struct Live {
     bytes: usize,
     /// The chosen model, once read from the store.
     model: Option<Option<String>>,
-    /// How many exchanges were last left out to fit the context, so the
-    /// warning comes only when that changes.
-    trimmed: usize,
+    /// Where the history sent to the model starts (an index into
+    /// `history`). It only moves when the history no longer fits, and then
+    /// by a lot at once: each move costs a full prompt cache miss.
+    start: usize,
     /// When a turn last used it, for forgetting the least recently used.
     used: u64,
 }
@@ -146,7 +154,7 @@ struct Calls<'a> {
 /// How one model reply continues the turn.
 enum Step {
     Answer(Message, FinishReason),
-    ToolCalls(Message),
+    ToolCalls(Message, FinishReason),
 }
 
 /// The conversation engine shared by every surface.
@@ -155,6 +163,8 @@ pub struct Engine {
     tools: Arc<dyn ToolHost>,
     store: Arc<dyn Store>,
     settings: EngineSettings,
+    /// The salt of the pseudonyms sent as `user`, read once from the store.
+    salt: tokio::sync::OnceCell<String>,
     live: Mutex<HashMap<String, Live>>,
     /// Counts turns, for `Live::used`.
     clock: std::sync::atomic::AtomicU64,
@@ -180,6 +190,7 @@ impl Engine {
             tools,
             store,
             settings,
+            salt: tokio::sync::OnceCell::new(),
             live: Mutex::new(HashMap::new()),
             clock: Default::default(),
         }
@@ -226,6 +237,9 @@ impl Engine {
                     rounds = outcome.rounds,
                     tool_calls = outcome.tool_calls,
                     prompt_tokens = outcome.usage.prompt_tokens,
+                    cached_tokens = outcome.usage.cached_tokens,
+                    cache_write_tokens = outcome.usage.cache_write_tokens,
+                    cached_percent = outcome.usage.cached_percent(),
                     completion_tokens = outcome.usage.completion_tokens,
                     cost = outcome.usage.cost,
                     duration_ms = outcome.duration.as_millis() as u64,
@@ -290,9 +304,11 @@ impl Engine {
     /// Refuses a model the catalogue does not list, or one without tools.
     pub async fn check_model(&self, model: &str) -> Result<(), ModelError> {
         match self.model.model_info(model).await {
-            ModelLookup::Known(info) if !info.supports_tools => Err(ModelError::NoToolSupport {
-                model: model.to_owned(),
-            }),
+            ModelLookup::Known(info) if info.supports_tools == Some(false) => {
+                Err(ModelError::NoToolSupport {
+                    model: model.to_owned(),
+                })
+            }
             ModelLookup::Known(_) | ModelLookup::Unavailable => Ok(()),
             ModelLookup::Unlisted => Err(ModelError::UnknownModel {
                 model: model.to_owned(),
@@ -309,7 +325,7 @@ impl Engine {
         self.with_live(conversation, |live| {
             live.history = Some(Vec::new());
             live.bytes = 0;
-            live.trimmed = 0;
+            live.start = 0;
         });
         self.tools.close_conversation(conversation).await;
         Ok(())
@@ -328,7 +344,7 @@ impl Engine {
             .await
             .map_err(TurnError::InputNotStored)?;
         outcome.model.clone_from(&model);
-        let (mut history, mut trimmed) = self
+        let (mut history, mut start) = self
             .take_history(conversation)
             .await
             .map_err(TurnError::InputNotStored)?;
@@ -357,44 +373,94 @@ impl Engine {
             self.tools.tools_for_turn(conversation, events),
         );
         if let Err(error) = stored {
-            self.put_history(conversation, history, trimmed);
+            self.put_history(conversation, history, start);
             return Err(TurnError::InputNotStored(error));
         }
+        let user = match &input.author {
+            Some(author) => self.pseudonym(author).await,
+            None => None,
+        };
         history.push(input);
+        let turn_start = history.len();
         let info = lookup.info();
         for problem in &tools.problems {
             let _ = events.send(TurnEvent::Warning(problem.clone()));
         }
-        if !tools.specs.is_empty() && info.as_ref().is_some_and(|i| !i.supports_tools) {
-            self.put_history(conversation, history, trimmed);
+        if !tools.specs.is_empty() && info.is_some_and(|i| i.supports_tools == Some(false)) {
+            self.put_history(conversation, history, start);
             return Err(ModelError::NoToolSupport { model }.into());
         }
-        let context = info.map_or(self.settings.fallback_context_tokens, |i| i.context_length);
+        // The prefix of every request stays byte-identical while the
+        // conversation goes on, so that providers can cache it: tools in
+        // one order whatever failed, and no time or date in the prompt.
+        let mut specs = tools.specs.clone();
+        specs.sort_by(|a, b| a.name.cmp(&b.name));
+        let system = self.system_prompt(&history);
+        let context = info
+            .and_then(|i| i.context_length)
+            .unwrap_or(self.settings.fallback_context_tokens);
         let sees_images = info.is_some_and(|i| i.supports_images);
-        let budget = self.history_budget(context, &tools.specs);
+        let budget = self.history_budget(context, system.as_deref(), &specs);
+        // The provider that answered with signed reasoning, for the rest
+        // of the turn (its signatures are only valid there).
+        let mut pin: Option<String> = None;
 
         let result = loop {
-            let (start, dropped) = fit_to_context(&history, budget);
-            // Said once, and again only when more is left out than before
-            // (a long chat would otherwise hear it on every turn).
-            if dropped > trimmed {
+            let fitted = fit_to_context(&history, start, budget);
+            if fitted > start {
+                let dropped = history[..fitted]
+                    .iter()
+                    .filter(|m| m.role() == Role::User)
+                    .count();
                 let _ = events.send(TurnEvent::Warning(format!(
                     "The conversation is longer than {model} can read; the {dropped} oldest exchange(s) are left out of what it sees."
                 )));
             }
-            trimmed = trimmed.max(dropped);
+            start = fitted;
+            let pinned = pin.clone();
             let request = ChatRequest {
                 model: &model,
-                system: self.settings.system_prompt.as_deref(),
+                system: system.as_deref(),
                 messages: &history[start..],
-                tools: &tools.specs,
+                tools: &specs,
+                session: Some(conversation),
+                user: user.as_deref(),
+                pin: pinned.as_deref(),
             };
             let completion = match self.model.complete(request, events).await {
                 Ok(completion) => completion,
+                Err(ModelError::NoEndpoint { .. }) if pin.is_some() => {
+                    // The pinned provider is gone: once more anywhere, with
+                    // this turn's reasoning left out (no other provider
+                    // accepts its signatures).
+                    tracing::info!(conversation, provider = ?pin, "pinned provider has no endpoint; trying unpinned");
+                    pin = None;
+                    let mut messages = history[start..].to_vec();
+                    let own = turn_start.saturating_sub(start);
+                    for message in messages.iter_mut().skip(own) {
+                        message.reasoning = None;
+                        message.reasoning_details = None;
+                    }
+                    let request = ChatRequest {
+                        messages: &messages,
+                        pin: None,
+                        ..request
+                    };
+                    match self.model.complete(request, events).await {
+                        Ok(completion) => completion,
+                        Err(error) => break Err(error.into()),
+                    }
+                }
                 Err(error) => break Err(error.into()),
             };
             outcome.rounds += 1;
             outcome.usage.add(completion.usage);
+            if pin.is_none()
+                && completion.message.reasoning_details.is_some()
+                && let Some(provider) = &completion.provider
+            {
+                pin = Some(provider.clone());
+            }
             match step(completion, &model) {
                 Ok(Step::Answer(message, finish)) => {
                     let text = message.text().to_owned();
@@ -415,7 +481,7 @@ impl Engine {
                     outcome.answered = true;
                     break Ok(());
                 }
-                Ok(Step::ToolCalls(mut message)) => {
+                Ok(Step::ToolCalls(mut message, finish)) => {
                     rename_reused_ids(&mut message, &history);
                     let exhausted = outcome.rounds > self.settings.max_tool_rounds;
                     let (results, images) = if exhausted {
@@ -431,6 +497,8 @@ impl Engine {
                         };
                         self.run_calls(&calls, &message.tool_calls).await
                     };
+                    let mut results = results;
+                    keep_valid_arguments(&mut message, &mut results, finish);
                     outcome.tool_calls += message.tool_calls.len();
                     let mut group = Vec::with_capacity(results.len() + 2);
                     group.push(message);
@@ -458,8 +526,34 @@ impl Engine {
                 Err(error) => break Err(error.into()),
             }
         };
-        self.put_history(conversation, history, trimmed);
+        self.put_history(conversation, history, start);
         result
+    }
+
+    /// The system prompt: the configured one, and a sentence about the
+    /// names before messages when people are named.
+    fn system_prompt(&self, history: &[Message]) -> Option<String> {
+        let configured = self.settings.system_prompt.as_deref();
+        if !history.iter().any(|m| m.author.is_some()) {
+            return configured.map(str::to_owned);
+        }
+        Some(match configured {
+            Some(prompt) => format!("{prompt}\n\n{SPEAKERS_NOTE}"),
+            None => SPEAKERS_NOTE.to_owned(),
+        })
+    }
+
+    /// A stable pseudonym of `author` for the endpoint's abuse isolation: a
+    /// salted hash of their id, never the id. `None` when the store could
+    /// not give the salt (the request goes without it).
+    async fn pseudonym(&self, author: &Author) -> Option<String> {
+        let salt = self
+            .salt
+            .get_or_try_init(|| self.store.instance_salt())
+            .await
+            .inspect_err(|error| tracing::warn!(%error, "no salt for user pseudonyms"))
+            .ok()?;
+        Some(pseudonym(salt, author.id))
     }
 
     /// Runs every call of one reply concurrently and returns one tool message
@@ -539,12 +633,8 @@ impl Engine {
 
     /// Tokens left for the history once the system prompt, the tools and
     /// the answer are accounted for.
-    fn history_budget(&self, context: u64, tools: &[ToolSpec]) -> usize {
-        let system = self
-            .settings
-            .system_prompt
-            .as_ref()
-            .map_or(0, |s| estimate_tokens(&Message::user(s.as_str())));
+    fn history_budget(&self, context: u64, system: Option<&str>, tools: &[ToolSpec]) -> usize {
+        let system = system.map_or(0, |s| estimate_tokens(&Message::user(s)));
         let tools: usize = tools
             .iter()
             .map(|t| (t.name.len() + t.description.len() + t.parameters.to_string().len()) / 4)
@@ -560,13 +650,13 @@ impl Engine {
         let used = self
             .clock
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let (cached, trimmed) = self.with_live(conversation, |live| {
+        let (cached, start) = self.with_live(conversation, |live| {
             live.used = used;
             live.bytes = 0;
-            (live.history.take(), live.trimmed)
+            (live.history.take(), live.start)
         });
         if let Some(history) = cached {
-            return Ok((history, trimmed));
+            return Ok((history, start));
         }
         let (history, changes) = repair(self.store.history(conversation).await?);
         if changes > 0 {
@@ -576,17 +666,17 @@ impl Engine {
                 "repaired a history left incomplete by an interrupted turn"
             );
         }
-        Ok((history, trimmed))
+        Ok((history, 0))
     }
 
     /// Puts a turn's history back in the cache, then forgets the least
     /// recently used idle histories while the cache is over its bounds.
-    fn put_history(&self, conversation: &str, history: Vec<Message>, trimmed: usize) {
+    fn put_history(&self, conversation: &str, history: Vec<Message>, start: usize) {
         let mut live = self.live.lock().expect("live map poisoned");
         let state = live.entry(conversation.to_owned()).or_default();
         state.bytes = history.iter().map(approximate_bytes).sum();
         state.history = Some(history);
-        state.trimmed = trimmed;
+        state.start = start;
         forget_least_used(&mut live);
     }
 
@@ -695,12 +785,70 @@ fn step(completion: Completion, model: &str) -> Result<Step, ModelError> {
     message.model = Some(model.to_owned());
     message.usage = Some(completion.usage);
     if !message.tool_calls.is_empty() {
-        return Ok(Step::ToolCalls(message));
+        return Ok(Step::ToolCalls(message, completion.finish_reason));
+    }
+    if let Some(text) = &message.content {
+        let answer = without_speaker_prefix(text);
+        message.content = Some(with_sources(answer, &completion.citations));
     }
     if message.text().trim().is_empty() && completion.finish_reason != FinishReason::Length {
         return Err(ModelError::Empty);
     }
     Ok(Step::Answer(message, completion.finish_reason))
+}
+
+/// An answer that starts the way user messages do (`<@id> (name): `), as
+/// models copy what they see, without that start.
+fn without_speaker_prefix(text: &str) -> &str {
+    let strip = || {
+        let rest = text.trim_start().strip_prefix("<@")?;
+        let digits = rest.find(|c: char| !c.is_ascii_digit())?;
+        let rest = rest[digits..].strip_prefix('>')?.trim_start();
+        let rest = match rest.strip_prefix('(') {
+            Some(named) => named.split_once(')')?.1,
+            None => rest,
+        };
+        Some(rest.strip_prefix(':')?.trim_start())
+    };
+    strip().unwrap_or(text)
+}
+
+/// The answer, then the pages a web search cited, as links.
+fn with_sources(answer: &str, citations: &[Citation]) -> String {
+    if citations.is_empty() {
+        return answer.to_owned();
+    }
+    let mut text = format!("{}\n\nSources:", answer.trim_end());
+    for citation in citations {
+        let title = citation.title.replace(['[', ']'], "");
+        text.push_str(&format!("\n- [{title}](<{}>)", citation.url));
+    }
+    text
+}
+
+/// `u_` and 16 hex digits of SHA-256 over the salt and the id.
+fn pseudonym(salt: &str, id: u64) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(format!("{salt}:{id}").as_bytes());
+    format!("u_{}", &hex::encode(digest)[..16])
+}
+
+/// Calls whose arguments are not a JSON object are stored with `{}`, so
+/// the history sent later is valid for every endpoint; the model is told,
+/// in the call's result, why it did not run (cut off by the output limit,
+/// or not JSON).
+fn keep_valid_arguments(message: &mut Message, results: &mut [Message], finish: FinishReason) {
+    for (call, result) in message.tool_calls.iter_mut().zip(results.iter_mut()) {
+        if valid_arguments(&call.arguments) {
+            continue;
+        }
+        // Empty arguments ran as `{}`; anything else did not run.
+        let ran = call.arguments.trim().is_empty();
+        call.arguments = "{}".into();
+        if finish == FinishReason::Length && !ran {
+            result.content = Some(CUT_CALL.into());
+        }
+    }
 }
 
 /// Parses the model's argument text. Empty text means no arguments.

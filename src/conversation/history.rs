@@ -22,7 +22,15 @@ pub fn repair(messages: Vec<Message>) -> (Vec<Message>, usize) {
     let mut answered: HashSet<String> = HashSet::new();
     let mut changes = 0;
 
-    for message in messages {
+    for mut message in messages {
+        // Arguments cut off mid-way (stored by an older version) make some
+        // endpoints refuse every later request of the conversation.
+        for call in &mut message.tool_calls {
+            if !valid_arguments(&call.arguments) {
+                call.arguments = "{}".into();
+                changes += 1;
+            }
+        }
         if message.role() == Role::Tool {
             let id = message.tool_call_id.clone().unwrap_or_default();
             if open.contains(&id) && answered.insert(id) {
@@ -72,33 +80,48 @@ pub fn estimate_tokens(message: &Message) -> usize {
     chars / 4 + 4 + message.images.len() * IMAGE_TOKENS
 }
 
-/// Finds where the history must start so that it fits in `budget` tokens,
-/// dropping the oldest whole exchanges (an exchange starts at a user
-/// message, so a tool call is never separated from its results). The last
-/// exchange is always kept. Returns the start index and how many exchanges
-/// were dropped.
-pub fn fit_to_context(messages: &[Message], budget: usize) -> (usize, usize) {
-    let mut total: usize = messages.iter().map(estimate_tokens).sum();
+/// Whether a tool call's argument text is a JSON object, as every
+/// endpoint expects it in a history.
+pub fn valid_arguments(text: &str) -> bool {
+    serde_json::from_str::<serde_json::Value>(text).is_ok_and(|v| v.is_object())
+}
+
+/// Where the history sent to the model starts, given where it started last
+/// time (`start`) and the tokens it may take (`budget`). While it fits the
+/// start stays put (so the provider's prompt cache keeps matching); once it
+/// does not, the oldest whole exchanges are dropped until it takes at most
+/// two thirds of the budget, so the start moves seldom. An exchange starts
+/// at a user message, so a tool call is never separated from its results,
+/// and the last exchange is always kept.
+pub fn fit_to_context(messages: &[Message], start: usize, budget: usize) -> usize {
+    let total: usize = messages.iter().map(estimate_tokens).sum();
+    if total <= budget {
+        return 0;
+    }
+    let start = start.min(messages.len());
+    let mut kept: usize = messages[start..].iter().map(estimate_tokens).sum();
+    if kept <= budget {
+        return start;
+    }
+    let target = budget / 3 * 2;
     let starts: Vec<usize> = messages
         .iter()
         .enumerate()
-        .filter(|(_, m)| m.role() == Role::User)
+        .filter(|&(i, m)| i > start && m.role() == Role::User)
         .map(|(i, _)| i)
         .collect();
-    let mut start = 0;
-    let mut dropped = 0;
-    for &next in starts.iter().skip_while(|&&s| s == 0) {
-        if total <= budget {
+    let mut at = start;
+    for next in starts {
+        if kept <= target {
             break;
         }
-        total -= messages[start..next]
+        kept -= messages[at..next]
             .iter()
             .map(estimate_tokens)
             .sum::<usize>();
-        start = next;
-        dropped += 1;
+        at = next;
     }
-    (start, dropped)
+    at
 }
 
 #[cfg(test)]
@@ -193,10 +216,56 @@ mod tests {
             Message::assistant("ok"),
             Message::user("last"),
         ];
-        let (start, dropped) = fit_to_context(&history, 1200);
-        assert_eq!((start, dropped), (4, 1));
-        let (start, dropped) = fit_to_context(&history, 10);
-        assert_eq!((start, dropped), (6, 2));
-        assert_eq!(fit_to_context(&history, 1_000_000), (0, 0));
+        // 3,017 tokens in all; 1,800 fit after dropping the first exchange.
+        assert_eq!(fit_to_context(&history, 0, 1800), 4);
+        // Nothing fits: only the last exchange is kept.
+        assert_eq!(fit_to_context(&history, 0, 10), 6);
+        assert_eq!(fit_to_context(&history, 0, 1_000_000), 0);
+        assert_eq!(fit_to_context(&history, 4, 1_000_000), 0);
+    }
+
+    #[test]
+    fn fitting_moves_the_start_seldom_and_far() {
+        let exchange = |n: usize| {
+            vec![
+                Message::user(format!("{n} {}", "x".repeat(396))),
+                Message::assistant("y".repeat(396)),
+            ]
+        };
+        // Each exchange is about 200 tokens; the budget holds 10.
+        let budget = 2_100;
+        let mut history: Vec<Message> = (0..10).flat_map(exchange).collect();
+        let mut start = fit_to_context(&history, 0, budget);
+        assert_eq!(start, 0);
+        let mut moves = Vec::new();
+        for n in 10..40 {
+            history.extend(exchange(n));
+            let next = fit_to_context(&history, start, budget);
+            assert!(next >= start);
+            if next != start {
+                moves.push(n);
+                let kept: usize = history[next..].iter().map(estimate_tokens).sum();
+                assert!(kept <= budget / 3 * 2, "dropped to {kept} tokens");
+            }
+            start = next;
+            assert_eq!(history[start].role(), Role::User);
+        }
+        // Dropping to two thirds leaves room for 3 more exchanges before
+        // the next move: 30 new exchanges move the start at most 30 / 3
+        // times, not 30.
+        assert!(!moves.is_empty() && moves.len() <= 10, "moved at {moves:?}");
+    }
+
+    #[test]
+    fn repair_replaces_arguments_that_are_not_json() {
+        let mut cut = calls(&["a"]);
+        cut.tool_calls[0].arguments = "{\"path\": \"/tmp/no".into();
+        let (fixed, changes) = repair(vec![
+            Message::user("hi"),
+            cut,
+            Message::tool_result("a", "ERROR"),
+        ]);
+        assert_eq!(changes, 1);
+        assert_eq!(fixed[1].tool_calls[0].arguments, "{}");
     }
 }

@@ -14,11 +14,12 @@ mod workers;
 pub use engine::{Engine, EngineSettings, MAX_CALLS_PER_REPLY, TurnError, TurnInput, TurnOutcome};
 pub use history::{estimate_tokens, fit_to_context, repair};
 pub use ports::{
-    ApprovalRequest, ApproveAll, Approver, ChatModel, ChatRequest, Completion, Decision,
+    ApprovalRequest, ApproveAll, Approver, ChatModel, ChatRequest, Citation, Completion, Decision,
     DeclineAll, FinishReason, Hold, ModelError, ModelInfo, ModelLookup, Notices, Store, StoreError,
     TextSink, TimedApprover, ToolHost, ToolList, ToolOutcome,
 };
 pub use types::{
-    AttachmentRef, Inbound, Message, Role, ToolCall, ToolSpec, TurnEvent, Usage, UsageTotals,
+    AttachmentRef, Author, Inbound, Message, Role, ToolCall, ToolSpec, TurnEvent, Usage,
+    UsageTotals, cached_percent,
 };
 pub use workers::{Accepted, Arrival, Stopped, TurnRunner, Workers};

@@ -14,6 +14,29 @@ pub struct ChatRequest<'a> {
     pub system: Option<&'a str>,
     pub messages: &'a [Message],
     pub tools: &'a [ToolSpec],
+    /// The conversation, so that the endpoint can keep its requests on
+    /// the provider that holds its prompt cache.
+    pub session: Option<&'a str>,
+    /// A stable pseudonym of the person who asked (never their real id).
+    pub user: Option<&'a str>,
+    /// The provider that answered this turn's first round, when its
+    /// reasoning must be continued there (signed reasoning).
+    pub pin: Option<&'a str>,
+}
+
+impl<'a> ChatRequest<'a> {
+    /// A request with no session, person or pinned provider.
+    pub fn new(model: &'a str, messages: &'a [Message], tools: &'a [ToolSpec]) -> Self {
+        ChatRequest {
+            model,
+            system: None,
+            messages,
+            tools,
+            session: None,
+            user: None,
+            pin: None,
+        }
+    }
 }
 
 /// Why the model stopped.
@@ -33,15 +56,31 @@ pub struct Completion {
     pub message: Message,
     pub finish_reason: FinishReason,
     pub usage: Usage,
+    /// The provider that served it, when the endpoint says.
+    pub provider: Option<String>,
+    /// Pages a server-side web search cited, in order.
+    pub citations: Vec<Citation>,
+}
+
+/// A page the answer cites.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Citation {
+    pub url: String,
+    pub title: String,
 }
 
 /// What the catalogue knows about a model.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelInfo {
     pub id: String,
-    pub context_length: u64,
-    pub supports_tools: bool,
+    /// `None` when the catalogue does not say.
+    pub context_length: Option<u64>,
+    /// `None` when the catalogue does not say (servers that list models
+    /// without their parameters): tools are offered and the endpoint judges.
+    pub supports_tools: Option<bool>,
     pub supports_images: bool,
+    /// Whether `reasoning` may be sent to it.
+    pub supports_reasoning: bool,
 }
 
 /// The answer of the model catalogue about one model.
@@ -80,6 +119,10 @@ pub enum ModelError {
     NoToolSupport { model: String },
     #[error("The model {model} does not exist. Pick another model.")]
     UnknownModel { model: String },
+    #[error(
+        "No provider can serve this request right now ({message}). Try again in a moment, or pick another model."
+    )]
+    NoEndpoint { message: String },
     #[error(
         "The conversation is too long for this model's context window. Start over with a reset, or pick a model with a larger context."
     )]
@@ -127,6 +170,7 @@ impl ModelError {
             ModelError::InvalidKey => "invalid_key",
             ModelError::NoToolSupport { .. } => "no_tool_support",
             ModelError::UnknownModel { .. } => "unknown_model",
+            ModelError::NoEndpoint { .. } => "no_endpoint",
             ModelError::ContextTooLong => "context_too_long",
             ModelError::RateLimited { .. } => "rate_limited",
             ModelError::Timeout => "timeout",
@@ -356,6 +400,10 @@ pub trait Store: Send + Sync {
     ) -> Result<(), StoreError>;
     /// Forgets a kept input without answering it.
     async fn drop_input(&self, conversation: &str, position: u64) -> Result<(), StoreError>;
+
+    /// A random value made once per database and kept in it, for
+    /// pseudonyms that are stable but cannot be traced back to an id.
+    async fn instance_salt(&self) -> Result<String, StoreError>;
 }
 
 /// A tool call waiting for a person's decision.

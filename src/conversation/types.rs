@@ -61,6 +61,12 @@ pub struct Usage {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub cost: f64,
+    /// Prompt tokens read from the provider's prompt cache.
+    #[serde(default)]
+    pub cached_tokens: u64,
+    /// Prompt tokens written to the provider's prompt cache.
+    #[serde(default)]
+    pub cache_write_tokens: u64,
 }
 
 impl Usage {
@@ -68,7 +74,19 @@ impl Usage {
         self.prompt_tokens += other.prompt_tokens;
         self.completion_tokens += other.completion_tokens;
         self.cost += other.cost;
+        self.cached_tokens += other.cached_tokens;
+        self.cache_write_tokens += other.cache_write_tokens;
     }
+
+    /// The share of prompt tokens read from the cache, in percent.
+    pub fn cached_percent(&self) -> u64 {
+        cached_percent(self.cached_tokens, self.prompt_tokens)
+    }
+}
+
+/// `cached` as a whole percentage of `prompt` (0 when there is no prompt).
+pub fn cached_percent(cached: u64, prompt: u64) -> u64 {
+    (cached.min(prompt) * 100).checked_div(prompt).unwrap_or(0)
 }
 
 /// Tokens and cost summed over some messages.
@@ -78,6 +96,17 @@ pub struct UsageTotals {
     pub completion_tokens: u64,
     pub cost: f64,
     pub responses: u64,
+    pub cached_tokens: u64,
+    pub cache_write_tokens: u64,
+}
+
+/// The person who wrote a user message, as the surface knows them.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Author {
+    /// The surface's id (a Discord user id).
+    pub id: u64,
+    /// The name shown for them where the message was written.
+    pub name: String,
 }
 
 /// One message of a conversation, as stored and as sent to the model.
@@ -86,8 +115,11 @@ pub struct Message {
     pub role: Option<Role>,
     /// Text content; `None` for an assistant message that only calls tools.
     pub content: Option<String>,
-    /// Image URLs (https or data URLs) attached to a user message.
+    /// Images attached to a user message, as `data:` URLs (the bytes are
+    /// kept, so nothing depends on a link that expires).
     pub images: Vec<String>,
+    /// Who wrote a user message, when the surface has several people.
+    pub author: Option<Author>,
     pub tool_calls: Vec<ToolCall>,
     /// For `Role::Tool`: the call this message answers.
     pub tool_call_id: Option<String>,
@@ -158,6 +190,9 @@ pub struct Inbound {
     /// Who sent it, as the surface numbers people (a Discord user id).
     #[serde(skip)]
     pub author: u64,
+    /// Their name where they wrote it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub author_name: String,
     pub text: String,
     /// Files to fetch when the turn starts (not before: a slow download
     /// must not hold up the messages after it).

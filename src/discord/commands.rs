@@ -157,7 +157,7 @@ pub async fn autocomplete(bot: &Bot, command: &CommandInteraction) -> Result<(),
     let choices: Vec<Value> = choices(
         models
             .iter()
-            .filter(|m| m.supports_tools)
+            .filter(|m| m.supports_tools != Some(false))
             .map(|m| m.id.as_str()),
         &typed,
     )

@@ -9,7 +9,7 @@ use super::Surface;
 use super::access::Place;
 use super::protocol::{MAX_THREAD_NAME, THREAD_CHANNEL_TYPES};
 use super::rest::Rest;
-use crate::conversation::{AttachmentRef, Inbound, Message};
+use crate::conversation::{AttachmentRef, Author, Inbound, Message};
 
 /// Text attachments are read up to this size.
 pub const MAX_TEXT_ATTACHMENT_BYTES: usize = 100_000;
@@ -130,6 +130,11 @@ pub fn inbound(msg: &DiscordMessage, me: u64) -> Inbound {
     Inbound {
         position: msg.id.get(),
         author: msg.author.id.get(),
+        author_name: msg
+            .member
+            .as_ref()
+            .and_then(|m| m.nick.clone())
+            .unwrap_or_else(|| msg.author.display_name().to_owned()),
         text: strip_mention(&msg.content, me),
         attachments: msg
             .attachments
@@ -172,11 +177,13 @@ pub fn handling(attachment: &AttachmentRef, model_reads_images: bool) -> Handlin
 }
 
 /// The message as the model sees it, and notices about files left out.
-/// Text files are downloaded here, when the turn starts.
+/// Files are downloaded here, when the turn starts; images are kept as
+/// their bytes, never as Discord's link.
 pub async fn prepare(
     rest: &Rest,
     input: &Inbound,
     model_reads_images: bool,
+    caps: &ImageCaps,
 ) -> (Message, Vec<String>) {
     let mut text = input.text.clone();
     let mut images = Vec::new();
@@ -184,7 +191,18 @@ pub async fn prepare(
     for attachment in &input.attachments {
         let name = &attachment.name;
         match handling(attachment, model_reads_images) {
-            Handling::Image => images.push(attachment.url.clone()),
+            Handling::Image if images.len() >= caps.per_message => notices.push(format!(
+                "Only {} images of one message are kept, so {name} was left out.",
+                caps.per_message
+            )),
+            Handling::Image => match rest.download(&attachment.url, caps.max_bytes).await {
+                Some((_, true)) => notices.push(format!(
+                    "{name} is larger than {} (IMAGE_MAX_BYTES), so it was left out.",
+                    size(caps.max_bytes)
+                )),
+                Some((bytes, false)) => images.push(data_url(attachment, &bytes)),
+                None => notices.push(format!("I could not download {name}.")),
+            },
             Handling::Text => match download(rest, &attachment.url).await {
                 Some(body) => text.push_str(&format!("\n\n[attached file {name}]\n{body}")),
                 None => notices.push(format!("I could not read {name}.")),
@@ -199,9 +217,46 @@ pub async fn prepare(
     }
     let message = Message {
         images,
+        author: Some(Author {
+            id: input.author,
+            name: input.author_name.clone(),
+        }),
         ..Message::user(text)
     };
     (message, notices)
+}
+
+/// The bounds on the images of one message (`IMAGE_MAX_BYTES`, `IMAGES_PER_MESSAGE`).
+#[derive(Debug, Clone, Copy)]
+pub struct ImageCaps {
+    pub max_bytes: usize,
+    pub per_message: usize,
+}
+
+/// The image as a `data:` URL: the bytes are kept in the database, since
+/// Discord's signed attachment links expire.
+fn data_url(attachment: &AttachmentRef, bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    // `handling` only takes attachments whose type is `image/…`.
+    let kind = attachment
+        .content_type
+        .as_deref()
+        .and_then(|t| t.split(';').next())
+        .unwrap_or("image/png")
+        .trim();
+    format!(
+        "data:{kind};base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    )
+}
+
+/// Bytes in the largest fitting unit.
+fn size(bytes: usize) -> String {
+    if bytes >= 1024 * 1024 && bytes.is_multiple_of(1024 * 1024) {
+        format!("{} MiB", bytes / (1024 * 1024))
+    } else {
+        format!("{bytes} bytes")
+    }
 }
 
 async fn download(rest: &Rest, url: &str) -> Option<String> {

@@ -59,7 +59,12 @@ impl TurnRunner for Turns {
                 .await
                 .info()
                 .is_some_and(|m| m.supports_images);
-            let (message, notices) = inbound::prepare(&surface.rest, &input, reads_images).await;
+            let caps = inbound::ImageCaps {
+                max_bytes: surface.config.image_max_bytes,
+                per_message: surface.config.images_per_message,
+            };
+            let (message, notices) =
+                inbound::prepare(&surface.rest, &input, reads_images, &caps).await;
             for notice in notices {
                 let _ = events.send(TurnEvent::Warning(notice));
             }

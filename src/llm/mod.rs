@@ -18,12 +18,15 @@ use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
 use serde_json::Value;
 use tokio::sync::Mutex;
 
-use crate::config::{Config, Secret};
+use crate::config::{Config, ModelApi, Secret};
 use crate::conversation::{
     ChatModel, ChatRequest, Completion, ModelError, ModelInfo, ModelLookup, TextSink,
 };
 
-pub use wire::{StreamAccumulator, error_from_body, parse_completion, request_body};
+pub use wire::{
+    BRIDGE_BLOCKS, Dialect, MAX_BREAKPOINTS, StreamAccumulator, error_from_body, parse_completion,
+    request_body, speaker_prefix,
+};
 
 /// First retry delay; later ones grow exponentially (with jitter).
 const RETRY_MIN_DELAY: Duration = Duration::from_millis(500);
@@ -57,6 +60,9 @@ impl Catalogue {
                         .and_then(Value::as_array)
                         .is_some_and(|a| a.iter().any(|v| v.as_str() == Some(item)))
                 };
+                // Servers other than OpenRouter list models without their
+                // parameters or window: that is "not known", not "none".
+                let listed = m.get("supported_parameters").is_some_and(Value::is_array);
                 let info = ModelInfo {
                     context_length: m
                         .get("context_length")
@@ -65,9 +71,11 @@ impl Catalogue {
                             m.pointer("/top_provider/context_length")
                                 .and_then(Value::as_u64)
                         })
-                        .unwrap_or(0),
-                    supports_tools: has("/supported_parameters", "tools"),
+                        .or_else(|| m.pointer("/meta/n_ctx_train").and_then(Value::as_u64))
+                        .filter(|&n| n > 0),
+                    supports_tools: listed.then(|| has("/supported_parameters", "tools")),
                     supports_images: has("/architecture/input_modalities", "image"),
+                    supports_reasoning: has("/supported_parameters", "reasoning"),
                     id: id.clone(),
                 };
                 Some((id, info))
@@ -100,7 +108,7 @@ pub struct OpenRouter {
     http: reqwest::Client,
     base_url: String,
     api_key: Secret,
-    stream: bool,
+    dialect: Dialect,
     timeout: Duration,
     max_retries: usize,
     /// `MODEL_MAX_RESPONSE_BYTES`.
@@ -119,12 +127,21 @@ struct Attempt {
 impl OpenRouter {
     pub fn new(config: &Config) -> Result<Self, ModelError> {
         let mut headers = HeaderMap::new();
-        headers.insert("X-OpenRouter-Title", HeaderValue::from_static("mcpcord"));
-        headers.insert("X-Title", HeaderValue::from_static("mcpcord"));
-        headers.insert(
-            "X-OpenRouter-Categories",
-            HeaderValue::from_static("general-chat,personal-agent"),
-        );
+        // Attribution is OpenRouter's; other endpoints get none of it.
+        if config.model_api == ModelApi::OpenRouter {
+            headers.insert("X-OpenRouter-Title", HeaderValue::from_static("mcpcord"));
+            headers.insert("X-Title", HeaderValue::from_static("mcpcord"));
+            headers.insert(
+                "X-OpenRouter-Categories",
+                HeaderValue::from_static("general-chat,personal-agent"),
+            );
+            if let Some(url) = &config.app_url {
+                let value = HeaderValue::from_str(url).map_err(|e| ModelError::Connection {
+                    message: format!("OPENROUTER_APP_URL cannot be sent as a header: {e}"),
+                })?;
+                headers.insert("HTTP-Referer", value);
+            }
+        }
         let http = reqwest::Client::builder()
             .default_headers(headers)
             .user_agent(concat!("mcpcord/", env!("CARGO_PKG_VERSION")))
@@ -137,7 +154,13 @@ impl OpenRouter {
             http,
             base_url: config.base_url.clone(),
             api_key: config.api_key.clone(),
-            stream: config.stream,
+            dialect: Dialect {
+                api: config.model_api,
+                stream: config.stream,
+                reasoning: config.reasoning_effort,
+                provider: config.provider.clone(),
+                web_search: config.web_search,
+            },
             timeout: config.limits.model_timeout,
             max_retries: config.limits.model_max_retries,
             max_response_bytes: config.limits.model_max_response_bytes,
@@ -248,10 +271,17 @@ impl OpenRouter {
             if let ModelError::RateLimited { retry_after: slot } = &mut error {
                 *slot = retry_after;
             }
+            // A 402 is retried only when it is the in-flight budget and says
+            // when to come back; no endpoint for the routing is not retried.
+            let retryable = match (&error, status.as_u16()) {
+                (ModelError::NoEndpoint { .. }, _) => false,
+                (ModelError::RateLimited { .. }, 402) => retry_after.is_some(),
+                (_, code) => matches!(code, 408 | 429 | 500..=599),
+            };
             Err(Attempt {
                 error,
                 retry_after,
-                retryable: matches!(status.as_u16(), 408 | 429 | 500..=599),
+                retryable,
             })
         };
         attempt
@@ -275,10 +305,14 @@ impl OpenRouter {
         request: ChatRequest<'_>,
         text: &dyn TextSink,
     ) -> Result<Completion, ModelError> {
-        let body = request_body(&request, self.stream);
+        let info = self
+            .catalogue()
+            .await
+            .and_then(|c| c.get(request.model).cloned());
+        let body = request_body(&request, &self.dialect, info.as_ref());
         let response = self.send(&body).await?;
         let limit = self.max_response_bytes;
-        if !self.stream {
+        if !self.dialect.stream {
             let body = read_json(response, limit, "a reply").await?;
             let completion = parse_completion(&body)?;
             if let Some(content) = completion.message.content.as_deref() {
@@ -394,7 +428,11 @@ impl ChatModel for OpenRouter {
         request: ChatRequest<'_>,
         text: &dyn TextSink,
     ) -> Result<Completion, ModelError> {
+        let model = request.model;
         match tokio::time::timeout(self.timeout, self.complete_inner(request, text)).await {
+            Ok(Err(ModelError::NoToolSupport { .. })) => Err(ModelError::NoToolSupport {
+                model: model.to_owned(),
+            }),
             Ok(result) => result,
             Err(_) => Err(ModelError::Timeout),
         }
@@ -428,14 +466,18 @@ mod tests {
         let catalogue = Catalogue::parse(&json!({"data":[
             {"id":"a/tools","context_length":1000,"supported_parameters":["tools","temperature"],
              "architecture":{"input_modalities":["text","image"]}},
-            {"id":"b/plain","top_provider":{"context_length":50},"supported_parameters":["temperature"]}
+            {"id":"b/plain","top_provider":{"context_length":50},"supported_parameters":["temperature"]},
+            {"id":"local.gguf","object":"model","owned_by":"llamacpp"}
         ]}));
+        // A server that lists a model without its parameters or window.
+        let local = catalogue.get("local.gguf").unwrap();
+        assert_eq!((local.supports_tools, local.context_length), (None, None));
         let a = catalogue.get("a/tools:free").unwrap();
-        assert!(a.supports_tools && a.supports_images);
-        assert_eq!(a.context_length, 1000);
+        assert!(a.supports_tools == Some(true) && a.supports_images);
+        assert_eq!(a.context_length, Some(1000));
         let b = catalogue.get("b/plain").unwrap();
-        assert!(!b.supports_tools);
-        assert_eq!(b.context_length, 50);
+        assert_eq!(b.supports_tools, Some(false));
+        assert_eq!(b.context_length, Some(50));
         assert!(catalogue.get("c/none").is_none());
     }
 

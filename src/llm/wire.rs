@@ -3,51 +3,291 @@
 
 use serde_json::{Map, Value, json};
 
+use crate::config::{ModelApi, ReasoningEffort, WebSearch};
 use crate::conversation::{
-    ChatRequest, Completion, FinishReason, Message, ModelError, Role, TextSink, ToolCall, Usage,
+    Author, ChatRequest, Citation, Completion, FinishReason, Message, ModelError, ModelInfo, Role,
+    TextSink, ToolCall, Usage,
 };
 
-/// The request body for `POST /chat/completions`.
-pub fn request_body(request: &ChatRequest<'_>, stream: bool) -> Value {
+/// How requests are written for one endpoint.
+#[derive(Debug, Clone)]
+pub struct Dialect {
+    pub api: ModelApi,
+    pub stream: bool,
+    /// `REASONING_EFFORT`, sent to models that list `reasoning`.
+    pub reasoning: Option<ReasoningEffort>,
+    /// `OPENROUTER_PROVIDER`.
+    pub provider: Option<Value>,
+    pub web_search: Option<WebSearch>,
+}
+
+impl Default for Dialect {
+    fn default() -> Self {
+        Dialect {
+            api: ModelApi::OpenRouter,
+            stream: true,
+            reasoning: None,
+            provider: None,
+            web_search: None,
+        }
+    }
+}
+
+/// Where a model family wants prompt caching markers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Caching {
+    /// Cached automatically, or not at all: nothing to mark.
+    Automatic,
+    /// Explicit breakpoints, at most [`MAX_BREAKPOINTS`] (Anthropic, Qwen).
+    Breakpoints,
+    /// Only the last marker counts (Gemini).
+    LastOnly,
+}
+
+/// Anthropic refuses a request with more.
+pub const MAX_BREAKPOINTS: usize = 4;
+
+/// Anthropic looks back at most 20 blocks from a breakpoint for an earlier
+/// cache entry; a bridge is placed when more than this many were added.
+pub const BRIDGE_BLOCKS: usize = 15;
+
+/// The sentence, or marker, that a model family needs.
+fn caching(model: &str) -> Caching {
+    let model = model.to_ascii_lowercase();
+    if model.starts_with("anthropic/")
+        || model.starts_with("qwen/")
+        || model.starts_with("alibaba/")
+    {
+        Caching::Breakpoints
+    } else if model.starts_with("google/gemini") {
+        Caching::LastOnly
+    } else {
+        Caching::Automatic
+    }
+}
+
+/// The request body for `POST /chat/completions`. `info` is what the
+/// catalogue says of the model, when it was read.
+pub fn request_body(
+    request: &ChatRequest<'_>,
+    dialect: &Dialect,
+    info: Option<&ModelInfo>,
+) -> Value {
+    let openrouter = dialect.api == ModelApi::OpenRouter;
     let mut messages = Vec::with_capacity(request.messages.len() + 1);
     if let Some(system) = request.system {
         messages.push(json!({"role": "system", "content": system}));
     }
-    messages.extend(request.messages.iter().map(message_json));
+    messages.extend(
+        request
+            .messages
+            .iter()
+            .map(|m| message_json(m, request.model)),
+    );
+    let mut tools: Vec<Value> = Vec::new();
+    if openrouter && let Some(search) = dialect.web_search {
+        tools.push(json!({"type": "openrouter:web_search", "parameters": {
+            "max_results": search.max_results,
+            "max_uses": search.max_uses,
+        }}));
+    }
+    let strict_schemas = request.model.starts_with("google/");
+    tools.extend(request.tools.iter().map(|tool| {
+        let mut parameters = tool.parameters.clone();
+        if strict_schemas {
+            strip_for_gemini(&mut parameters);
+        }
+        json!({"type": "function", "function": {
+            "name": tool.name,
+            "description": tool.description,
+            "parameters": parameters,
+        }})
+    }));
+    if openrouter {
+        mark_cache_breakpoints(
+            caching(request.model),
+            &mut messages,
+            &mut tools,
+            request.system.is_some(),
+        );
+    }
     let mut body = json!({
         "model": request.model,
         "messages": messages,
-        "stream": stream,
+        "stream": dialect.stream,
     });
-    if !request.tools.is_empty() {
-        let strict_schemas = request.model.starts_with("google/");
-        let tools: Vec<Value> = request
-            .tools
-            .iter()
-            .map(|tool| {
-                let mut parameters = tool.parameters.clone();
-                if strict_schemas {
-                    strip_for_gemini(&mut parameters);
-                }
-                json!({"type": "function", "function": {
-                    "name": tool.name,
-                    "description": tool.description,
-                    "parameters": parameters,
-                }})
-            })
-            .collect();
+    if !tools.is_empty() {
         body["tools"] = Value::Array(tools);
+    }
+    if let Some(effort) = dialect.reasoning
+        && info.is_some_and(|i| i.supports_reasoning)
+    {
+        body["reasoning"] = json!({"effort": effort.as_str()});
+    }
+    if !openrouter {
+        if dialect.stream {
+            body["stream_options"] = json!({"include_usage": true});
+        }
+        return body;
+    }
+    if let Some(session) = request.session {
+        body["session_id"] = Value::String(session.chars().take(256).collect());
+    }
+    if let Some(user) = request.user {
+        body["user"] = Value::String(user.to_owned());
+    }
+    // mcpcord fits the context itself; middle-out could separate tool calls
+    // from their results.
+    body["plugins"] = json!([{"id": "context-compression", "enabled": false}]);
+    let mut provider = dialect.provider.clone().unwrap_or_else(|| json!({}));
+    if let Some(pin) = request.pin {
+        provider["order"] = json!([pin]);
+        provider["allow_fallbacks"] = Value::Bool(false);
+    }
+    if provider.as_object().is_some_and(|p| !p.is_empty()) {
+        body["provider"] = provider;
     }
     body
 }
 
-fn message_json(message: &Message) -> Value {
+/// The content blocks a message counts as for the cache lookback.
+fn blocks(message: &Value) -> usize {
+    let content = match &message["content"] {
+        Value::Array(parts) => parts.len(),
+        Value::String(text) if !text.is_empty() => 1,
+        _ => 0,
+    };
+    content + message["tool_calls"].as_array().map_or(0, Vec::len)
+}
+
+/// Whether a marker may sit on `message`: it has content to carry it (an
+/// assistant message that only calls tools has none).
+fn markable(message: &Value) -> bool {
+    match &message["content"] {
+        Value::String(text) => !text.is_empty(),
+        Value::Array(parts) => parts.iter().any(|p| p["type"] == "text"),
+        _ => false,
+    }
+}
+
+/// Puts `cache_control` on the last text part of `message`, turning string
+/// content into parts (a marker can only sit on a part; never on the
+/// message itself, which makes OpenRouter hang on tool messages).
+fn mark(message: &mut Value) {
+    let marker = json!({"type": "ephemeral"});
+    if let Value::String(text) = &message["content"] {
+        message["content"] = json!([{"type": "text", "text": text, "cache_control": marker}]);
+        return;
+    }
+    if let Some(part) = message["content"]
+        .as_array_mut()
+        .and_then(|parts| parts.iter_mut().rev().find(|p| p["type"] == "text"))
+    {
+        part["cache_control"] = marker;
+    }
+}
+
+/// Places the prompt caching markers so that each request reads what the
+/// one before it wrote:
+/// 1. the end of the stable prefix (the system prompt, or the last tool);
+/// 2. the newest message of the previous request (the one before the
+///    model's latest reply), which that request wrote;
+/// 3. the newest message, the new write;
+/// 4. a bridge when more than [`BRIDGE_BLOCKS`] blocks lie between 2 and 3.
+///
+/// Gemini reads only the last marker, so it gets 3 alone.
+fn mark_cache_breakpoints(
+    caching: Caching,
+    messages: &mut [Value],
+    tools: &mut [Value],
+    has_system: bool,
+) {
+    let Some(newest) = messages.len().checked_sub(1) else {
+        return;
+    };
+    let nearest_markable =
+        |from: usize, floor: usize| (floor..=from).rev().find(|&i| markable(&messages[i]));
+    match caching {
+        Caching::Automatic => return,
+        Caching::LastOnly => {
+            if let Some(i) = nearest_markable(newest, 0) {
+                mark(&mut messages[i]);
+            }
+            return;
+        }
+        Caching::Breakpoints => {}
+    }
+    let mut marks: Vec<usize> = Vec::with_capacity(MAX_BREAKPOINTS);
+    let first = usize::from(has_system);
+    if has_system {
+        marks.push(0);
+    } else if let Some(last) = tools.last_mut() {
+        last["cache_control"] = json!({"type": "ephemeral"});
+    }
+    let previous = messages
+        .iter()
+        .rposition(|m| m["role"] == "assistant")
+        .and_then(|reply| reply.checked_sub(1))
+        .filter(|&i| i >= first)
+        .and_then(|i| nearest_markable(i, first));
+    let tail = nearest_markable(newest, first);
+    if let Some(previous) = previous.filter(|&p| Some(p) != tail) {
+        marks.push(previous);
+    }
+    if let (Some(tail), from) = (tail, previous.unwrap_or(first)) {
+        let mut added = 0;
+        let mut bridge = None;
+        for (i, message) in messages.iter().enumerate().take(tail).skip(from + 1) {
+            added += blocks(message);
+            // The furthest place within reach of the lookback, or else the
+            // first place a marker can sit (one reply with many calls).
+            if markable(message) && (added <= BRIDGE_BLOCKS || bridge.is_none()) {
+                bridge = Some(i);
+            }
+        }
+        added += blocks(&messages[tail]);
+        if added > BRIDGE_BLOCKS
+            && let Some(bridge) = bridge
+            && marks.len() + 2 <= MAX_BREAKPOINTS
+        {
+            marks.push(bridge);
+        }
+        if !marks.contains(&tail) {
+            marks.push(tail);
+        }
+    }
+    for i in marks {
+        mark(&mut messages[i]);
+    }
+}
+
+/// A user message as the model sees it: who wrote it comes first, as text
+/// every provider keeps.
+fn user_text(message: &Message) -> String {
+    match &message.author {
+        Some(author) => format!("{}{}", speaker_prefix(author), message.text()),
+        None => message.text().to_owned(),
+    }
+}
+
+/// `<@id> (Name): `, with a name that cannot break out of its brackets.
+pub fn speaker_prefix(author: &Author) -> String {
+    let name: String = author
+        .name
+        .chars()
+        .filter(|c| !c.is_control() && !matches!(c, '(' | ')' | '<' | '>'))
+        .take(64)
+        .collect();
+    format!("<@{}> ({}): ", author.id, name.trim())
+}
+
+fn message_json(message: &Message, model: &str) -> Value {
     match message.role() {
         Role::User if message.images.is_empty() => {
-            json!({"role": "user", "content": message.text()})
+            json!({"role": "user", "content": user_text(message)})
         }
         Role::User => {
-            let mut parts = vec![json!({"type": "text", "text": message.text()})];
+            let mut parts = vec![json!({"type": "text", "text": user_text(message)})];
             parts.extend(
                 message
                     .images
@@ -76,11 +316,16 @@ fn message_json(message: &Message) -> Value {
                     .collect();
                 out.insert("tool_calls".into(), Value::Array(calls));
             }
-            if let Some(reasoning) = &message.reasoning {
-                out.insert("reasoning".into(), Value::String(reasoning.clone()));
-            }
-            if let Some(details) = &message.reasoning_details {
-                out.insert("reasoning_details".into(), details.clone());
+            // Reasoning is signed by the model that wrote it; another model
+            // refuses it ("Invalid signature in thinking block"), so after a
+            // switch only the answer text is sent.
+            if message.model.as_deref().is_none_or(|m| m == model) {
+                if let Some(reasoning) = &message.reasoning {
+                    out.insert("reasoning".into(), Value::String(reasoning.clone()));
+                }
+                if let Some(details) = &message.reasoning_details {
+                    out.insert("reasoning_details".into(), details.clone());
+                }
             }
             Value::Object(out)
         }
@@ -164,10 +409,14 @@ pub fn parse_completion(body: &Value) -> Result<Completion, ModelError> {
             message: "the provider stopped with an error".into(),
         });
     }
+    let mut citations = Vec::new();
+    merge_citations(&mut citations, raw.get("annotations"));
     Ok(Completion {
         message,
         finish_reason: map_finish(finish),
         usage,
+        provider: str_field(body, "provider"),
+        citations,
     })
 }
 
@@ -193,16 +442,36 @@ fn parse_usage(usage: Option<&Value>) -> Usage {
     let Some(usage) = usage else {
         return Usage::default();
     };
+    let count = |pointer: &str| usage.pointer(pointer).and_then(Value::as_u64).unwrap_or(0);
     Usage {
-        prompt_tokens: usage
-            .get("prompt_tokens")
-            .and_then(Value::as_u64)
-            .unwrap_or(0),
-        completion_tokens: usage
-            .get("completion_tokens")
-            .and_then(Value::as_u64)
-            .unwrap_or(0),
+        prompt_tokens: count("/prompt_tokens"),
+        completion_tokens: count("/completion_tokens"),
         cost: usage.get("cost").and_then(Value::as_f64).unwrap_or(0.0),
+        cached_tokens: count("/prompt_tokens_details/cached_tokens"),
+        cache_write_tokens: count("/prompt_tokens_details/cache_write_tokens"),
+    }
+}
+
+/// The links of `url_citation` annotations (web search), once each.
+fn merge_citations(citations: &mut Vec<Citation>, annotations: Option<&Value>) {
+    for annotation in annotations.and_then(Value::as_array).into_iter().flatten() {
+        let Some(cited) = annotation.get("url_citation") else {
+            continue;
+        };
+        let Some(url) = cited.get("url").and_then(Value::as_str) else {
+            continue;
+        };
+        if citations.iter().any(|c| c.url == url) {
+            continue;
+        }
+        citations.push(Citation {
+            url: url.to_owned(),
+            title: cited
+                .get("title")
+                .and_then(Value::as_str)
+                .unwrap_or(url)
+                .to_owned(),
+        });
     }
 }
 
@@ -224,6 +493,8 @@ pub struct StreamAccumulator {
     calls: Vec<PartialCall>,
     finish: Option<String>,
     usage: Usage,
+    provider: Option<String>,
+    citations: Vec<Citation>,
     saw_choice: bool,
     /// Whether `data: [DONE]` arrived.
     done: bool,
@@ -242,6 +513,9 @@ impl StreamAccumulator {
         }
         if let Some(usage) = chunk.get("usage").filter(|u| !u.is_null()) {
             self.usage = parse_usage(Some(usage));
+        }
+        if let Some(provider) = chunk.get("provider").and_then(Value::as_str) {
+            self.provider = Some(provider.to_owned());
         }
         let Some(choice) = chunk
             .get("choices")
@@ -274,6 +548,7 @@ impl StreamAccumulator {
         if let Some(text) = delta.get("reasoning").and_then(Value::as_str) {
             self.reasoning.push_str(text);
         }
+        merge_citations(&mut self.citations, delta.get("annotations"));
         if let Some(details) = delta.get("reasoning_details").and_then(Value::as_array) {
             details
                 .iter()
@@ -365,6 +640,8 @@ impl StreamAccumulator {
             message,
             finish_reason: map_finish(self.finish.as_deref()),
             usage: self.usage,
+            provider: self.provider,
+            citations: self.citations,
         })
     }
 }
@@ -437,15 +714,40 @@ pub fn error_from_body(status: Option<u16>, error: &Value) -> ModelError {
     {
         return ModelError::ContextTooLong;
     }
+    // OpenRouter, llama.cpp, vLLM and Ollama each say it their own way.
+    let no_tools = [
+        "support tool use",
+        "tool_choice",
+        "does not support tools",
+        "tool choice requires",
+        "tools param requires",
+        "--jinja",
+    ];
+    if matches!(code, Some(400 | 404 | 500)) && no_tools.iter().any(|s| lower.contains(s)) {
+        return ModelError::NoToolSupport {
+            model: "you chose".into(),
+        };
+    }
+    let no_endpoint = [
+        "no endpoints found",
+        "no available model provider",
+        "routing requirements",
+    ];
+    if matches!(code, Some(404 | 503)) && no_endpoint.iter().any(|s| lower.contains(s)) {
+        return ModelError::NoEndpoint { message: detailed };
+    }
+    let in_flight = error
+        .pointer("/metadata/limit_source")
+        .and_then(Value::as_str)
+        == Some("openrouter_in_flight_budget")
+        || error.pointer("/metadata/reason").and_then(Value::as_str)
+            == Some("in_flight_budget_exhausted");
     match code {
         Some(401) => ModelError::InvalidKey,
+        // Too many requests at once for the account's budget: it passes.
+        Some(402) if in_flight => ModelError::RateLimited { retry_after: None },
         Some(402) => ModelError::CreditsExhausted,
         Some(403) => ModelError::Forbidden { message: detailed },
-        Some(404) if lower.contains("tool use") || lower.contains("tool_choice") => {
-            ModelError::NoToolSupport {
-                model: "you chose".into(),
-            }
-        }
         Some(408) => ModelError::Timeout,
         Some(413) => ModelError::ContextTooLong,
         Some(429) => ModelError::RateLimited { retry_after: None },
@@ -591,7 +893,7 @@ mod tests {
             reasoning_details: Some(details.clone()),
             ..Default::default()
         };
-        let json = message_json(&message);
+        let json = message_json(&message, "any/model");
         assert_eq!(json["reasoning_details"], details);
         assert_eq!(json["content"], Value::Null);
     }
@@ -640,5 +942,273 @@ mod tests {
             acc.finish().unwrap().message.content.as_deref(),
             Some("Done.")
         );
+    }
+
+    fn spec(name: &str) -> crate::conversation::ToolSpec {
+        crate::conversation::ToolSpec {
+            name: name.into(),
+            description: "d".into(),
+            parameters: json!({"type":"object","properties":{}}),
+            needs_approval: false,
+            server: "s".into(),
+        }
+    }
+
+    /// The indices of the messages that carry a marker, and the count of
+    /// all markers in the body.
+    fn markers(body: &Value) -> (Vec<usize>, usize) {
+        let text = body.to_string();
+        let count = text.matches("cache_control").count();
+        let marked = body["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.to_string().contains("cache_control"))
+            .map(|(i, _)| i)
+            .collect();
+        (marked, count)
+    }
+
+    fn tool_round(history: &mut Vec<Message>, calls: usize, round: usize) {
+        let ids: Vec<String> = (0..calls).map(|i| format!("c{round}_{i}")).collect();
+        history.push(Message {
+            role: Some(Role::Assistant),
+            tool_calls: ids
+                .iter()
+                .map(|id| ToolCall {
+                    id: id.clone(),
+                    name: "t".into(),
+                    arguments: "{}".into(),
+                })
+                .collect(),
+            ..Default::default()
+        });
+        history.extend(ids.iter().map(|id| Message::tool_result(id, "result")));
+    }
+
+    #[test]
+    fn anthropic_markers_sit_on_the_prefix_the_previous_tail_and_the_newest() {
+        let tools = [spec("a"), spec("b")];
+        let mut history = vec![Message::user("hi"), Message::assistant("hello")];
+        history.push(Message::user("list files"));
+        tool_round(&mut history, 2, 0);
+        let mut request = ChatRequest::new("anthropic/claude-sonnet-4.5", &history, &tools);
+        request.system = Some("be brief");
+        let body = request_body(&request, &Dialect::default(), None);
+        // system, the user message before the latest reply, the newest.
+        assert_eq!(markers(&body), (vec![0, 3, 6], 3));
+        let messages = body["messages"].as_array().unwrap();
+        // On a part of a tool message, never on the message itself.
+        assert!(messages[6].get("cache_control").is_none());
+        assert_eq!(
+            messages[6]["content"][0]["cache_control"]["type"],
+            "ephemeral"
+        );
+        assert_eq!(messages[6]["content"][0]["text"], "result");
+        // The assistant message that only calls tools carries none.
+        assert_eq!(messages[4]["content"], Value::Null);
+
+        // Without a system prompt the prefix marker goes on the last tool.
+        let request = ChatRequest::new("anthropic/claude-sonnet-4.5", &history, &tools);
+        let body = request_body(&request, &Dialect::default(), None);
+        assert_eq!(markers(&body), (vec![2, 5], 3));
+        assert!(body["tools"][1].get("cache_control").is_some());
+    }
+
+    #[test]
+    fn a_wide_tool_round_gets_a_bridge_and_never_a_fifth_marker() {
+        let tools = [spec("a")];
+        for calls in 1..=32 {
+            let mut history = vec![Message::user("go")];
+            tool_round(&mut history, calls, 0);
+            let mut request = ChatRequest::new("anthropic/claude-opus-4", &history, &tools);
+            request.system = Some("s");
+            let body = request_body(&request, &Dialect::default(), None);
+            let (marked, count) = markers(&body);
+            assert!(count <= MAX_BREAKPOINTS, "{calls} calls: {count} markers");
+            // Blocks after the previous tail: one per call, one per result.
+            let bridged = 2 * calls > BRIDGE_BLOCKS;
+            assert_eq!(marked.len(), 3 + usize::from(bridged), "{calls} calls");
+        }
+    }
+
+    #[test]
+    fn gemini_gets_one_marker_and_others_none() {
+        let history = vec![
+            Message::user("a"),
+            Message::assistant("b"),
+            Message::user("c"),
+        ];
+        let mut request = ChatRequest::new("google/gemini-2.5-pro", &history, &[]);
+        request.system = Some("s");
+        let body = request_body(&request, &Dialect::default(), None);
+        assert_eq!(markers(&body), (vec![3], 1));
+        for model in ["openai/gpt-4.1", "deepseek/deepseek-chat"] {
+            let request = ChatRequest { model, ..request };
+            assert_eq!(
+                markers(&request_body(&request, &Dialect::default(), None)).1,
+                0
+            );
+        }
+        let openai = Dialect {
+            api: ModelApi::OpenAi,
+            ..Dialect::default()
+        };
+        let request = ChatRequest {
+            model: "anthropic/claude-sonnet-4.5",
+            ..request
+        };
+        assert_eq!(markers(&request_body(&request, &openai, None)).1, 0);
+    }
+
+    #[test]
+    fn openrouter_fields_go_only_to_openrouter() {
+        let history = vec![Message::user("a")];
+        let mut request = ChatRequest::new("m/x", &history, &[]);
+        request.session = Some("discord:1");
+        request.user = Some("u_0123456789abcdef");
+        let dialect = Dialect {
+            provider: Some(json!({"zdr": true})),
+            web_search: Some(WebSearch {
+                max_results: 2,
+                max_uses: 1,
+            }),
+            reasoning: Some(ReasoningEffort::High),
+            ..Dialect::default()
+        };
+        let info = ModelInfo {
+            id: "m/x".into(),
+            context_length: None,
+            supports_tools: Some(true),
+            supports_images: false,
+            supports_reasoning: true,
+        };
+        let body = request_body(&request, &dialect, Some(&info));
+        assert_eq!(body["session_id"], "discord:1");
+        assert_eq!(body["user"], "u_0123456789abcdef");
+        assert_eq!(body["plugins"][0]["id"], "context-compression");
+        assert_eq!(body["plugins"][0]["enabled"], false);
+        assert_eq!(body["provider"], json!({"zdr": true}));
+        assert_eq!(body["tools"][0]["type"], "openrouter:web_search");
+        assert_eq!(body["tools"][0]["parameters"]["max_results"], 2);
+        assert_eq!(body["reasoning"]["effort"], "high");
+        assert!(body.get("stream_options").is_none());
+
+        request.pin = Some("google-vertex");
+        let body = request_body(&request, &dialect, Some(&info));
+        assert_eq!(
+            body["provider"],
+            json!({"zdr": true, "order": ["google-vertex"], "allow_fallbacks": false})
+        );
+
+        let plain = Dialect {
+            api: ModelApi::OpenAi,
+            ..dialect.clone()
+        };
+        let body = request_body(&request, &plain, Some(&info));
+        for field in ["session_id", "user", "plugins", "provider", "tools"] {
+            assert!(
+                body.get(field).is_none(),
+                "{field} sent to a plain endpoint"
+            );
+        }
+        assert_eq!(body["stream_options"], json!({"include_usage": true}));
+        // No reasoning for a model that does not list it.
+        let info = ModelInfo {
+            supports_reasoning: false,
+            ..info
+        };
+        assert!(
+            request_body(&request, &dialect, Some(&info))
+                .get("reasoning")
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn reasoning_goes_back_only_to_the_model_that_wrote_it() {
+        let reply = Message {
+            role: Some(Role::Assistant),
+            content: Some("answer".into()),
+            reasoning: Some("thought".into()),
+            reasoning_details: Some(json!([{"type":"reasoning.text","signature":"s"}])),
+            model: Some("anthropic/claude-sonnet-4.5".into()),
+            ..Default::default()
+        };
+        let same = message_json(&reply, "anthropic/claude-sonnet-4.5");
+        assert!(same.get("reasoning_details").is_some());
+        let other = message_json(&reply, "google/gemini-2.5-pro");
+        assert!(other.get("reasoning_details").is_none() && other.get("reasoning").is_none());
+        assert_eq!(other["content"], "answer");
+    }
+
+    #[test]
+    fn user_messages_name_their_author() {
+        let message = Message {
+            author: Some(Author {
+                id: 42,
+                name: "Ada (admin)\n".into(),
+            }),
+            ..Message::user("hello")
+        };
+        assert_eq!(
+            message_json(&message, "m")["content"],
+            "<@42> (Ada admin): hello"
+        );
+        assert_eq!(message_json(&Message::user("hi"), "m")["content"], "hi");
+    }
+
+    #[test]
+    fn usage_reads_cache_tokens_citations_and_provider() {
+        let (completion, _) = apply_all(&[
+            json!({"provider":"Anthropic","choices":[{"delta":{"content":"See","annotations":[
+                {"type":"url_citation","url_citation":{"url":"https://a.example/x","title":"A"}}]}}]}),
+            json!({"choices":[{"delta":{"content":" this","annotations":[
+                {"type":"url_citation","url_citation":{"url":"https://a.example/x","title":"A"}}]},"finish_reason":"stop"}]}),
+            json!({"choices":[],"usage":{"prompt_tokens":2000,"completion_tokens":5,"cost":0.01,
+                "prompt_tokens_details":{"cached_tokens":1800,"cache_write_tokens":150}}}),
+        ]);
+        assert_eq!(completion.usage.cached_tokens, 1800);
+        assert_eq!(completion.usage.cache_write_tokens, 150);
+        assert_eq!(completion.usage.cached_percent(), 90);
+        assert_eq!(completion.provider.as_deref(), Some("Anthropic"));
+        assert_eq!(completion.citations.len(), 1);
+    }
+
+    #[test]
+    fn errors_of_other_endpoints_and_budgets_are_told_apart() {
+        for (status, message) in [
+            (500, "tools param requires --jinja flag"),
+            (
+                400,
+                "registry.ollama.ai/library/gemma:2b does not support tools",
+            ),
+            (
+                400,
+                "\"auto\" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set",
+            ),
+        ] {
+            assert!(
+                matches!(
+                    error_from_body(Some(status), &json!({"message": message})),
+                    ModelError::NoToolSupport { .. }
+                ),
+                "{message}"
+            );
+        }
+        let in_flight =
+            json!({"message":"x","metadata":{"limit_source":"openrouter_in_flight_budget"}});
+        assert!(matches!(
+            error_from_body(Some(402), &in_flight),
+            ModelError::RateLimited { .. }
+        ));
+        assert!(matches!(
+            error_from_body(
+                Some(404),
+                &json!({"message":"No endpoints found matching your data policy"})
+            ),
+            ModelError::NoEndpoint { .. }
+        ));
     }
 }

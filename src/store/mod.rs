@@ -12,7 +12,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{FromRow, QueryBuilder, Sqlite, SqliteConnection, SqlitePool};
 
 pub use crate::conversation::UsageTotals;
-use crate::conversation::{Inbound, Message, Role, Store, StoreError, ToolCall, Usage};
+use crate::conversation::{Author, Inbound, Message, Role, Store, StoreError, ToolCall, Usage};
 
 /// Connections in the pool. SQLite has one writer; a few readers help.
 const MAX_CONNECTIONS: u32 = 4;
@@ -51,7 +51,31 @@ struct MessageRow {
     prompt_tokens: Option<i64>,
     completion_tokens: Option<i64>,
     cost: Option<f64>,
+    cached_tokens: Option<i64>,
+    cache_write_tokens: Option<i64>,
+    author_id: Option<i64>,
+    author_name: Option<String>,
 }
+
+/// `SELECT` of the sums `totals` reads, in this order, over messages `m`.
+macro_rules! select_usage {
+    ($rest:literal) => {
+        concat!(
+            "SELECT SUM(m.prompt_tokens), SUM(m.completion_tokens), SUM(m.cost), COUNT(m.prompt_tokens),
+                    SUM(m.cached_tokens), SUM(m.cache_write_tokens) ",
+            $rest
+        )
+    };
+}
+
+type UsageRow = (
+    Option<i64>,
+    Option<i64>,
+    Option<f64>,
+    i64,
+    Option<i64>,
+    Option<i64>,
+);
 
 impl SqliteStore {
     /// Opens (creating when missing) the database at `url` and applies the
@@ -151,14 +175,12 @@ impl SqliteStore {
 
     /// Tokens and cost of one conversation's answers.
     pub async fn usage(&self, conversation: &str) -> Result<UsageTotals, StoreError> {
-        let row: (Option<i64>, Option<i64>, Option<f64>, i64) = sqlx::query_as(
-            "SELECT SUM(prompt_tokens), SUM(completion_tokens), SUM(cost), COUNT(prompt_tokens)
-             FROM messages WHERE conversation = ?1",
-        )
-        .bind(conversation)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(db)?;
+        let row: UsageRow =
+            sqlx::query_as(select_usage!("FROM messages m WHERE m.conversation = ?1"))
+                .bind(conversation)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(db)?;
         Ok(totals(row))
     }
 
@@ -170,10 +192,9 @@ impl SqliteStore {
         since_unix: i64,
     ) -> Result<UsageTotals, StoreError> {
         let pattern = format!("{}%", prefix.replace('%', "\\%").replace('_', "\\_"));
-        let row: (Option<i64>, Option<i64>, Option<f64>, i64) = sqlx::query_as(
-            "SELECT SUM(prompt_tokens), SUM(completion_tokens), SUM(cost), COUNT(prompt_tokens)
-             FROM messages WHERE conversation LIKE ?1 ESCAPE '\\' AND created_at >= ?2",
-        )
+        let row: UsageRow = sqlx::query_as(select_usage!(
+            "FROM messages m WHERE m.conversation LIKE ?1 ESCAPE '\\' AND m.created_at >= ?2"
+        ))
         .bind(pattern)
         .bind(since_unix)
         .fetch_one(&self.pool)
@@ -226,11 +247,10 @@ impl crate::discord::Threads for SqliteStore {
         guild: u64,
         since_unix: i64,
     ) -> Result<UsageTotals, StoreError> {
-        let row: (Option<i64>, Option<i64>, Option<f64>, i64) = sqlx::query_as(
-            "SELECT SUM(m.prompt_tokens), SUM(m.completion_tokens), SUM(m.cost), COUNT(m.prompt_tokens)
-             FROM messages m JOIN discord_threads t ON t.conversation = m.conversation
-             WHERE t.guild_id = ?1 AND m.created_at >= ?2",
-        )
+        let row: UsageRow = sqlx::query_as(select_usage!(
+            "FROM messages m JOIN discord_threads t ON t.conversation = m.conversation
+             WHERE t.guild_id = ?1 AND m.created_at >= ?2"
+        ))
         .bind(guild as i64)
         .bind(since_unix)
         .fetch_one(&self.pool)
@@ -240,14 +260,15 @@ impl crate::discord::Threads for SqliteStore {
     }
 }
 
-fn totals(
-    (prompt, completion, cost, responses): (Option<i64>, Option<i64>, Option<f64>, i64),
-) -> UsageTotals {
+fn totals((prompt, completion, cost, responses, cached, written): UsageRow) -> UsageTotals {
+    let count = |n: Option<i64>| n.unwrap_or(0).max(0) as u64;
     UsageTotals {
-        prompt_tokens: prompt.unwrap_or(0).max(0) as u64,
-        completion_tokens: completion.unwrap_or(0).max(0) as u64,
+        prompt_tokens: count(prompt),
+        completion_tokens: count(completion),
         cost: cost.unwrap_or(0.0),
         responses: responses.max(0) as u64,
+        cached_tokens: count(cached),
+        cache_write_tokens: count(written),
     }
 }
 
@@ -361,10 +382,17 @@ impl MessageRow {
                 .map_err(|e| StoreError::Corrupt(format!("images column: {e}")))?,
             None => Vec::new(),
         };
+        let count = |n: Option<i64>| n.unwrap_or(0).max(0) as u64;
         let usage = self.prompt_tokens.map(|prompt| Usage {
-            prompt_tokens: prompt.max(0) as u64,
-            completion_tokens: self.completion_tokens.unwrap_or(0).max(0) as u64,
+            prompt_tokens: count(Some(prompt)),
+            completion_tokens: count(self.completion_tokens),
             cost: self.cost.unwrap_or(0.0),
+            cached_tokens: count(self.cached_tokens),
+            cache_write_tokens: count(self.cache_write_tokens),
+        });
+        let author = self.author_id.map(|id| Author {
+            id: id as u64,
+            name: self.author_name.unwrap_or_default(),
         });
         Ok(Message {
             role: Some(role),
@@ -376,6 +404,7 @@ impl MessageRow {
             reasoning_details: parse("reasoning_details", self.reasoning_details)?,
             model: self.model,
             usage,
+            author,
         })
     }
 }
@@ -410,7 +439,8 @@ impl Store for SqliteStore {
     async fn history(&self, conversation: &str) -> Result<Vec<Message>, StoreError> {
         let rows: Vec<MessageRow> = sqlx::query_as(
             "SELECT role, content, images, tool_calls, tool_call_id, reasoning, reasoning_details,
-                    model, prompt_tokens, completion_tokens, cost
+                    model, prompt_tokens, completion_tokens, cost, cached_tokens, cache_write_tokens,
+                    author_id, author_name
              FROM messages WHERE conversation = ?1 ORDER BY id",
         )
         .bind(conversation)
@@ -512,6 +542,25 @@ impl Store for SqliteStore {
             .map_err(db)?;
         Ok(())
     }
+
+    async fn instance_salt(&self) -> Result<String, StoreError> {
+        let mut fresh = [0u8; 32];
+        getrandom::fill(&mut fresh)
+            .map_err(|e| StoreError::Failed(format!("no randomness: {e}")))?;
+        // The first process to get here decides; every later one reads it.
+        sqlx::query(
+            "INSERT INTO instance (key, value) VALUES ('salt', ?1) ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(hex::encode(fresh))
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        let (salt,): (String,) = sqlx::query_as("SELECT value FROM instance WHERE key = 'salt'")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(salt)
+    }
 }
 
 impl SqliteStore {
@@ -542,7 +591,8 @@ impl SqliteStore {
         }
         let mut insert = QueryBuilder::<Sqlite>::new(
             "INSERT INTO messages (conversation, role, content, images, tool_calls, tool_call_id,
-                reasoning, reasoning_details, model, prompt_tokens, completion_tokens, cost, created_at) ",
+                reasoning, reasoning_details, model, prompt_tokens, completion_tokens, cost,
+                cached_tokens, cache_write_tokens, author_id, author_name, created_at) ",
         );
         insert.push_values(messages, |mut row, message| {
             let usage = message.usage;
@@ -566,6 +616,10 @@ impl SqliteStore {
                 .push_bind(usage.map(|u| u.prompt_tokens as i64))
                 .push_bind(usage.map(|u| u.completion_tokens as i64))
                 .push_bind(usage.map(|u| u.cost))
+                .push_bind(usage.map(|u| u.cached_tokens as i64))
+                .push_bind(usage.map(|u| u.cache_write_tokens as i64))
+                .push_bind(message.author.as_ref().map(|a| a.id as i64))
+                .push_bind(message.author.as_ref().map(|a| a.name.as_str()))
                 .push_bind(now);
         });
         insert.build().execute(&mut *connection).await.map_err(db)?;

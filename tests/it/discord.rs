@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::support::discord::{ALICE, BOB, BOT, CHANNEL, FakeDiscord};
-use crate::support::{FakeModel, Reply, call, text};
+use crate::support::{FakeModel, Reply, call, said, text, user_said};
 use mcpcord::app::App;
 use mcpcord::config::DiscordConfig;
 use serde_json::{Value, json};
@@ -151,9 +151,11 @@ async fn a_mention_opens_a_thread_where_tools_run_and_the_answer_lands() {
         })
         .await;
     let sent = &model.requests()[2]["messages"];
-    assert_eq!(sent[0]["content"], "what files do I have?");
+    assert_eq!(sent[0]["role"], "system");
+    assert_eq!(said(&sent[1]), "what files do I have?");
+    assert!(sent[1]["content"].as_str().unwrap().starts_with("<@"));
     assert_eq!(
-        sent.as_array().unwrap().last().unwrap()["content"],
+        said(sent.as_array().unwrap().last().unwrap()),
         "which one was it?"
     );
     assert!(model.rejected().is_empty());
@@ -248,8 +250,7 @@ async fn two_quick_messages_are_answered_in_order() {
         })
         .await;
     let requests = model.requests();
-    let last_user =
-        |r: &Value| r["messages"].as_array().unwrap().last().unwrap()["content"].clone();
+    let last_user = |r: &Value| said(r["messages"].as_array().unwrap().last().unwrap());
     assert_eq!(last_user(&requests[1]), "one");
     assert_eq!(last_user(&requests[2]), "two");
     let answers: Vec<String> = contents(&discord.posts(first))
@@ -541,10 +542,7 @@ async fn a_restarted_bot_carries_on_in_its_threads() {
             c.body["content"] == "You said blue."
         })
         .await;
-    assert_eq!(
-        model.requests()[1]["messages"][0]["content"],
-        "my colour is blue"
-    );
+    assert_eq!(user_said(&model.requests()[1])[0], "my colour is blue");
     bot.stop().await;
 }
 
@@ -639,8 +637,9 @@ async fn attachments_become_text_images_or_a_notice() {
     discord
         .wait_for("the answer", |c| c.body["content"] == "Got them.")
         .await;
-    let sent = &model.requests()[0]["messages"][0]["content"];
+    let sent = &model.requests()[0]["messages"][1]["content"];
     let text = sent[0]["text"].as_str().unwrap();
+    let text = text.split_once("): ").unwrap().1;
     assert!(
         text.starts_with(
             "look at these\n\n[attached file notes.txt]\nline one\nline two\n\n[attached file endless.log]\ntick tock\n"
@@ -650,10 +649,10 @@ async fn attachments_become_text_images_or_a_notice() {
     );
     // The endless file is read up to the cap, not forever.
     assert!(text.ends_with("[cut: the file is longer; the first 100000 bytes are shown]"));
-    assert_eq!(
-        sent[1]["image_url"]["url"],
-        discord.attachment_url("pixel.png")
-    );
+    // The image goes as its bytes, never as Discord's expiring link.
+    let url = sent[1]["image_url"]["url"].as_str().unwrap();
+    assert!(url.starts_with("data:image/png;base64,"), "{url}");
+    assert!(!url.contains(&discord.attachment_url("pixel.png")));
     let notices = contents(&discord.posts(thread));
     assert!(
         notices
@@ -871,7 +870,7 @@ async fn in_other_threads_a_mention_is_needed_and_errors_are_explained() {
     );
     bot.stop().await;
     assert_eq!(model.requests().len(), 1, "only the mention is a turn");
-    assert_eq!(model.requests()[0]["messages"][0]["content"], "now?");
+    assert_eq!(user_said(&model.requests()[0]), ["now?"]);
 }
 
 #[tokio::test]
@@ -969,10 +968,7 @@ async fn an_earlier_message_with_a_slow_attachment_is_still_answered_first() {
         .collect();
     assert_eq!(answers, ["Read it.", "Answer to two."]);
     let requests = model.requests();
-    let last_user = |r: &Value| {
-        let last = r["messages"].as_array().unwrap().last().unwrap().clone();
-        last["content"].as_str().unwrap_or_default().to_owned()
-    };
+    let last_user = |r: &Value| said(r["messages"].as_array().unwrap().last().unwrap());
     assert!(
         last_user(&requests[1]).starts_with("read this\n\n[attached file held.txt]\nheld contents")
     );
@@ -1020,12 +1016,12 @@ async fn a_message_waiting_behind_a_cut_turn_is_answered_after_the_restart() {
         "{said:?}"
     );
     let sent = model.requests()[1]["messages"].clone();
-    let users: Vec<&str> = sent
+    let users: Vec<String> = sent
         .as_array()
         .unwrap()
         .iter()
         .filter(|m| m["role"] == "user")
-        .map(|m| m["content"].as_str().unwrap())
+        .map(crate::support::said)
         .collect();
     assert_eq!(users, ["think hard", "and this too"]);
     assert!(model.rejected().is_empty(), "{:?}", model.rejected());
@@ -1073,7 +1069,7 @@ async fn a_message_waiting_when_the_bot_is_killed_is_answered_after_the_restart(
         .await;
     let sent = model.requests()[1]["messages"].clone();
     let last = sent.as_array().unwrap().last().unwrap().clone();
-    assert_eq!(last["content"], "and this too");
+    assert_eq!(said(&last), "and this too");
     assert!(model.rejected().is_empty(), "{:?}", model.rejected());
     bot.stop().await;
 }

@@ -145,6 +145,7 @@ fn input(position: u64, text: &str) -> Inbound {
     Inbound {
         position,
         author: 7,
+        author_name: "Ada".into(),
         text: text.to_owned(),
         attachments: Vec::new(),
     }

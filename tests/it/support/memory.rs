@@ -74,6 +74,10 @@ impl MemoryStore {
 
 #[async_trait]
 impl Store for MemoryStore {
+    async fn instance_salt(&self) -> Result<String, StoreError> {
+        Ok("memory-salt".into())
+    }
+
     async fn model(&self, conversation: &str) -> Result<Option<String>, StoreError> {
         Ok(self.lock().models.get(conversation).cloned().flatten())
     }
@@ -293,9 +297,13 @@ impl ScriptedModel {
             FinishReason::ToolCalls
         };
         Ok(Completion {
+            provider: None,
+            citations: Vec::new(),
             message,
             finish_reason,
             usage: Usage {
+                cached_tokens: 0,
+                cache_write_tokens: 0,
                 prompt_tokens: 10,
                 completion_tokens: 2,
                 cost: 0.0,
@@ -438,6 +446,8 @@ impl ChatModel for EchoModel {
             Message::assistant(last.text())
         };
         Ok(Completion {
+            provider: None,
+            citations: Vec::new(),
             message,
             finish_reason: FinishReason::Stop,
             usage: Usage::default(),
@@ -453,8 +463,9 @@ impl ChatModel for EchoModel {
 fn known(model: &str) -> ModelLookup {
     ModelLookup::Known(ModelInfo {
         id: model.to_owned(),
-        context_length: 100_000,
-        supports_tools: true,
+        context_length: Some(100_000),
+        supports_tools: Some(true),
+        supports_reasoning: false,
         supports_images: false,
     })
 }

@@ -340,6 +340,33 @@ fn validate(request: &Value) -> Result<(), String> {
     Ok(())
 }
 
+/// What a person wrote in a message the model was sent: its text (or
+/// first text part) without the `<@id> (name): ` that names them.
+pub fn said(message: &Value) -> String {
+    let text = match &message["content"] {
+        Value::Array(parts) => parts[0]["text"].as_str().unwrap_or_default(),
+        other => other.as_str().unwrap_or_default(),
+    };
+    match text
+        .strip_prefix("<@")
+        .and_then(|rest| rest.split_once("): "))
+    {
+        Some((_, rest)) => rest.to_owned(),
+        None => text.to_owned(),
+    }
+}
+
+/// What people wrote, in the order of a chat request's user messages.
+pub fn user_said(request: &Value) -> Vec<String> {
+    request["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["role"] == "user")
+        .map(said)
+        .collect()
+}
+
 /// The contents of the tool messages in a chat request, in order.
 pub fn tool_results(request: &Value) -> Vec<String> {
     request["messages"]
