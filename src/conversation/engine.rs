@@ -484,7 +484,7 @@ impl Engine {
                 Ok(Step::ToolCalls(mut message, finish)) => {
                     rename_reused_ids(&mut message, &history);
                     let exhausted = outcome.rounds > self.settings.max_tool_rounds;
-                    let (results, images) = if exhausted {
+                    let (mut results, images) = if exhausted {
                         let declined =
                             decline_all(&message.tool_calls, self.settings.max_tool_rounds);
                         (declined, Vec::new())
@@ -497,7 +497,6 @@ impl Engine {
                         };
                         self.run_calls(&calls, &message.tool_calls).await
                     };
-                    let mut results = results;
                     keep_valid_arguments(&mut message, &mut results, finish);
                     outcome.tool_calls += message.tool_calls.len();
                     let mut group = Vec::with_capacity(results.len() + 2);

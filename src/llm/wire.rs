@@ -51,7 +51,7 @@ pub const MAX_BREAKPOINTS: usize = 4;
 /// cache entry; a bridge is placed when more than this many were added.
 pub const BRIDGE_BLOCKS: usize = 15;
 
-/// The sentence, or marker, that a model family needs.
+/// Which caching markers a model family needs.
 fn caching(model: &str) -> Caching {
     let model = model.to_ascii_lowercase();
     if model.starts_with("anthropic/")
