@@ -431,20 +431,22 @@ impl Engine {
                 Ok(completion) => completion,
                 Err(ModelError::NoEndpoint { .. }) if pin.is_some() => {
                     // The pinned provider is gone: once more anywhere, with
-                    // this turn's reasoning left out (no other provider
-                    // accepts its signatures).
+                    // this turn's reasoning left out for the rest of it (no
+                    // other provider accepts its signatures).
                     tracing::info!(conversation, provider = ?pin, "pinned provider has no endpoint; trying unpinned");
                     pin = None;
-                    let mut messages = history[start..].to_vec();
-                    let own = turn_start.saturating_sub(start);
-                    for message in messages.iter_mut().skip(own) {
+                    for message in &mut history[turn_start..] {
                         message.reasoning = None;
                         message.reasoning_details = None;
                     }
                     let request = ChatRequest {
-                        messages: &messages,
+                        model: &model,
+                        system: system.as_deref(),
+                        messages: &history[start..],
+                        tools: &specs,
+                        session: Some(conversation),
+                        user: user.as_deref(),
                         pin: None,
-                        ..request
                     };
                     match self.model.complete(request, events).await {
                         Ok(completion) => completion,

@@ -100,6 +100,13 @@ pub struct UsageTotals {
     pub cache_write_tokens: u64,
 }
 
+impl UsageTotals {
+    /// The share of prompt tokens read from the cache, in percent.
+    pub fn cached_percent(&self) -> u64 {
+        cached_percent(self.cached_tokens, self.prompt_tokens)
+    }
+}
+
 /// The person who wrote a user message, as the surface knows them.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Author {

@@ -13,6 +13,7 @@ use super::inbound::conversation_of;
 use super::protocol::{MAX_CHOICE_CHARS, MAX_CHOICES, command, response};
 use super::render::MAX_MESSAGE_CHARS;
 use super::rest::RestError;
+use crate::conversation::UsageTotals;
 
 /// The commands, as registered with Discord.
 pub fn definitions() -> Value {
@@ -125,18 +126,15 @@ async fn reply(bot: &Bot, command: &CommandInteraction) -> anyhow::Result<String
         }
         "usage" => {
             let here = surface.threads.usage(&conversation).await?;
-            let mut text = format!(
-                "This thread: {} responses, {} prompt + {} completion tokens, ${:.4}.",
-                here.responses, here.prompt_tokens, here.completion_tokens, here.cost
-            );
+            let mut text = format!("This thread: {}", usage_summary(&here));
             if let Some(guild) = guild {
                 let server = surface
                     .threads
                     .guild_usage_since(guild, start_of_today())
                     .await?;
                 text.push_str(&format!(
-                    "\nThis server today (UTC): {} responses, {} prompt + {} completion tokens, ${:.4}.",
-                    server.responses, server.prompt_tokens, server.completion_tokens, server.cost
+                    "\nThis server today (UTC): {}",
+                    usage_summary(&server)
                 ));
             }
             Ok(text)
@@ -181,6 +179,19 @@ fn choices<'a>(ids: impl Iterator<Item = &'a str>, typed: &str) -> Vec<&'a str> 
     found
 }
 
+/// Responses, tokens (with the share read from the provider's prompt
+/// cache) and cost, in one sentence.
+fn usage_summary(usage: &UsageTotals) -> String {
+    let mut cache = format!("{}% read from cache", usage.cached_percent());
+    if usage.cache_write_tokens > 0 {
+        cache.push_str(&format!(", {} written to it", usage.cache_write_tokens));
+    }
+    format!(
+        "{} responses, {} prompt tokens ({cache}) + {} completion tokens, ${:.4}.",
+        usage.responses, usage.prompt_tokens, usage.completion_tokens, usage.cost
+    )
+}
+
 fn truncate(text: &str) -> String {
     if text.chars().count() <= MAX_MESSAGE_CHARS {
         return text.to_owned();
@@ -217,6 +228,28 @@ mod tests {
             choices(all, "mmmm").is_empty(),
             "ids too long to offer are left out"
         );
+    }
+
+    #[test]
+    fn usage_names_the_cached_share_and_cost() {
+        let usage = UsageTotals {
+            prompt_tokens: 2000,
+            completion_tokens: 50,
+            cost: 0.01234,
+            responses: 3,
+            cached_tokens: 1500,
+            cache_write_tokens: 400,
+        };
+        assert_eq!(
+            usage_summary(&usage),
+            "3 responses, 2000 prompt tokens (75% read from cache, 400 written to it) + 50 completion tokens, $0.0123."
+        );
+        let cold = UsageTotals {
+            cache_write_tokens: 0,
+            cached_tokens: 0,
+            ..usage
+        };
+        assert!(usage_summary(&cold).contains("(0% read from cache)"));
     }
 
     #[test]

@@ -298,7 +298,9 @@ async fn slash_commands_answer_in_time() {
     let usage = discord.wait_for("/usage", |c| c.path == original(1)).await;
     let usage = usage.body["content"].as_str().unwrap().to_owned();
     assert!(
-        usage.contains("This thread: 1 responses") && usage.contains("This server today"),
+        usage.contains(
+            "This thread: 1 responses, 100 prompt tokens (60% read from cache, 30 written to it)"
+        ) && usage.contains("This server today"),
         "{usage}"
     );
     let deferred = discord
@@ -661,6 +663,21 @@ async fn attachments_become_text_images_or_a_notice() {
         "{notices:?}"
     );
     bot.stop().await;
+
+    // After a restart the image still goes as its bytes, from the database;
+    // Discord's link (expired by then) is never sent.
+    model.script([support::text("Still see it.")]);
+    let bot = start(&discord, &model, dir.path(), &[]).await;
+    say(&discord, thread + 1, thread, ALICE, "and now?");
+    discord
+        .wait_for("the answer after the restart", |c| {
+            c.body["content"] == "Still see it."
+        })
+        .await;
+    let later = &model.requests()[1];
+    assert_eq!(&later["messages"][1]["content"][1]["image_url"]["url"], url);
+    assert!(!later.to_string().contains(&discord.attachment_url("")));
+    bot.stop().await;
 }
 
 #[tokio::test]
@@ -767,6 +784,7 @@ async fn the_run_command_explains_token_problems_and_stops_on_sigterm() {
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("OPENROUTER_API_KEY", "sk-or-v1-test-secret")
             .env("OPENROUTER_BASE_URL", &model.base_url)
+            .env("MODEL_API", model.model_api())
             .env("DISCORD_API_BASE_URL", &discord.base_url)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped());
@@ -1044,6 +1062,7 @@ async fn a_message_waiting_when_the_bot_is_killed_is_answered_after_the_restart(
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("OPENROUTER_API_KEY", "sk-or-v1-test-secret")
         .env("OPENROUTER_BASE_URL", &model.base_url)
+        .env("MODEL_API", model.model_api())
         .env("DEFAULT_MODEL", "test/tools")
         .env("DISCORD_TOKEN", support::discord::TOKEN)
         .env("DISCORD_API_BASE_URL", &discord.base_url)

@@ -30,13 +30,7 @@ async fn turn(app: &App, message: &str) -> (Result<TurnOutcome, TurnError>, Vec<
     support::turn(app, "terminal:t", message).await
 }
 
-fn sse(chunks: &[Value], done: bool) -> Reply {
-    let mut body: String = chunks.iter().map(|c| format!("data: {c}\n\n")).collect();
-    if done {
-        body.push_str("data: [DONE]\n\n");
-    }
-    Reply::Raw("text/event-stream", body)
-}
+use support::sse_reply as sse;
 
 fn assistant_texts(request: &Value) -> Vec<String> {
     request["messages"]

@@ -5,7 +5,8 @@
 //! - `discord`: the real serenity client against a loopback Discord.
 //! - `mcp`, `mcp_in_process`, `hostile_mcp`: real MCP servers (npm, PyPI),
 //!   rmcp servers in process, and misbehaving ones in raw JSON-RPC.
-//! - `engine`, `hostile_model`: the loopback OpenAI-compatible model.
+//! - `engine`, `hostile_model`, `openrouter`: the loopback OpenAI-compatible
+//!   model, as OpenRouter and as a plain server.
 //! - `cli`, `check`, `storage`: the `mcpcord` binary itself.
 //! - `parsers`: property tests of the parsers.
 //!
@@ -22,6 +23,7 @@ mod hostile_mcp;
 mod hostile_model;
 mod mcp;
 mod mcp_in_process;
+mod openrouter;
 mod parsers;
 mod storage;
 mod workers;

@@ -37,6 +37,17 @@ pub enum Reply {
     Hang,
     /// A 200 with this body and content type, as it is.
     Raw(&'static str, String),
+    /// A streamed reply with more fields: `{"chunk": {...}}` goes into every
+    /// chunk (`provider`, `id`), `{"delta": {...}}` into every chunk's delta
+    /// (`reasoning_details`, `annotations`).
+    With(Box<Reply>, Value),
+}
+
+impl Reply {
+    /// This reply with `extra` fields (see [`Reply::With`]).
+    pub fn with(self, extra: Value) -> Reply {
+        Reply::With(Box::new(self), extra)
+    }
 }
 
 pub fn text(s: &str) -> Reply {
@@ -47,11 +58,29 @@ pub fn call(id: &str, name: &str, arguments: &str) -> Reply {
     Reply::Calls(vec![(id.to_owned(), name.to_owned(), arguments.to_owned())])
 }
 
+/// Which server the fake plays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Api {
+    /// OpenRouter: its catalogue fields, its extra request fields, prompt
+    /// caching markers, usage in every stream.
+    #[default]
+    OpenRouter,
+    /// A plain OpenAI-compatible server (as llama.cpp's `llama-server`
+    /// behaves): a bare model list, usage only when asked for with
+    /// `stream_options`, and OpenRouter's own fields refused.
+    OpenAi,
+}
+
 #[derive(Default)]
 struct Fake {
+    api: Api,
     script: VecDeque<Reply>,
     requests: Vec<Value>,
     rejected: Vec<String>,
+    /// Where a request of a session did not start with the one before it.
+    prefix_breaks: Vec<String>,
+    /// The last request of each `session_id`, normalised.
+    sessions: std::collections::HashMap<String, Value>,
     models: Value,
 }
 
@@ -60,18 +89,34 @@ struct Fake {
 #[derive(Clone)]
 pub struct FakeModel {
     pub base_url: String,
+    pub api: Api,
     state: Arc<Mutex<Fake>>,
 }
 
 impl FakeModel {
     pub async fn start() -> FakeModel {
-        let state = Arc::new(Mutex::new(Fake {
-            models: json!({"data": [
+        FakeModel::start_as(Api::OpenRouter).await
+    }
+
+    pub async fn start_as(api: Api) -> FakeModel {
+        let catalogue = match api {
+            Api::OpenRouter => json!({"data": [
                 {"id": "test/tools", "context_length": 100000, "supported_parameters": ["tools"],
                  "architecture": {"input_modalities": ["text", "image"]}},
                 {"id": "test/small", "context_length": 3000, "supported_parameters": ["tools"]},
-                {"id": "test/no-tools", "context_length": 100000, "supported_parameters": ["temperature"]}
+                {"id": "test/no-tools", "context_length": 100000, "supported_parameters": ["temperature"]},
+                {"id": "anthropic/claude-test", "context_length": 200000,
+                 "supported_parameters": ["tools", "reasoning"]},
+                {"id": "google/gemini-test", "context_length": 1000000,
+                 "supported_parameters": ["tools", "reasoning"]}
             ]}),
+            Api::OpenAi => json!({"object": "list", "data": [
+                {"id": "test/tools", "object": "model", "owned_by": "llamacpp"}
+            ]}),
+        };
+        let state = Arc::new(Mutex::new(Fake {
+            api,
+            models: catalogue,
             ..Default::default()
         }));
         let app = Router::new()
@@ -84,8 +129,23 @@ impl FakeModel {
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         FakeModel {
             base_url: format!("http://{address}/v1"),
+            api,
             state,
         }
+    }
+
+    /// `MODEL_API` for a client of this fake.
+    pub fn model_api(&self) -> &'static str {
+        match self.api {
+            Api::OpenRouter => "openrouter",
+            Api::OpenAi => "openai",
+        }
+    }
+
+    /// Where a request of a session did not begin with the previous
+    /// request of that session (each is a full prompt cache miss).
+    pub fn prefix_breaks(&self) -> Vec<String> {
+        self.state.lock().unwrap().prefix_breaks.clone()
     }
 
     pub fn script(&self, replies: impl IntoIterator<Item = Reply>) {
@@ -158,16 +218,41 @@ async fn completions(
         Ok(v) => v,
         Err(e) => return error(400, &format!("invalid JSON body: {e}")),
     };
-    let reply = {
+    let (reply, api) = {
         let mut fake = state.lock().unwrap();
         fake.requests.push(request.clone());
-        if let Err(problem) = validate(&request) {
+        // llama-server parses every stored call's arguments first.
+        if let Err(problem) = arguments_are_json(&request) {
+            fake.rejected.push(problem.clone());
+            return error(500, &problem);
+        }
+        let checked = validate(&request).and_then(|()| match fake.api {
+            Api::OpenRouter => validate_markers(&request),
+            Api::OpenAi => validate_plain(&request),
+        });
+        if let Err(problem) = checked {
             fake.rejected.push(problem.clone());
             return error(400, &problem);
         }
-        fake.script.pop_front()
+        if let Some(session) = request["session_id"].as_str() {
+            let now = normalised(&request);
+            if let Some(before) = fake.sessions.get(session)
+                && let Some(why) = prefix_break(before, &now)
+            {
+                fake.prefix_breaks.push(format!("{session}: {why}"));
+            }
+            fake.sessions.insert(session.to_owned(), now);
+        }
+        (fake.script.pop_front(), fake.api)
     };
     let stream = request["stream"].as_bool().unwrap_or(false);
+    // A plain server sends usage in a stream only when asked to.
+    let usage = api == Api::OpenRouter || request["stream_options"]["include_usage"] == true;
+    let usage_chunks = || usage.then(usage_chunk);
+    let (reply, extra) = match reply {
+        Some(Reply::With(inner, extra)) => (Some(*inner), Some(extra)),
+        other => (other, None),
+    };
     match reply {
         None => error(500, "the fake model has no more scripted replies"),
         Some(Reply::Hang) => std::future::pending().await,
@@ -186,14 +271,14 @@ async fn completions(
             json!({"choices": [{"index": 0, "delta": {"content": "Partial "}}]}),
             json!({"error": {"code": "server_error", "message": "Provider disconnected"},
                    "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": "error"}]}),
-        ]),
+        ], extra.as_ref()),
+        Some(Reply::With(..)) => unreachable!("unwrapped above"),
         Some(Reply::Text(text)) if stream => {
             let (a, b) = text.split_at(text.len() / 2);
             sse(vec![
                 json!({"choices": [{"index": 0, "delta": {"role": "assistant", "content": a}}]}),
                 json!({"choices": [{"index": 0, "delta": {"content": b}, "finish_reason": "stop"}]}),
-                usage_chunk(),
-            ])
+            ].into_iter().chain(usage_chunks()).collect(), extra.as_ref())
         }
         Some(Reply::Text(text)) => axum::Json(json!({
             "id": "gen-1", "object": "chat.completion", "model": request["model"],
@@ -215,8 +300,8 @@ async fn completions(
                 }
             }
             chunks.push(json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}));
-            chunks.push(usage_chunk());
-            sse(chunks)
+            chunks.extend(usage_chunks());
+            sse(chunks, extra.as_ref())
         }
         Some(Reply::Calls(calls)) => {
             let tool_calls: Vec<Value> = calls
@@ -233,15 +318,45 @@ async fn completions(
     }
 }
 
+/// A streamed reply of these chunks as they are, with `[DONE]` at the end
+/// or not.
+pub fn sse_reply(chunks: &[Value], done: bool) -> Reply {
+    let mut body: String = chunks.iter().map(|c| format!("data: {c}\n\n")).collect();
+    if done {
+        body.push_str("data: [DONE]\n\n");
+    }
+    Reply::Raw("text/event-stream", body)
+}
+
+/// `from`'s fields written over `into`'s (objects only).
+fn merge(into: &mut Value, from: &Value) {
+    if let (Some(into), Some(from)) = (into.as_object_mut(), from.as_object()) {
+        for (key, value) in from {
+            into.insert(key.clone(), value.clone());
+        }
+    }
+}
+
 fn usage_chunk() -> Value {
-    json!({"choices": [], "usage": {"prompt_tokens": 100, "completion_tokens": 20, "cost": 0.001}})
+    json!({"choices": [], "usage": {"prompt_tokens": 100, "completion_tokens": 20, "cost": 0.001,
+        "prompt_tokens_details": {"cached_tokens": 60, "cache_write_tokens": 30}}})
 }
 
 /// An SSE body as OpenRouter sends it: a keep-alive comment first, then
-/// `data:` chunks, then `[DONE]`.
-fn sse(chunks: Vec<Value>) -> Response {
+/// `data:` chunks, then `[DONE]`. `extra` (see [`Reply::With`]) goes into
+/// every chunk.
+fn sse(chunks: Vec<Value>, extra: Option<&Value>) -> Response {
     let mut body = String::from(": OPENROUTER PROCESSING\n\n");
-    for chunk in chunks {
+    let mut delta_extra = extra.map(|e| &e["delta"]);
+    for mut chunk in chunks {
+        if let Some(extra) = extra {
+            merge(&mut chunk, &extra["chunk"]);
+        }
+        if let Some(delta) = chunk.pointer_mut("/choices/0/delta")
+            && let Some(fields) = delta_extra.take()
+        {
+            merge(delta, fields);
+        }
         body.push_str(&format!("data: {chunk}\n\n"));
     }
     body.push_str("data: [DONE]\n\n");
@@ -276,8 +391,15 @@ fn validate(request: &Value) -> Result<(), String> {
                 ));
             };
             open.remove(position);
-            if !message["content"].is_string() {
-                return Err(format!("messages[{i}]: tool content must be a string"));
+            let text_parts = message["content"].as_array().is_some_and(|parts| {
+                parts
+                    .iter()
+                    .all(|p| p["type"] == "text" && p["text"].is_string())
+            });
+            if !message["content"].is_string() && !text_parts {
+                return Err(format!(
+                    "messages[{i}]: tool content must be a string or text parts"
+                ));
             }
             continue;
         }
@@ -307,7 +429,7 @@ fn validate(request: &Value) -> Result<(), String> {
                 }
                 open.push(id);
             }
-        } else if role == "assistant" && message["content"].as_str().is_none_or(str::is_empty) {
+        } else if role == "assistant" && content_text(message).is_empty() {
             return Err(format!(
                 "messages[{i}]: assistant message with neither content nor tool_calls"
             ));
@@ -317,6 +439,16 @@ fn validate(request: &Value) -> Result<(), String> {
         return Err(format!("tool calls without results at the end: {open:?}"));
     }
     for tool in request["tools"].as_array().into_iter().flatten() {
+        if tool["type"] != "function" {
+            // OpenRouter's server tools (`openrouter:web_search`).
+            if tool["type"]
+                .as_str()
+                .is_none_or(|t| !t.starts_with("openrouter:"))
+            {
+                return Err(format!("unknown tool type {}", tool["type"]));
+            }
+            continue;
+        }
         let name = tool["function"]["name"].as_str().unwrap_or_default();
         let valid = !name.is_empty()
             && name.len() <= 64
@@ -338,6 +470,159 @@ fn validate(request: &Value) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// All text of a message's content, string or parts.
+fn content_text(message: &Value) -> String {
+    match &message["content"] {
+        Value::Array(parts) => parts
+            .iter()
+            .filter_map(|p| p["text"].as_str())
+            .collect::<Vec<_>>()
+            .join(""),
+        other => other.as_str().unwrap_or_default().to_owned(),
+    }
+}
+
+/// llama-server: "Failed to parse tool call arguments as JSON" (HTTP 500)
+/// for any stored call whose arguments are not JSON.
+fn arguments_are_json(request: &Value) -> Result<(), String> {
+    let calls = request["messages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|m| m["tool_calls"].as_array().into_iter().flatten());
+    for call in calls {
+        let arguments = call["function"]["arguments"].as_str().unwrap_or_default();
+        if serde_json::from_str::<Value>(arguments).is_err() {
+            return Err(format!(
+                "Failed to parse tool call arguments as JSON: {arguments:?}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Where `cache_control` sits in a request: (path, value's parent).
+fn markers(value: &Value, path: &str, found: &mut Vec<String>) {
+    match value {
+        Value::Object(map) => {
+            for (key, inner) in map {
+                let here = format!("{path}/{key}");
+                if key == "cache_control" {
+                    found.push(here.clone());
+                }
+                markers(inner, &here, found);
+            }
+        }
+        Value::Array(items) => {
+            for (i, inner) in items.iter().enumerate() {
+                markers(inner, &format!("{path}/{i}"), found);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// OpenRouter's (and Anthropic's) rules for prompt caching markers.
+fn validate_markers(request: &Value) -> Result<(), String> {
+    let mut found = Vec::new();
+    markers(request, "", &mut found);
+    if found.len() > 4 {
+        return Err(format!(
+            "A maximum of 4 blocks with cache_control may be provided. Found {}.",
+            found.len()
+        ));
+    }
+    for (i, message) in request["messages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        if message.get("cache_control").is_some() {
+            // OpenRouter never answers such a request; say why instead.
+            return Err(format!(
+                "messages[{i}]: cache_control at the top level of a {} message (OpenRouter hangs on this); it belongs on a content part",
+                message["role"]
+            ));
+        }
+        if message["content"].is_null() && message.to_string().contains("cache_control") {
+            return Err(format!(
+                "messages[{i}]: cache_control on an assistant message whose content is null"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A plain OpenAI-compatible server: none of OpenRouter's fields, and a
+/// stream that asks for usage.
+fn validate_plain(request: &Value) -> Result<(), String> {
+    for field in ["session_id", "plugins", "provider", "transforms", "models"] {
+        if request.get(field).is_some() {
+            return Err(format!("Unrecognized request argument supplied: {field}"));
+        }
+    }
+    let mut found = Vec::new();
+    markers(request, "", &mut found);
+    if let Some(first) = found.first() {
+        return Err(format!("Unrecognized request argument supplied: {first}"));
+    }
+    if request["stream"] == true && request["stream_options"]["include_usage"] != true {
+        return Err("a stream without stream_options.include_usage sends no usage".into());
+    }
+    Ok(())
+}
+
+/// A request as the provider's cache sees it: markers removed, a single
+/// text part read as a string.
+fn normalised(request: &Value) -> Value {
+    fn strip(value: &mut Value) {
+        match value {
+            Value::Object(map) => {
+                map.remove("cache_control");
+                map.values_mut().for_each(strip);
+            }
+            Value::Array(items) => items.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    let mut request = request.clone();
+    strip(&mut request);
+    for message in request["messages"].as_array_mut().into_iter().flatten() {
+        if let Some([part]) = message["content"].as_array().map(Vec::as_slice)
+            && part["type"] == "text"
+        {
+            message["content"] = part["text"].clone();
+        }
+    }
+    request
+}
+
+/// Why `now` does not begin with `before` (the same tools, in the same
+/// order, then `before`'s messages), if it does not.
+fn prefix_break(before: &Value, now: &Value) -> Option<String> {
+    if before["model"] != now["model"] {
+        return None; // another model has its own cache
+    }
+    let tools = |r: &Value| r["tools"].as_array().cloned().unwrap_or_default();
+    let (old, new) = (tools(before), tools(now));
+    let kept: Vec<&Value> = old.iter().filter(|t| new.contains(t)).collect();
+    let still: Vec<&Value> = new.iter().filter(|t| old.contains(t)).collect();
+    if kept != still {
+        return Some("the tools changed order".into());
+    }
+    if old != new {
+        return Some("the tools changed".into());
+    }
+    let messages = |r: &Value| r["messages"].as_array().cloned().unwrap_or_default();
+    let (old, new) = (messages(before), messages(now));
+    match old.iter().zip(&new).position(|(a, b)| a != b) {
+        Some(i) => Some(format!("messages[{i}] changed")),
+        None if new.len() < old.len() => Some("fewer messages than before".into()),
+        None => None,
+    }
 }
 
 /// What a person wrote in a message the model was sent: its text (or
@@ -374,7 +659,7 @@ pub fn tool_results(request: &Value) -> Vec<String> {
         .into_iter()
         .flatten()
         .filter(|m| m["role"] == "tool")
-        .map(|m| m["content"].as_str().unwrap_or_default().to_owned())
+        .map(content_text)
         .collect()
 }
 
@@ -439,6 +724,7 @@ pub fn config(model: &FakeModel, dir: &Path, extra: &[(&str, &str)]) -> Config {
         ("DATABASE_URL".into(), db),
         ("MCP_CONFIG".into(), mcp),
         ("MODEL_MAX_RETRIES".into(), "3".into()),
+        ("MODEL_API".into(), model.model_api().into()),
     ];
     pairs.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     Config::from_lookup(|name| {
@@ -479,6 +765,7 @@ pub fn mcpcord(model: &FakeModel, dir: &Path) -> std::process::Command {
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("OPENROUTER_API_KEY", KEY)
         .env("OPENROUTER_BASE_URL", &model.base_url)
+        .env("MODEL_API", model.model_api())
         .env("DEFAULT_MODEL", "test/tools")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -492,11 +779,17 @@ pub async fn turn(
     key: &str,
     message: &str,
 ) -> (Result<TurnOutcome, TurnError>, Vec<TurnEvent>) {
+    turn_with(app, key, Message::user(message)).await
+}
+
+/// Runs one turn of `key` on `message` and collects its events.
+pub async fn turn_with(
+    app: &App,
+    key: &str,
+    message: Message,
+) -> (Result<TurnOutcome, TurnError>, Vec<TurnEvent>) {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let result = app
-        .engine
-        .run_turn(key, Message::user(message), &tx, &ApproveAll)
-        .await;
+    let result = app.engine.run_turn(key, message, &tx, &ApproveAll).await;
     drop(tx);
     let mut events = Vec::new();
     while let Some(event) = rx.recv().await {
