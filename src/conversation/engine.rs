@@ -792,8 +792,13 @@ fn step(completion: Completion, model: &str) -> Result<Step, ModelError> {
         let answer = without_speaker_prefix(text);
         message.content = Some(with_sources(answer, &completion.citations));
     }
-    if message.text().trim().is_empty() && completion.finish_reason != FinishReason::Length {
-        return Err(ModelError::Empty);
+    // Nothing is kept of an empty reply: no provider accepts an empty
+    // assistant message in a later request.
+    if message.text().trim().is_empty() {
+        return Err(match completion.finish_reason {
+            FinishReason::Length => ModelError::NothingBeforeLimit,
+            _ => ModelError::Empty,
+        });
     }
     Ok(Step::Answer(message, completion.finish_reason))
 }

@@ -149,6 +149,10 @@ pub enum ModelError {
     #[error("The model returned no answer. Try again.")]
     Empty,
     #[error(
+        "The model reached its output limit before it wrote anything (it may have been thinking, or starting a tool call). Ask for something shorter, or pick a model with a larger output limit."
+    )]
+    NothingBeforeLimit,
+    #[error(
         "The answer was cut off: the model's stream ended before the answer was complete, so it was not kept. Send your message again."
     )]
     Cut,
@@ -179,6 +183,7 @@ impl ModelError {
             ModelError::Connection { .. } => "connection",
             ModelError::BadRequest { .. } => "bad_request",
             ModelError::Empty => "empty",
+            ModelError::NothingBeforeLimit => "nothing_before_limit",
             ModelError::Cut => "cut",
             ModelError::Unreadable { .. } => "unreadable",
             ModelError::TooLarge { .. } => "too_large",

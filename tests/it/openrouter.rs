@@ -7,7 +7,9 @@ use crate::support;
 
 use crate::support::{Api, FakeModel, Reply, call, sse_reply, text, turn, turn_with};
 use mcpcord::app::App;
-use mcpcord::conversation::{Author, Message, Role, Store, ToolCall, TurnEvent};
+use mcpcord::conversation::{
+    Author, Message, ModelError, Role, Store, ToolCall, TurnError, TurnEvent,
+};
 use serde_json::{Value, json};
 use tempfile::TempDir;
 
@@ -407,6 +409,39 @@ async fn a_tool_call_cut_at_the_output_limit_does_not_wedge_the_conversation() {
         !std::path::Path::new("/tmp/x").exists(),
         "the cut call did not run"
     );
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_reply_cut_before_it_said_anything_is_not_kept() {
+    let s = setup(Api::OpenRouter, json!({})).await;
+    s.model.script([
+        sse_reply(
+            &[
+                json!({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}),
+                json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}),
+            ],
+            true,
+        ),
+        text("Here it is."),
+    ]);
+    let app = app(&s, &[]).await;
+    let (result, events) = turn(&app, "terminal:t", "think hard").await;
+    assert!(
+        matches!(
+            result,
+            Err(TurnError::Model(ModelError::NothingBeforeLimit))
+        ),
+        "{result:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, TurnEvent::Error(t) if t.contains("output limit")))
+    );
+    // An empty assistant message in the history would be refused from now on.
+    let (result, _) = turn(&app, "terminal:t", "shorter, please").await;
+    assert!(result.unwrap().answered, "{:?}", s.model.rejected());
     app.shutdown().await;
 }
 
