@@ -5,7 +5,7 @@
 
 use std::io::Write;
 
-use crate::config::{Config, DiscordConfig};
+use crate::config::{Config, DiscordConfig, ModelApi};
 use crate::conversation::{ModelLookup, StoreError};
 use crate::discord::rest::Rest;
 use crate::llm::OpenRouter;
@@ -155,13 +155,17 @@ async fn check_mcp(config: &Config, report: &mut Report<'_, impl Write>) -> std:
 }
 
 async fn check_model(config: &Config, report: &mut Report<'_, impl Write>) -> std::io::Result<()> {
+    let endpoint = match config.model_api {
+        ModelApi::OpenRouter => "OpenRouter",
+        ModelApi::OpenAi => "model endpoint (MODEL_API=openai)",
+    };
     let model = match OpenRouter::new(config) {
         Ok(model) => model,
-        Err(error) => return report.problem(&format!("OpenRouter: {error}")),
+        Err(error) => return report.problem(&format!("{endpoint}: {error}")),
     };
     match model.verify_key().await {
-        Ok(()) => report.ok(&format!("OpenRouter: {} accepts the key", config.base_url))?,
-        Err(error) => return report.problem(&format!("OpenRouter: {error}")),
+        Ok(()) => report.ok(&format!("{endpoint}: {} accepts the key", config.base_url))?,
+        Err(error) => return report.problem(&format!("{endpoint}: {error}")),
     }
     let name = &config.default_model;
     match crate::conversation::ChatModel::model_info(&model, name).await {

@@ -9,6 +9,8 @@
 //!   model, as OpenRouter and as a plain server.
 //! - `cli`, `check`, `storage`: the `mcpcord` binary itself.
 //! - `parsers`: property tests of the parsers.
+//! - `real_llm`: llama.cpp's `llama-server` with a small real model, when
+//!   one is built (optional; it skips with a message otherwise).
 //!
 //! Tests that need the real MCP servers skip, saying so, when
 //! `.ci/install-test-servers` has not been run; under CI they fail instead.
@@ -25,5 +27,6 @@ mod mcp;
 mod mcp_in_process;
 mod openrouter;
 mod parsers;
+mod real_llm;
 mod storage;
 mod workers;

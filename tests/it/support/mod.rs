@@ -715,16 +715,25 @@ pub fn time_server() -> String {
 
 /// A configuration pointing at `model`, a database and an MCP file in `dir`.
 pub fn config(model: &FakeModel, dir: &Path, extra: &[(&str, &str)]) -> Config {
+    let mut pairs = vec![
+        ("DEFAULT_MODEL", "test/tools"),
+        ("MODEL_MAX_RETRIES", "3"),
+        ("MODEL_API", model.model_api()),
+    ];
+    pairs.extend_from_slice(extra);
+    config_for(&model.base_url, dir, &pairs)
+}
+
+/// A configuration pointing at the endpoint `base_url`, a database and an
+/// MCP file in `dir`, and `extra` settings.
+pub fn config_for(base_url: &str, dir: &Path, extra: &[(&str, &str)]) -> Config {
     let db = format!("sqlite://{}", dir.join("mcpcord.db").display());
     let mcp = dir.join("mcp.json").display().to_string();
     let mut pairs: Vec<(String, String)> = vec![
-        ("OPENROUTER_API_KEY".into(), "sk-or-v1-test-secret".into()),
-        ("OPENROUTER_BASE_URL".into(), model.base_url.clone()),
-        ("DEFAULT_MODEL".into(), "test/tools".into()),
+        ("OPENROUTER_API_KEY".into(), KEY.into()),
+        ("OPENROUTER_BASE_URL".into(), base_url.into()),
         ("DATABASE_URL".into(), db),
         ("MCP_CONFIG".into(), mcp),
-        ("MODEL_MAX_RETRIES".into(), "3".into()),
-        ("MODEL_API".into(), model.model_api().into()),
     ];
     pairs.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     Config::from_lookup(|name| {
@@ -758,15 +767,22 @@ pub fn everything() -> Value {
 /// The mcpcord binary, run in `dir` with a clean environment that points
 /// at `model`; standard streams piped.
 pub fn mcpcord(model: &FakeModel, dir: &Path) -> std::process::Command {
+    let mut cmd = mcpcord_for(&model.base_url, dir);
+    cmd.env("MODEL_API", model.model_api())
+        .env("DEFAULT_MODEL", "test/tools");
+    cmd
+}
+
+/// The mcpcord binary, run in `dir` with a clean environment that points
+/// at the endpoint `base_url`; standard streams piped.
+pub fn mcpcord_for(base_url: &str, dir: &Path) -> std::process::Command {
     use std::process::Stdio;
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_mcpcord"));
     cmd.current_dir(dir)
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("OPENROUTER_API_KEY", KEY)
-        .env("OPENROUTER_BASE_URL", &model.base_url)
-        .env("MODEL_API", model.model_api())
-        .env("DEFAULT_MODEL", "test/tools")
+        .env("OPENROUTER_BASE_URL", base_url)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
