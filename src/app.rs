@@ -8,10 +8,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, Secret};
-use crate::conversation::{Engine, EngineSettings};
+use crate::conversation::{Engine, EngineSettings, StoreError, billing};
 use crate::llm::OpenRouter;
 use crate::mcp::{self, McpHost};
 use crate::store::SqliteStore;
+
+/// How often due lookups of cut replies' costs are made.
+const BILLING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Everything a surface needs, built once.
 #[derive(Debug)]
@@ -105,11 +108,40 @@ impl App {
         });
     }
 
+    /// Looks up the cost of replies cut before their usage arrived, as
+    /// due at `now` (Unix seconds); how many were billed.
+    pub async fn bill_cut_replies(&self, now: i64) -> Result<usize, StoreError> {
+        billing::bill_due(self.model.as_ref(), &self.store, now).await
+    }
+
+    /// Bills cut replies as their lookups fall due, until shutdown (also
+    /// those left by an earlier run). Started by the long-running modes;
+    /// tests call [`App::bill_cut_replies`] instead.
+    pub fn start_biller(&self) {
+        let model = self.model.clone();
+        let store = self.store.clone();
+        let stop = self.stop.clone();
+        self.tasks.spawn(async move {
+            let mut ticks = tokio::time::interval(BILLING_INTERVAL);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = ticks.tick() => {
+                        if let Err(error) = billing::bill_due(model.as_ref(), &store, billing::unix_now()).await {
+                            tracing::warn!(%error, "cut replies could not be billed; trying again later");
+                        }
+                    }
+                }
+            }
+        });
+    }
+
     /// Stops background work, closes MCP sessions, then the database.
     pub async fn shutdown(&self) {
         self.stop.cancel();
         self.tasks.close();
         self.tasks.wait().await;
+        self.engine.flush().await;
         self.mcp.shutdown().await;
         self.store.close().await;
     }

@@ -102,6 +102,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run => {
             let discord = DiscordConfig::from_env()?;
             let app = Arc::new(App::build(&config).await?);
+            app.start_biller();
             let (stop, lost) = stop_or_lost(&app);
             let result = mcpcord::discord::run(app.discord_ports(), discord, stop).await;
             app.shutdown().await;
@@ -114,6 +115,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             yes,
         } => {
             let app = App::build(&config).await?;
+            app.start_biller();
             let key = terminal::conversation_key(&conversation);
             let result = async {
                 if let Some(model) = model {

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use futures::future::join_all;
 use serde_json::Value;
 use tokio::sync::mpsc::UnboundedSender;
+use tokio_util::task::TaskTracker;
 
+use super::billing::InFlight;
 use super::history::{estimate_tokens, fit_to_context, repair, valid_arguments};
 use super::ports::{
     ApprovalRequest, Approver, ChatModel, ChatRequest, Citation, Completion, Decision,
@@ -168,6 +170,9 @@ pub struct Engine {
     live: Mutex<HashMap<String, Live>>,
     /// Counts turns, for `Live::used`.
     clock: std::sync::atomic::AtomicU64,
+    /// Records of replies cut midway (see `billing`), written after their
+    /// turn was dropped.
+    unbilled: TaskTracker,
 }
 
 impl std::fmt::Debug for Engine {
@@ -193,7 +198,36 @@ impl Engine {
             salt: tokio::sync::OnceCell::new(),
             live: Mutex::new(HashMap::new()),
             clock: Default::default(),
+            unbilled: TaskTracker::new(),
         }
+    }
+
+    /// Waits until the replies of turns dropped midway are recorded for
+    /// billing (before the store is closed).
+    pub async fn flush(&self) {
+        self.unbilled.close();
+        self.unbilled.wait().await;
+        self.unbilled.reopen();
+    }
+
+    /// One model request whose reply is kept for billing when its usage
+    /// does not arrive (see `billing`).
+    async fn complete(
+        &self,
+        conversation: &str,
+        request: ChatRequest<'_>,
+        events: &UnboundedSender<TurnEvent>,
+    ) -> Result<Completion, ModelError> {
+        let in_flight = InFlight::new(
+            events,
+            self.store.clone(),
+            self.unbilled.clone(),
+            conversation,
+            request.model,
+        );
+        let result = self.model.complete(request, &in_flight).await;
+        in_flight.finish(&result).await;
+        result
     }
 
     pub fn settings(&self) -> &EngineSettings {
@@ -427,7 +461,7 @@ impl Engine {
                 user: user.as_deref(),
                 pin: pinned.as_deref(),
             };
-            let completion = match self.model.complete(request, events).await {
+            let completion = match self.complete(conversation, request, events).await {
                 Ok(completion) => completion,
                 Err(ModelError::NoEndpoint { .. }) if pin.is_some() => {
                     // The pinned provider is gone: once more anywhere, with
@@ -448,7 +482,7 @@ impl Engine {
                         user: user.as_deref(),
                         pin: None,
                     };
-                    match self.model.complete(request, events).await {
+                    match self.complete(conversation, request, events).await {
                         Ok(completion) => completion,
                         Err(error) => break Err(error.into()),
                     }

@@ -5,6 +5,7 @@
 //! `llm`, `mcp` and `store`; surfaces (terminal, Discord) drive a [`Engine`]
 //! and render the [`TurnEvent`]s it emits.
 
+pub mod billing;
 mod engine;
 mod history;
 mod ports;
@@ -15,8 +16,9 @@ pub use engine::{Engine, EngineSettings, MAX_CALLS_PER_REPLY, TurnError, TurnInp
 pub use history::{estimate_tokens, fit_to_context, repair};
 pub use ports::{
     ApprovalRequest, ApproveAll, Approver, ChatModel, ChatRequest, Citation, Completion, Decision,
-    DeclineAll, FinishReason, Hold, ModelError, ModelInfo, ModelLookup, Notices, Store, StoreError,
-    TextSink, TimedApprover, ToolHost, ToolList, ToolOutcome,
+    DeclineAll, FinishReason, GenerationLookup, Hold, ModelError, ModelInfo, ModelLookup, Notices,
+    Store, StoreError, TextSink, TimedApprover, ToolHost, ToolList, ToolOutcome, Unbilled,
+    UnbilledUpdate,
 };
 pub use types::{
     AttachmentRef, Author, Inbound, Message, Role, ToolCall, ToolSpec, TurnEvent, Usage,

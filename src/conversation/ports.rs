@@ -211,6 +211,11 @@ impl ModelError {
 /// Where streamed answer text goes while a reply is being written.
 pub trait TextSink: Send + Sync {
     fn push(&self, fragment: &str);
+
+    /// The endpoint's id of the reply being written, as soon as it is
+    /// known, so that a reply whose usage never arrives can be billed
+    /// later (see [`ChatModel::generation`]).
+    fn generation(&self, _id: &str) {}
 }
 
 /// Discards the text (for callers that only want the whole reply).
@@ -242,6 +247,46 @@ pub trait ChatModel: Send + Sync {
     async fn models(&self) -> Vec<ModelInfo> {
         Vec::new()
     }
+
+    /// What the endpoint billed for the reply `id` (see
+    /// [`TextSink::generation`]).
+    async fn generation(&self, _id: &str) -> GenerationLookup {
+        GenerationLookup::Unsupported
+    }
+}
+
+/// What an endpoint says of one earlier reply's usage.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GenerationLookup {
+    Billed(Usage),
+    /// Not recorded yet (OpenRouter answers 404 for a while).
+    NotYet,
+    /// The lookup failed; trying again later may work.
+    Failed(String),
+    /// The endpoint cannot say.
+    Unsupported,
+}
+
+/// A reply whose usage never arrived (its stream was cut, stopped or
+/// failed), kept until the endpoint says what it cost.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unbilled {
+    pub generation_id: String,
+    pub conversation: String,
+    pub model: String,
+    /// Lookups made so far.
+    pub attempts: u32,
+}
+
+/// What became of a lookup of an [`Unbilled`] reply.
+#[derive(Debug, Clone, PartialEq)]
+pub enum UnbilledUpdate {
+    /// The usage is known; it counts from now on.
+    Billed(Usage),
+    /// Look again at `at` (Unix seconds).
+    RetryAt { attempts: u32, at: i64 },
+    /// No more lookups; the reply stays uncounted.
+    GaveUp,
 }
 
 /// The tools of one conversation, and the problems met collecting them.
@@ -409,6 +454,18 @@ pub trait Store: Send + Sync {
     /// A random value made once per database and kept in it, for
     /// pseudonyms that are stable but cannot be traced back to an id.
     async fn instance_salt(&self) -> Result<String, StoreError>;
+
+    /// Keeps a reply whose usage never arrived, to be looked up from
+    /// `first_try_at` (Unix seconds). The same id twice is kept once.
+    async fn keep_unbilled(&self, unbilled: &Unbilled, first_try_at: i64)
+    -> Result<(), StoreError>;
+    /// The unbilled replies due for a lookup at `now`, oldest first.
+    async fn unbilled_due(&self, now: i64) -> Result<Vec<Unbilled>, StoreError>;
+    async fn update_unbilled(
+        &self,
+        generation_id: &str,
+        update: &UnbilledUpdate,
+    ) -> Result<(), StoreError>;
 }
 
 /// A tool call waiting for a person's decision.

@@ -20,12 +20,13 @@ use tokio::sync::Mutex;
 
 use crate::config::{Config, ModelApi, Secret};
 use crate::conversation::{
-    ChatModel, ChatRequest, Completion, ModelError, ModelInfo, ModelLookup, TextSink,
+    ChatModel, ChatRequest, Completion, GenerationLookup, ModelError, ModelInfo, ModelLookup,
+    TextSink,
 };
 
 pub use wire::{
     BRIDGE_BLOCKS, Dialect, MAX_BREAKPOINTS, StreamAccumulator, error_from_body, parse_completion,
-    request_body, speaker_prefix,
+    parse_generation, request_body, speaker_prefix,
 };
 
 /// First retry delay; later ones grow exponentially (with jitter).
@@ -311,6 +312,19 @@ impl OpenRouter {
             .and_then(|c| c.get(request.model).cloned());
         let body = request_body(&request, &self.dialect, info.as_ref());
         let response = self.send(&body).await?;
+        // OpenRouter's id of the reply, to learn its cost should the
+        // usage never arrive (the header, else the chunks' `id`).
+        let openrouter = self.dialect.api == ModelApi::OpenRouter;
+        let mut told = false;
+        if openrouter
+            && let Some(id) = response
+                .headers()
+                .get("x-generation-id")
+                .and_then(|v| v.to_str().ok())
+        {
+            text.generation(id);
+            told = true;
+        }
         let limit = self.max_response_bytes;
         if !self.dialect.stream {
             let body = read_json(response, limit, "a reply").await?;
@@ -341,6 +355,13 @@ impl OpenRouter {
                 status: None,
                 message: format!("unreadable stream chunk ({e})"),
             })?;
+            if openrouter
+                && !told
+                && let Some(id) = chunk.get("id").and_then(Value::as_str)
+            {
+                text.generation(id);
+                told = true;
+            }
             accumulator.apply(&chunk, text)?;
         }
         accumulator.finish()
@@ -445,6 +466,40 @@ impl ChatModel for OpenRouter {
                 .get(model)
                 .cloned()
                 .map_or(ModelLookup::Unlisted, ModelLookup::Known),
+        }
+    }
+
+    async fn generation(&self, id: &str) -> GenerationLookup {
+        if self.dialect.api != ModelApi::OpenRouter {
+            return GenerationLookup::Unsupported;
+        }
+        let mut url = match reqwest::Url::parse(&format!("{}/generation", self.base_url)) {
+            Ok(url) => url,
+            Err(error) => return GenerationLookup::Failed(error.to_string()),
+        };
+        url.query_pairs_mut().append_pair("id", id);
+        let response = self
+            .http
+            .get(url)
+            .bearer_auth(self.api_key.expose())
+            .timeout(self.timeout)
+            .send()
+            .await;
+        let response = match response {
+            Ok(response) => response,
+            Err(error) => return GenerationLookup::Failed(connection_error(error).brief()),
+        };
+        match response.status().as_u16() {
+            404 => GenerationLookup::NotYet,
+            200 => match read_json(response, self.max_response_bytes, "a generation record")
+                .await
+                .map(|body| parse_generation(&body))
+            {
+                Ok(Some(usage)) => GenerationLookup::Billed(usage),
+                Ok(None) => GenerationLookup::Failed("a generation record without usage".into()),
+                Err(error) => GenerationLookup::Failed(error.brief()),
+            },
+            status => GenerationLookup::Failed(format!("HTTP {status}")),
         }
     }
 

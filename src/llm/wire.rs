@@ -352,6 +352,32 @@ fn strip_for_gemini(schema: &mut Value) {
     }
 }
 
+/// The usage in OpenRouter's record of a generation
+/// (`GET /generation?id=`): the provider's own token counts where given.
+pub fn parse_generation(body: &Value) -> Option<Usage> {
+    let data = body.get("data")?;
+    let count = |native: &str, normalised: &str| {
+        data.get(native)
+            .and_then(Value::as_u64)
+            .or_else(|| data.get(normalised).and_then(Value::as_u64))
+    };
+    let prompt = count("native_tokens_prompt", "tokens_prompt")?;
+    Some(Usage {
+        prompt_tokens: prompt,
+        completion_tokens: count("native_tokens_completion", "tokens_completion").unwrap_or(0),
+        cost: data
+            .get("total_cost")
+            .and_then(Value::as_f64)
+            .unwrap_or(0.0),
+        cached_tokens: data
+            .get("native_tokens_cached")
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+            .min(prompt),
+        cache_write_tokens: 0,
+    })
+}
+
 /// Reads a non-streamed reply.
 pub fn parse_completion(body: &Value) -> Result<Completion, ModelError> {
     if let Some(error) = body.get("error") {
@@ -883,6 +909,28 @@ mod tests {
             parse_completion(&json!({"choices":[]})).unwrap_err(),
             ModelError::Empty
         );
+    }
+
+    #[test]
+    fn a_generation_record_gives_the_provider_counts_and_cost() {
+        let record = json!({"data": {"id": "gen-1", "total_cost": 0.0042, "tokens_prompt": 900,
+            "tokens_completion": 40, "native_tokens_prompt": 1000, "native_tokens_completion": 50,
+            "native_tokens_cached": 800, "cancelled": true}});
+        let usage = parse_generation(&record).unwrap();
+        assert_eq!(
+            (
+                usage.prompt_tokens,
+                usage.completion_tokens,
+                usage.cached_tokens
+            ),
+            (1000, 50, 800)
+        );
+        assert!((usage.cost - 0.0042).abs() < 1e-12);
+        let normalised =
+            json!({"data": {"tokens_prompt": 9, "tokens_completion": 2, "total_cost": 0}});
+        assert_eq!(parse_generation(&normalised).unwrap().prompt_tokens, 9);
+        assert_eq!(parse_generation(&json!({"data": {"id": "gen-2"}})), None);
+        assert_eq!(parse_generation(&json!({"error": {"code": 404}})), None);
     }
 
     #[test]

@@ -12,7 +12,9 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{FromRow, QueryBuilder, Sqlite, SqliteConnection, SqlitePool};
 
 pub use crate::conversation::UsageTotals;
-use crate::conversation::{Author, Inbound, Message, Role, Store, StoreError, ToolCall, Usage};
+use crate::conversation::{
+    Author, Inbound, Message, Role, Store, StoreError, ToolCall, Unbilled, UnbilledUpdate, Usage,
+};
 
 /// Connections in the pool. SQLite has one writer; a few readers help.
 const MAX_CONNECTIONS: u32 = 4;
@@ -57,7 +59,7 @@ struct MessageRow {
     author_name: Option<String>,
 }
 
-/// `SELECT` of the sums `totals` reads, in this order, over messages `m`.
+/// `SELECT` of the sums `totals` reads, in this order, over billed rows `m`.
 macro_rules! select_usage {
     ($rest:literal) => {
         concat!(
@@ -176,7 +178,7 @@ impl SqliteStore {
     /// Tokens and cost of one conversation's answers.
     pub async fn usage(&self, conversation: &str) -> Result<UsageTotals, StoreError> {
         let row: UsageRow =
-            sqlx::query_as(select_usage!("FROM messages m WHERE m.conversation = ?1"))
+            sqlx::query_as(select_usage!("FROM billed m WHERE m.conversation = ?1"))
                 .bind(conversation)
                 .fetch_one(&self.pool)
                 .await
@@ -193,7 +195,7 @@ impl SqliteStore {
     ) -> Result<UsageTotals, StoreError> {
         let pattern = format!("{}%", prefix.replace('%', "\\%").replace('_', "\\_"));
         let row: UsageRow = sqlx::query_as(select_usage!(
-            "FROM messages m WHERE m.conversation LIKE ?1 ESCAPE '\\' AND m.created_at >= ?2"
+            "FROM billed m WHERE m.conversation LIKE ?1 ESCAPE '\\' AND m.created_at >= ?2"
         ))
         .bind(pattern)
         .bind(since_unix)
@@ -248,7 +250,7 @@ impl crate::discord::Threads for SqliteStore {
         since_unix: i64,
     ) -> Result<UsageTotals, StoreError> {
         let row: UsageRow = sqlx::query_as(select_usage!(
-            "FROM messages m JOIN discord_threads t ON t.conversation = m.conversation
+            "FROM billed m JOIN discord_threads t ON t.conversation = m.conversation
              WHERE t.guild_id = ?1 AND m.created_at >= ?2"
         ))
         .bind(guild as i64)
@@ -462,11 +464,19 @@ impl Store for SqliteStore {
     }
 
     async fn reset(&self, conversation: &str) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM messages WHERE conversation = ?1")
-            .bind(conversation)
-            .execute(&self.pool)
-            .await
-            .map_err(db)?;
+        // Its usage starts over with it, billed after the fact or not.
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        for statement in [
+            "DELETE FROM messages WHERE conversation = ?1",
+            "DELETE FROM unbilled WHERE conversation = ?1",
+        ] {
+            sqlx::query(statement)
+                .bind(conversation)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+        }
+        tx.commit().await.map_err(db)?;
         Ok(())
     }
 
@@ -560,6 +570,80 @@ impl Store for SqliteStore {
             .await
             .map_err(db)?;
         Ok(salt)
+    }
+
+    async fn keep_unbilled(
+        &self,
+        unbilled: &Unbilled,
+        first_try_at: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO unbilled (generation_id, conversation, model, created_at, attempts, next_try_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (generation_id) DO NOTHING",
+        )
+        .bind(&unbilled.generation_id)
+        .bind(&unbilled.conversation)
+        .bind(&unbilled.model)
+        .bind(now())
+        .bind(i64::from(unbilled.attempts))
+        .bind(first_try_at)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    async fn unbilled_due(&self, now: i64) -> Result<Vec<Unbilled>, StoreError> {
+        let rows: Vec<(String, String, String, i64)> = sqlx::query_as(
+            "SELECT generation_id, conversation, model, attempts FROM unbilled
+             WHERE next_try_at IS NOT NULL AND next_try_at <= ?1
+             ORDER BY next_try_at, created_at LIMIT 100",
+        )
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(rows
+            .into_iter()
+            .map(|(generation_id, conversation, model, attempts)| Unbilled {
+                generation_id,
+                conversation,
+                model,
+                attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+            })
+            .collect())
+    }
+
+    async fn update_unbilled(
+        &self,
+        generation_id: &str,
+        update: &UnbilledUpdate,
+    ) -> Result<(), StoreError> {
+        let query = match update {
+            UnbilledUpdate::Billed(usage) => sqlx::query(
+                "UPDATE unbilled SET next_try_at = NULL, prompt_tokens = ?2, completion_tokens = ?3,
+                        cost = ?4, cached_tokens = ?5, cache_write_tokens = ?6
+                 WHERE generation_id = ?1",
+            )
+            .bind(generation_id)
+            .bind(usage.prompt_tokens as i64)
+            .bind(usage.completion_tokens as i64)
+            .bind(usage.cost)
+            .bind(usage.cached_tokens as i64)
+            .bind(usage.cache_write_tokens as i64),
+            UnbilledUpdate::RetryAt { attempts, at } => sqlx::query(
+                "UPDATE unbilled SET attempts = ?2, next_try_at = ?3 WHERE generation_id = ?1",
+            )
+            .bind(generation_id)
+            .bind(i64::from(*attempts))
+            .bind(*at),
+            UnbilledUpdate::GaveUp => {
+                sqlx::query("UPDATE unbilled SET next_try_at = NULL WHERE generation_id = ?1")
+                    .bind(generation_id)
+            }
+        };
+        query.execute(&self.pool).await.map_err(db)?;
+        Ok(())
     }
 }
 

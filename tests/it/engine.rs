@@ -6,15 +6,11 @@ use crate::support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::support::{FakeModel, Reply, call, text, turn};
+use crate::support::{FakeModel, Reply, call, spawn_turn, text, turn, wait_for_event};
 use mcpcord::app::App;
-use mcpcord::conversation::{
-    ApproveAll, Message, ModelError, Role, Store, TurnError, TurnEvent, TurnOutcome,
-};
+use mcpcord::conversation::{Message, ModelError, Role, Store, TurnError, TurnEvent};
 use serde_json::{Value, json};
 use tempfile::TempDir;
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 
 struct Setup {
     dir: TempDir,
@@ -34,37 +30,6 @@ async fn app(setup: &Setup, extra: &[(&str, &str)]) -> App {
     App::build(&support::config(&setup.model, setup.dir.path(), extra))
         .await
         .unwrap()
-}
-
-/// Starts a turn in its own task, so a test can abort it.
-fn spawn_turn(
-    app: &Arc<App>,
-    key: &'static str,
-    message: &'static str,
-) -> (
-    JoinHandle<Result<TurnOutcome, TurnError>>,
-    mpsc::UnboundedReceiver<TurnEvent>,
-) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let app = app.clone();
-    let running = tokio::spawn(async move {
-        app.engine
-            .run_turn(key, Message::user(message), &tx, &ApproveAll)
-            .await
-    });
-    (running, rx)
-}
-
-async fn wait_for_event(
-    rx: &mut mpsc::UnboundedReceiver<TurnEvent>,
-    wanted: impl Fn(&TurnEvent) -> bool,
-) {
-    while let Some(event) = rx.recv().await {
-        if wanted(&event) {
-            return;
-        }
-    }
-    panic!("the turn ended without the expected event");
 }
 
 fn answer(events: &[TurnEvent]) -> Option<&str> {

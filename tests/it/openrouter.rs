@@ -484,3 +484,91 @@ async fn a_history_stored_with_cut_arguments_is_repaired_on_load() {
     assert_eq!(sent[1]["tool_calls"][0]["function"]["arguments"], "{}");
     app.shutdown().await;
 }
+
+fn record(cost: f64) -> Value {
+    json!({"id": "x", "total_cost": cost, "tokens_prompt": 1100, "tokens_completion": 7,
+           "native_tokens_prompt": 1200, "native_tokens_completion": 8,
+           "native_tokens_cached": 1000, "cancelled": false})
+}
+
+#[tokio::test]
+async fn a_reply_cut_midstream_is_billed_once_openrouter_has_its_record() {
+    let s = setup(Api::OpenRouter, json!({})).await;
+    s.model.script([text("Fine."), Reply::MidStreamError]);
+    // Not recorded yet at the first lookup; then the record.
+    s.model.generation("gen-2", [Value::Null, record(0.0123)]);
+    let app = app(&s, &[]).await;
+    turn(&app, "terminal:t", "hello").await.0.unwrap();
+    let (result, _) = turn(&app, "terminal:t", "and then?").await;
+    assert!(result.is_err());
+    let before = app.store.usage("terminal:t").await.unwrap();
+    assert_eq!(before.responses, 1, "only the answer counts so far");
+
+    let now = mcpcord::conversation::billing::unix_now();
+    assert_eq!(app.bill_cut_replies(now).await.unwrap(), 0, "not due yet");
+    assert_eq!(
+        app.bill_cut_replies(now + 10).await.unwrap(),
+        0,
+        "404: not ready"
+    );
+    assert_eq!(
+        app.bill_cut_replies(now + 10).await.unwrap(),
+        0,
+        "waits its turn"
+    );
+    assert_eq!(app.bill_cut_replies(now + 60).await.unwrap(), 1);
+    assert_eq!(
+        app.bill_cut_replies(now + 100_000).await.unwrap(),
+        0,
+        "billed once"
+    );
+    assert_eq!(
+        s.model.looked_up(),
+        ["gen-2", "gen-2"],
+        "an answer with usage is never looked up"
+    );
+    let after = app.store.usage("terminal:t").await.unwrap();
+    assert_eq!(after.responses, 2);
+    assert_eq!(after.prompt_tokens, before.prompt_tokens + 1200);
+    assert_eq!(after.cached_tokens, before.cached_tokens + 1000);
+    assert!(
+        (after.cost - before.cost - 0.0123).abs() < 1e-9,
+        "{after:?}"
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_turn_stopped_midstream_is_billed_and_a_missing_record_is_given_up() {
+    let s = setup(Api::OpenRouter, json!({})).await;
+    s.model
+        .script([Reply::Stall("Thinking".into()), Reply::MidStreamError]);
+    s.model.generation("gen-1-header", [record(0.5)]);
+    let app = std::sync::Arc::new(app(&s, &[]).await);
+    let (running, mut events) = support::spawn_turn(&app, "terminal:t", "write a lot");
+    support::wait_for_event(&mut events, |e| matches!(e, TurnEvent::Text(_))).await;
+    running.abort();
+    assert!(running.await.unwrap_err().is_cancelled());
+    app.engine.flush().await;
+    // The second reply is never recorded by OpenRouter.
+    let (result, _) = turn(&app, "terminal:t", "again").await;
+    assert!(result.is_err());
+
+    let mut now = mcpcord::conversation::billing::unix_now();
+    let mut billed = 0;
+    for _ in 0..mcpcord::conversation::billing::MAX_LOOKUPS + 2 {
+        now += 3600;
+        billed += app.bill_cut_replies(now).await.unwrap();
+    }
+    assert_eq!(billed, 1);
+    let looked_up = s.model.looked_up();
+    assert_eq!(looked_up[0], "gen-1-header", "the header's id is used");
+    assert_eq!(
+        looked_up.iter().filter(|id| *id == "gen-2").count(),
+        mcpcord::conversation::billing::MAX_LOOKUPS as usize,
+        "a record that never comes is given up: {looked_up:?}"
+    );
+    let usage = app.store.usage("terminal:t").await.unwrap();
+    assert!((usage.cost - 0.5).abs() < 1e-9, "{usage:?}");
+    app.shutdown().await;
+}

@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use mcpcord::conversation::{
     ChatModel, ChatRequest, Completion, FinishReason, Inbound, Message, ModelError, ModelInfo,
     ModelLookup, Role, Store, StoreError, TextSink, ToolCall, ToolHost, ToolList, ToolOutcome,
-    ToolSpec, Usage,
+    ToolSpec, Unbilled, UnbilledUpdate, Usage,
 };
 use serde_json::Value;
 use tokio::sync::Semaphore;
@@ -27,6 +27,8 @@ struct Stored {
     models: HashMap<String, Option<String>>,
     messages: HashMap<String, Vec<Message>>,
     inbox: BTreeMap<(String, u64), Inbound>,
+    /// Unbilled replies and when each is due (`None`: billed or given up).
+    unbilled: Vec<(Unbilled, Option<i64>, Option<Usage>)>,
     /// When set, every write fails with this reason.
     failing: Option<String>,
 }
@@ -76,6 +78,57 @@ impl MemoryStore {
 impl Store for MemoryStore {
     async fn instance_salt(&self) -> Result<String, StoreError> {
         Ok("memory-salt".into())
+    }
+
+    async fn keep_unbilled(
+        &self,
+        unbilled: &Unbilled,
+        first_try_at: i64,
+    ) -> Result<(), StoreError> {
+        let mut state = self.writable()?;
+        if !state
+            .unbilled
+            .iter()
+            .any(|(u, ..)| u.generation_id == unbilled.generation_id)
+        {
+            state
+                .unbilled
+                .push((unbilled.clone(), Some(first_try_at), None));
+        }
+        Ok(())
+    }
+
+    async fn unbilled_due(&self, now: i64) -> Result<Vec<Unbilled>, StoreError> {
+        Ok(self
+            .lock()
+            .unbilled
+            .iter()
+            .filter(|(_, due, _)| due.is_some_and(|at| at <= now))
+            .map(|(u, ..)| u.clone())
+            .collect())
+    }
+
+    async fn update_unbilled(
+        &self,
+        generation_id: &str,
+        update: &UnbilledUpdate,
+    ) -> Result<(), StoreError> {
+        let mut state = self.writable()?;
+        if let Some((unbilled, due, usage)) = state
+            .unbilled
+            .iter_mut()
+            .find(|(u, ..)| u.generation_id == generation_id)
+        {
+            match update {
+                UnbilledUpdate::Billed(billed) => (*due, *usage) = (None, Some(*billed)),
+                UnbilledUpdate::RetryAt { attempts, at } => {
+                    unbilled.attempts = *attempts;
+                    *due = Some(*at);
+                }
+                UnbilledUpdate::GaveUp => *due = None,
+            }
+        }
+        Ok(())
     }
 
     async fn model(&self, conversation: &str) -> Result<Option<String>, StoreError> {

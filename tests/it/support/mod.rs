@@ -13,6 +13,7 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use futures::StreamExt;
 use serde_json::{Value, json};
 
 pub mod discord;
@@ -37,6 +38,9 @@ pub enum Reply {
     Hang,
     /// A 200 with this body and content type, as it is.
     Raw(&'static str, String),
+    /// A stream that sends this text (and OpenRouter's `X-Generation-Id`
+    /// header) and then nothing, never ending.
+    Stall(String),
     /// A streamed reply with more fields: `{"chunk": {...}}` goes into every
     /// chunk (`provider`, `id`), `{"delta": {...}}` into every chunk's delta
     /// (`reasoning_details`, `annotations`).
@@ -82,6 +86,11 @@ struct Fake {
     /// The last request of each `session_id`, normalised.
     sessions: std::collections::HashMap<String, Value>,
     models: Value,
+    /// Answers of `GET /generation?id=` per id, in order; 404 when none
+    /// is left.
+    generations: std::collections::HashMap<String, VecDeque<Value>>,
+    /// The ids asked for there.
+    looked_up: Vec<String>,
 }
 
 /// The fake OpenRouter. Dropping it does not stop the server; each test
@@ -123,6 +132,7 @@ impl FakeModel {
             .route("/v1/chat/completions", post(completions))
             .route("/v1/models", get(models))
             .route("/v1/key", get(key))
+            .route("/v1/generation", get(generation))
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
@@ -174,6 +184,23 @@ impl FakeModel {
         }
     }
 
+    /// What `GET /generation?id={id}` answers next: each record once, in
+    /// order, then 404 (a 404 itself is scripted as `Value::Null`).
+    pub fn generation(&self, id: &str, records: impl IntoIterator<Item = Value>) {
+        self.state
+            .lock()
+            .unwrap()
+            .generations
+            .entry(id.to_owned())
+            .or_default()
+            .extend(records);
+    }
+
+    /// The generation ids looked up, in order.
+    pub fn looked_up(&self) -> Vec<String> {
+        self.state.lock().unwrap().looked_up.clone()
+    }
+
     pub fn remaining(&self) -> usize {
         self.state.lock().unwrap().script.len()
     }
@@ -194,6 +221,23 @@ async fn key(headers: axum::http::HeaderMap) -> Response {
         return error(401, "No auth credentials found");
     }
     axum::Json(json!({"data": {"label": "test", "limit": null, "usage": 0}})).into_response()
+}
+
+async fn generation(
+    State(state): State<Arc<Mutex<Fake>>>,
+    headers: axum::http::HeaderMap,
+    axum::extract::Query(query): axum::extract::Query<std::collections::HashMap<String, String>>,
+) -> Response {
+    if !authorised(&headers) {
+        return error(401, "No auth credentials found");
+    }
+    let id = query.get("id").cloned().unwrap_or_default();
+    let mut fake = state.lock().unwrap();
+    fake.looked_up.push(id.clone());
+    match fake.generations.get_mut(&id).and_then(VecDeque::pop_front) {
+        Some(Value::Null) | None => error(404, &format!("Generation {id} not found")),
+        Some(record) => axum::Json(json!({"data": record})).into_response(),
+    }
 }
 
 async fn models(State(state): State<Arc<Mutex<Fake>>>) -> Response {
@@ -218,7 +262,7 @@ async fn completions(
         Ok(v) => v,
         Err(e) => return error(400, &format!("invalid JSON body: {e}")),
     };
-    let (reply, api) = {
+    let (reply, api, number) = {
         let mut fake = state.lock().unwrap();
         fake.requests.push(request.clone());
         // llama-server parses every stored call's arguments first.
@@ -243,7 +287,7 @@ async fn completions(
             }
             fake.sessions.insert(session.to_owned(), now);
         }
-        (fake.script.pop_front(), fake.api)
+        (fake.script.pop_front(), fake.api, fake.requests.len())
     };
     let stream = request["stream"].as_bool().unwrap_or(false);
     // A plain server sends usage in a stream only when asked to.
@@ -253,6 +297,16 @@ async fn completions(
         Some(Reply::With(inner, extra)) => (Some(*inner), Some(extra)),
         other => (other, None),
     };
+    // OpenRouter names each reply in every chunk.
+    let id = format!("gen-{number}");
+    let mut extra = extra.unwrap_or_else(|| json!({}));
+    if api == Api::OpenRouter && extra["chunk"].get("id").is_none() {
+        if !extra["chunk"].is_object() {
+            extra["chunk"] = json!({});
+        }
+        extra["chunk"]["id"] = Value::String(id.clone());
+    }
+    let extra = Some(extra);
     match reply {
         None => error(500, "the fake model has no more scripted replies"),
         Some(Reply::Hang) => std::future::pending().await,
@@ -273,6 +327,17 @@ async fn completions(
                    "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": "error"}]}),
         ], extra.as_ref()),
         Some(Reply::With(..)) => unreachable!("unwrapped above"),
+        Some(Reply::Stall(text)) => {
+            let first = json!({"id": id, "choices": [{"index": 0, "delta": {"role": "assistant", "content": text}}]});
+            let first: Result<String, std::convert::Infallible> =
+                Ok(format!(": OPENROUTER PROCESSING\n\ndata: {first}\n\n"));
+            let body = futures::stream::iter([first]).chain(futures::stream::pending());
+            Response::builder()
+                .header(header::CONTENT_TYPE, "text/event-stream")
+                .header("x-generation-id", format!("{id}-header"))
+                .body(Body::from_stream(body))
+                .unwrap()
+        }
         Some(Reply::Text(text)) if stream => {
             let (a, b) = text.split_at(text.len() / 2);
             sse(vec![
@@ -812,6 +877,37 @@ pub async fn turn_with(
         events.push(event);
     }
     (result, events)
+}
+
+/// Starts a turn in its own task, so a test can abort it.
+pub fn spawn_turn(
+    app: &std::sync::Arc<App>,
+    key: &'static str,
+    message: &'static str,
+) -> (
+    tokio::task::JoinHandle<Result<TurnOutcome, TurnError>>,
+    tokio::sync::mpsc::UnboundedReceiver<TurnEvent>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let app = app.clone();
+    let running = tokio::spawn(async move {
+        app.engine
+            .run_turn(key, Message::user(message), &tx, &ApproveAll)
+            .await
+    });
+    (running, rx)
+}
+
+pub async fn wait_for_event(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<TurnEvent>,
+    wanted: impl Fn(&TurnEvent) -> bool,
+) {
+    while let Some(event) = rx.recv().await {
+        if wanted(&event) {
+            return;
+        }
+    }
+    panic!("the turn ended without the expected event");
 }
 
 /// `cmd` run through `wrapper` (`setpriv …`, `prlimit …`): the same
