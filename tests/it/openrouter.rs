@@ -72,7 +72,8 @@ async fn an_anthropic_tool_conversation_reads_each_earlier_write_and_keeps_its_p
     std::fs::write(&a, "alpha").unwrap();
     let s = setup(
         Api::OpenRouter,
-        json!({"fs": support::filesystem(files.path())}),
+        json!({"fs": support::filesystem(files.path()),
+               "time": {"command": support::time_server(), "args": []}}),
     )
     .await;
     let read = json!({"path": a}).to_string();
@@ -129,6 +130,12 @@ async fn an_anthropic_tool_conversation_reads_each_earlier_write_and_keeps_its_p
         let newest = messages(request).len() - 1;
         assert_eq!(marked(request).last(), Some(&newest));
     }
+    let attribution = s.model.attribution();
+    assert_eq!(
+        attribution[0].0.as_deref(),
+        Some("https://github.com/mcpcord/mcpcord")
+    );
+    assert_eq!(attribution[0].1.as_deref(), Some("mcpcord"));
     // The round of twelve results: the previous request's newest message,
     // a bridge within Anthropic's lookback, and the newest.
     let round = &requests[3];
@@ -211,7 +218,14 @@ async fn reasoning_goes_back_only_to_the_model_that_wrote_it() {
         text("Switched."),
         text("Back."),
     ]);
-    let app = app(&s, &[("DEFAULT_MODEL", "anthropic/claude-test")]).await;
+    let app = app(
+        &s,
+        &[
+            ("DEFAULT_MODEL", "anthropic/claude-test"),
+            ("REASONING_EFFORT", "low"),
+        ],
+    )
+    .await;
     let key = "terminal:t";
     turn(&app, key, "think").await.0.unwrap();
     turn(&app, key, "again").await.0.unwrap();
@@ -223,6 +237,12 @@ async fn reasoning_goes_back_only_to_the_model_that_wrote_it() {
     app.engine.set_model(key, None).await.unwrap();
     turn(&app, key, "and back").await.0.unwrap();
     let requests = s.model.requests();
+    // Both models list `reasoning` in the catalogue.
+    assert!(
+        requests
+            .iter()
+            .all(|r| r["reasoning"] == json!({"effort": "low"}))
+    );
     let first_answer = |r: &Value| messages(r)[1].clone();
     assert_eq!(first_answer(&requests[1])["content"], "Thought about it.");
     assert!(first_answer(&requests[1])["reasoning_details"].is_array());
@@ -248,7 +268,11 @@ async fn web_search_is_offered_and_its_citations_end_the_answer() {
         .script([text("Rust 1.0 came out in 2015.").with(cited)]);
     let app = app(
         &s,
-        &[("WEB_SEARCH", "true"), ("WEB_SEARCH_MAX_RESULTS", "2")],
+        &[
+            ("WEB_SEARCH", "true"),
+            ("WEB_SEARCH_MAX_RESULTS", "2"),
+            ("REASONING_EFFORT", "high"),
+        ],
     )
     .await;
     let (result, events) = turn(&app, "terminal:t", "when was Rust 1.0?").await;
@@ -263,6 +287,10 @@ async fn web_search_is_offered_and_its_citations_end_the_answer() {
     assert_eq!(
         request["tools"][0],
         json!({"type": "openrouter:web_search", "parameters": {"max_results": 2, "max_uses": 3}})
+    );
+    assert!(
+        request.get("reasoning").is_none(),
+        "test/tools does not list reasoning"
     );
     app.shutdown().await;
 }
@@ -363,6 +391,10 @@ async fn a_plain_openai_server_gets_plain_fields_and_still_reports_usage() {
     assert_eq!(support::user_said(&requests[2]), ["list", "again"]);
     let usage = app.store.usage("terminal:t").await.unwrap();
     assert_eq!((usage.responses, usage.prompt_tokens), (3, 300));
+    assert!(
+        s.model.attribution().iter().all(|a| *a == (None, None)),
+        "attribution is OpenRouter's"
+    );
     app.shutdown().await;
 }
 

@@ -80,6 +80,8 @@ struct Fake {
     api: Api,
     script: VecDeque<Reply>,
     requests: Vec<Value>,
+    /// The `HTTP-Referer` and `X-Title` headers of each chat request.
+    attribution: Vec<(Option<String>, Option<String>)>,
     rejected: Vec<String>,
     /// Where a request of a session did not start with the one before it.
     prefix_breaks: Vec<String>,
@@ -165,6 +167,11 @@ impl FakeModel {
     /// Every chat request received, in order.
     pub fn requests(&self) -> Vec<Value> {
         self.state.lock().unwrap().requests.clone()
+    }
+
+    /// The `HTTP-Referer` and `X-Title` headers of each chat request.
+    pub fn attribution(&self) -> Vec<(Option<String>, Option<String>)> {
+        self.state.lock().unwrap().attribution.clone()
     }
 
     /// Why requests were rejected as invalid histories.
@@ -265,6 +272,14 @@ async fn completions(
     let (reply, api, number) = {
         let mut fake = state.lock().unwrap();
         fake.requests.push(request.clone());
+        let header = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        fake.attribution
+            .push((header("http-referer"), header("x-title")));
         // llama-server parses every stored call's arguments first.
         if let Err(problem) = arguments_are_json(&request) {
             fake.rejected.push(problem.clone());
