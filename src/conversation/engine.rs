@@ -438,6 +438,16 @@ impl Engine {
         // The provider that answered with signed reasoning, for the rest
         // of the turn (its signatures are only valid there).
         let mut pin: Option<String> = None;
+        // Every round's request, but for its messages and pin.
+        let every_round = ChatRequest {
+            model: &model,
+            system: system.as_deref(),
+            messages: &[],
+            tools: &specs,
+            session: Some(conversation),
+            user: user.as_deref(),
+            pin: None,
+        };
 
         let result = loop {
             let fitted = fit_to_context(&history, start, budget);
@@ -453,13 +463,9 @@ impl Engine {
             start = fitted;
             let pinned = pin.clone();
             let request = ChatRequest {
-                model: &model,
-                system: system.as_deref(),
                 messages: &history[start..],
-                tools: &specs,
-                session: Some(conversation),
-                user: user.as_deref(),
                 pin: pinned.as_deref(),
+                ..every_round
             };
             let completion = match self.complete(conversation, request, events).await {
                 Ok(completion) => completion,
@@ -474,13 +480,8 @@ impl Engine {
                         message.reasoning_details = None;
                     }
                     let request = ChatRequest {
-                        model: &model,
-                        system: system.as_deref(),
                         messages: &history[start..],
-                        tools: &specs,
-                        session: Some(conversation),
-                        user: user.as_deref(),
-                        pin: None,
+                        ..every_round
                     };
                     match self.complete(conversation, request, events).await {
                         Ok(completion) => completion,
