@@ -611,6 +611,9 @@ pub struct DiscordConfig {
     pub image_max_bytes: usize,
     /// `IMAGES_PER_MESSAGE`: images of one message that are kept; the rest are left out.
     pub images_per_message: usize,
+    /// `AUTO_THREAD_CHANNELS`: channels where every new message opens a
+    /// thread and is answered there, without a mention.
+    pub auto_thread_channels: Vec<u64>,
 }
 
 impl DiscordConfig {
@@ -643,6 +646,7 @@ impl DiscordConfig {
             health_file: get("HEALTH_FILE").map(PathBuf::from),
             image_max_bytes: number(&get, "IMAGE_MAX_BYTES", 5 * 1024 * 1024)?,
             images_per_message: number(&get, "IMAGES_PER_MESSAGE", 4)?,
+            auto_thread_channels: ids(&get, "AUTO_THREAD_CHANNELS")?,
         })
     }
 }
@@ -693,5 +697,20 @@ mod discord_tests {
         let err = DiscordConfig::from_lookup(env(&[("DISCORD_TOKEN", "t"), ("ADMIN_USERS", "me")]))
             .unwrap_err();
         assert!(err.to_string().starts_with("Invalid ADMIN_USERS"));
+        let c = DiscordConfig::from_lookup(env(&[
+            ("DISCORD_TOKEN", "t"),
+            ("AUTO_THREAD_CHANNELS", "10,20"),
+        ]))
+        .unwrap();
+        assert_eq!(c.auto_thread_channels, [10, 20]);
+        let err = DiscordConfig::from_lookup(env(&[
+            ("DISCORD_TOKEN", "t"),
+            ("AUTO_THREAD_CHANNELS", "#general"),
+        ]))
+        .unwrap_err();
+        assert!(
+            err.to_string().starts_with("Invalid AUTO_THREAD_CHANNELS"),
+            "{err}"
+        );
     }
 }

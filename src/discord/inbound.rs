@@ -39,14 +39,17 @@ pub fn channel_of(conversation: &str) -> Option<u64> {
 pub struct RouteError(String);
 
 /// Decides whether `msg` starts a turn, and where. Messages in the bot's
-/// threads and DMs need no mention; elsewhere a mention starts a thread
-/// (or, in someone else's thread, a turn there). A failure matters only for
+/// threads and DMs need no mention; elsewhere a mention (or any message in
+/// an `AUTO_THREAD_CHANNELS` channel) starts a thread (or, in someone
+/// else's thread, a turn there). A failure matters only for
 /// a message meant for the bot: for the rest it is logged, never answered.
 pub async fn route(surface: &Surface, msg: &DiscordMessage) -> Result<Option<Target>, RouteError> {
     let me = surface.me();
     let channel = msg.channel_id.get();
     let roles = super::role_ids(msg.member.as_deref().map(|m| m.roles.as_slice()));
-    let mentioned = msg.mentions.iter().any(|u| u.id.get() == me);
+    // In an auto-thread channel every message is meant for the bot.
+    let mentioned = msg.mentions.iter().any(|u| u.id.get() == me)
+        || surface.config.auto_thread_channels.contains(&channel);
     let mut place = Place {
         guild: msg.guild_id.map(|g| g.get()),
         channel,

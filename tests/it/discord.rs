@@ -524,6 +524,44 @@ async fn approvals_are_granted_denied_timed_out_and_guarded() {
 }
 
 #[tokio::test]
+async fn every_message_in_an_auto_thread_channel_opens_a_thread_without_a_mention() {
+    let discord = FakeDiscord::start().await;
+    let model = FakeModel::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    model.script([text("Opened for you."), text("Still here.")]);
+    let elsewhere = CHANNEL + 1;
+    let bot = start(
+        &discord,
+        &model,
+        dir.path(),
+        &[("AUTO_THREAD_CHANNELS", &CHANNEL.to_string())],
+    )
+    .await;
+    let first = 555_000_000_000_000_001;
+    say(&discord, first, elsewhere, ALICE, "not here");
+    say(&discord, first + 1, CHANNEL, ALICE, "help me plan a trip");
+    let thread = discord
+        .wait_for("a thread", |c| {
+            c.path == format!("/channels/{CHANNEL}/messages/{}/threads", first + 1)
+        })
+        .await;
+    assert_eq!(thread.body["name"], "help me plan a trip");
+    discord
+        .wait_for("the answer in the thread", |c| {
+            c.path == format!("/channels/{}/messages", first + 1)
+                && c.body["content"] == "Opened for you."
+        })
+        .await;
+    say(&discord, first + 2, first + 1, ALICE, "and then?");
+    discord
+        .wait_for("the follow-up", |c| c.body["content"] == "Still here.")
+        .await;
+    bot.stop().await;
+    assert_eq!(model.requests().len(), 2);
+    assert!(!model_saw(&model, "not here"));
+}
+
+#[tokio::test]
 async fn a_restarted_bot_carries_on_in_its_threads() {
     let discord = FakeDiscord::start().await;
     let model = FakeModel::start().await;
