@@ -15,6 +15,7 @@ use super::ports::{
     ApprovalRequest, Approver, ChatModel, ChatRequest, Citation, Completion, Decision,
     FinishReason, ModelError, ModelLookup, Store, StoreError, ToolHost, ToolOutcome,
 };
+use super::think::{Unthink, split_think};
 use super::types::{Author, Message, Role, ToolCall, ToolSpec, TurnEvent, Usage};
 
 /// Conversations whose history stays cached in memory while idle. Past this,
@@ -218,8 +219,9 @@ impl Engine {
         request: ChatRequest<'_>,
         events: &UnboundedSender<TurnEvent>,
     ) -> Result<Completion, ModelError> {
+        let visible = Unthink::new(events);
         let in_flight = InFlight::new(
-            events,
+            &visible,
             self.store.clone(),
             self.unbilled.clone(),
             conversation,
@@ -820,6 +822,12 @@ fn step(completion: Completion, model: &str) -> Result<Step, ModelError> {
     message.role = Some(Role::Assistant);
     message.model = Some(model.to_owned());
     message.usage = Some(completion.usage);
+    if let Some(text) = &message.content
+        && let (Some(thought), answer) = split_think(text)
+    {
+        message.content = Some(answer.to_owned());
+        message.reasoning.get_or_insert(thought);
+    }
     if !message.tool_calls.is_empty() {
         return Ok(Step::ToolCalls(message, completion.finish_reason));
     }

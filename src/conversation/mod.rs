@@ -9,6 +9,7 @@ pub mod billing;
 mod engine;
 mod history;
 mod ports;
+mod think;
 mod types;
 mod workers;
 

@@ -82,7 +82,7 @@ pub fn request_body(
         request
             .messages
             .iter()
-            .map(|m| message_json(m, request.model)),
+            .map(|m| message_json(m, openrouter.then_some(request.model))),
     );
     let mut tools: Vec<Value> = Vec::new();
     if openrouter && let Some(search) = dialect.web_search {
@@ -281,7 +281,9 @@ pub fn speaker_prefix(author: &Author) -> String {
     format!("<@{}> ({}): ", author.id, name.trim())
 }
 
-fn message_json(message: &Message, model: &str) -> Value {
+/// `reasoning_model`: the model of the request, when reasoning may be
+/// replayed at all (OpenRouter's fields; plain endpoints get none).
+fn message_json(message: &Message, reasoning_model: Option<&str>) -> Value {
     match message.role() {
         Role::User if message.images.is_empty() => {
             json!({"role": "user", "content": user_text(message)})
@@ -319,7 +321,9 @@ fn message_json(message: &Message, model: &str) -> Value {
             // Reasoning is signed by the model that wrote it; another model
             // refuses it ("Invalid signature in thinking block"), so after a
             // switch only the answer text is sent.
-            if message.model.as_deref().is_none_or(|m| m == model) {
+            if let Some(model) = reasoning_model
+                && message.model.as_deref().is_none_or(|m| m == model)
+            {
                 if let Some(reasoning) = &message.reasoning {
                     out.insert("reasoning".into(), Value::String(reasoning.clone()));
                 }
@@ -941,7 +945,7 @@ mod tests {
             reasoning_details: Some(details.clone()),
             ..Default::default()
         };
-        let json = message_json(&message, "any/model");
+        let json = message_json(&message, Some("any/model"));
         assert_eq!(json["reasoning_details"], details);
         assert_eq!(json["content"], Value::Null);
     }
@@ -1184,11 +1188,13 @@ mod tests {
             model: Some("anthropic/claude-sonnet-4.5".into()),
             ..Default::default()
         };
-        let same = message_json(&reply, "anthropic/claude-sonnet-4.5");
+        let same = message_json(&reply, Some("anthropic/claude-sonnet-4.5"));
         assert!(same.get("reasoning_details").is_some());
-        let other = message_json(&reply, "google/gemini-2.5-pro");
+        let other = message_json(&reply, Some("google/gemini-2.5-pro"));
         assert!(other.get("reasoning_details").is_none() && other.get("reasoning").is_none());
         assert_eq!(other["content"], "answer");
+        let plain = message_json(&reply, None);
+        assert!(plain.get("reasoning_details").is_none() && plain.get("reasoning").is_none());
     }
 
     #[test]
@@ -1201,10 +1207,13 @@ mod tests {
             ..Message::user("hello")
         };
         assert_eq!(
-            message_json(&message, "m")["content"],
+            message_json(&message, Some("m"))["content"],
             "<@42> (Ada admin): hello"
         );
-        assert_eq!(message_json(&Message::user("hi"), "m")["content"], "hi");
+        assert_eq!(
+            message_json(&Message::user("hi"), Some("m"))["content"],
+            "hi"
+        );
     }
 
     #[test]

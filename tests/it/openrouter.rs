@@ -604,3 +604,34 @@ async fn a_turn_stopped_midstream_is_billed_and_a_missing_record_is_given_up() {
     assert!((usage.cost - 0.5).abs() < 1e-9, "{usage:?}");
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn inline_think_blocks_are_kept_as_reasoning_and_never_shown() {
+    let s = setup(Api::OpenAi, json!({})).await;
+    s.model.script([
+        text("<think>The user wants a sum. 2 + 2 is 4.</think>\n\nIt is 4."),
+        text("You are welcome."),
+    ]);
+    let app = app(&s, &[]).await;
+    let (result, events) = turn(&app, "terminal:t", "what is 2 + 2?").await;
+    result.unwrap();
+    let streamed: String = events
+        .iter()
+        .filter_map(|e| match e {
+            TurnEvent::Text(t) => Some(t.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(streamed, "It is 4.");
+    assert_eq!(answer(&events), Some("It is 4."));
+    let stored = app.store.history("terminal:t").await.unwrap();
+    assert_eq!(stored[1].text(), "It is 4.");
+    assert_eq!(
+        stored[1].reasoning.as_deref(),
+        Some("The user wants a sum. 2 + 2 is 4.")
+    );
+    turn(&app, "terminal:t", "thanks").await.0.unwrap();
+    let sent = messages(&s.model.requests()[1]).clone();
+    assert_eq!(sent[1]["content"], "It is 4.");
+    app.shutdown().await;
+}

@@ -644,6 +644,20 @@ fn validate_plain(request: &Value) -> Result<(), String> {
             return Err(format!("Unrecognized request argument supplied: {field}"));
         }
     }
+    for (i, message) in request["messages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        for field in ["reasoning", "reasoning_details"] {
+            if message.get(field).is_some() {
+                return Err(format!(
+                    "Unrecognized argument supplied: messages[{i}].{field}"
+                ));
+            }
+        }
+    }
     let mut found = Vec::new();
     markers(request, "", &mut found);
     if let Some(first) = found.first() {
