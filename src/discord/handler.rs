@@ -18,10 +18,11 @@ impl EventHandler for Handler {
         let bot = &self.0;
         bot.surface.set_me(ready.user.id.get());
         tracing::info!(user = %ready.user.name, guilds = ready.guilds.len(), "connected to Discord");
-        if let Some(path) = &bot.surface.config.health_file
-            && let Err(error) = health::write(path, true)
-        {
-            tracing::warn!(%error, "could not write the health file");
+        if let Some(path) = &bot.surface.config.health_file {
+            let _writing = bot.surface.health.lock().await;
+            if let Err(error) = health::write(path, true) {
+                tracing::warn!(%error, "could not write the health file");
+            }
         }
         let rest = &bot.surface.rest;
         if let Err(error) = rest

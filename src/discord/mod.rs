@@ -100,6 +100,9 @@ pub(crate) struct Surface {
     application_id: u64,
     /// The bot's own user id, once the gateway said it.
     me: AtomicU64,
+    /// Held from reading the gateway state to writing the health file, so
+    /// a stale state never overwrites a newer one.
+    health: tokio::sync::Mutex<()>,
 }
 
 impl Surface {
@@ -169,6 +172,7 @@ pub async fn run(
         approvals: Approvals::default(),
         application_id,
         me: AtomicU64::new(0),
+        health: tokio::sync::Mutex::new(()),
     });
     let workers = Workers::new(ports.store, Arc::new(turns::Turns(surface.clone())));
     match workers.resume().await {
@@ -195,15 +199,20 @@ pub async fn run(
     let mut gateway = tokio::spawn(async move { client.start().await });
     let health = config.health_file.clone().map(|path| {
         let shards = shards.clone();
+        let surface = bot.surface.clone();
         let stop = CancellationToken::new();
         let done = stop.clone();
-        tokio::spawn(async move {
+        let writer = tokio::spawn(async move {
             let mut ticks = tokio::time::interval(HEALTH_EVERY);
             loop {
                 tokio::select! {
                     () = done.cancelled() => break,
                     _ = ticks.tick() => {}
                 }
+                // serenity updates a runner's stage before it dispatches
+                // the event that changed it: a ready handler that wrote
+                // before this lock reads as connected here too.
+                let _writing = surface.health.lock().await;
                 let connected = shards
                     .runners
                     .lock()
@@ -215,7 +224,7 @@ pub async fn run(
                 }
             }
         });
-        stop
+        (stop, writer)
     });
 
     let ended = tokio::select! {
@@ -229,8 +238,9 @@ pub async fn run(
             Err(error) => error.into(),
         })
     };
-    if let Some(health) = health {
-        health.cancel();
+    if let Some((stop, writer)) = health {
+        stop.cancel();
+        let _ = writer.await;
     }
     if let Some(path) = &config.health_file {
         let _ = health::write(path, false);
