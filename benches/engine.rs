@@ -18,6 +18,7 @@ use mcpcord::conversation::{
 use mcpcord::store::SqliteStore;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 /// Conversations measured at each history length.
 const CONVERSATIONS: usize = 100;
@@ -167,11 +168,18 @@ struct Runner {
 
 #[async_trait]
 impl TurnRunner for Runner {
-    async fn run(&self, conversation: &str, input: Inbound, _resumed: bool) {
+    async fn run(
+        &self,
+        conversation: &str,
+        input: Inbound,
+        _resumed: bool,
+        stop: CancellationToken,
+    ) {
         let (events, _received) = mpsc::unbounded_channel();
         let turn = TurnInput {
             message: Message::user(input.text),
             kept: Some(input.position),
+            stop,
         };
         self.engine
             .run_turn(conversation, turn, &events, &ApproveAll)

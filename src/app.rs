@@ -126,8 +126,14 @@ impl App {
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => break,
-                    _ = ticks.tick() => {
-                        if let Err(error) = billing::bill_due(model.as_ref(), &store, billing::unix_now()).await {
+                    _ = ticks.tick() => {}
+                }
+                // A lookup round never holds up a shutdown: what it did not
+                // get to stays due.
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    result = billing::bill_due(model.as_ref(), &store, billing::unix_now()) => {
+                        if let Err(error) = result {
                             tracing::warn!(%error, "cut replies could not be billed; trying again later");
                         }
                     }

@@ -103,7 +103,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let discord = DiscordConfig::from_env()?;
             let app = Arc::new(App::build(&config).await?);
             app.start_biller();
-            let (stop, lost) = stop_or_lost(&app);
+            let (stop, lost) = stop_or_lost(&app, Signals::InterruptOrTerminate);
             let result = mcpcord::discord::run(app.discord_ports(), discord, stop).await;
             app.shutdown().await;
             lost_database(&lost)?;
@@ -130,9 +130,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 } else {
                     Approvals::Decline
                 };
-                let chat = terminal::run(&app.engine, &key, stdin, approvals, &mut out, &mut err);
-                // Ctrl-C or SIGTERM ends the chat like EOF; MCP sessions are still closed.
-                let (stop, lost) = stop_or_lost(&app);
+                // Ctrl-C goes to the chat (it stops a turn, or ends the
+                // chat when idle or pressed twice); SIGTERM ends it like EOF.
+                // MCP sessions are closed either way.
+                let mut interrupts = ctrl_c_presses();
+                let chat = terminal::run(
+                    &app.engine,
+                    &key,
+                    stdin,
+                    approvals,
+                    &mut interrupts,
+                    &mut out,
+                    &mut err,
+                );
+                let (stop, lost) = stop_or_lost(&app, Signals::Terminate);
                 tokio::select! {
                     result = chat => result?,
                     () = stop => {}
@@ -149,15 +160,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 /// Why the database was lost, once it was.
 type Lost = Arc<std::sync::Mutex<Option<String>>>;
 
+/// Which signals end the process.
+#[derive(Debug, Clone, Copy)]
+enum Signals {
+    InterruptOrTerminate,
+    /// Ctrl-C is the chat's own.
+    Terminate,
+}
+
 /// A future that resolves on a signal or when the database file goes
 /// away (then the reason is in the returned cell).
-fn stop_or_lost(app: &App) -> (impl Future<Output = ()> + use<>, Lost) {
+fn stop_or_lost(app: &App, signals: Signals) -> (impl Future<Output = ()> + use<>, Lost) {
     let lost = Lost::default();
     let cell = lost.clone();
     let store = app.store.clone();
     let stop = async move {
         tokio::select! {
-            () = shutdown_signal() => {}
+            () = shutdown_signal(signals) => {}
             reason = store.lost() => {
                 tracing::error!("{reason}");
                 *cell.lock().expect("lost poisoned") = Some(reason);
@@ -174,10 +193,25 @@ fn lost_database(lost: &Lost) -> anyhow::Result<()> {
     }
 }
 
-/// Resolves on Ctrl-C or SIGTERM (what `docker stop` sends).
-async fn shutdown_signal() {
+/// Each Ctrl-C, as a value.
+fn ctrl_c_presses() -> tokio::sync::mpsc::UnboundedReceiver<()> {
+    let (presses, received) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while tokio::signal::ctrl_c().await.is_ok() && presses.send(()).is_ok() {}
+    });
+    received
+}
+
+/// Resolves on SIGTERM (what `docker stop` sends), and on Ctrl-C unless
+/// the chat takes it.
+async fn shutdown_signal(signals: Signals) {
     let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
+        match signals {
+            Signals::InterruptOrTerminate => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+            Signals::Terminate => std::future::pending().await,
+        }
     };
     #[cfg(unix)]
     let terminate = async {

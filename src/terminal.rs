@@ -1,5 +1,6 @@
 //! `mcpcord chat`: the engine on stdin/stdout. One message per line; tool
-//! calls and the answer on stdout, problems on stderr.
+//! calls and the answer on stdout, problems on stderr. Ctrl-C during a turn
+//! stops that turn; a second one, or one while idle, ends the chat.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -7,9 +8,11 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt};
 use tokio::sync::{Mutex, mpsc};
+use tokio_util::sync::CancellationToken;
 
 use crate::conversation::{
     ApprovalRequest, ApproveAll, Approver, Decision, DeclineAll, Engine, Message, TurnEvent,
+    TurnInput,
 };
 
 /// The input, shared by the chat loop and approval questions.
@@ -82,12 +85,15 @@ pub fn conversation_key(name: &str) -> String {
     format!("terminal:{name}")
 }
 
-/// Reads lines from `input` until EOF and answers each one.
+/// Reads lines from `input` until EOF and answers each one. Each value
+/// from `interrupts` is a Ctrl-C: during a turn the first stops it and the
+/// second ends the chat; while idle one ends it.
 pub async fn run(
     engine: &Engine,
     conversation: &str,
     input: impl AsyncBufRead + Unpin + Send + 'static,
     approvals: Approvals,
+    interrupts: &mut mpsc::UnboundedReceiver<()>,
     out: &mut impl Write,
     err: &mut impl Write,
 ) -> std::io::Result<()> {
@@ -103,7 +109,14 @@ pub async fn run(
         Approvals::Decline => Box::new(DeclineAll(NOT_INTERACTIVE.into())),
     };
     loop {
-        let Some(line) = input.lock().await.next_line().await? else {
+        let line = {
+            let mut input = input.lock().await;
+            tokio::select! {
+                line = input.next_line() => line?,
+                Some(()) = interrupts.recv() => None,
+            }
+        };
+        let Some(line) = line else {
             break;
         };
         let line = line.trim();
@@ -132,9 +145,50 @@ pub async fn run(
             }
             _ => {}
         }
-        turn(engine, conversation, line, approver.as_ref(), out, err).await?;
+        let stop = CancellationToken::new();
+        let turn = turn(
+            engine,
+            conversation,
+            line,
+            approver.as_ref(),
+            stop.clone(),
+            out,
+            err,
+        );
+        if let Ended::Chat = watch(turn, &stop, interrupts).await? {
+            break;
+        }
     }
     Ok(())
+}
+
+/// How a turn in the terminal ended.
+enum Ended {
+    Turn,
+    /// Ctrl-C a second time: the chat ends too.
+    Chat,
+}
+
+/// Runs `turn` while watching for Ctrl-C: the first cancels `stop` (the
+/// turn ends cleanly), the second ends the chat at once.
+async fn watch(
+    turn: impl Future<Output = std::io::Result<()>>,
+    stop: &CancellationToken,
+    interrupts: &mut mpsc::UnboundedReceiver<()>,
+) -> std::io::Result<Ended> {
+    let interrupted = async {
+        if interrupts.recv().await.is_some() {
+            stop.cancel();
+            if interrupts.recv().await.is_some() {
+                return;
+            }
+        }
+        std::future::pending::<()>().await;
+    };
+    tokio::select! {
+        result = turn => result.map(|()| Ended::Turn),
+        () = interrupted => Ok(Ended::Chat),
+    }
 }
 
 async fn command_model(
@@ -162,13 +216,19 @@ async fn turn(
     conversation: &str,
     text: &str,
     approver: &dyn Approver,
+    stop: CancellationToken,
     out: &mut impl Write,
     err: &mut impl Write,
 ) -> std::io::Result<()> {
     let (events, mut received) = mpsc::unbounded_channel();
+    let input = TurnInput {
+        message: Message::user(text),
+        kept: None,
+        stop,
+    };
     let run = async move {
         let result = engine
-            .run_turn(conversation, Message::user(text), &events, approver)
+            .run_turn(conversation, input, &events, approver)
             .await;
         drop(events);
         result
@@ -198,6 +258,12 @@ async fn turn(
                     } else {
                         writeln!(out, "{answer}")?;
                     }
+                }
+                TurnEvent::Stopped => {
+                    if std::mem::take(&mut open_line) {
+                        writeln!(out)?;
+                    }
+                    writeln!(out, "(stopped)")?;
                 }
                 TurnEvent::Warning(warning) => writeln!(err, "warning: {warning}")?,
                 TurnEvent::Error(error) => {

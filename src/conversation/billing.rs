@@ -9,9 +9,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio_util::task::TaskTracker;
 
 use super::ports::{
-    ChatModel, Completion, GenerationLookup, ModelError, Store, StoreError, TextSink, Unbilled,
-    UnbilledUpdate,
+    ChatModel, GenerationLookup, Store, StoreError, TextSink, Unbilled, UnbilledUpdate,
 };
+use super::types::{ToolCall, Usage};
 
 /// OpenRouter records a generation a moment after it ends.
 pub const FIRST_LOOKUP_AFTER_SECS: i64 = 3;
@@ -112,15 +112,14 @@ impl<'a> InFlight<'a> {
         }
     }
 
-    /// After the request: a failed one, or one without usage, is kept.
-    pub async fn finish(self, result: &Result<Completion, ModelError>) {
+    /// After the request (done, failed or stopped): one whose usage was
+    /// not `reported` is kept. Returns the reply's id, when it had one.
+    pub async fn finish(self, reported: bool) -> Option<String> {
         let id = self.id.lock().unwrap().take();
-        let reported = result.as_ref().is_ok_and(|c| {
-            c.usage.prompt_tokens > 0 || c.usage.completion_tokens > 0 || c.usage.cost > 0.0
-        });
-        if let Some(id) = id.filter(|_| !reported) {
+        if let Some(id) = id.clone().filter(|_| !reported) {
             keep(self.store.as_ref(), self.unbilled(id)).await;
         }
+        id
     }
 
     fn unbilled(&self, generation_id: String) -> Unbilled {
@@ -130,6 +129,35 @@ impl<'a> InFlight<'a> {
             model: self.model.to_owned(),
             attempts: 0,
         }
+    }
+}
+
+/// Records the usage of a reply that is not kept as a message (an empty
+/// one), so that `/usage` still counts it.
+pub async fn keep_billed(
+    store: &dyn Store,
+    conversation: &str,
+    model: &str,
+    generation: Option<String>,
+    usage: Usage,
+) {
+    let unbilled = Unbilled {
+        generation_id: generation.unwrap_or_else(|| format!("unkept-{}", ToolCall::fresh_id())),
+        conversation: conversation.to_owned(),
+        model: model.to_owned(),
+        attempts: 0,
+    };
+    let id = &unbilled.generation_id;
+    let kept = store.keep_unbilled(&unbilled, unix_now()).await;
+    if let Err(error) = match kept {
+        Ok(()) => {
+            store
+                .update_unbilled(id, &UnbilledUpdate::Billed(usage))
+                .await
+        }
+        Err(error) => Err(error),
+    } {
+        tracing::warn!(%error, conversation, "the usage of an empty reply could not be kept; /usage will leave it out");
     }
 }
 

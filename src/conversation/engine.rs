@@ -7,13 +7,14 @@ use std::time::{Duration, Instant};
 use futures::future::join_all;
 use serde_json::Value;
 use tokio::sync::mpsc::UnboundedSender;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::billing::InFlight;
+use super::billing::{self, InFlight};
 use super::history::{estimate_tokens, fit_to_context, repair, valid_arguments};
 use super::ports::{
     ApprovalRequest, Approver, ChatModel, ChatRequest, Citation, Completion, Decision,
-    FinishReason, ModelError, ModelLookup, Store, StoreError, ToolHost, ToolOutcome,
+    FinishReason, ModelError, ModelLookup, Store, StoreError, TextSink, ToolHost, ToolOutcome,
 };
 use super::think::{Unthink, split_think};
 use super::types::{Author, Message, Role, ToolCall, ToolSpec, TurnEvent, Usage};
@@ -46,6 +47,10 @@ pub const SPEAKERS_NOTE: &str = "Several people may write in this conversation: 
 /// arguments are stored as `{}` so that no endpoint chokes on them later.
 const CUT_CALL: &str = "ERROR: not run: this call was cut off at the model's output limit before its arguments were complete. Call it again with shorter arguments, or split the work into smaller calls.";
 
+/// What a tool call cancelled by a stopped turn gets as its result.
+pub const INTERRUPTED: &str =
+    "interrupted by the user, who stopped this turn. Do not run it again unless asked.";
+
 /// The engine's settings, from `Config`.
 #[derive(Debug, Clone)]
 pub struct EngineSettings {
@@ -67,6 +72,8 @@ pub struct TurnOutcome {
     pub duration: Duration,
     /// False when the turn stopped at the round limit without an answer.
     pub answered: bool,
+    /// The person stopped it (what was shown of the answer is kept).
+    pub stopped: bool,
 }
 
 /// Why a turn failed. Store failures say exactly what was kept.
@@ -128,13 +135,17 @@ struct Live {
     used: u64,
 }
 
-/// The input of a turn: a message, and where it is kept until stored.
+/// The input of a turn: a message, where it is kept until stored, and
+/// what stops its turn.
 #[derive(Debug, Clone)]
 pub struct TurnInput {
     pub message: Message,
     /// The position of the kept input this message answers (see
     /// `Store::keep_input`); it is forgotten when the message is stored.
     pub kept: Option<u64>,
+    /// Cancelled when the person stops the turn: the model stream is
+    /// dropped, running calls are cancelled, and what was shown is kept.
+    pub stop: CancellationToken,
 }
 
 impl From<Message> for TurnInput {
@@ -142,6 +153,7 @@ impl From<Message> for TurnInput {
         TurnInput {
             message,
             kept: None,
+            stop: CancellationToken::new(),
         }
     }
 }
@@ -152,6 +164,29 @@ struct Calls<'a> {
     specs: &'a [ToolSpec],
     events: &'a UnboundedSender<TurnEvent>,
     approver: &'a dyn Approver,
+    stop: &'a CancellationToken,
+}
+
+/// How one model request ended.
+enum Reply {
+    /// The whole reply, and the endpoint's id of it when it gave one.
+    Done(Box<Completion>, Option<String>),
+    /// The person stopped the turn midway: the answer text shown so far.
+    Stopped(String),
+}
+
+/// Passes the visible answer on to the turn's events and keeps it, for a
+/// turn stopped midway.
+struct Shown<'a> {
+    events: &'a UnboundedSender<TurnEvent>,
+    text: Mutex<String>,
+}
+
+impl TextSink for Shown<'_> {
+    fn push(&self, fragment: &str) {
+        self.text.lock().expect("shown poisoned").push_str(fragment);
+        self.events.push(fragment);
+    }
 }
 
 /// How one model reply continues the turn.
@@ -212,14 +247,19 @@ impl Engine {
     }
 
     /// One model request whose reply is kept for billing when its usage
-    /// does not arrive (see `billing`).
+    /// does not arrive (see `billing`); `stop` drops it midway.
     async fn complete(
         &self,
         conversation: &str,
         request: ChatRequest<'_>,
         events: &UnboundedSender<TurnEvent>,
-    ) -> Result<Completion, ModelError> {
-        let visible = Unthink::new(events);
+        stop: &CancellationToken,
+    ) -> Result<Reply, ModelError> {
+        let shown = Shown {
+            events,
+            text: Mutex::default(),
+        };
+        let visible = Unthink::new(&shown);
         let in_flight = InFlight::new(
             &visible,
             self.store.clone(),
@@ -227,9 +267,16 @@ impl Engine {
             conversation,
             request.model,
         );
-        let result = self.model.complete(request, &in_flight).await;
-        in_flight.finish(&result).await;
-        result
+        let result = tokio::select! {
+            result = self.model.complete(request, &in_flight) => result,
+            () = stop.cancelled() => {
+                in_flight.finish(false).await;
+                return Ok(Reply::Stopped(shown.text.into_inner().expect("shown poisoned")));
+            }
+        };
+        let reported = result.as_ref().is_ok_and(|c| c.usage.reported());
+        let generation = in_flight.finish(reported).await;
+        result.map(|completion| Reply::Done(Box::new(completion), generation))
     }
 
     pub fn settings(&self) -> &EngineSettings {
@@ -264,12 +311,24 @@ impl Engine {
             tracing::warn!(conversation, %error, "could not forget an input that was not stored");
         }
         outcome.duration = started.elapsed();
+        // Stopped before its message was stored: nothing of it is kept.
+        if let (true, Some(position)) = (outcome.stopped, kept)
+            && let Err(error) = self.store.drop_input(conversation, position).await
+        {
+            tracing::warn!(conversation, %error, "could not forget the input of a stopped turn");
+        }
         match result {
             Ok(()) => {
                 tracing::info!(
                     conversation,
                     model = %outcome.model,
-                    outcome = if outcome.answered { "answered" } else { "round_limit" },
+                    outcome = if outcome.stopped {
+                        "stopped"
+                    } else if outcome.answered {
+                        "answered"
+                    } else {
+                        "round_limit"
+                    },
                     rounds = outcome.rounds,
                     tool_calls = outcome.tool_calls,
                     prompt_tokens = outcome.usage.prompt_tokens,
@@ -392,7 +451,13 @@ impl Engine {
         let TurnInput {
             message: input,
             kept,
+            stop,
         } = input;
+        if stop.is_cancelled() {
+            self.put_history(conversation, history, start);
+            outcome.stopped = true;
+            return Ok(());
+        }
         let store_input = async {
             match kept {
                 Some(position) => self.store.take_input(conversation, position, &input).await,
@@ -452,6 +517,11 @@ impl Engine {
         };
 
         let result = loop {
+            if stop.is_cancelled() {
+                outcome.stopped = true;
+                let _ = events.send(TurnEvent::Stopped);
+                break Ok(());
+            }
             let fitted = fit_to_context(&history, start, budget);
             if fitted > start {
                 let dropped = history[..fitted]
@@ -469,8 +539,8 @@ impl Engine {
                 pin: pinned.as_deref(),
                 ..every_round
             };
-            let completion = match self.complete(conversation, request, events).await {
-                Ok(completion) => completion,
+            let reply = match self.complete(conversation, request, events, &stop).await {
+                Ok(reply) => reply,
                 Err(ModelError::NoEndpoint { .. }) if pin.is_some() => {
                     // The pinned provider is gone: once more anywhere, with
                     // this turn's reasoning left out for the rest of it (no
@@ -485,12 +555,21 @@ impl Engine {
                         messages: &history[start..],
                         ..every_round
                     };
-                    match self.complete(conversation, request, events).await {
-                        Ok(completion) => completion,
+                    match self.complete(conversation, request, events, &stop).await {
+                        Ok(reply) => reply,
                         Err(error) => break Err(error.into()),
                     }
                 }
                 Err(error) => break Err(error.into()),
+            };
+            let (completion, generation) = match reply {
+                Reply::Done(completion, generation) => (*completion, generation),
+                Reply::Stopped(shown) => {
+                    outcome.stopped = true;
+                    break self
+                        .keep_stopped(conversation, &model, shown, &mut history, events)
+                        .await;
+                }
             };
             outcome.rounds += 1;
             outcome.usage.add(completion.usage);
@@ -500,6 +579,7 @@ impl Engine {
             {
                 pin = Some(provider.clone());
             }
+            let usage = completion.usage;
             match step(completion, &model) {
                 Ok(Step::Answer(message, finish)) => {
                     let text = message.text().to_owned();
@@ -533,6 +613,7 @@ impl Engine {
                             specs: &tools.specs,
                             events,
                             approver,
+                            stop: &stop,
                         };
                         self.run_calls(&calls, &message.tool_calls).await
                     };
@@ -561,11 +642,52 @@ impl Engine {
                         break Ok(());
                     }
                 }
-                Err(error) => break Err(error.into()),
+                Err(error) => {
+                    // Not kept as a message, but billed all the same.
+                    if usage.reported() {
+                        billing::keep_billed(
+                            self.store.as_ref(),
+                            conversation,
+                            &model,
+                            generation,
+                            usage,
+                        )
+                        .await;
+                    }
+                    break Err(error.into());
+                }
             }
         };
         self.put_history(conversation, history, start);
         result
+    }
+
+    /// Keeps what was shown of an answer the person stopped, marked as
+    /// stopped (nothing, when nothing was shown), and says it stopped.
+    async fn keep_stopped(
+        &self,
+        conversation: &str,
+        model: &str,
+        shown: String,
+        history: &mut Vec<Message>,
+        events: &UnboundedSender<TurnEvent>,
+    ) -> Result<(), TurnError> {
+        let _ = events.send(TurnEvent::Stopped);
+        let text = without_speaker_prefix(&shown).trim_end();
+        if text.trim().is_empty() {
+            return Ok(());
+        }
+        let message = Message {
+            model: Some(model.to_owned()),
+            stopped: true,
+            ..Message::assistant(text)
+        };
+        self.store
+            .append(conversation, std::slice::from_ref(&message))
+            .await
+            .map_err(TurnError::AnswerNotStored)?;
+        history.push(message);
+        Ok(())
     }
 
     /// The system prompt: the configured one, and a sentence about the
@@ -612,7 +734,12 @@ impl Engine {
             });
         }
         let runs = calls.iter().map(|call| async move {
-            let outcome = self.run_call(turn, call).await;
+            // A stop cancels the call (its MCP request is cancelled on the
+            // server, a pending approval withdrawn).
+            let outcome = tokio::select! {
+                outcome = self.run_call(turn, call) => outcome,
+                () = turn.stop.cancelled() => ToolOutcome::error(INTERRUPTED),
+            };
             let _ = turn.events.send(TurnEvent::ToolFinished {
                 call_id: call.id.clone(),
                 name: call.name.clone(),
@@ -821,12 +948,15 @@ fn step(completion: Completion, model: &str) -> Result<Step, ModelError> {
     let mut message = completion.message;
     message.role = Some(Role::Assistant);
     message.model = Some(model.to_owned());
-    message.usage = Some(completion.usage);
+    // Unreported usage is billed after the fact (see `billing`), so it is
+    // not also kept here as zero.
+    message.usage = completion.usage.reported().then_some(completion.usage);
     if let Some(text) = &message.content
         && let (Some(thought), answer) = split_think(text)
     {
-        message.content = Some(answer.to_owned());
         message.reasoning.get_or_insert(thought);
+        message.content =
+            (!answer.is_empty() || message.tool_calls.is_empty()).then(|| answer.to_owned());
     }
     if !message.tool_calls.is_empty() {
         return Ok(Step::ToolCalls(message, completion.finish_reason));

@@ -25,4 +25,4 @@ pub use types::{
     AttachmentRef, Author, Inbound, Message, Role, ToolCall, ToolSpec, TurnEvent, Usage,
     UsageTotals, cached_percent,
 };
-pub use workers::{Accepted, Arrival, Stopped, TurnRunner, Workers};
+pub use workers::{Accepted, Arrival, RunningTurn, Stopped, TurnRunner, Workers};

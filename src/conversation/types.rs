@@ -70,6 +70,12 @@ pub struct Usage {
 }
 
 impl Usage {
+    /// Whether the endpoint said anything of it (a reply cut before its
+    /// last chunk reports nothing).
+    pub fn reported(&self) -> bool {
+        self.prompt_tokens > 0 || self.completion_tokens > 0 || self.cost > 0.0
+    }
+
     pub fn add(&mut self, other: Usage) {
         self.prompt_tokens += other.prompt_tokens;
         self.completion_tokens += other.completion_tokens;
@@ -136,6 +142,8 @@ pub struct Message {
     /// Which model wrote an assistant message, and what it cost.
     pub model: Option<String>,
     pub usage: Option<Usage>,
+    /// An answer the person stopped midway: its text is what was shown.
+    pub stopped: bool,
 }
 
 impl Message {
@@ -238,6 +246,8 @@ pub enum TurnEvent {
     },
     /// The final answer of the turn.
     Answer(String),
+    /// The person stopped the turn; what was shown of the answer is kept.
+    Stopped,
     /// Something the user should know that did not stop the turn.
     Warning(String),
     /// The turn could not finish; the sentence says why and what to do.

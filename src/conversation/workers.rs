@@ -48,12 +48,28 @@ pub struct Stopped {
 #[async_trait]
 pub trait TurnRunner: Send + Sync + 'static {
     /// Answers one input. `resumed` is true for an input kept from before a
-    /// restart.
-    async fn run(&self, conversation: &str, input: Inbound, resumed: bool);
+    /// restart. `stop` is cancelled when someone stops the turn: the runner
+    /// hands it to the engine, which ends the turn cleanly.
+    async fn run(&self, conversation: &str, input: Inbound, resumed: bool, stop: CancellationToken);
     /// The turn for `input` panicked (a bug): say so in the conversation.
     async fn crashed(&self, conversation: &str, input: &Inbound);
     /// Shutdown stopped this conversation's work: say so in it.
     async fn stopped(&self, conversation: &str, stopped: Stopped);
+}
+
+/// A running turn: what stops it, and whose input it answers.
+#[derive(Debug)]
+struct Running {
+    stop: CancellationToken,
+    turn: RunningTurn,
+}
+
+/// Which input a conversation's running turn answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunningTurn {
+    pub position: u64,
+    /// Who sent the input (who may stop the turn, besides admins).
+    pub author: u64,
 }
 
 /// One input waiting for its turn.
@@ -72,8 +88,8 @@ struct Slot {
     arriving: BTreeMap<u64, usize>,
     /// Whether a worker task runs for this conversation.
     worker: bool,
-    /// Cancels the running turn.
-    running: Option<CancellationToken>,
+    /// The running turn.
+    running: Option<Running>,
     /// Wakes the worker when an arrival ends.
     wake: Arc<Notify>,
 }
@@ -199,12 +215,23 @@ impl Workers {
         Ok(count)
     }
 
-    /// Stops the running turn of `conversation`, if any; its inputs still
-    /// waiting are answered after it. Returns whether a turn was running.
-    pub fn stop_turn(&self, conversation: &str) -> bool {
+    /// The running turn of `conversation`, if any.
+    pub fn running(&self, conversation: &str) -> Option<RunningTurn> {
         let slots = self.shared.slots.lock().expect("slots poisoned");
-        let running = slots.get(conversation).and_then(|s| s.running.as_ref());
-        running.inspect(|token| token.cancel()).is_some()
+        slots.get(conversation)?.running.as_ref().map(|r| r.turn)
+    }
+
+    /// Stops the running turn of `conversation` (only when it answers
+    /// `position`, if given): the engine ends it cleanly, keeping what was
+    /// shown. Inputs still waiting are answered after it. Returns whether
+    /// a turn was stopped.
+    pub fn stop_turn(&self, conversation: &str, position: Option<u64>) -> bool {
+        let slots = self.shared.slots.lock().expect("slots poisoned");
+        let running = slots
+            .get(conversation)
+            .and_then(|s| s.running.as_ref())
+            .filter(|r| position.is_none_or(|p| p == r.turn.position));
+        running.inspect(|r| r.stop.cancel()).is_some()
     }
 
     /// How many conversations have a worker or waiting input.
@@ -314,7 +341,13 @@ impl Worker {
             Some(_) => {
                 let (_, job) = slot.waiting.pop_first().expect("checked above");
                 let stop = CancellationToken::new();
-                slot.running = Some(stop.clone());
+                slot.running = Some(Running {
+                    stop: stop.clone(),
+                    turn: RunningTurn {
+                        position: job.input.position,
+                        author: job.input.author,
+                    },
+                });
                 return Next::Run(job, stop);
             }
         };
@@ -331,11 +364,12 @@ impl Worker {
 
     async fn run(&self, job: Job, stop: CancellationToken) {
         let conversation = self.conversation.as_str();
-        let turn = AssertUnwindSafe(
-            self.runner
-                .run(conversation, job.input.clone(), job.resumed),
-        )
-        .catch_unwind();
+        let turn =
+            AssertUnwindSafe(
+                self.runner
+                    .run(conversation, job.input.clone(), job.resumed, stop),
+            )
+            .catch_unwind();
         tokio::select! {
             result = turn => {
                 if let Err(panic) = result {
@@ -347,14 +381,6 @@ impl Worker {
                         tracing::warn!(conversation, %error, "could not forget the input of a turn that panicked");
                     }
                     self.runner.crashed(conversation, &job.input).await;
-                }
-            }
-            () = stop.cancelled() => {
-                tracing::info!(conversation, "the running turn was stopped");
-                // Stopped on purpose (a reset): not answered after a restart
-                // either, should it not have reached the history yet.
-                if let Err(error) = self.store.drop_input(conversation, job.input.position).await {
-                    tracing::warn!(conversation, %error, "could not forget the input of a stopped turn");
                 }
             }
             () = self.shared.cut.cancelled() => {

@@ -183,6 +183,23 @@ impl Approver for Buttons {
 }
 
 impl Buttons {
+    /// Marks the questions still open when the turn ended (it was stopped
+    /// while they waited) as withdrawn, without their buttons.
+    pub async fn withdraw_open(&self) {
+        let open: Vec<(u64, String)> = self.lock_asked().drain().map(|(_, q)| q).collect();
+        for (message, content) in open {
+            let edit = json!({"content": format!("{content}\n⏹️ Withdrawn: the turn was stopped."), "components": []});
+            if let Err(error) = self
+                .surface
+                .rest
+                .edit_message(self.channel, message, edit)
+                .await
+            {
+                tracing::warn!(%error, "could not withdraw an approval question");
+            }
+        }
+    }
+
     fn lock_asked(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u64, String)>> {
         self.asked.lock().expect("asked poisoned")
     }

@@ -1,4 +1,4 @@
-//! Slash commands (/reset, /model, /tools, /usage) and /model's
+//! Slash commands (/reset, /stop, /model, /tools, /usage) and /model's
 //! autocomplete. None of them waits for a running turn.
 
 use std::collections::BTreeMap;
@@ -7,18 +7,19 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde_json::{Value, json};
 use serenity::all::{CommandDataOptionValue, CommandInteraction};
 
-use super::Bot;
 use super::access::Place;
 use super::inbound::conversation_of;
-use super::protocol::{MAX_CHOICE_CHARS, MAX_CHOICES, command, response};
+use super::protocol::{MAX_CHOICE_CHARS, MAX_CHOICES, command, flags, response};
 use super::render::MAX_MESSAGE_CHARS;
 use super::rest::RestError;
+use super::{Bot, controls};
 use crate::conversation::UsageTotals;
 
 /// The commands, as registered with Discord.
 pub fn definitions() -> Value {
     json!([
         {"name": "reset", "description": "Start this conversation over", "type": command::CHAT_INPUT},
+        {"name": "stop", "description": "Stop the answer being written here", "type": command::CHAT_INPUT},
         {"name": "model", "description": "Show or change this conversation's model", "type": command::CHAT_INPUT,
          "options": [{"name": "model", "description": "A model that supports tools", "type": command::STRING_OPTION,
                       "required": false, "autocomplete": true}]},
@@ -31,6 +32,9 @@ pub fn definitions() -> Value {
 /// three seconds), then the reply.
 pub async fn run(bot: &Bot, command: &CommandInteraction) -> Result<(), RestError> {
     let rest = &bot.surface.rest;
+    if command.data.name == "stop" {
+        return stop(bot, command).await;
+    }
     let deferred = json!({"type": response::DEFERRED_MESSAGE});
     rest.respond(command.id.get(), &command.token, deferred)
         .await?;
@@ -45,7 +49,35 @@ pub async fn run(bot: &Bot, command: &CommandInteraction) -> Result<(), RestErro
     .await
 }
 
-async fn reply(bot: &Bot, command: &CommandInteraction) -> anyhow::Result<String> {
+/// Who used a command, and where.
+struct Caller {
+    conversation: String,
+    user: u64,
+    guild: Option<u64>,
+    admin: bool,
+}
+
+/// `/stop`: answered at once, and only to the caller unless it stopped
+/// something.
+async fn stop(bot: &Bot, command: &CommandInteraction) -> Result<(), RestError> {
+    let (content, public) = match caller(bot, command).await {
+        Ok(caller) => controls::stop(bot, &caller.conversation, None, caller.user, caller.admin)
+            .reply(caller.user),
+        Err(error) => (format!("❌ {error}"), false),
+    };
+    let mut data = json!({"content": content, "allowed_mentions": {"parse": []}});
+    if !public {
+        data["flags"] = flags::EPHEMERAL.into();
+    }
+    let body = json!({"type": response::MESSAGE, "data": data});
+    bot.surface
+        .rest
+        .respond(command.id.get(), &command.token, body)
+        .await
+}
+
+/// The caller, once they may use the bot here.
+async fn caller(bot: &Bot, command: &CommandInteraction) -> anyhow::Result<Caller> {
     let surface = &bot.surface;
     let channel = command.channel_id.get();
     let conversation = conversation_of(channel);
@@ -69,9 +101,25 @@ async fn reply(bot: &Bot, command: &CommandInteraction) -> anyhow::Result<String
     if !surface.access.allows(&place) && !admin {
         anyhow::bail!("You are not allowed to use this bot here.");
     }
+    Ok(Caller {
+        conversation,
+        user,
+        guild,
+        admin,
+    })
+}
+
+async fn reply(bot: &Bot, command: &CommandInteraction) -> anyhow::Result<String> {
+    let surface = &bot.surface;
+    let Caller {
+        conversation,
+        guild,
+        admin,
+        ..
+    } = caller(bot, command).await?;
     match command.data.name.as_str() {
         "reset" => {
-            let stopped = bot.workers.stop_turn(&conversation);
+            let stopped = bot.workers.stop_turn(&conversation, None);
             surface.engine.reset(&conversation).await?;
             let mut text = "🧹 This conversation starts over: its history is cleared and its tool sessions are closed.".to_owned();
             if stopped {

@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use serenity::all::{Context, EventHandler, Interaction, Message as DiscordMessage, Ready};
 
 use super::inbound::{self, conversation_of};
-use super::{Bot, approvals, commands, health};
+use super::{Bot, approvals, commands, controls, health};
 use crate::conversation::Accepted;
 
 /// serenity's handler: it gets `&self`, and the parts need an owned `Arc`.
@@ -77,6 +77,11 @@ impl EventHandler for Handler {
         let result = match &interaction {
             Interaction::Command(command) => commands::run(bot, command).await,
             Interaction::Autocomplete(command) => commands::autocomplete(bot, command).await,
+            Interaction::Component(press)
+                if press.data.custom_id.starts_with(controls::STOP_PREFIX) =>
+            {
+                controls::press(bot, press).await
+            }
             Interaction::Component(press) => approvals::press(&bot.surface, press).await,
             _ => Ok(()),
         };

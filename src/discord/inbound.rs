@@ -3,7 +3,7 @@
 //! fetched when its turn starts.
 
 use serde_json::Value;
-use serenity::all::Message as DiscordMessage;
+use serenity::all::{Message as DiscordMessage, MessageType};
 
 use super::Surface;
 use super::access::Place;
@@ -44,6 +44,11 @@ pub struct RouteError(String);
 /// else's thread, a turn there). A failure matters only for
 /// a message meant for the bot: for the rest it is logged, never answered.
 pub async fn route(surface: &Surface, msg: &DiscordMessage) -> Result<Option<Target>, RouteError> {
+    // Joins, pins, boosts and the like are Discord's own notes, never meant
+    // for the bot (in an auto-thread channel they would open threads).
+    if !matches!(msg.kind, MessageType::Regular | MessageType::InlineReply) {
+        return Ok(None);
+    }
     let me = surface.me();
     let channel = msg.channel_id.get();
     let roles = super::role_ids(msg.member.as_deref().map(|m| m.roles.as_slice()));

@@ -16,6 +16,7 @@
 pub mod access;
 mod approvals;
 mod commands;
+mod controls;
 mod handler;
 pub mod health;
 mod inbound;

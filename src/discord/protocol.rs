@@ -20,6 +20,8 @@ pub mod component {
 
 /// Button styles.
 pub mod button {
+    /// Grey.
+    pub const SECONDARY: u8 = 2;
     /// Green.
     pub const SUCCESS: u8 = 3;
     /// Red.

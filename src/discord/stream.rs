@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::json;
+use serde_json::{Value, json};
 
 use super::render::{MAX_MESSAGE_CHARS, split_message};
 use super::rest::Rest;
@@ -36,28 +36,39 @@ impl Throttle {
     }
 }
 
+/// What one posted message shows now.
+#[derive(Debug)]
+struct Shown {
+    id: u64,
+    text: String,
+    controls: bool,
+}
+
 /// An answer being streamed into one or more messages.
 #[derive(Debug)]
 pub struct Answer {
     channel: u64,
     pub text: String,
-    /// Posted messages and what each shows now.
-    posted: Vec<(u64, String)>,
+    /// Buttons its messages carry while the turn runs (Stop); `None` once
+    /// it is over.
+    pub controls: Option<Value>,
+    posted: Vec<Shown>,
     throttle: Throttle,
 }
 
 impl Answer {
-    pub fn new(channel: u64, interval: Duration) -> Self {
+    pub fn new(channel: u64, interval: Duration, controls: Option<Value>) -> Self {
         Answer {
             channel,
             text: String::new(),
+            controls,
             posted: Vec::new(),
             throttle: Throttle::new(interval),
         }
     }
 
-    /// Brings the messages up to date with `text`; unless `now`, at most
-    /// once per interval.
+    /// Brings the messages up to date with `text` and `controls`; unless
+    /// `now`, at most once per interval.
     pub async fn flush(&mut self, rest: &Rest, now: bool) {
         if self.text.trim().is_empty() {
             return;
@@ -65,23 +76,39 @@ impl Answer {
         if !self.throttle.ready(Instant::now()) && !now {
             return;
         }
+        let controls = self.controls.is_some();
+        let components = self.controls.clone().unwrap_or_else(|| json!([]));
         for (i, part) in split_message(&self.text, MAX_MESSAGE_CHARS)
             .into_iter()
             .enumerate()
         {
             let result = match self.posted.get_mut(i) {
-                Some((_, shown)) if *shown == part => Ok(()),
-                Some((id, shown)) => {
+                Some(shown) if shown.text == part && shown.controls == controls => Ok(()),
+                Some(shown) => {
                     let result = rest
-                        .edit_message(self.channel, *id, json!({"content": part}))
+                        .edit_message(
+                            self.channel,
+                            shown.id,
+                            json!({"content": part, "components": components}),
+                        )
                         .await;
-                    *shown = part;
+                    shown.text = part;
+                    shown.controls = controls;
                     result
                 }
                 None => rest
-                    .create_message(self.channel, json!({"content": part}))
+                    .create_message(
+                        self.channel,
+                        json!({"content": part, "components": components}),
+                    )
                     .await
-                    .map(|id| self.posted.push((id, part))),
+                    .map(|id| {
+                        self.posted.push(Shown {
+                            id,
+                            text: part,
+                            controls,
+                        })
+                    }),
             };
             if let Err(error) = result {
                 tracing::warn!(%error, "could not show the answer");

@@ -7,18 +7,21 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use serde_json::json;
+use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::Surface;
 use super::approvals::{Buttons, Post};
 use super::inbound::{self, channel_of};
 use super::protocol::TYPING_LASTS_SECS;
 use super::render::{notice_finished, notice_started};
 use super::rest::Attachment;
 use super::stream::Answer;
+use super::{Surface, controls};
 use crate::conversation::{Inbound, Stopped, TimedApprover, TurnEvent, TurnInput, TurnRunner};
+
+/// Ends an answer the person stopped (Discord's small grey text).
+const STOPPED_MARK: &str = "\n-# ⏹️ stopped";
 
 /// The typing indicator is renewed a little before it runs out.
 const TYPING_EVERY: Duration = Duration::from_secs(TYPING_LASTS_SECS - 2);
@@ -28,7 +31,13 @@ pub struct Turns(pub Arc<Surface>);
 
 #[async_trait]
 impl TurnRunner for Turns {
-    async fn run(&self, conversation: &str, input: Inbound, resumed: bool) {
+    async fn run(
+        &self,
+        conversation: &str,
+        input: Inbound,
+        resumed: bool,
+        stop: CancellationToken,
+    ) {
         let surface = &self.0;
         let Some(channel) = channel_of(conversation) else {
             tracing::warn!(
@@ -63,8 +72,12 @@ impl TurnRunner for Turns {
                 max_bytes: surface.config.image_max_bytes,
                 per_message: surface.config.images_per_message,
             };
-            let (message, notices) =
-                inbound::prepare(&surface.rest, &input, reads_images, &caps).await;
+            // A stop while files are fetched still goes through the engine,
+            // which then forgets the input.
+            let (message, notices) = tokio::select! {
+                prepared = inbound::prepare(&surface.rest, &input, reads_images, &caps) => prepared,
+                () = stop.cancelled() => Default::default(),
+            };
             for notice in notices {
                 let _ = events.send(TurnEvent::Warning(notice));
             }
@@ -81,15 +94,18 @@ impl TurnRunner for Turns {
             let turn = TurnInput {
                 message,
                 kept: Some(input.position),
+                stop,
             };
             // A failure is an error event too, and is logged by the engine.
             let _ = surface
                 .engine
                 .run_turn(conversation, turn, &events, &approver)
                 .await;
+            approver.inner.withdraw_open().await;
             drop(events);
         };
-        let ((), ()) = tokio::join!(run, render(surface, channel, received, questions));
+        let controls = controls::stop_row(input.position);
+        let ((), ()) = tokio::join!(run, render(surface, channel, received, questions, controls));
     }
 
     async fn crashed(&self, conversation: &str, _input: &Inbound) {
@@ -148,10 +164,13 @@ async fn render(
     channel: u64,
     mut events: mpsc::UnboundedReceiver<TurnEvent>,
     mut questions: mpsc::UnboundedReceiver<Post>,
+    stop_row: Value,
 ) {
     let rest = &surface.rest;
     let interval = surface.config.stream_interval;
-    let mut answer = Answer::new(channel, interval);
+    // The Stop button, on the turn's messages while it runs.
+    let mut controls = Some(stop_row);
+    let mut answer = Answer::new(channel, interval, controls.clone());
     // Per call: its notice and the arguments it showed.
     let mut notices: HashMap<String, (u64, String)> = HashMap::new();
     let mut tick = tokio::time::interval(interval);
@@ -183,13 +202,17 @@ async fn render(
                 arguments,
             } => {
                 answer.flush(rest, true).await;
-                answer = Answer::new(channel, interval);
+                answer = Answer::new(channel, interval, controls.clone());
                 let content = notice_started(&name, &arguments);
-                rest.create_message(channel, json!({"content": content}))
-                    .await
-                    .map(|id| {
-                        notices.insert(call_id, (id, arguments));
-                    })
+                let components = controls.clone().unwrap_or_else(|| json!([]));
+                rest.create_message(
+                    channel,
+                    json!({"content": content, "components": components}),
+                )
+                .await
+                .map(|id| {
+                    notices.insert(call_id, (id, arguments));
+                })
             }
             TurnEvent::ToolFinished {
                 call_id,
@@ -203,8 +226,12 @@ async fn render(
                 let content = notice_finished(&name, arguments, ok, &summary);
                 let mut result = match notice {
                     Some((id, _)) => {
-                        rest.edit_message(channel, id, json!({"content": content}))
-                            .await
+                        rest.edit_message(
+                            channel,
+                            id,
+                            json!({"content": content, "components": []}),
+                        )
+                        .await
                     }
                     None => rest
                         .create_message(channel, json!({"content": content}))
@@ -226,9 +253,22 @@ async fn render(
                 result
             }
             TurnEvent::Answer(text) => {
+                controls = None;
                 answer.text = text;
+                answer.controls = None;
                 answer.flush(rest, true).await;
-                answer = Answer::new(channel, interval);
+                answer = Answer::new(channel, interval, None);
+                Ok(())
+            }
+            TurnEvent::Stopped => {
+                // What was shown stays, without the button, marked.
+                controls = None;
+                answer.controls = None;
+                if !answer.text.trim().is_empty() {
+                    answer.text.push_str(STOPPED_MARK);
+                }
+                answer.flush(rest, true).await;
+                answer = Answer::new(channel, interval, None);
                 Ok(())
             }
             TurnEvent::Warning(warning) => rest
@@ -244,5 +284,12 @@ async fn render(
             tracing::warn!(%error, channel, "could not show a turn event");
         }
     }
+    answer.controls = None;
     answer.flush(rest, true).await;
+    // Notices of calls that never finished (a failed turn) lose the button.
+    for (id, _) in notices.into_values() {
+        let _ = rest
+            .edit_message(channel, id, json!({"components": []}))
+            .await;
+    }
 }

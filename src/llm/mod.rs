@@ -39,6 +39,8 @@ const RETRY_AFTER_MAX: Duration = Duration::from_secs(60);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a failed catalogue fetch is remembered before trying again.
 const CATALOGUE_RETRY: Duration = Duration::from_secs(300);
+/// A cost lookup of a cut reply: small, and never worth a long wait.
+const GENERATION_LOOKUP_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// The model catalogue, keyed by model id.
 #[derive(Debug, Default)]
@@ -482,7 +484,7 @@ impl ChatModel for OpenRouter {
             .http
             .get(url)
             .bearer_auth(self.api_key.expose())
-            .timeout(self.timeout)
+            .timeout(self.timeout.min(GENERATION_LOOKUP_TIMEOUT))
             .send()
             .await;
         let response = match response {

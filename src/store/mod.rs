@@ -57,6 +57,7 @@ struct MessageRow {
     cache_write_tokens: Option<i64>,
     author_id: Option<i64>,
     author_name: Option<String>,
+    stopped: bool,
 }
 
 /// `SELECT` of the sums `totals` reads, in this order, over billed rows `m`.
@@ -407,6 +408,7 @@ impl MessageRow {
             model: self.model,
             usage,
             author,
+            stopped: self.stopped,
         })
     }
 }
@@ -442,7 +444,7 @@ impl Store for SqliteStore {
         let rows: Vec<MessageRow> = sqlx::query_as(
             "SELECT role, content, images, tool_calls, tool_call_id, reasoning, reasoning_details,
                     model, prompt_tokens, completion_tokens, cost, cached_tokens, cache_write_tokens,
-                    author_id, author_name
+                    author_id, author_name, stopped
              FROM messages WHERE conversation = ?1 ORDER BY id",
         )
         .bind(conversation)
@@ -676,7 +678,7 @@ impl SqliteStore {
         let mut insert = QueryBuilder::<Sqlite>::new(
             "INSERT INTO messages (conversation, role, content, images, tool_calls, tool_call_id,
                 reasoning, reasoning_details, model, prompt_tokens, completion_tokens, cost,
-                cached_tokens, cache_write_tokens, author_id, author_name, created_at) ",
+                cached_tokens, cache_write_tokens, author_id, author_name, stopped, created_at) ",
         );
         insert.push_values(messages, |mut row, message| {
             let usage = message.usage;
@@ -704,6 +706,7 @@ impl SqliteStore {
                 .push_bind(usage.map(|u| u.cache_write_tokens as i64))
                 .push_bind(message.author.as_ref().map(|a| a.id as i64))
                 .push_bind(message.author.as_ref().map(|a| a.name.as_str()))
+                .push_bind(message.stopped)
                 .push_bind(now);
         });
         insert.build().execute(&mut *connection).await.map_err(db)?;

@@ -235,6 +235,7 @@ async fn an_interactive_chat_asks_before_calls_that_need_approval() {
         "terminal:ask",
         input,
         mcpcord::terminal::Approvals::Ask,
+        &mut tokio::sync::mpsc::unbounded_channel().1,
         &mut out,
         &mut err,
     )

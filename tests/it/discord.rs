@@ -435,7 +435,11 @@ async fn approvals_are_granted_denied_timed_out_and_guarded() {
                 asked = discord
                     .posts(thread)
                     .into_iter()
-                    .filter(|p| p["components"].is_array())
+                    .filter(|p| {
+                        p["components"][0]["components"][0]["custom_id"]
+                            .as_str()
+                            .is_some_and(|id| id.starts_with("approve:"))
+                    })
                     .collect();
                 assert!(std::time::Instant::now() < deadline, "no approval question");
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
@@ -539,6 +543,10 @@ async fn every_message_in_an_auto_thread_channel_opens_a_thread_without_a_mentio
     .await;
     let first = 555_000_000_000_000_001;
     say(&discord, first, elsewhere, ALICE, "not here");
+    // Discord's own notes (here: a member joined) open no thread.
+    let mut joined = discord.message(first - 1, CHANNEL, ALICE, "", false);
+    joined["type"] = 7.into();
+    discord.dispatch("MESSAGE_CREATE", joined);
     say(&discord, first + 1, CHANNEL, ALICE, "help me plan a trip");
     let thread = discord
         .wait_for("a thread", |c| {
@@ -559,6 +567,12 @@ async fn every_message_in_an_auto_thread_channel_opens_a_thread_without_a_mentio
     bot.stop().await;
     assert_eq!(model.requests().len(), 2);
     assert!(!model_saw(&model, "not here"));
+    let threads = discord
+        .calls()
+        .into_iter()
+        .filter(|c| c.path.ends_with("/threads"))
+        .count();
+    assert_eq!(threads, 1, "only the real message opened a thread");
 }
 
 #[tokio::test]

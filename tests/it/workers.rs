@@ -14,6 +14,7 @@ use mcpcord::conversation::{
     Stopped, TimedApprover, TurnEvent, TurnInput, TurnRunner, Workers,
 };
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 const GRACE: Duration = Duration::from_secs(30);
 
@@ -36,7 +37,13 @@ struct Runner {
 
 #[async_trait]
 impl TurnRunner for Runner {
-    async fn run(&self, conversation: &str, input: Inbound, resumed: bool) {
+    async fn run(
+        &self,
+        conversation: &str,
+        input: Inbound,
+        resumed: bool,
+        stop: CancellationToken,
+    ) {
         if let Some(gate) = self.before.get(&input.text) {
             gate.pass().await;
         }
@@ -44,6 +51,7 @@ impl TurnRunner for Runner {
         let turn = TurnInput {
             message: mcpcord::conversation::Message::user(input.text.clone()),
             kept: Some(input.position),
+            stop,
         };
         let _ = self
             .engine
@@ -343,9 +351,10 @@ async fn a_stopped_turn_lets_the_next_input_go_on() {
     s.workers.accept("c", input(1, "long")).await.unwrap();
     s.workers.accept("c", input(2, "short")).await.unwrap();
     gate.reached().await;
-    assert!(s.workers.stop_turn("c"));
-    assert_eq!(s.seen(1).await, [ran("short")]);
-    assert!(!s.workers.stop_turn("c"), "nothing runs any more");
+    assert!(!s.workers.stop_turn("c", Some(2)), "not the running turn");
+    assert!(s.workers.stop_turn("c", Some(1)));
+    assert_eq!(s.seen(2).await, [ran("long"), ran("short")]);
+    assert!(!s.workers.stop_turn("c", None), "nothing runs any more");
     assert_eq!(s.store.user_texts("c"), ["long", "short"]);
 }
 
