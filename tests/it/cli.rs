@@ -279,3 +279,61 @@ async fn invalid_utf8_and_unknown_commands_do_not_end_the_chat() {
     assert_eq!(requests[1]["messages"][2]["content"], "second");
     assert_eq!(requests[1]["model"], "test/tools");
 }
+
+/// Reads `out` until what was read ends with `wanted`; returns it all.
+fn read_until(out: &mut impl std::io::Read, wanted: &str) -> String {
+    let mut seen = Vec::new();
+    let mut byte = [0u8; 1];
+    while !String::from_utf8_lossy(&seen).ends_with(wanted) {
+        assert_eq!(
+            out.read(&mut byte).unwrap(),
+            1,
+            "the output ended: {seen:?}"
+        );
+        seen.push(byte[0]);
+    }
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
+fn interrupt(child: &Child) {
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn ctrl_c_stops_the_turn_and_a_second_one_while_idle_ends_the_chat() {
+    let model = FakeModel::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    support::write_mcp(dir.path(), json!({}));
+    model.script([
+        Reply::Stall("Let me think about".into()),
+        text("Still here."),
+    ]);
+    let mut child = command(&model, dir.path()).arg("chat").spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let child = tokio::task::spawn_blocking(move || {
+        stdin.write_all(b"tell me everything\n").unwrap();
+        read_until(&mut out, "Let me think about");
+        interrupt(&child);
+        read_until(&mut out, "(stopped)\n");
+        // The chat goes on, and the stopped answer is part of it.
+        stdin.write_all(b"are you there?\n").unwrap();
+        read_until(&mut out, "Still here.\n");
+        interrupt(&child);
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(child.status.success(), "{}", stderr(&child));
+    let requests = model.requests();
+    assert_eq!(requests.len(), 2);
+    let sent: Vec<&serde_json::Value> =
+        requests[1]["messages"].as_array().unwrap().iter().collect();
+    assert_eq!(sent[1]["role"], "assistant");
+    assert_eq!(sent[1]["content"], "Let me think about");
+    assert!(model.rejected().is_empty(), "{:?}", model.rejected());
+}

@@ -1251,3 +1251,237 @@ async fn a_broken_database_does_not_make_the_bot_answer_where_nobody_asked() {
     assert_eq!(errors.len(), 1, "only the mention is answered: {errors:?}");
     assert!(model.requests().is_empty());
 }
+
+/// A press of the button `custom_id` by `user` under a bot message.
+fn press(discord: &FakeDiscord, id: u64, channel: u64, user: u64, custom_id: &str) -> Value {
+    let data = json!({"custom_id": custom_id, "component_type": 2});
+    let message = json!({"id": "1", "channel_id": channel.to_string(), "author": support::discord::user(BOT, "mcpcord", true),
+        "content": "", "timestamp": "2026-11-26T12:00:00+00:00", "edited_timestamp": null, "tts": false,
+        "mention_everyone": false, "mentions": [], "mention_roles": [], "attachments": [], "embeds": [], "pinned": false, "type": 0});
+    discord.interaction(id, 3, channel, user, data, Some(message))
+}
+
+/// The custom id of the first button of a posted message.
+fn first_button(post: &Value) -> Option<&str> {
+    post["components"][0]["components"][0]["custom_id"].as_str()
+}
+
+#[tokio::test]
+async fn stop_cancels_a_running_tool_call_and_keeps_a_partial_answer() {
+    let discord = FakeDiscord::start().await;
+    let model = FakeModel::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("hang.log");
+    support::write_mcp(
+        dir.path(),
+        json!({"h": support::hostile("hang", Some(log.to_str().unwrap()))}),
+    );
+    model.script([
+        call("c1", "h__hang", "{}"),
+        text("Back again."),
+        call("c2", "h__hang", "{}"),
+        Reply::Stall("Here is the first half of".into()),
+        text("Fine."),
+    ]);
+    let bot = start(&discord, &model, dir.path(), &[]).await;
+    let thread = 660_000_000_000_000_001;
+    let callback = |id: u64| format!("/interactions/{id}/token-{id}/callback");
+
+    // The tool's notice carries Stop while the call runs.
+    mention(&discord, thread, "wait for it");
+    let notice = discord
+        .wait_for("the notice with Stop", |c| {
+            c.path == format!("/channels/{thread}/messages")
+                && c.body["content"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("h › hang")
+        })
+        .await;
+    let stop = first_button(&notice.body).unwrap().to_owned();
+    assert_eq!(stop, format!("stop:{thread}"));
+    let is_question = |c: &support::discord::Call| {
+        first_button(&c.body).is_some_and(|b| b.starts_with("approve:"))
+    };
+    // The custom id of Approve on the `n`th question.
+    let question = |n: usize| {
+        let discord = discord.clone();
+        async move {
+            let asked = || {
+                discord
+                    .calls()
+                    .into_iter()
+                    .filter(is_question)
+                    .collect::<Vec<_>>()
+            };
+            discord
+                .wait_for("an approval question", |_| asked().len() >= n)
+                .await;
+            first_button(&asked()[n - 1].body).unwrap().to_owned()
+        }
+    };
+    let approve = question(1).await;
+    discord.dispatch(
+        "INTERACTION_CREATE",
+        press(&discord, 20, thread, ALICE, &approve),
+    );
+    let called = support::wait_for_line(&log, |l| l.starts_with("called ")).await;
+
+    // Bob did not ask and is no admin: refused, only to him.
+    discord.dispatch(
+        "INTERACTION_CREATE",
+        press(&discord, 21, thread, BOB, &stop),
+    );
+    let refused = discord
+        .wait_for("Bob's refusal", |c| c.path == callback(21))
+        .await;
+    assert_eq!(refused.body["data"]["flags"], 64);
+    assert!(
+        refused.body["data"]["content"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("<@{ALICE}>")),
+        "{refused:?}"
+    );
+    discord.dispatch(
+        "INTERACTION_CREATE",
+        press(&discord, 22, thread, ALICE, &stop),
+    );
+    let stopped = discord
+        .wait_for("Alice's stop", |c| c.path == callback(22))
+        .await;
+    assert_eq!(
+        stopped.body["data"]["flags"],
+        Value::Null,
+        "said to everyone"
+    );
+    let finished = discord
+        .wait_for("the notice marked interrupted", |c| {
+            c.method == "PATCH"
+                && c.body["content"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("interrupted by the user")
+        })
+        .await;
+    assert_eq!(finished.body["components"], json!([]), "the button is gone");
+
+    // The next turn is accepted by the strict model, with the call's result.
+    say(&discord, thread + 1, thread, ALICE, "are you there?");
+    discord
+        .wait_for("the next answer", |c| c.body["content"] == "Back again.")
+        .await;
+    let requests = model.requests();
+    assert_eq!(
+        requests.len(),
+        2,
+        "nothing more was asked in the stopped turn"
+    );
+    assert!(support::tool_results(&requests[1])[0].contains("interrupted by the user"));
+    assert!(model.rejected().is_empty(), "{:?}", model.rejected());
+
+    // Stop while an approval is asked: the question is withdrawn.
+    say(&discord, thread + 2, thread, ALICE, "once more");
+    question(2).await;
+    let stop = format!("stop:{}", thread + 2);
+    discord.dispatch(
+        "INTERACTION_CREATE",
+        press(&discord, 26, thread, ALICE, &stop),
+    );
+    let withdrawn = discord
+        .wait_for("the question withdrawn", |c| {
+            c.method == "PATCH"
+                && c.body["content"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("Withdrawn")
+        })
+        .await;
+    assert_eq!(withdrawn.body["components"], json!([]));
+    assert_eq!(
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .matches("called")
+            .count(),
+        1,
+        "the unapproved call never ran"
+    );
+
+    // /stop while the answer streams: what was shown is kept, marked.
+    say(&discord, thread + 3, thread, ALICE, "tell me a long story");
+    discord
+        .wait_for("the partial answer", |c| {
+            c.body["content"] == "Here is the first half of"
+                && first_button(&c.body) == Some(&format!("stop:{}", thread + 3))
+        })
+        .await;
+    let command = json!({"id": "1", "name": "stop", "type": 1});
+    discord.dispatch(
+        "INTERACTION_CREATE",
+        discord.interaction(23, 2, thread, BOB, command.clone(), None),
+    );
+    let refused = discord
+        .wait_for("Bob's /stop", |c| c.path == callback(23))
+        .await;
+    assert_eq!(refused.body["data"]["flags"], 64);
+    discord.dispatch(
+        "INTERACTION_CREATE",
+        discord.interaction(24, 2, thread, ALICE, command.clone(), None),
+    );
+    discord
+        .wait_for("Alice's /stop", |c| c.path == callback(24))
+        .await;
+    let marked = discord
+        .wait_for("the answer marked stopped", |c| {
+            c.method == "PATCH"
+                && c.body["content"]
+                    .as_str()
+                    .unwrap_or("")
+                    .ends_with("stopped")
+        })
+        .await;
+    assert!(
+        marked.body["content"]
+            .as_str()
+            .unwrap()
+            .starts_with("Here is the first half of")
+    );
+    assert_eq!(marked.body["components"], json!([]));
+    discord.dispatch(
+        "INTERACTION_CREATE",
+        discord.interaction(25, 2, thread, ALICE, command, None),
+    );
+    let nothing = discord
+        .wait_for("/stop when idle", |c| c.path == callback(25))
+        .await;
+    assert_eq!(nothing.body["data"]["flags"], 64);
+
+    say(&discord, thread + 4, thread, ALICE, "go on");
+    discord
+        .wait_for("the answer after", |c| c.body["content"] == "Fine.")
+        .await;
+    let sent = &model.requests()[4]["messages"];
+    let partial = sent
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["role"] == "assistant" && m["content"].is_string())
+        .map(|m| m["content"].clone());
+    assert!(
+        sent.as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["content"] == "Here is the first half of"),
+        "the partial answer is in the history: {partial:?}"
+    );
+    assert!(model.rejected().is_empty(), "{:?}", model.rejected());
+    bot.stop().await;
+
+    // The server was told: the call it got was cancelled.
+    let log = std::fs::read_to_string(&log).unwrap();
+    let called = called.strip_prefix("called ").unwrap();
+    assert!(
+        log.lines().any(|l| l == format!("cancelled {called}")),
+        "{log}"
+    );
+}

@@ -4,7 +4,7 @@
 use crate::support;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use mcpcord::config::Limits;
@@ -12,24 +12,7 @@ use mcpcord::conversation::ToolHost;
 use mcpcord::mcp::{self, McpHost, config};
 use serde_json::{Value, json};
 
-/// The Python interpreter itself, not a shim script that adds variables.
-fn python() -> &'static str {
-    static PYTHON: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    PYTHON.get_or_init(|| {
-        let output = Command::new("python3")
-            .args(["-c", "import sys; print(sys.executable)"])
-            .output()
-            .expect("python3 runs");
-        String::from_utf8(output.stdout).unwrap().trim().to_owned()
-    })
-}
-
-fn hostile(mode: &str, arg: Option<&str>) -> Value {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/hostile_mcp.py");
-    let mut args = vec![script.display().to_string(), mode.to_owned()];
-    args.extend(arg.map(str::to_owned));
-    json!({"command": python(), "args": args})
-}
+use support::hostile;
 
 fn host(servers: Value, limits: Limits) -> McpHost {
     let text = json!({"mcpServers": servers}).to_string();

@@ -15,6 +15,8 @@ Modes:
   huge-result MB     the tool `big` answers with MB megabytes of text
   flood              sends 5,000 tools/list_changed notifications after initialize
   counted FILE       a well-behaved server that appends "start PID" and "end PID" to FILE
+  hang FILE          the tool `hang` never answers; appends "called ID" for each call and
+                     "cancelled ID" for each notifications/cancelled to FILE
 """
 
 import json
@@ -75,6 +77,8 @@ def tools_page(request):
         tools.append(tool("big", {"type": "object"}))
     if MODE == "env":
         tools.append(tool("env", {"type": "object"}))
+    if MODE == "hang":
+        tools.append(tool("hang", {"type": "object"}))
     return {"tools": tools}
 
 
@@ -103,9 +107,9 @@ def call(request):
     return {"content": [{"type": "text", "text": f"echo: {arguments.get('text', '')}"}]}
 
 
-def note(event):
+def note(event, what=None):
     with open(ARG, "a") as f:
-        f.write(f"{event} {os.getpid()}\n")
+        f.write(f"{event} {os.getpid() if what is None else what}\n")
 
 
 def main():
@@ -123,6 +127,8 @@ def main():
         except ValueError:
             continue
         method = request.get("method")
+        if MODE == "hang" and method == "notifications/cancelled":
+            note("cancelled", (request.get("params") or {}).get("requestId"))
         if "id" not in request or MODE == "never-init":
             continue
         if method == "initialize":
@@ -139,6 +145,8 @@ def main():
             page = tools_page(request)
             if page is not None:
                 answer(request, page)
+        elif method == "tools/call" and MODE == "hang" and request["params"]["name"] == "hang":
+            note("called", request["id"])
         elif method == "tools/call":
             answer(request, call(request))
         elif method == "ping":

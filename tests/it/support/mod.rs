@@ -958,3 +958,41 @@ pub fn wrapped(wrapper: &[&str], cmd: &std::process::Command) -> std::process::C
     }
     outer
 }
+
+/// The Python interpreter itself, not a shim script that adds variables.
+fn python() -> &'static str {
+    static PYTHON: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PYTHON.get_or_init(|| {
+        let output = std::process::Command::new("python3")
+            .args(["-c", "import sys; print(sys.executable)"])
+            .output()
+            .expect("python3 runs");
+        String::from_utf8(output.stdout).unwrap().trim().to_owned()
+    })
+}
+
+/// The MCP server entry of `tests/peers/hostile_mcp.py` in `mode`.
+pub fn hostile(mode: &str, arg: Option<&str>) -> Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/hostile_mcp.py");
+    let mut args = vec![script.display().to_string(), mode.to_owned()];
+    args.extend(arg.map(str::to_owned));
+    json!({"command": python(), "args": args})
+}
+
+/// Waits (up to 20 s) until a line of the file at `path` satisfies
+/// `wanted`, for what a server process writes as it goes; returns it.
+pub async fn wait_for_line(path: &Path, wanted: impl Fn(&str) -> bool) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if let Some(line) = text.lines().find(|l| wanted(l)) {
+            return line.to_owned();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting in {}: {text}",
+            path.display()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
