@@ -177,7 +177,7 @@ impl TurnRunner for Runner {
     ) {
         let (events, _received) = mpsc::unbounded_channel();
         let turn = TurnInput {
-            message: Message::user(input.text),
+            ask: mcpcord::conversation::Ask::New(Message::user(input.text)),
             kept: Some(input.position),
             stop,
         };
@@ -249,7 +249,7 @@ async fn main() {
             position: c as u64 + 1,
             author: 1,
             text: "What is 1 + 2?".into(),
-            attachments: Vec::new(),
+            ..Default::default()
         };
         let started = Instant::now();
         workers

@@ -11,7 +11,7 @@ use tokio::sync::{Mutex, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::conversation::{
-    ApprovalRequest, ApproveAll, Approver, Decision, DeclineAll, Engine, Message, TurnEvent,
+    ApprovalRequest, ApproveAll, Approver, Ask, Decision, DeclineAll, Engine, Message, TurnEvent,
     TurnInput,
 };
 
@@ -124,7 +124,7 @@ pub async fn run(
             continue;
         }
         let (word, rest) = line.split_once(char::is_whitespace).unwrap_or((line, ""));
-        match word {
+        let ask = match word {
             "/reset" if rest.trim().is_empty() => {
                 match engine.reset(conversation).await {
                     Ok(()) => writeln!(out, "(conversation cleared)")?,
@@ -132,6 +132,15 @@ pub async fn run(
                 }
                 continue;
             }
+            "/undo" if rest.trim().is_empty() => {
+                match engine.undo(conversation).await {
+                    Ok(true) => writeln!(out, "(the last exchange was removed)")?,
+                    Ok(false) => writeln!(out, "(nothing to undo)")?,
+                    Err(e) => writeln!(err, "error: {e}")?,
+                }
+                continue;
+            }
+            "/retry" if rest.trim().is_empty() => Ask::Again { of: None },
             "/model" => {
                 command_model(engine, conversation, rest.trim(), out, err).await?;
                 continue;
@@ -139,17 +148,17 @@ pub async fn run(
             _ if word.starts_with('/') && !word[1..].contains('/') => {
                 writeln!(
                     err,
-                    "error: there is no command {word}. Commands: /reset, /model [name]."
+                    "error: there is no command {word}. Commands: /reset, /retry, /undo, /model [name]."
                 )?;
                 continue;
             }
-            _ => {}
-        }
+            _ => Ask::New(Message::user(line)),
+        };
         let stop = CancellationToken::new();
         let turn = turn(
             engine,
             conversation,
-            line,
+            ask,
             approver.as_ref(),
             stop.clone(),
             out,
@@ -214,7 +223,7 @@ async fn command_model(
 async fn turn(
     engine: &Engine,
     conversation: &str,
-    text: &str,
+    ask: Ask,
     approver: &dyn Approver,
     stop: CancellationToken,
     out: &mut impl Write,
@@ -222,7 +231,7 @@ async fn turn(
 ) -> std::io::Result<()> {
     let (events, mut received) = mpsc::unbounded_channel();
     let input = TurnInput {
-        message: Message::user(text),
+        ask,
         kept: None,
         stop,
     };

@@ -14,7 +14,8 @@ use super::billing::{self, InFlight};
 use super::history::{estimate_tokens, fit_to_context, repair, valid_arguments};
 use super::ports::{
     ApprovalRequest, Approver, ChatModel, ChatRequest, Citation, Completion, Decision,
-    FinishReason, ModelError, ModelLookup, Store, StoreError, TextSink, ToolHost, ToolOutcome,
+    FinishReason, LastInput, ModelError, ModelLookup, Replace, Store, StoreError, TextSink,
+    ToolHost, ToolOutcome,
 };
 use super::think::{Unthink, split_think};
 use super::types::{Author, Message, Role, ToolCall, ToolSpec, TurnEvent, Usage};
@@ -97,6 +98,12 @@ pub enum TurnError {
     /// A setting (the model) could not be saved.
     #[error("{0}. The setting was not changed; try again.")]
     SettingNotStored(StoreError),
+    /// Retry found no answer to replace.
+    #[error("There is no answer here to retry: only the last answer of a conversation can be.")]
+    NothingToRetry,
+    /// Retry could not replace the answer.
+    #[error("{0}. Nothing was changed; try again.")]
+    NotRetried(StoreError),
 }
 
 impl TurnError {
@@ -108,6 +115,8 @@ impl TurnError {
             TurnError::ToolsNotStored(_) => "tools_not_stored",
             TurnError::AnswerNotStored(_) => "answer_not_stored",
             TurnError::SettingNotStored(_) => "setting_not_stored",
+            TurnError::NothingToRetry => "nothing_to_retry",
+            TurnError::NotRetried(_) => "not_retried",
         }
     }
 }
@@ -135,11 +144,32 @@ struct Live {
     used: u64,
 }
 
-/// The input of a turn: a message, where it is kept until stored, and
-/// what stops its turn.
+/// What a turn answers.
+#[derive(Debug, Clone)]
+pub enum Ask {
+    /// A new message.
+    New(Message),
+    /// The last input again, its answer replaced (Retry); with `of`, only
+    /// when the last input has that position.
+    Again { of: Option<u64> },
+    /// An edited message: the exchange it started is replaced (when it is
+    /// still the last one), then its new text is answered.
+    Edited { message: Message, of: u64 },
+}
+
+/// How the input step changed the history.
+enum Taken {
+    /// The message was appended.
+    Appended(Box<Message>),
+    /// Earlier messages were replaced: the history is read again.
+    Replaced,
+}
+
+/// The input of a turn: what it answers, where it is kept until stored,
+/// and what stops it.
 #[derive(Debug, Clone)]
 pub struct TurnInput {
-    pub message: Message,
+    pub ask: Ask,
     /// The position of the kept input this message answers (see
     /// `Store::keep_input`); it is forgotten when the message is stored.
     pub kept: Option<u64>,
@@ -151,7 +181,7 @@ pub struct TurnInput {
 impl From<Message> for TurnInput {
     fn from(message: Message) -> Self {
         TurnInput {
-            message,
+            ask: Ask::New(message),
             kept: None,
             stop: CancellationToken::new(),
         }
@@ -411,6 +441,28 @@ impl Engine {
         }
     }
 
+    /// Removes the last exchange (the last input and its answer) from what
+    /// the model sees; the rows stay, marked replaced. Waits for a running
+    /// turn to end (a surface stops it first). `false` when there was none.
+    pub async fn undo(&self, conversation: &str) -> Result<bool, StoreError> {
+        let turn = self.with_live(conversation, |live| live.turn.clone());
+        let _turn = turn.lock().await;
+        let undone = self
+            .store
+            .replace(conversation, Replace::Exchange, None)
+            .await?;
+        self.with_live(conversation, |live| {
+            live.history = None;
+            live.bytes = 0;
+        });
+        Ok(undone)
+    }
+
+    /// The last input of `conversation` (for who may retry it).
+    pub async fn last_input(&self, conversation: &str) -> Result<Option<LastInput>, StoreError> {
+        self.store.last_input(conversation).await
+    }
+
     /// Clears `conversation`'s history and closes its MCP sessions. It
     /// waits for a running turn to end (a surface stops it first).
     pub async fn reset(&self, conversation: &str) -> Result<(), StoreError> {
@@ -448,40 +500,43 @@ impl Engine {
         // (an aborted turn), so it is only put back at the end.
         // Storing the message, reading the catalogue and starting tool
         // sessions overlap; the model is only asked once all three are done.
-        let TurnInput {
-            message: input,
-            kept,
-            stop,
-        } = input;
+        let TurnInput { ask, kept, stop } = input;
         if stop.is_cancelled() {
             self.put_history(conversation, history, start);
             outcome.stopped = true;
             return Ok(());
         }
-        let store_input = async {
-            match kept {
-                Some(position) => self.store.take_input(conversation, position, &input).await,
-                None => {
-                    self.store
-                        .append(conversation, std::slice::from_ref(&input))
-                        .await
-                }
-            }
-        };
-        let (stored, lookup, tools) = tokio::join!(
-            store_input,
+        let (taken, lookup, tools) = tokio::join!(
+            self.take(conversation, ask, kept),
             self.model.model_info(&model),
             self.tools.tools_for_turn(conversation, events),
         );
-        if let Err(error) = stored {
-            self.put_history(conversation, history, start);
-            return Err(TurnError::InputNotStored(error));
+        match taken {
+            Ok(Taken::Appended(message)) => history.push(*message),
+            Ok(Taken::Replaced) => match self.store.history(conversation).await {
+                Ok(stored) => {
+                    history = repair(stored).0;
+                    start = start.min(history.len().saturating_sub(1));
+                }
+                Err(error) => {
+                    // The cache no longer matches the store: read it next time.
+                    return Err(TurnError::NotRetried(error));
+                }
+            },
+            Err(error) => {
+                self.put_history(conversation, history, start);
+                return Err(error);
+            }
         }
-        let user = match &input.author {
+        let author = history
+            .iter()
+            .rev()
+            .find(|m| m.position.is_some())
+            .and_then(|m| m.author.clone());
+        let user = match &author {
             Some(author) => self.pseudonym(author).await,
             None => None,
         };
-        history.push(input);
         let turn_start = history.len();
         let info = lookup.info();
         for problem in &tools.problems {
@@ -660,6 +715,62 @@ impl Engine {
         };
         self.put_history(conversation, history, start);
         result
+    }
+
+    /// The input step of a turn: stores a new (or edited) message, or
+    /// replaces the last answer for a retry, and forgets the kept input.
+    async fn take(
+        &self,
+        conversation: &str,
+        ask: Ask,
+        kept: Option<u64>,
+    ) -> Result<Taken, TurnError> {
+        let (mut message, replaces) = match ask {
+            Ask::New(message) => (message, None),
+            Ask::Edited { message, of } => (message, Some(of)),
+            Ask::Again { of } => {
+                let replaced = self
+                    .store
+                    .replace(conversation, Replace::Answer, of)
+                    .await
+                    .map_err(TurnError::NotRetried)?;
+                if let Some(position) = kept
+                    && let Err(error) = self.store.drop_input(conversation, position).await
+                {
+                    tracing::warn!(conversation, %error, "could not forget a retry that was done");
+                }
+                return match replaced {
+                    true => Ok(Taken::Replaced),
+                    false => Err(TurnError::NothingToRetry),
+                };
+            }
+        };
+        message.position = Some(kept.unwrap_or_else(fresh_position));
+        let replaced = match replaces {
+            Some(of) => self
+                .store
+                .replace(conversation, Replace::Exchange, Some(of))
+                .await
+                .map_err(TurnError::InputNotStored)?,
+            None => false,
+        };
+        let stored = match kept {
+            Some(position) => {
+                self.store
+                    .take_input(conversation, position, &message)
+                    .await
+            }
+            None => {
+                self.store
+                    .append(conversation, std::slice::from_ref(&message))
+                    .await
+            }
+        };
+        stored.map_err(TurnError::InputNotStored)?;
+        Ok(match replaced {
+            true => Taken::Replaced,
+            false => Taken::Appended(Box::new(message)),
+        })
     }
 
     /// Keeps what was shown of an answer the person stopped, marked as
@@ -1003,6 +1114,20 @@ fn with_sources(answer: &str, citations: &[Citation]) -> String {
         text.push_str(&format!("\n- [{title}](<{}>)", citation.url));
     }
     text
+}
+
+/// A position for an input that has none from its surface (the terminal):
+/// shaped like a Discord id (milliseconds in the high bits), and growing.
+fn fresh_position() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = (billing::unix_now().max(0) as u64 * 1000) << 22;
+    let previous = LAST
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |last| {
+            Some(now.max(last + 1))
+        })
+        .unwrap_or_default();
+    now.max(previous + 1)
 }
 
 /// `u_` and 16 hex digits of SHA-256 over the salt and the id.

@@ -13,16 +13,18 @@ mod think;
 mod types;
 mod workers;
 
-pub use engine::{Engine, EngineSettings, MAX_CALLS_PER_REPLY, TurnError, TurnInput, TurnOutcome};
+pub use engine::{
+    Ask, Engine, EngineSettings, MAX_CALLS_PER_REPLY, TurnError, TurnInput, TurnOutcome,
+};
 pub use history::{estimate_tokens, fit_to_context, repair};
 pub use ports::{
     ApprovalRequest, ApproveAll, Approver, ChatModel, ChatRequest, Citation, Completion, Decision,
-    DeclineAll, FinishReason, GenerationLookup, Hold, ModelError, ModelInfo, ModelLookup, Notices,
-    Store, StoreError, TextSink, TimedApprover, ToolHost, ToolList, ToolOutcome, Unbilled,
-    UnbilledUpdate,
+    DeclineAll, FinishReason, GenerationLookup, Hold, LastInput, ModelError, ModelInfo,
+    ModelLookup, Notices, Replace, Store, StoreError, TextSink, TimedApprover, ToolHost, ToolList,
+    ToolOutcome, Unbilled, UnbilledUpdate,
 };
 pub use types::{
-    AttachmentRef, Author, Inbound, Message, Role, ToolCall, ToolSpec, TurnEvent, Usage,
+    AttachmentRef, Author, Inbound, Message, Redo, Role, ToolCall, ToolSpec, TurnEvent, Usage,
     UsageTotals, cached_percent,
 };
 pub use workers::{Accepted, Arrival, RunningTurn, Stopped, TurnRunner, Workers};

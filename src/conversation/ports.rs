@@ -421,6 +421,23 @@ impl StoreError {
     }
 }
 
+/// The last input of a conversation: a person's message and its turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LastInput {
+    /// Its position (`None` for messages stored before positions were).
+    pub position: Option<u64>,
+    pub author: Option<u64>,
+}
+
+/// What of an exchange is replaced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replace {
+    /// What answered the input (Retry): the input stays.
+    Answer,
+    /// The input and its answer (an edit, `/undo`).
+    Exchange,
+}
+
 /// Persistence of conversations and their messages.
 #[async_trait]
 pub trait Store: Send + Sync {
@@ -434,6 +451,17 @@ pub trait Store: Send + Sync {
     /// Deletes the history of `conversation` (its model choice and its
     /// kept inputs stay).
     async fn reset(&self, conversation: &str) -> Result<(), StoreError>;
+    /// The last input of `conversation` that is not replaced.
+    async fn last_input(&self, conversation: &str) -> Result<Option<LastInput>, StoreError>;
+    /// Marks `what` of the last input's exchange as replaced: kept, but no
+    /// longer part of the history. With `of`, only when the last input has
+    /// that position. `false` when nothing matched.
+    async fn replace(
+        &self,
+        conversation: &str,
+        what: Replace,
+        of: Option<u64>,
+    ) -> Result<bool, StoreError>;
 
     /// Keeps `input` until a turn takes it. `false` when an input at that
     /// position is already kept (the same message delivered twice).

@@ -144,6 +144,9 @@ pub struct Message {
     pub usage: Option<Usage>,
     /// An answer the person stopped midway: its text is what was shown.
     pub stopped: bool,
+    /// For a person's message (the input of a turn): its place in the
+    /// conversation (see `Inbound::position`).
+    pub position: Option<u64>,
 }
 
 impl Message {
@@ -213,6 +216,20 @@ pub struct Inbound {
     /// must not hold up the messages after it).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub attachments: Vec<AttachmentRef>,
+    /// Set when this input redoes an earlier one rather than adding to
+    /// the conversation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redo: Option<Redo>,
+}
+
+/// An input that redoes the exchange of the input at position `of`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Redo {
+    /// Retry: its answer again (the input has no text of its own).
+    Retry { of: u64 },
+    /// The message was edited: this input carries its new text.
+    Edit { of: u64 },
 }
 
 /// A file attached to an inbound message, not yet fetched.

@@ -153,6 +153,7 @@ pub fn inbound(msg: &DiscordMessage, me: u64) -> Inbound {
                 content_type: a.content_type.clone(),
             })
             .collect(),
+        redo: None,
     }
 }
 

@@ -18,7 +18,9 @@ use super::render::{notice_finished, notice_started};
 use super::rest::Attachment;
 use super::stream::Answer;
 use super::{Surface, controls};
-use crate::conversation::{Inbound, Stopped, TimedApprover, TurnEvent, TurnInput, TurnRunner};
+use crate::conversation::{
+    Ask, Inbound, Redo, Stopped, TimedApprover, TurnEvent, TurnInput, TurnRunner,
+};
 
 /// Ends an answer the person stopped (Discord's small grey text).
 const STOPPED_MARK: &str = "\n-# ⏹️ stopped";
@@ -91,8 +93,13 @@ impl TurnRunner for Turns {
                 },
                 timeout: surface.config.approval_timeout,
             };
+            let ask = match input.redo {
+                None => Ask::New(message),
+                Some(Redo::Retry { of }) => Ask::Again { of: Some(of) },
+                Some(Redo::Edit { of }) => Ask::Edited { message, of },
+            };
             let turn = TurnInput {
-                message,
+                ask,
                 kept: Some(input.position),
                 stop,
             };

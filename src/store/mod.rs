@@ -13,7 +13,8 @@ use sqlx::{FromRow, QueryBuilder, Sqlite, SqliteConnection, SqlitePool};
 
 pub use crate::conversation::UsageTotals;
 use crate::conversation::{
-    Author, Inbound, Message, Role, Store, StoreError, ToolCall, Unbilled, UnbilledUpdate, Usage,
+    Author, Inbound, LastInput, Message, Replace, Role, Store, StoreError, ToolCall, Unbilled,
+    UnbilledUpdate, Usage,
 };
 
 /// Connections in the pool. SQLite has one writer; a few readers help.
@@ -23,6 +24,12 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Forgets a kept input (taken by its turn, or dropped).
 const FORGET_INPUT: &str = "DELETE FROM inbox WHERE conversation = ?1 AND position = ?2";
+
+/// The row id, position and author of a conversation's last input still
+/// in its history.
+const LAST_INPUT: &str = "SELECT id, position, author_id FROM messages
+     WHERE conversation = ?1 AND replaced = 0 AND position IS NOT NULL
+     ORDER BY id DESC LIMIT 1";
 
 /// Conversations remembered as having their row; past this the set starts over.
 const MAX_KNOWN_CONVERSATIONS: usize = 10_000;
@@ -58,6 +65,7 @@ struct MessageRow {
     author_id: Option<i64>,
     author_name: Option<String>,
     stopped: bool,
+    position: Option<i64>,
 }
 
 /// `SELECT` of the sums `totals` reads, in this order, over billed rows `m`.
@@ -409,6 +417,8 @@ impl MessageRow {
             usage,
             author,
             stopped: self.stopped,
+            // Stand-ins from before positions were kept are negative.
+            position: self.position.filter(|p| *p > 0).map(|p| p as u64),
         })
     }
 }
@@ -444,8 +454,8 @@ impl Store for SqliteStore {
         let rows: Vec<MessageRow> = sqlx::query_as(
             "SELECT role, content, images, tool_calls, tool_call_id, reasoning, reasoning_details,
                     model, prompt_tokens, completion_tokens, cost, cached_tokens, cache_write_tokens,
-                    author_id, author_name, stopped
-             FROM messages WHERE conversation = ?1 ORDER BY id",
+                    author_id, author_name, stopped, position
+             FROM messages WHERE conversation = ?1 AND replaced = 0 ORDER BY id",
         )
         .bind(conversation)
         .fetch_all(&self.pool)
@@ -480,6 +490,52 @@ impl Store for SqliteStore {
         }
         tx.commit().await.map_err(db)?;
         Ok(())
+    }
+
+    async fn last_input(&self, conversation: &str) -> Result<Option<LastInput>, StoreError> {
+        let row: Option<(i64, i64, Option<i64>)> = sqlx::query_as(LAST_INPUT)
+            .bind(conversation)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(row.map(|(_, position, author)| LastInput {
+            position: (position > 0).then_some(position as u64),
+            author: author.map(|a| a as u64),
+        }))
+    }
+
+    async fn replace(
+        &self,
+        conversation: &str,
+        what: Replace,
+        of: Option<u64>,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        let last: Option<(i64, i64, Option<i64>)> = sqlx::query_as(LAST_INPUT)
+            .bind(conversation)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db)?;
+        let Some((id, position, _)) = last else {
+            return Ok(false);
+        };
+        if of.is_some_and(|of| of as i64 != position) {
+            return Ok(false);
+        }
+        let from = match what {
+            Replace::Answer => id + 1,
+            Replace::Exchange => id,
+        };
+        sqlx::query(
+            "UPDATE messages SET replaced = 1 WHERE conversation = ?1 AND replaced = 0 AND id >= ?2",
+        )
+        .bind(conversation)
+        .bind(from)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        Ok(true)
     }
 
     async fn keep_input(&self, conversation: &str, input: &Inbound) -> Result<bool, StoreError> {
@@ -678,7 +734,7 @@ impl SqliteStore {
         let mut insert = QueryBuilder::<Sqlite>::new(
             "INSERT INTO messages (conversation, role, content, images, tool_calls, tool_call_id,
                 reasoning, reasoning_details, model, prompt_tokens, completion_tokens, cost,
-                cached_tokens, cache_write_tokens, author_id, author_name, stopped, created_at) ",
+                cached_tokens, cache_write_tokens, author_id, author_name, stopped, position, created_at) ",
         );
         insert.push_values(messages, |mut row, message| {
             let usage = message.usage;
@@ -707,6 +763,7 @@ impl SqliteStore {
                 .push_bind(message.author.as_ref().map(|a| a.id as i64))
                 .push_bind(message.author.as_ref().map(|a| a.name.as_str()))
                 .push_bind(message.stopped)
+                .push_bind(message.position.map(|p| p as i64))
                 .push_bind(now);
         });
         insert.build().execute(&mut *connection).await.map_err(db)?;

@@ -49,7 +49,9 @@ impl TurnRunner for Runner {
         }
         let (events, _received) = mpsc::unbounded_channel();
         let turn = TurnInput {
-            message: mcpcord::conversation::Message::user(input.text.clone()),
+            ask: mcpcord::conversation::Ask::New(mcpcord::conversation::Message::user(
+                input.text.clone(),
+            )),
             kept: Some(input.position),
             stop,
         };
@@ -155,7 +157,7 @@ fn input(position: u64, text: &str) -> Inbound {
         author: 7,
         author_name: "Ada".into(),
         text: text.to_owned(),
-        attachments: Vec::new(),
+        ..Default::default()
     }
 }
 

@@ -9,9 +9,9 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use mcpcord::conversation::{
-    ChatModel, ChatRequest, Completion, FinishReason, Inbound, Message, ModelError, ModelInfo,
-    ModelLookup, Role, Store, StoreError, TextSink, ToolCall, ToolHost, ToolList, ToolOutcome,
-    ToolSpec, Unbilled, UnbilledUpdate, Usage,
+    ChatModel, ChatRequest, Completion, FinishReason, Inbound, LastInput, Message, ModelError,
+    ModelInfo, ModelLookup, Replace, Role, Store, StoreError, TextSink, ToolCall, ToolHost,
+    ToolList, ToolOutcome, ToolSpec, Unbilled, UnbilledUpdate, Usage,
 };
 use serde_json::Value;
 use tokio::sync::Semaphore;
@@ -160,6 +160,39 @@ impl Store for MemoryStore {
     async fn reset(&self, conversation: &str) -> Result<(), StoreError> {
         self.writable()?.messages.remove(conversation);
         Ok(())
+    }
+
+    async fn last_input(&self, conversation: &str) -> Result<Option<LastInput>, StoreError> {
+        let messages = self.messages(conversation);
+        Ok(messages
+            .iter()
+            .rev()
+            .find(|m| m.position.is_some())
+            .map(|m| LastInput {
+                position: m.position,
+                author: m.author.as_ref().map(|a| a.id),
+            }))
+    }
+
+    async fn replace(
+        &self,
+        conversation: &str,
+        what: Replace,
+        of: Option<u64>,
+    ) -> Result<bool, StoreError> {
+        let mut state = self.writable()?;
+        let messages = state.messages.entry(conversation.to_owned()).or_default();
+        let Some(last) = messages.iter().rposition(|m| m.position.is_some()) else {
+            return Ok(false);
+        };
+        if of.is_some_and(|of| messages[last].position != Some(of)) {
+            return Ok(false);
+        }
+        messages.truncate(match what {
+            Replace::Answer => last + 1,
+            Replace::Exchange => last,
+        });
+        Ok(true)
     }
 
     async fn keep_input(&self, conversation: &str, input: &Inbound) -> Result<bool, StoreError> {
