@@ -745,7 +745,8 @@ impl Engine {
                 };
             }
         };
-        message.position = Some(kept.unwrap_or_else(fresh_position));
+        // An edited message keeps its place; its kept input has its own.
+        message.position = Some(replaces.or(kept).unwrap_or_else(fresh_position));
         let replaced = match replaces {
             Some(of) => self
                 .store

@@ -478,6 +478,9 @@ pub trait Store: Send + Sync {
     ) -> Result<(), StoreError>;
     /// Forgets a kept input without answering it.
     async fn drop_input(&self, conversation: &str, position: u64) -> Result<(), StoreError>;
+    /// Replaces a kept input (its message was edited before its turn).
+    /// `false` when none is kept at its position any more.
+    async fn update_input(&self, conversation: &str, input: &Inbound) -> Result<bool, StoreError>;
 
     /// A random value made once per database and kept in it, for
     /// pseudonyms that are stable but cannot be traced back to an id.

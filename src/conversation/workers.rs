@@ -234,6 +234,49 @@ impl Workers {
         running.inspect(|r| r.stop.cancel()).is_some()
     }
 
+    /// Replaces the text (and files) of an input still waiting for its
+    /// turn, in the store too. `false` when it is not waiting (any more).
+    pub async fn amend(&self, conversation: &str, input: &Inbound) -> Result<bool, StoreError> {
+        let waiting = {
+            let slots = self.shared.slots.lock().expect("slots poisoned");
+            slots
+                .get(conversation)
+                .is_some_and(|s| s.waiting.contains_key(&input.position))
+        };
+        if !waiting || !self.store.update_input(conversation, input).await? {
+            return Ok(false);
+        }
+        let mut slots = self.shared.slots.lock().expect("slots poisoned");
+        let job = slots
+            .get_mut(conversation)
+            .and_then(|s| s.waiting.get_mut(&input.position));
+        match job {
+            Some(job) => {
+                job.input = input.clone();
+                Ok(true)
+            }
+            // Its turn started meanwhile, with the text from before.
+            None => Ok(false),
+        }
+    }
+
+    /// Takes an input out of the queue (its message was deleted), or stops
+    /// its turn when it is running. Returns whether there was one.
+    pub async fn withdraw(&self, conversation: &str, position: u64) -> Result<bool, StoreError> {
+        let waiting = {
+            let mut slots = self.shared.slots.lock().expect("slots poisoned");
+            slots
+                .get_mut(conversation)
+                .and_then(|s| s.waiting.remove(&position))
+                .is_some()
+        };
+        if waiting {
+            self.store.drop_input(conversation, position).await?;
+            return Ok(true);
+        }
+        Ok(self.stop_turn(conversation, Some(position)))
+    }
+
     /// How many conversations have a worker or waiting input.
     pub fn live(&self) -> usize {
         self.shared.slots.lock().expect("slots poisoned").len()

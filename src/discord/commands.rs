@@ -1,5 +1,6 @@
-//! Slash commands (/reset, /stop, /model, /tools, /usage) and /model's
-//! autocomplete. None of them waits for a running turn.
+//! Slash commands (/reset, /stop, /retry, /undo, /model, /tools, /usage)
+//! and /model's autocomplete. None of them waits for a running turn
+//! (/reset and /undo stop it, then wait for it to end).
 
 use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -20,6 +21,8 @@ pub fn definitions() -> Value {
     json!([
         {"name": "reset", "description": "Start this conversation over", "type": command::CHAT_INPUT},
         {"name": "stop", "description": "Stop the answer being written here", "type": command::CHAT_INPUT},
+        {"name": "retry", "description": "Answer the last message again", "type": command::CHAT_INPUT},
+        {"name": "undo", "description": "Take the last message and its answer out of this conversation", "type": command::CHAT_INPUT},
         {"name": "model", "description": "Show or change this conversation's model", "type": command::CHAT_INPUT,
          "options": [{"name": "model", "description": "A model that supports tools", "type": command::STRING_OPTION,
                       "required": false, "autocomplete": true}]},
@@ -32,8 +35,8 @@ pub fn definitions() -> Value {
 /// three seconds), then the reply.
 pub async fn run(bot: &Bot, command: &CommandInteraction) -> Result<(), RestError> {
     let rest = &bot.surface.rest;
-    if command.data.name == "stop" {
-        return stop(bot, command).await;
+    if matches!(command.data.name.as_str(), "stop" | "retry") {
+        return at_once(bot, command).await;
     }
     let deferred = json!({"type": response::DEFERRED_MESSAGE});
     rest.respond(command.id.get(), &command.token, deferred)
@@ -57,10 +60,22 @@ struct Caller {
     admin: bool,
 }
 
-/// `/stop`: answered at once, and only to the caller unless it stopped
-/// something.
-async fn stop(bot: &Bot, command: &CommandInteraction) -> Result<(), RestError> {
+/// `/stop` and `/retry`: answered at once, and only to the caller unless
+/// they did something.
+async fn at_once(bot: &Bot, command: &CommandInteraction) -> Result<(), RestError> {
     let (content, public) = match caller(bot, command).await {
+        Ok(caller) if command.data.name == "retry" => {
+            let asker = controls::Asker {
+                user: caller.user,
+                name: command.user.display_name(),
+                admin: caller.admin,
+            };
+            let position = command.id.get();
+            match controls::retry(bot, &caller.conversation, None, asker, position).await {
+                Ok(outcome) => outcome.reply(caller.user),
+                Err(error) => (format!("❌ {error}"), false),
+            }
+        }
         Ok(caller) => controls::stop(bot, &caller.conversation, None, caller.user, caller.admin)
             .reply(caller.user),
         Err(error) => (format!("❌ {error}"), false),
@@ -115,9 +130,17 @@ async fn reply(bot: &Bot, command: &CommandInteraction) -> anyhow::Result<String
         conversation,
         guild,
         admin,
-        ..
+        user,
     } = caller(bot, command).await?;
     match command.data.name.as_str() {
+        "undo" => {
+            let asker = controls::Asker {
+                user,
+                name: command.user.display_name(),
+                admin,
+            };
+            controls::undo(bot, &conversation, asker).await
+        }
         "reset" => {
             let stopped = bot.workers.stop_turn(&conversation, None);
             surface.engine.reset(&conversation).await?;

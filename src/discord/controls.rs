@@ -1,5 +1,6 @@
-//! The Stop button on a running turn's messages, and `/stop`: who may stop
-//! a turn, and what they are told.
+//! The buttons on a turn's messages: Stop while it runs (and `/stop`),
+//! Retry on its answer (and `/retry`), and `/undo`: who may use them, and
+//! what they are told.
 
 use serde_json::{Value, json};
 use serenity::all::ComponentInteraction;
@@ -8,16 +9,30 @@ use super::Bot;
 use super::inbound::conversation_of;
 use super::protocol::{button, component, flags, response};
 use super::rest::RestError;
+use crate::conversation::{Inbound, Redo};
 
 /// The custom id of a Stop button starts with this, then the position of
 /// the input whose turn it stops.
 pub const STOP_PREFIX: &str = "stop:";
 
+/// The custom id of a Retry button starts with this, then the position of
+/// the input whose answer it replaces.
+pub const RETRY_PREFIX: &str = "retry:";
+
 /// The row with the Stop button of the turn answering `position`.
 pub fn stop_row(position: u64) -> Value {
+    button_row("Stop", "⏹️", &format!("{STOP_PREFIX}{position}"))
+}
+
+/// The row with the Retry button of the answer to `position`.
+pub fn retry_row(position: u64) -> Value {
+    button_row("Retry", "🔁", &format!("{RETRY_PREFIX}{position}"))
+}
+
+fn button_row(label: &str, emoji: &str, custom_id: &str) -> Value {
     json!([{"type": component::ACTION_ROW, "components": [
-        {"type": component::BUTTON, "style": button::SECONDARY, "label": "Stop", "emoji": {"name": "⏹️"},
-         "custom_id": format!("{STOP_PREFIX}{position}")}
+        {"type": component::BUTTON, "style": button::SECONDARY, "label": label, "emoji": {"name": emoji},
+         "custom_id": custom_id}
     ]}])
 }
 
@@ -102,4 +117,146 @@ pub async fn press(bot: &Bot, press: &ComponentInteraction) -> Result<(), RestEr
             json!({"type": response::MESSAGE, "data": data}),
         )
         .await
+}
+
+/// What asking for another answer did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RetryOutcome {
+    Queued,
+    /// Someone else's message, and the presser is no admin.
+    NotYours(u64),
+    /// The button is on an earlier answer, or there is none.
+    NotLast,
+    /// A turn is running: it is stopped or waited for first.
+    Busy,
+}
+
+impl RetryOutcome {
+    /// The reply to whoever asked, and whether everyone sees it.
+    pub fn reply(&self, user: u64) -> (String, bool) {
+        match self {
+            RetryOutcome::Queued => (format!("🔁 <@{user}> asked for another answer."), true),
+            RetryOutcome::NotYours(author) => (
+                format!("Only <@{author}>, who asked, or an admin can retry this answer."),
+                false,
+            ),
+            RetryOutcome::NotLast => (
+                "Only the last answer of this conversation can be retried.".into(),
+                false,
+            ),
+            RetryOutcome::Busy => (
+                "An answer is being written here: wait for it, or stop it first.".into(),
+                false,
+            ),
+        }
+    }
+}
+
+/// Who is asking, for Retry and /undo.
+#[derive(Debug, Clone, Copy)]
+pub struct Asker<'a> {
+    pub user: u64,
+    pub name: &'a str,
+    pub admin: bool,
+}
+
+/// Queues another answer to the last input of `conversation` (only when
+/// it is `of`, if given) as the input at `position`: its answer is
+/// replaced and the same message is answered again.
+pub async fn retry(
+    bot: &Bot,
+    conversation: &str,
+    of: Option<u64>,
+    asker: Asker<'_>,
+    position: u64,
+) -> anyhow::Result<RetryOutcome> {
+    if bot.workers.running(conversation).is_some() {
+        return Ok(RetryOutcome::Busy);
+    }
+    let last = bot.surface.engine.last_input(conversation).await?;
+    let Some(last_position) = last.and_then(|l| l.position) else {
+        return Ok(RetryOutcome::NotLast);
+    };
+    if of.is_some_and(|of| of != last_position) {
+        return Ok(RetryOutcome::NotLast);
+    }
+    if let Some(author) = last.and_then(|l| l.author)
+        && author != asker.user
+        && !asker.admin
+    {
+        return Ok(RetryOutcome::NotYours(author));
+    }
+    let input = Inbound {
+        position,
+        author: asker.user,
+        author_name: asker.name.to_owned(),
+        redo: Some(Redo::Retry { of: last_position }),
+        ..Default::default()
+    };
+    bot.workers.accept(conversation, input).await?;
+    Ok(RetryOutcome::Queued)
+}
+
+/// Handles a press of Retry: the button leaves the replaced answer.
+pub async fn press_retry(bot: &Bot, press: &ComponentInteraction) -> Result<(), RestError> {
+    let of = press
+        .data
+        .custom_id
+        .strip_prefix(RETRY_PREFIX)
+        .and_then(|p| p.parse().ok());
+    let surface = &bot.surface;
+    let user = press.user.id.get();
+    let roles = super::role_ids(press.member.as_ref().map(|m| m.roles.as_slice()));
+    let permissions = press.member.as_ref().and_then(|m| m.permissions);
+    let asker = Asker {
+        user,
+        name: press.user.display_name(),
+        admin: surface.access.is_admin(user, &roles, permissions),
+    };
+    let conversation = conversation_of(press.channel_id.get());
+    let outcome = match of {
+        Some(of) => retry(bot, &conversation, Some(of), asker, press.id.get()).await,
+        None => Ok(RetryOutcome::NotLast),
+    };
+    let body = match outcome {
+        Ok(RetryOutcome::Queued) => {
+            json!({"type": response::UPDATE_MESSAGE, "data": {"components": []}})
+        }
+        Ok(refused) => {
+            let (content, _) = refused.reply(user);
+            json!({"type": response::MESSAGE, "data": {"flags": flags::EPHEMERAL, "content": content, "allowed_mentions": {"parse": []}}})
+        }
+        Err(error) => {
+            json!({"type": response::MESSAGE, "data": {"flags": flags::EPHEMERAL, "content": format!("❌ {error}")}})
+        }
+    };
+    surface
+        .rest
+        .respond(press.id.get(), &press.token, body)
+        .await
+}
+
+/// Takes the last exchange out of `conversation` for `asker` (stopping its
+/// turn first when it runs): their own, or anyone's for an admin.
+pub async fn undo(bot: &Bot, conversation: &str, asker: Asker<'_>) -> anyhow::Result<String> {
+    let engine = &bot.surface.engine;
+    let author = match bot.workers.running(conversation) {
+        Some(turn) => Some(turn.author),
+        None => engine
+            .last_input(conversation)
+            .await?
+            .and_then(|l| l.author),
+    };
+    if let Some(author) = author
+        && author != asker.user
+        && !asker.admin
+    {
+        anyhow::bail!("Only <@{author}>, who wrote the last message, or an admin can undo it.");
+    }
+    let stopped = bot.workers.stop_turn(conversation, None);
+    Ok(match engine.undo(conversation).await? {
+        true if stopped => "↩️ The answer being written was stopped, and the last message and its answer were taken out of this conversation (the model no longer sees them).".into(),
+        true => "↩️ The last message and its answer were taken out of this conversation (the model no longer sees them).".into(),
+        false => "There is nothing to undo here.".into(),
+    })
 }

@@ -3,10 +3,13 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use serenity::all::{Context, EventHandler, Interaction, Message as DiscordMessage, Ready};
+use serenity::all::{
+    ChannelId, Context, EventHandler, GuildId, Interaction, Message as DiscordMessage, MessageId,
+    MessageUpdateEvent, Ready,
+};
 
 use super::inbound::{self, conversation_of};
-use super::{Bot, approvals, commands, controls, health};
+use super::{Bot, approvals, commands, controls, edits, health};
 use crate::conversation::Accepted;
 
 /// serenity's handler: it gets `&self`, and the parts need an owned `Arc`.
@@ -72,6 +75,26 @@ impl EventHandler for Handler {
         }
     }
 
+    async fn message_update(
+        &self,
+        _ctx: Context,
+        _old: Option<DiscordMessage>,
+        _new: Option<DiscordMessage>,
+        event: MessageUpdateEvent,
+    ) {
+        edits::edited(&self.0, &event).await;
+    }
+
+    async fn message_delete(
+        &self,
+        _ctx: Context,
+        channel: ChannelId,
+        message: MessageId,
+        _guild: Option<GuildId>,
+    ) {
+        edits::deleted(&self.0, channel.get(), message.get()).await;
+    }
+
     async fn interaction_create(&self, _ctx: Context, interaction: Interaction) {
         let bot = &self.0;
         let result = match &interaction {
@@ -81,6 +104,11 @@ impl EventHandler for Handler {
                 if press.data.custom_id.starts_with(controls::STOP_PREFIX) =>
             {
                 controls::press(bot, press).await
+            }
+            Interaction::Component(press)
+                if press.data.custom_id.starts_with(controls::RETRY_PREFIX) =>
+            {
+                controls::press_retry(bot, press).await
             }
             Interaction::Component(press) => approvals::press(&bot.surface, press).await,
             _ => Ok(()),

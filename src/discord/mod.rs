@@ -17,6 +17,7 @@ pub mod access;
 mod approvals;
 mod commands;
 mod controls;
+mod edits;
 mod handler;
 pub mod health;
 mod inbound;

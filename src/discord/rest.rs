@@ -164,6 +164,17 @@ impl Rest {
         .map(drop)
     }
 
+    pub async fn delete_message(&self, channel: u64, message: u64) -> Result<(), RestError> {
+        self.send(
+            Method::DELETE,
+            &format!("/channels/{channel}/messages/{message}"),
+            None,
+            "deleting a message",
+        )
+        .await
+        .map(drop)
+    }
+
     /// Starts a public thread from `message`; the thread id is returned.
     pub async fn start_thread(
         &self,

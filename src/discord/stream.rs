@@ -49,9 +49,10 @@ struct Shown {
 pub struct Answer {
     channel: u64,
     pub text: String,
-    /// Buttons its messages carry while the turn runs (Stop); `None` once
-    /// it is over.
+    /// Buttons its messages carry: Stop on each while the turn runs, Retry
+    /// on the last once it is answered (`on_last`); `None` for none.
     pub controls: Option<Value>,
+    pub on_last: bool,
     posted: Vec<Shown>,
     throttle: Throttle,
 }
@@ -62,6 +63,7 @@ impl Answer {
             channel,
             text: String::new(),
             controls,
+            on_last: false,
             posted: Vec::new(),
             throttle: Throttle::new(interval),
         }
@@ -76,12 +78,15 @@ impl Answer {
         if !self.throttle.ready(Instant::now()) && !now {
             return;
         }
-        let controls = self.controls.is_some();
-        let components = self.controls.clone().unwrap_or_else(|| json!([]));
-        for (i, part) in split_message(&self.text, MAX_MESSAGE_CHARS)
-            .into_iter()
-            .enumerate()
-        {
+        let parts = split_message(&self.text, MAX_MESSAGE_CHARS);
+        let last = parts.len().saturating_sub(1);
+        for (i, part) in parts.into_iter().enumerate() {
+            let with = self
+                .controls
+                .as_ref()
+                .filter(|_| !self.on_last || i == last);
+            let controls = with.is_some();
+            let components = with.cloned().unwrap_or_else(|| json!([]));
             let result = match self.posted.get_mut(i) {
                 Some(shown) if shown.text == part && shown.controls == controls => Ok(()),
                 Some(shown) => {

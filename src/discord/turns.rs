@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -111,8 +111,7 @@ impl TurnRunner for Turns {
             approver.inner.withdraw_open().await;
             drop(events);
         };
-        let controls = controls::stop_row(input.position);
-        let ((), ()) = tokio::join!(run, render(surface, channel, received, questions, controls));
+        let ((), ()) = tokio::join!(run, render(surface, channel, received, questions, &input));
     }
 
     async fn crashed(&self, conversation: &str, _input: &Inbound) {
@@ -171,12 +170,17 @@ async fn render(
     channel: u64,
     mut events: mpsc::UnboundedReceiver<TurnEvent>,
     mut questions: mpsc::UnboundedReceiver<Post>,
-    stop_row: Value,
+    input: &Inbound,
 ) {
+    // Stop names the running input; Retry the message that was answered.
+    let answered = match input.redo {
+        Some(Redo::Retry { of } | Redo::Edit { of }) => of,
+        None => input.position,
+    };
     let rest = &surface.rest;
     let interval = surface.config.stream_interval;
     // The Stop button, on the turn's messages while it runs.
-    let mut controls = Some(stop_row);
+    let mut controls = Some(controls::stop_row(input.position));
     let mut answer = Answer::new(channel, interval, controls.clone());
     // Per call: its notice and the arguments it showed.
     let mut notices: HashMap<String, (u64, String)> = HashMap::new();
@@ -262,7 +266,8 @@ async fn render(
             TurnEvent::Answer(text) => {
                 controls = None;
                 answer.text = text;
-                answer.controls = None;
+                answer.controls = Some(controls::retry_row(answered));
+                answer.on_last = true;
                 answer.flush(rest, true).await;
                 answer = Answer::new(channel, interval, None);
                 Ok(())

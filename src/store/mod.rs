@@ -611,6 +611,19 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn update_input(&self, conversation: &str, input: &Inbound) -> Result<bool, StoreError> {
+        let body = serde_json::to_string(input).map_err(|e| StoreError::Failed(e.to_string()))?;
+        let done =
+            sqlx::query("UPDATE inbox SET body = ?3 WHERE conversation = ?1 AND position = ?2")
+                .bind(conversation)
+                .bind(input.position as i64)
+                .bind(body)
+                .execute(&self.pool)
+                .await
+                .map_err(db)?;
+        Ok(done.rows_affected() == 1)
+    }
+
     async fn instance_salt(&self) -> Result<String, StoreError> {
         let mut fresh = [0u8; 32];
         getrandom::fill(&mut fresh)

@@ -1485,3 +1485,162 @@ async fn stop_cancels_a_running_tool_call_and_keeps_a_partial_answer() {
         "{log}"
     );
 }
+
+/// Alice edits her message `id` in `channel` to `text`, now.
+fn edit(discord: &FakeDiscord, id: u64, channel: u64, text: &str) {
+    let event = json!({
+        "id": id.to_string(), "channel_id": channel.to_string(), "guild_id": support::discord::GUILD.to_string(),
+        "author": support::discord::user(ALICE, "someone", false), "content": text,
+        "edited_timestamp": serenity::model::Timestamp::now().to_string(), "mentions": [],
+    });
+    discord.dispatch("MESSAGE_UPDATE", event);
+}
+
+#[tokio::test]
+async fn retry_edits_deletions_and_undo_replace_exchanges() {
+    let discord = FakeDiscord::start().await;
+    let model = FakeModel::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    model.script([
+        text("Seven."),
+        text("Three."),
+        text("B."),
+        text("Second answer."),
+        Reply::Stall("Working".into()),
+        text("Short."),
+        text("Fresh."),
+    ]);
+    let bot = start(&discord, &model, dir.path(), &[]).await;
+    let thread = 670_000_000_000_000_001;
+    let callback = |id: u64| format!("/interactions/{id}/token-{id}/callback");
+    let users = |n: usize| user_said(&model.requests()[n]);
+    let sent = |n: usize, text: &str| model.requests()[n].to_string().contains(text);
+
+    // The answer carries Retry; only Alice (who asked) or an admin may.
+    mention(&discord, thread, "pick a number");
+    let answer = discord
+        .wait_for("the answer", |c| c.body["content"] == "Seven.")
+        .await;
+    let retry = first_button(&answer.body).unwrap().to_owned();
+    assert_eq!(retry, format!("retry:{thread}"));
+    discord.dispatch(
+        "INTERACTION_CREATE",
+        press(&discord, 31, thread, BOB, &retry),
+    );
+    let refused = discord
+        .wait_for("Bob's retry", |c| c.path == callback(31))
+        .await;
+    assert_eq!(refused.body["data"]["flags"], 64);
+    discord.dispatch(
+        "INTERACTION_CREATE",
+        press(&discord, 32, thread, ALICE, &retry),
+    );
+    discord
+        .wait_for("another answer", |c| c.body["content"] == "Three.")
+        .await;
+    let pressed = discord
+        .wait_for("Alice's retry", |c| c.path == callback(32))
+        .await;
+    assert_eq!(
+        pressed.body["data"]["components"],
+        json!([]),
+        "the old answer loses Retry"
+    );
+    assert_eq!(users(1), ["pick a number"]);
+    assert!(!sent(1, "Seven."), "the replaced answer is not sent");
+
+    // Editing the last message answers its new text instead.
+    edit(&discord, thread, thread, &format!("<@{BOT}> pick a letter"));
+    discord
+        .wait_for("the answer to the edit", |c| c.body["content"] == "B.")
+        .await;
+    assert_eq!(users(2), ["pick a letter"]);
+    assert!(!sent(2, "Three."));
+
+    // Editing an older one changes nothing, and says so for a while.
+    say(&discord, thread + 1, thread, ALICE, "second");
+    discord
+        .wait_for("the second answer", |c| {
+            c.body["content"] == "Second answer."
+        })
+        .await;
+    edit(&discord, thread, thread, "pick a colour");
+    let notice = discord
+        .wait_for("the notice", |c| {
+            c.body["content"]
+                .as_str()
+                .unwrap_or("")
+                .contains("Only your last message")
+        })
+        .await;
+    assert_eq!(
+        notice.body["message_reference"]["message_id"],
+        thread.to_string()
+    );
+
+    // A deleted message is never answered; an edit of the message being
+    // answered stops that turn and answers the new text.
+    say(&discord, thread + 2, thread, ALICE, "a long task");
+    discord
+        .wait_for("the partial answer", |c| c.body["content"] == "Working")
+        .await;
+    say(&discord, thread + 3, thread, ALICE, "never mind");
+    wait_kept(dir.path(), thread + 3).await;
+    discord.dispatch(
+        "MESSAGE_DELETE",
+        json!({"id": (thread + 3).to_string(), "channel_id": thread.to_string(), "guild_id": support::discord::GUILD.to_string()}),
+    );
+    edit(&discord, thread + 2, thread, "a short task");
+    discord
+        .wait_for("the answer to the edit", |c| c.body["content"] == "Short.")
+        .await;
+    assert_eq!(users(5), ["pick a letter", "second", "a short task"]);
+    assert!(!sent(5, "Working"), "the stopped exchange was replaced");
+
+    // /undo takes the last exchange out.
+    let undo = json!({"id": "1", "name": "undo", "type": 1});
+    discord.dispatch(
+        "INTERACTION_CREATE",
+        discord.interaction(33, 2, thread, BOB, undo.clone(), None),
+    );
+    let original = |id: u64| {
+        format!(
+            "/webhooks/{}/token-{id}/messages/@original",
+            support::discord::APP
+        )
+    };
+    let refused = discord
+        .wait_for("Bob's /undo", |c| c.path == original(33))
+        .await;
+    assert!(
+        refused.body["content"]
+            .as_str()
+            .unwrap()
+            .starts_with("❌ Only"),
+        "{refused:?}"
+    );
+    discord.dispatch(
+        "INTERACTION_CREATE",
+        discord.interaction(34, 2, thread, ALICE, undo, None),
+    );
+    let undone = discord
+        .wait_for("Alice's /undo", |c| c.path == original(34))
+        .await;
+    assert!(
+        undone.body["content"].as_str().unwrap().starts_with("↩️"),
+        "{undone:?}"
+    );
+    say(&discord, thread + 4, thread, ALICE, "what now?");
+    discord
+        .wait_for("the last answer", |c| c.body["content"] == "Fresh.")
+        .await;
+    assert_eq!(users(6), ["pick a letter", "second", "what now?"]);
+    assert_eq!(
+        model.requests().len(),
+        7,
+        "the deleted message was never answered"
+    );
+    assert!(!model_saw(&model, "never mind"));
+    assert!(model.rejected().is_empty(), "{:?}", model.rejected());
+    bot.stop().await;
+}

@@ -236,6 +236,20 @@ impl Store for MemoryStore {
             .remove(&(conversation.to_owned(), position));
         Ok(())
     }
+
+    async fn update_input(&self, conversation: &str, input: &Inbound) -> Result<bool, StoreError> {
+        let mut state = self.writable()?;
+        match state
+            .inbox
+            .get_mut(&(conversation.to_owned(), input.position))
+        {
+            Some(kept) => {
+                *kept = input.clone();
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
 }
 
 /// Lets a test hold a fake at a point and release it: the fake calls
