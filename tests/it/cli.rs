@@ -337,3 +337,31 @@ async fn ctrl_c_stops_the_turn_and_a_second_one_while_idle_ends_the_chat() {
     assert_eq!(sent[1]["content"], "Let me think about");
     assert!(model.rejected().is_empty(), "{:?}", model.rejected());
 }
+
+#[tokio::test]
+async fn retry_and_undo_in_the_terminal() {
+    let model = FakeModel::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    support::write_mcp(dir.path(), json!({}));
+    model.script([text("One."), text("Two."), text("Three.")]);
+    let output = chat(&model, dir.path(), "pick\n/retry\n/undo\n/undo\nagain\n").await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    let out = stdout(&output);
+    assert!(
+        out.contains("One.") && out.contains("Two.") && out.contains("Three."),
+        "{out}"
+    );
+    assert!(
+        out.contains("(the last exchange was removed)") && out.contains("(nothing to undo)"),
+        "{out}"
+    );
+    let requests = model.requests();
+    assert_eq!(support::user_said(&requests[1]), ["pick"]);
+    assert!(
+        !requests[1].to_string().contains("One."),
+        "the retried answer is not sent"
+    );
+    let sent = requests[2]["messages"].as_array().unwrap();
+    assert_eq!(sent.len(), 1, "undone: {sent:?}");
+    assert_eq!(support::user_said(&requests[2]), ["again"]);
+}
