@@ -358,6 +358,8 @@ async fn main() {
                  and answer briefly with the figures that matter."
                     .into(),
             ),
+            timezone: jiff::tz::TimeZone::UTC,
+            clock: Default::default(),
             max_tool_rounds: 10,
             fallback_context_tokens: 200_000,
         },

@@ -123,6 +123,8 @@ fn engine(store: Arc<dyn Store>) -> Engine {
         EngineSettings {
             default_model: "bench/model".into(),
             system_prompt: Some("You are a calculator.".into()),
+            timezone: jiff::tz::TimeZone::UTC,
+            clock: Default::default(),
             max_tool_rounds: 10,
             fallback_context_tokens: 1_000_000,
         },
@@ -180,6 +182,7 @@ impl TurnRunner for Runner {
             ask: mcpcord::conversation::Ask::New(Message::user(input.text)),
             kept: Some(input.position),
             stop,
+            place: Default::default(),
         };
         self.engine
             .run_turn(conversation, turn, &events, &ApproveAll)

@@ -146,6 +146,9 @@ pub struct Config {
     pub base_url: String,
     pub default_model: String,
     pub system_prompt: Option<String>,
+    /// `TIMEZONE`: where the prompt's `{date}`, `{time}` and `{weekday}`
+    /// are told (an IANA name; UTC by default).
+    pub timezone: jiff::tz::TimeZone,
     pub database_url: String,
     pub mcp_config: PathBuf,
     /// False when `MCP_CONFIG` was not set and the default path is used.
@@ -348,6 +351,7 @@ impl Config {
             base_url,
             default_model: get("DEFAULT_MODEL").unwrap_or_else(|| DEFAULT_MODEL.to_owned()),
             system_prompt: get("SYSTEM_PROMPT"),
+            timezone: timezone(get("TIMEZONE"))?,
             database_url: database_url(get("DATABASE_URL"))?,
             mcp_config_explicit: get("MCP_CONFIG").is_some(),
             mcp_config: PathBuf::from(
@@ -376,6 +380,17 @@ fn token_text(name: &'static str, value: &str) -> Result<(), ConfigError> {
         });
     }
     Ok(())
+}
+
+/// An IANA time zone name such as `Europe/Paris`.
+fn timezone(value: Option<String>) -> Result<jiff::tz::TimeZone, ConfigError> {
+    let Some(name) = value else {
+        return Ok(jiff::tz::TimeZone::UTC);
+    };
+    jiff::tz::TimeZone::get(name.trim()).map_err(|_| ConfigError::Invalid {
+        name: "TIMEZONE",
+        problem: format!("{name:?} is not a time zone name such as Europe/Paris or UTC"),
+    })
 }
 
 /// A `sqlite:` URL (the only store so far).

@@ -11,8 +11,8 @@ use tokio::sync::{Mutex, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::conversation::{
-    ApprovalRequest, ApproveAll, Approver, Ask, Decision, DeclineAll, Engine, Message, TurnEvent,
-    TurnInput,
+    ApprovalRequest, ApproveAll, Approver, Ask, Decision, DeclineAll, Engine, Message, Place,
+    TurnEvent, TurnInput,
 };
 
 /// The input, shared by the chat loop and approval questions.
@@ -234,6 +234,10 @@ async fn turn(
         ask,
         kept: None,
         stop,
+        place: Place {
+            channel: "the terminal".into(),
+            server: "this computer".into(),
+        },
     };
     let run = async move {
         let result = engine

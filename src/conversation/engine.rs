@@ -17,8 +17,10 @@ use super::ports::{
     FinishReason, LastInput, ModelError, ModelLookup, Replace, Store, StoreError, TextSink,
     ToolHost, ToolOutcome,
 };
+use super::prompt::{self, Clock, Place};
 use super::think::{Unthink, split_think};
 use super::types::{Author, Message, Role, ToolCall, ToolSpec, TurnEvent, Usage};
+use jiff::tz::TimeZone;
 
 /// Conversations whose history stays cached in memory while idle. Past this,
 /// the least recently used idle ones are forgotten and reloaded from the
@@ -56,7 +58,11 @@ pub const INTERRUPTED: &str =
 #[derive(Debug, Clone)]
 pub struct EngineSettings {
     pub default_model: String,
+    /// For conversations without their own (see `/system`).
     pub system_prompt: Option<String>,
+    /// Where `{date}`, `{time}` and `{weekday}` are told (`TIMEZONE`).
+    pub timezone: TimeZone,
+    pub clock: Clock,
     /// Tool rounds one turn may run before the user is asked to continue.
     pub max_tool_rounds: usize,
     /// Context window assumed for models the catalogue does not list.
@@ -136,6 +142,8 @@ struct Live {
     bytes: usize,
     /// The chosen model, once read from the store.
     model: Option<Option<String>>,
+    /// The conversation's own system prompt, once read from the store.
+    system: Option<Option<String>>,
     /// Where the history sent to the model starts (an index into
     /// `history`). It only moves when the history no longer fits, and then
     /// by a lot at once: each move costs a full prompt cache miss.
@@ -176,6 +184,8 @@ pub struct TurnInput {
     /// Cancelled when the person stops the turn: the model stream is
     /// dropped, running calls are cancelled, and what was shown is kept.
     pub stop: CancellationToken,
+    /// Where it happens, for the prompt's `{channel}` and `{server}`.
+    pub place: Place,
 }
 
 impl From<Message> for TurnInput {
@@ -184,6 +194,7 @@ impl From<Message> for TurnInput {
             ask: Ask::New(message),
             kept: None,
             stop: CancellationToken::new(),
+            place: Place::default(),
         }
     }
 }
@@ -500,11 +511,33 @@ impl Engine {
         // (an aborted turn), so it is only put back at the end.
         // Storing the message, reading the catalogue and starting tool
         // sessions overlap; the model is only asked once all three are done.
-        let TurnInput { ask, kept, stop } = input;
+        let TurnInput {
+            mut ask,
+            kept,
+            stop,
+            place,
+        } = input;
         if stop.is_cancelled() {
             self.put_history(conversation, history, start);
             outcome.stopped = true;
             return Ok(());
+        }
+        let prompt = match self.system_prompt_of(conversation).await {
+            Ok(prompt) => prompt,
+            Err(error) => {
+                self.put_history(conversation, history, start);
+                return Err(TurnError::InputNotStored(error));
+            }
+        };
+        // The time goes with the new message, where it never changes.
+        if prompt.as_deref().is_some_and(prompt::wants_time)
+            && let Ask::New(message) | Ask::Edited { message, .. } = &mut ask
+        {
+            let note = prompt::time_note(self.settings.clock.now(), &self.settings.timezone);
+            message.content = Some(format!(
+                "{note}{}",
+                message.content.take().unwrap_or_default()
+            ));
         }
         let (taken, lookup, tools) = tokio::join!(
             self.take(conversation, ask, kept),
@@ -551,7 +584,7 @@ impl Engine {
         // one order whatever failed, and no time or date in the prompt.
         let mut specs = tools.specs.clone();
         specs.sort_by(|a, b| a.name.cmp(&b.name));
-        let system = self.system_prompt(&history);
+        let system = system_prompt(prompt.as_deref(), &place, &history);
         let context = info
             .and_then(|i| i.context_length)
             .unwrap_or(self.settings.fallback_context_tokens);
@@ -802,17 +835,51 @@ impl Engine {
         Ok(())
     }
 
-    /// The system prompt: the configured one, and a sentence about the
-    /// names before messages when people are named.
-    fn system_prompt(&self, history: &[Message]) -> Option<String> {
-        let configured = self.settings.system_prompt.as_deref();
-        if !history.iter().any(|m| m.author.is_some()) {
-            return configured.map(str::to_owned);
-        }
-        Some(match configured {
-            Some(prompt) => format!("{prompt}\n\n{SPEAKERS_NOTE}"),
-            None => SPEAKERS_NOTE.to_owned(),
-        })
+    /// The system prompt of `conversation`: its own, or the global one.
+    /// Never waits for a running turn.
+    pub async fn system_prompt_of(&self, conversation: &str) -> Result<Option<String>, StoreError> {
+        let own = match self.with_live(conversation, |live| live.system.clone()) {
+            Some(own) => own,
+            None => {
+                let own = self.store.system_prompt(conversation).await?;
+                self.with_live(conversation, |live| live.system.get_or_insert(own).clone())
+            }
+        };
+        Ok(own.or_else(|| self.settings.system_prompt.clone()))
+    }
+
+    /// Whether `conversation` has a system prompt of its own.
+    pub async fn has_own_prompt(&self, conversation: &str) -> Result<bool, StoreError> {
+        self.system_prompt_of(conversation).await?;
+        Ok(self.with_live(conversation, |live| live.system.clone().flatten().is_some()))
+    }
+
+    /// Sets (or with `None` clears) the system prompt of `conversation`.
+    /// A running turn keeps the prompt it started with.
+    pub async fn set_system_prompt(
+        &self,
+        conversation: &str,
+        prompt: Option<&str>,
+    ) -> Result<(), TurnError> {
+        self.store
+            .set_system_prompt(conversation, prompt)
+            .await
+            .map_err(TurnError::SettingNotStored)?;
+        self.with_live(conversation, |live| {
+            live.system = Some(prompt.map(str::to_owned));
+        });
+        Ok(())
+    }
+
+    /// Gives a new conversation the model and system prompt of `from` (a
+    /// thread those of its channel), where it has none of its own.
+    pub async fn inherit(&self, conversation: &str, from: &str) -> Result<(), StoreError> {
+        self.store.inherit(conversation, from).await?;
+        self.with_live(conversation, |live| {
+            live.model = None;
+            live.system = None;
+        });
+        Ok(())
     }
 
     /// A stable pseudonym of `author` for the endpoint's abuse isolation: a
@@ -1052,6 +1119,19 @@ fn retire_tool_images(history: &mut [Message]) {
             ));
         }
     }
+}
+
+/// The system prompt of a turn: `prompt` with its placeholders filled, and
+/// a sentence about the names before messages when people are named.
+fn system_prompt(prompt: Option<&str>, place: &Place, history: &[Message]) -> Option<String> {
+    let prompt = prompt.map(|p| prompt::fill(p, place));
+    if !history.iter().any(|m| m.author.is_some()) {
+        return prompt;
+    }
+    Some(match prompt {
+        Some(prompt) => format!("{prompt}\n\n{SPEAKERS_NOTE}"),
+        None => SPEAKERS_NOTE.to_owned(),
+    })
 }
 
 /// Decides how a model reply continues the turn. Tool calls count even when

@@ -9,6 +9,7 @@ pub mod billing;
 mod engine;
 mod history;
 mod ports;
+mod prompt;
 mod think;
 mod types;
 mod workers;
@@ -23,6 +24,7 @@ pub use ports::{
     ModelLookup, Notices, Replace, Store, StoreError, TextSink, TimedApprover, ToolHost, ToolList,
     ToolOutcome, Unbilled, UnbilledUpdate,
 };
+pub use prompt::{Clock, Place};
 pub use types::{
     AttachmentRef, Author, Inbound, Message, Redo, Role, ToolCall, ToolSpec, TurnEvent, Usage,
     UsageTotals, cached_percent,

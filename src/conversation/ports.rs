@@ -444,6 +444,16 @@ pub trait Store: Send + Sync {
     /// The model chosen for `conversation`, if any.
     async fn model(&self, conversation: &str) -> Result<Option<String>, StoreError>;
     async fn set_model(&self, conversation: &str, model: Option<&str>) -> Result<(), StoreError>;
+    /// The system prompt set for `conversation`, if any.
+    async fn system_prompt(&self, conversation: &str) -> Result<Option<String>, StoreError>;
+    async fn set_system_prompt(
+        &self,
+        conversation: &str,
+        prompt: Option<&str>,
+    ) -> Result<(), StoreError>;
+    /// Gives `conversation` the model and system prompt of `from` where it
+    /// has none of its own (a new thread, from its channel).
+    async fn inherit(&self, conversation: &str, from: &str) -> Result<(), StoreError>;
     /// The history, oldest first, exactly as stored (see `history::repair`).
     async fn history(&self, conversation: &str) -> Result<Vec<Message>, StoreError>;
     /// Appends `messages` in one transaction: all of them or none.

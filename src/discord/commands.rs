@@ -10,7 +10,9 @@ use serenity::all::{CommandDataOptionValue, CommandInteraction};
 
 use super::access::Place;
 use super::inbound::conversation_of;
-use super::protocol::{MAX_CHOICE_CHARS, MAX_CHOICES, command, flags, response};
+use super::protocol::{
+    MAX_CHOICE_CHARS, MAX_CHOICES, THREAD_CHANNEL_TYPES, command, flags, response,
+};
 use super::render::MAX_MESSAGE_CHARS;
 use super::rest::RestError;
 use super::{Bot, controls};
@@ -26,6 +28,12 @@ pub fn definitions() -> Value {
         {"name": "model", "description": "Show or change this conversation's model", "type": command::CHAT_INPUT,
          "options": [{"name": "model", "description": "A model that supports tools", "type": command::STRING_OPTION,
                       "required": false, "autocomplete": true}]},
+        {"name": "system", "description": "Show, set or clear the system prompt here (in a channel: for new threads)", "type": command::CHAT_INPUT,
+         "options": [
+            {"name": "prompt", "description": "The new prompt; {date}, {time}, {weekday}, {channel} and {server} are filled in", "type": command::STRING_OPTION,
+             "required": false, "max_length": MAX_PROMPT_CHARS},
+            {"name": "clear", "description": "Go back to the default prompt", "type": command::BOOLEAN_OPTION, "required": false}
+         ]},
         {"name": "tools", "description": "The tools available here", "type": command::CHAT_INPUT},
         {"name": "usage", "description": "Tokens and cost so far", "type": command::CHAT_INPUT}
     ])
@@ -58,6 +66,9 @@ struct Caller {
     user: u64,
     guild: Option<u64>,
     admin: bool,
+    /// Used in a server's channel (not a thread): `/model` and `/system`
+    /// set the defaults of threads started there later.
+    channel_defaults: bool,
 }
 
 /// `/stop` and `/retry`: answered at once, and only to the caller unless
@@ -116,11 +127,16 @@ async fn caller(bot: &Bot, command: &CommandInteraction) -> anyhow::Result<Calle
     if !surface.access.allows(&place) && !admin {
         anyhow::bail!("You are not allowed to use this bot here.");
     }
+    let thread = command
+        .channel
+        .as_ref()
+        .is_some_and(|c| THREAD_CHANNEL_TYPES.contains(&u64::from(u8::from(c.kind))));
     Ok(Caller {
         conversation,
         user,
         guild,
         admin,
+        channel_defaults: guild.is_some() && !thread,
     })
 }
 
@@ -131,7 +147,9 @@ async fn reply(bot: &Bot, command: &CommandInteraction) -> anyhow::Result<String
         guild,
         admin,
         user,
+        channel_defaults,
     } = caller(bot, command).await?;
+    let here = Scope { channel_defaults };
     match command.data.name.as_str() {
         "undo" => {
             let asker = controls::Asker {
@@ -157,7 +175,8 @@ async fn reply(bot: &Bot, command: &CommandInteraction) -> anyhow::Result<String
             });
             match wanted {
                 None => Ok(format!(
-                    "This conversation uses `{}`.",
+                    "{} `{}`.",
+                    here.says("use"),
                     surface.engine.model_of(&conversation).await?
                 )),
                 Some(_) if !admin => {
@@ -170,10 +189,11 @@ async fn reply(bot: &Bot, command: &CommandInteraction) -> anyhow::Result<String
                         .engine
                         .set_model(&conversation, Some(&model))
                         .await?;
-                    Ok(format!("This conversation now uses `{model}`."))
+                    Ok(format!("{} `{model}` from now on.", here.says("use")))
                 }
             }
         }
+        "system" => system(bot, command, &conversation, admin, here).await,
         "tools" => {
             let list = surface.tools.tools(&conversation).await;
             let mut by_server: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -212,6 +232,94 @@ async fn reply(bot: &Bot, command: &CommandInteraction) -> anyhow::Result<String
         }
         other => anyhow::bail!("Unknown command /{other}."),
     }
+}
+
+/// What `/model` and `/system` apply to: the conversation, or (in a
+/// server's channel) the threads started there later.
+#[derive(Debug, Clone, Copy)]
+struct Scope {
+    channel_defaults: bool,
+}
+
+impl Scope {
+    /// The subject and `verb`, agreeing.
+    fn says(self, verb: &str) -> String {
+        if self.channel_defaults {
+            format!("New threads in this channel {verb}")
+        } else {
+            format!("This conversation {verb}s")
+        }
+    }
+}
+
+/// The longest prompt `/system` takes (Discord's limit on an option).
+const MAX_PROMPT_CHARS: usize = 6000;
+
+/// `/system`: shows the prompt in use here, or (admins) sets or clears it.
+async fn system(
+    bot: &Bot,
+    command: &CommandInteraction,
+    conversation: &str,
+    admin: bool,
+    here: Scope,
+) -> anyhow::Result<String> {
+    let engine = &bot.surface.engine;
+    let mut prompt = None;
+    let mut clear = false;
+    for option in &command.data.options {
+        match (&option.value, option.name.as_str()) {
+            (CommandDataOptionValue::String(text), "prompt") => {
+                prompt = Some(text.trim().to_owned())
+            }
+            (CommandDataOptionValue::Boolean(yes), "clear") => clear = *yes,
+            _ => {}
+        }
+    }
+    if (prompt.is_some() || clear) && !admin {
+        anyhow::bail!("Only admins (or people with Manage Threads) can change the system prompt.");
+    }
+    match (prompt, clear) {
+        (Some(_), true) => anyhow::bail!("Give a prompt or clear it, not both."),
+        (Some(prompt), false) if prompt.is_empty() => {
+            anyhow::bail!("The prompt is empty; use clear to go back to the default.")
+        }
+        (Some(prompt), false) => {
+            engine
+                .set_system_prompt(conversation, Some(&prompt))
+                .await?;
+            Ok(format!(
+                "{} this system prompt from now on:\n{}",
+                here.says("follow"),
+                quoted(&prompt)
+            ))
+        }
+        (None, true) => {
+            engine.set_system_prompt(conversation, None).await?;
+            Ok(format!(
+                "{} the default system prompt from now on.",
+                here.says("follow")
+            ))
+        }
+        (None, false) => {
+            let own = engine.has_own_prompt(conversation).await?;
+            Ok(match engine.system_prompt_of(conversation).await? {
+                Some(prompt) if own => format!("The system prompt here:\n{}", quoted(&prompt)),
+                Some(prompt) => format!(
+                    "The default system prompt is used here:\n{}",
+                    quoted(&prompt)
+                ),
+                None => "No system prompt is used here.".to_owned(),
+            })
+        }
+    }
+}
+
+/// Text shown as a quote block.
+fn quoted(text: &str) -> String {
+    text.lines()
+        .map(|l| format!("> {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Models that support tools, matching what was typed, from the cached

@@ -126,6 +126,15 @@ pub async fn route(surface: &Surface, msg: &DiscordMessage) -> Result<Option<Tar
                 "{e}. The thread was started, but I could not remember it: mention me in it to go on"
             ))
         })?;
+    // A new thread starts with its channel's model and prompt (/model and
+    // /system in the channel).
+    if let Err(error) = surface
+        .engine
+        .inherit(&conversation, &conversation_of(channel))
+        .await
+    {
+        tracing::warn!(%error, conversation, "the thread could not take its channel's settings");
+    }
     Ok(Some(Target {
         channel: thread,
         conversation,

@@ -28,8 +28,9 @@ mod retry;
 mod stream;
 mod turns;
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -38,7 +39,9 @@ use serenity::all::{GatewayIntents, HttpBuilder, RoleId};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::DiscordConfig;
-use crate::conversation::{ChatModel, Engine, Store, StoreError, ToolHost, UsageTotals, Workers};
+use crate::conversation::{
+    ChatModel, Engine, Place, Store, StoreError, ToolHost, UsageTotals, Workers,
+};
 use access::Access;
 use approvals::Approvals;
 use handler::Handler;
@@ -46,6 +49,8 @@ use rest::Rest;
 
 /// How often the health file is refreshed.
 const HEALTH_EVERY: Duration = Duration::from_secs(15);
+/// Channel and server names kept for the prompt's placeholders.
+const MAX_NAMES: usize = 10_000;
 /// How long the gateway gets to close at shutdown.
 const GATEWAY_CLOSE: Duration = Duration::from_secs(10);
 
@@ -102,6 +107,9 @@ pub(crate) struct Surface {
     application_id: u64,
     /// The bot's own user id, once the gateway said it.
     me: AtomicU64,
+    /// Names of channels and servers, for the prompt's placeholders (read
+    /// once: a prompt that changed with a rename would lose its cache).
+    names: Mutex<HashMap<String, String>>,
     /// Held from reading the gateway state to writing the health file, so
     /// a stale state never overwrites a newer one.
     health: tokio::sync::Mutex<()>,
@@ -114,6 +122,61 @@ impl Surface {
 
     fn set_me(&self, id: u64) {
         self.me.store(id, Ordering::SeqCst);
+    }
+
+    /// The name of a channel (`#name`; a thread's is its channel's) and of
+    /// its server, for `{channel}` and `{server}`.
+    async fn place(&self, channel: u64) -> Place {
+        let read = self.rest.channel(channel).await.unwrap_or_default();
+        let kind = read["type"].as_u64().unwrap_or(0);
+        if kind == protocol::DM_CHANNEL_TYPE {
+            return Place {
+                channel: "direct messages".into(),
+                server: "direct messages".into(),
+            };
+        }
+        let named = match inbound::snowflake(&read["parent_id"]) {
+            Some(parent) if protocol::THREAD_CHANNEL_TYPES.contains(&kind) => parent,
+            _ => channel,
+        };
+        let channel_name = self
+            .name(format!("channel:{named}"), async {
+                let read = self.rest.channel(named).await.ok()?;
+                Some(format!("#{}", read["name"].as_str()?))
+            })
+            .await;
+        let server = match inbound::snowflake(&read["guild_id"]) {
+            Some(guild) => {
+                self.name(format!("guild:{guild}"), async {
+                    let read = self.rest.guild(guild).await.ok()?;
+                    Some(read["name"].as_str()?.to_owned())
+                })
+                .await
+            }
+            None => String::new(),
+        };
+        Place {
+            channel: channel_name,
+            server,
+        }
+    }
+
+    /// A name from the cache, or read (and kept, when found).
+    async fn name(&self, key: String, read: impl Future<Output = Option<String>>) -> String {
+        if let Some(name) = self.names.lock().expect("names poisoned").get(&key) {
+            return name.clone();
+        }
+        match read.await {
+            Some(name) => {
+                let mut names = self.names.lock().expect("names poisoned");
+                if names.len() > MAX_NAMES {
+                    names.clear();
+                }
+                names.insert(key, name.clone());
+                name
+            }
+            None => String::new(),
+        }
     }
 
     /// Posts `content` in `channel`; a failure is only logged.
@@ -174,6 +237,7 @@ pub async fn run(
         approvals: Approvals::default(),
         application_id,
         me: AtomicU64::new(0),
+        names: Mutex::default(),
         health: tokio::sync::Mutex::new(()),
     });
     let workers = Workers::new(ports.store, Arc::new(turns::Turns(surface.clone())));

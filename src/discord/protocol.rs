@@ -40,8 +40,12 @@ pub mod command {
     pub const CHAT_INPUT: u8 = 1;
     /// A string option.
     pub const STRING_OPTION: u8 = 3;
+    /// A boolean option.
+    pub const BOOLEAN_OPTION: u8 = 5;
 }
 
+/// The channel type of a direct message.
+pub const DM_CHANNEL_TYPE: u64 = 1;
 /// Channel types that are threads (announcement, public, private).
 pub const THREAD_CHANNEL_TYPES: std::ops::RangeInclusive<u64> = 10..=12;
 

@@ -112,6 +112,17 @@ impl Rest {
         .await
     }
 
+    /// A server (`name`, ...).
+    pub async fn guild(&self, guild: u64) -> Result<Value, RestError> {
+        self.send(
+            Method::GET,
+            &format!("/guilds/{guild}"),
+            None,
+            "reading a server",
+        )
+        .await
+    }
+
     pub async fn create_message(&self, channel: u64, body: Value) -> Result<u64, RestError> {
         let message = self
             .send(

@@ -19,7 +19,7 @@ use super::rest::Attachment;
 use super::stream::Answer;
 use super::{Surface, controls};
 use crate::conversation::{
-    Ask, Inbound, Redo, Stopped, TimedApprover, TurnEvent, TurnInput, TurnRunner,
+    Ask, Inbound, Place, Redo, Stopped, TimedApprover, TurnEvent, TurnInput, TurnRunner,
 };
 
 /// Ends an answer the person stopped (Discord's small grey text).
@@ -98,10 +98,19 @@ impl TurnRunner for Turns {
                 Some(Redo::Retry { of }) => Ask::Again { of: Some(of) },
                 Some(Redo::Edit { of }) => Ask::Edited { message, of },
             };
+            // Names are only read when the prompt asks for them.
+            let prompt = surface.engine.system_prompt_of(conversation).await;
+            let place = match prompt {
+                Ok(Some(prompt)) if prompt.contains("{channel}") || prompt.contains("{server}") => {
+                    surface.place(channel).await
+                }
+                _ => Place::default(),
+            };
             let turn = TurnInput {
                 ask,
                 kept: Some(input.position),
                 stop,
+                place,
             };
             // A failure is an error event too, and is logged by the engine.
             let _ = surface

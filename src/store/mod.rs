@@ -450,6 +450,56 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn system_prompt(&self, conversation: &str) -> Result<Option<String>, StoreError> {
+        let row: Option<(Option<String>,)> =
+            sqlx::query_as("SELECT system_prompt FROM conversations WHERE key = ?1")
+                .bind(conversation)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db)?;
+        Ok(row.and_then(|(prompt,)| prompt))
+    }
+
+    async fn set_system_prompt(
+        &self,
+        conversation: &str,
+        prompt: Option<&str>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO conversations (key, system_prompt, created_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (key) DO UPDATE SET system_prompt = excluded.system_prompt",
+        )
+        .bind(conversation)
+        .bind(prompt)
+        .bind(now())
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        self.remember(conversation);
+        Ok(())
+    }
+
+    async fn inherit(&self, conversation: &str, from: &str) -> Result<(), StoreError> {
+        let done = sqlx::query(
+            "INSERT INTO conversations (key, model, system_prompt, created_at)
+             SELECT ?1, model, system_prompt, ?3 FROM conversations WHERE key = ?2
+             ON CONFLICT (key) DO UPDATE SET
+                model = COALESCE(conversations.model, excluded.model),
+                system_prompt = COALESCE(conversations.system_prompt, excluded.system_prompt)",
+        )
+        .bind(conversation)
+        .bind(from)
+        .bind(now())
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        // Nothing is written when `from` has no row.
+        if done.rows_affected() > 0 {
+            self.remember(conversation);
+        }
+        Ok(())
+    }
+
     async fn history(&self, conversation: &str) -> Result<Vec<Message>, StoreError> {
         let rows: Vec<MessageRow> = sqlx::query_as(
             "SELECT role, content, images, tool_calls, tool_call_id, reasoning, reasoning_details,

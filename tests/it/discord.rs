@@ -374,7 +374,7 @@ async fn slash_commands_answer_in_time() {
         set.body["content"]
             .as_str()
             .unwrap()
-            .contains("now uses `test/small`")
+            .contains("uses `test/small` from now on")
     );
     assert_eq!(
         bot.app

@@ -304,6 +304,8 @@ fn echo_engine(
         mcpcord::conversation::EngineSettings {
             default_model: "test/model".into(),
             system_prompt: None,
+            timezone: jiff::tz::TimeZone::UTC,
+            clock: Default::default(),
             max_tool_rounds: 3,
             fallback_context_tokens: 100_000,
         },

@@ -54,6 +54,7 @@ impl TurnRunner for Runner {
             )),
             kept: Some(input.position),
             stop,
+            place: Default::default(),
         };
         let _ = self
             .engine
@@ -113,6 +114,8 @@ impl Setup {
             EngineSettings {
                 default_model: "test/model".into(),
                 system_prompt: None,
+                timezone: jiff::tz::TimeZone::UTC,
+                clock: Default::default(),
                 max_tool_rounds: 2,
                 fallback_context_tokens: 100_000,
             },

@@ -59,7 +59,7 @@ impl FakeDiscord {
         };
         state.channels.insert(
             CHANNEL,
-            json!({"id": CHANNEL.to_string(), "type": 0, "guild_id": GUILD.to_string()}),
+            json!({"id": CHANNEL.to_string(), "type": 0, "guild_id": GUILD.to_string(), "name": "general"}),
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base_url = format!("http://{}", listener.local_addr().unwrap());
@@ -364,6 +364,7 @@ async fn rest(
             json!({"id": APP.to_string(), "name": "mcpcord", "flags": 0})
         }
         ("GET", ["users", "@me"]) => user(BOT, "mcpcord", true),
+        ("GET", ["guilds", guild]) => json!({"id": guild, "name": "Makers"}),
         ("GET", ["channels", channel]) => match state.channels.get(&channel.parse().unwrap_or(0)) {
             Some(channel) => channel.clone(),
             None => {

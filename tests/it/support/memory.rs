@@ -25,6 +25,7 @@ pub struct MemoryStore {
 #[derive(Debug, Default)]
 struct Stored {
     models: HashMap<String, Option<String>>,
+    prompts: HashMap<String, Option<String>>,
     messages: HashMap<String, Vec<Message>>,
     inbox: BTreeMap<(String, u64), Inbound>,
     /// Unbilled replies and when each is due (`None`: billed or given up).
@@ -140,6 +141,35 @@ impl Store for MemoryStore {
         state
             .models
             .insert(conversation.to_owned(), model.map(str::to_owned));
+        Ok(())
+    }
+
+    async fn system_prompt(&self, conversation: &str) -> Result<Option<String>, StoreError> {
+        Ok(self.lock().prompts.get(conversation).cloned().flatten())
+    }
+
+    async fn set_system_prompt(
+        &self,
+        conversation: &str,
+        prompt: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let mut state = self.writable()?;
+        state
+            .prompts
+            .insert(conversation.to_owned(), prompt.map(str::to_owned));
+        Ok(())
+    }
+
+    async fn inherit(&self, conversation: &str, from: &str) -> Result<(), StoreError> {
+        let mut guard = self.writable()?;
+        let state = &mut *guard;
+        for map in [&mut state.models, &mut state.prompts] {
+            if let Some(Some(value)) = map.get(from).cloned() {
+                map.entry(conversation.to_owned())
+                    .or_default()
+                    .get_or_insert(value);
+            }
+        }
         Ok(())
     }
 

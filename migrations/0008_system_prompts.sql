@@ -1,0 +1,3 @@
+-- A conversation's own system prompt (set with /system). A Discord
+-- channel's row holds the defaults its new threads start with.
+ALTER TABLE conversations ADD COLUMN system_prompt TEXT;
