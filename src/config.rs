@@ -532,6 +532,21 @@ mod tests {
     }
 
     #[test]
+    fn the_time_zone_is_named_and_checked() {
+        let key = ("OPENROUTER_API_KEY", "sk-or-v1-x");
+        assert_eq!(config(&[key]).unwrap().timezone, jiff::tz::TimeZone::UTC);
+        let paris = config(&[key, ("TIMEZONE", "Europe/Paris")]).unwrap();
+        assert_eq!(paris.timezone.iana_name(), Some("Europe/Paris"));
+        let error = config(&[key, ("TIMEZONE", "Mars/Olympus")]).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .starts_with("Invalid TIMEZONE: \"Mars/Olympus\" is not a time zone"),
+            "{error}"
+        );
+    }
+
+    #[test]
     fn bad_numbers_name_the_variable() {
         let err = config(&[("OPENROUTER_API_KEY", "k"), ("MAX_TOOL_ROUNDS", "lots")]).unwrap_err();
         assert_eq!(

@@ -145,10 +145,14 @@ pub async fn run(
                 command_model(engine, conversation, rest.trim(), out, err).await?;
                 continue;
             }
+            "/system" => {
+                command_system(engine, conversation, rest.trim(), out, err).await?;
+                continue;
+            }
             _ if word.starts_with('/') && !word[1..].contains('/') => {
                 writeln!(
                     err,
-                    "error: there is no command {word}. Commands: /reset, /retry, /undo, /model [name]."
+                    "error: there is no command {word}. Commands: /reset, /retry, /undo, /model [name], /system [prompt | --default]."
                 )?;
                 continue;
             }
@@ -197,6 +201,33 @@ async fn watch(
     tokio::select! {
         result = turn => result.map(|()| Ended::Turn),
         () = interrupted => Ok(Ended::Chat),
+    }
+}
+
+/// `/system` shows the prompt, `/system TEXT` sets it, `/system --default`
+/// goes back to the global one.
+async fn command_system(
+    engine: &Engine,
+    conversation: &str,
+    prompt: &str,
+    out: &mut impl Write,
+    err: &mut impl Write,
+) -> std::io::Result<()> {
+    let set = match prompt {
+        "" => {
+            return match engine.system_prompt_of(conversation).await {
+                Ok(Some(prompt)) => writeln!(out, "(system prompt: {prompt})"),
+                Ok(None) => writeln!(out, "(no system prompt)"),
+                Err(e) => writeln!(err, "error: {e}"),
+            };
+        }
+        "--default" => None,
+        prompt => Some(prompt),
+    };
+    match engine.set_system_prompt(conversation, set).await {
+        Ok(()) if set.is_some() => writeln!(out, "(system prompt set)"),
+        Ok(()) => writeln!(out, "(back to the default system prompt)"),
+        Err(e) => writeln!(err, "error: {e}"),
     }
 }
 

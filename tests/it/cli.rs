@@ -339,12 +339,17 @@ async fn ctrl_c_stops_the_turn_and_a_second_one_while_idle_ends_the_chat() {
 }
 
 #[tokio::test]
-async fn retry_and_undo_in_the_terminal() {
+async fn retry_undo_and_system_in_the_terminal() {
     let model = FakeModel::start().await;
     let dir = tempfile::tempdir().unwrap();
     support::write_mcp(dir.path(), json!({}));
     model.script([text("One."), text("Two."), text("Three.")]);
-    let output = chat(&model, dir.path(), "pick\n/retry\n/undo\n/undo\nagain\n").await;
+    let output = chat(
+        &model,
+        dir.path(),
+        "pick\n/retry\n/undo\n/undo\n/system Answer in {channel}.\n/system\nagain\n",
+    )
+    .await;
     assert!(output.status.success(), "{}", stderr(&output));
     let out = stdout(&output);
     assert!(
@@ -362,6 +367,16 @@ async fn retry_and_undo_in_the_terminal() {
         "the retried answer is not sent"
     );
     let sent = requests[2]["messages"].as_array().unwrap();
-    assert_eq!(sent.len(), 1, "undone: {sent:?}");
+    assert_eq!(sent.len(), 2, "undone: {sent:?}");
+    assert_eq!(sent[0]["content"], "Answer in the terminal.");
     assert_eq!(support::user_said(&requests[2]), ["again"]);
+    assert!(
+        out.contains("(system prompt: Answer in {channel}.)"),
+        "{out}"
+    );
+    assert!(
+        requests[2].to_string().contains("Answer in the terminal."),
+        "{:?}",
+        requests[2]
+    );
 }

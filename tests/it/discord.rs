@@ -1644,3 +1644,125 @@ async fn retry_edits_deletions_and_undo_replace_exchanges() {
     assert!(model.rejected().is_empty(), "{:?}", model.rejected());
     bot.stop().await;
 }
+
+#[tokio::test]
+async fn a_channels_prompt_and_model_are_inherited_by_its_new_threads() {
+    let discord = FakeDiscord::start().await;
+    let model = FakeModel::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    model.script([text("Hello from general."), text("Plain.")]);
+    let bot = start(
+        &discord,
+        &model,
+        dir.path(),
+        &[
+            ("ADMIN_USERS", &ALICE.to_string()),
+            ("SYSTEM_PROMPT", "Be brief."),
+        ],
+    )
+    .await;
+    let original = |id: u64| {
+        format!(
+            "/webhooks/{}/token-{id}/messages/@original",
+            support::discord::APP
+        )
+    };
+    let command = |id: u64, user: u64, channel: u64, data: Value| {
+        discord.dispatch(
+            "INTERACTION_CREATE",
+            discord.interaction(id, 2, channel, user, data, None),
+        );
+    };
+    let system =
+        |options: Value| json!({"id": "1", "name": "system", "type": 1, "options": options});
+    let prompt = "You help in {channel} on {server}.";
+
+    // Bob is no admin.
+    command(
+        41,
+        BOB,
+        CHANNEL,
+        system(json!([{"name": "prompt", "type": 3, "value": prompt}])),
+    );
+    let refused = discord
+        .wait_for("Bob's /system", |c| c.path == original(41))
+        .await;
+    assert!(
+        refused.body["content"]
+            .as_str()
+            .unwrap()
+            .starts_with("❌ Only admins"),
+        "{refused:?}"
+    );
+    command(
+        42,
+        ALICE,
+        CHANNEL,
+        system(json!([{"name": "prompt", "type": 3, "value": prompt}])),
+    );
+    let set = discord
+        .wait_for("Alice's /system", |c| c.path == original(42))
+        .await;
+    assert!(
+        set.body["content"]
+            .as_str()
+            .unwrap()
+            .starts_with("New threads in this channel follow"),
+        "{set:?}"
+    );
+    command(
+        43,
+        ALICE,
+        CHANNEL,
+        json!({"id": "1", "name": "model", "type": 1, "options": [{"name": "model", "type": 3, "value": "test/small"}]}),
+    );
+    discord
+        .wait_for("Alice's /model", |c| c.path == original(43))
+        .await;
+
+    // A thread started there later has both.
+    let thread = 680_000_000_000_000_001;
+    mention(&discord, thread, "hi");
+    discord
+        .wait_for("the answer", |c| c.body["content"] == "Hello from general.")
+        .await;
+    let request = &model.requests()[0];
+    assert_eq!(request["model"], "test/small");
+    let system_text = request["messages"][0].to_string();
+    assert!(
+        system_text.contains("You help in #general on Makers."),
+        "{system_text}"
+    );
+    command(44, BOB, thread, system(json!([])));
+    let shown = discord
+        .wait_for("/system in the thread", |c| c.path == original(44))
+        .await;
+    assert!(
+        shown.body["content"]
+            .as_str()
+            .unwrap()
+            .contains("> You help in {channel} on {server}."),
+        "{shown:?}"
+    );
+
+    // Cleared in the thread, it follows the global prompt again.
+    command(
+        45,
+        ALICE,
+        thread,
+        system(json!([{"name": "clear", "type": 5, "value": true}])),
+    );
+    discord
+        .wait_for("the clear", |c| c.path == original(45))
+        .await;
+    say(&discord, thread + 1, thread, ALICE, "and now?");
+    discord
+        .wait_for("the second answer", |c| c.body["content"] == "Plain.")
+        .await;
+    let system_text = model.requests()[1]["messages"][0].to_string();
+    assert!(
+        system_text.contains("Be brief.") && !system_text.contains("You help"),
+        "{system_text}"
+    );
+    bot.stop().await;
+}

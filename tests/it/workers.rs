@@ -562,3 +562,66 @@ async fn a_turn_cut_before_its_input_was_stored_is_answered_after_the_restart() 
     );
     assert_eq!(store.user_texts("c"), ["slow download"]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_prompt_names_the_place_and_the_time_goes_with_each_new_message() {
+    use mcpcord::conversation::{Ask, Clock, Place};
+    let store = Arc::new(MemoryStore::default());
+    let model = ScriptedModel::new([answer("noted"), answer("again")]);
+    let at: jiff::Timestamp = "2026-12-03T23:30:00Z".parse().unwrap();
+    let engine = Engine::new(
+        model.clone(),
+        Arc::new(FakeTools::new(&[])),
+        store.clone(),
+        EngineSettings {
+            default_model: "test/model".into(),
+            system_prompt: Some("Global.".into()),
+            timezone: jiff::tz::TimeZone::get("Europe/Paris").unwrap(),
+            clock: Clock::fixed(at),
+            max_tool_rounds: 2,
+            fallback_context_tokens: 100_000,
+        },
+    );
+    engine
+        .set_system_prompt(
+            "c",
+            Some("You help in {channel} on {server}. Today is {weekday} {date}."),
+        )
+        .await
+        .unwrap();
+    let place = Place {
+        channel: "#general".into(),
+        server: "Makers".into(),
+    };
+    for text in ["first", "second"] {
+        let (events, _received) = mpsc::unbounded_channel();
+        let input = TurnInput {
+            ask: Ask::New(mcpcord::conversation::Message::user(text)),
+            kept: None,
+            stop: Default::default(),
+            place: place.clone(),
+        };
+        engine
+            .run_turn("c", input, &events, &ApproveAll)
+            .await
+            .unwrap();
+    }
+    let systems = model.systems();
+    assert_eq!(systems[0], systems[1], "the prompt stays the same");
+    let system = systems[0].clone().unwrap();
+    assert!(
+        system.starts_with("You help in #general on Makers. Today is the weekday"),
+        "{system}"
+    );
+    assert!(!system.contains("2026"), "no date in the prompt: {system}");
+    // Each new message carries the time it was sent, in TIMEZONE.
+    let sent = &model.requests()[1];
+    assert_eq!(sent[0].text(), "[Friday 2026-12-04 00:30 CET] first");
+    assert_eq!(sent[2].text(), "[Friday 2026-12-04 00:30 CET] second");
+    // Without a prompt of its own, a conversation has the global one.
+    engine.set_system_prompt("c", None).await.unwrap();
+    assert_eq!(
+        engine.system_prompt_of("c").await.unwrap().as_deref(),
+        Some("Global.")
+    );
+}

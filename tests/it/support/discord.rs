@@ -215,10 +215,18 @@ impl FakeDiscord {
         data: Value,
         message: Option<Value>,
     ) -> Value {
+        // A thread unless the channel is known as something else.
+        let channel_type = self
+            .state
+            .lock()
+            .unwrap()
+            .channels
+            .get(&channel)
+            .map_or(11, |c| c["type"].as_u64().unwrap_or(11));
         let mut interaction = json!({
             "id": id.to_string(), "application_id": APP.to_string(), "type": kind, "data": data,
             "guild_id": GUILD.to_string(), "channel_id": channel.to_string(),
-            "channel": {"id": channel.to_string(), "type": 11},
+            "channel": {"id": channel.to_string(), "type": channel_type},
             "member": {"user": user(user_id, "someone", false), "roles": [], "joined_at": "2026-01-01T00:00:00+00:00",
                        "deaf": false, "mute": false, "flags": 0, "permissions": "0"},
             "token": format!("token-{id}"), "version": 1, "locale": "en-US", "guild_locale": "en-US",

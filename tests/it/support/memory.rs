@@ -350,6 +350,8 @@ pub struct ScriptedModel {
     script: Mutex<VecDeque<Scripted>>,
     /// The messages of every request, as sent.
     requests: Mutex<Vec<Vec<Message>>>,
+    /// The system prompt of every request.
+    systems: Mutex<Vec<Option<String>>>,
     next_id: std::sync::atomic::AtomicU64,
 }
 
@@ -366,6 +368,11 @@ impl ScriptedModel {
 
     pub fn requests(&self) -> Vec<Vec<Message>> {
         self.requests.lock().unwrap().clone()
+    }
+
+    /// The system prompt of each request.
+    pub fn systems(&self) -> Vec<Option<String>> {
+        self.systems.lock().unwrap().clone()
     }
 
     /// The last user message of each request.
@@ -453,6 +460,10 @@ impl ChatModel for ScriptedModel {
             .lock()
             .unwrap()
             .push(request.messages.to_vec());
+        self.systems
+            .lock()
+            .unwrap()
+            .push(request.system.map(str::to_owned));
         let next = self.script.lock().unwrap().pop_front();
         let Some(next) = next else {
             panic!(
