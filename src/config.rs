@@ -182,40 +182,7 @@ pub enum ModelApi {
     OpenAi,
 }
 
-/// `REASONING_EFFORT`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReasoningEffort {
-    Minimal,
-    Low,
-    Medium,
-    High,
-}
-
-impl ReasoningEffort {
-    fn parse(value: &str) -> Result<Self, ConfigError> {
-        Ok(match value.to_ascii_lowercase().as_str() {
-            "minimal" => ReasoningEffort::Minimal,
-            "low" => ReasoningEffort::Low,
-            "medium" => ReasoningEffort::Medium,
-            "high" => ReasoningEffort::High,
-            _ => {
-                return Err(ConfigError::Invalid {
-                    name: "REASONING_EFFORT",
-                    problem: format!("{value:?} is not one of minimal, low, medium, high"),
-                });
-            }
-        })
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ReasoningEffort::Minimal => "minimal",
-            ReasoningEffort::Low => "low",
-            ReasoningEffort::Medium => "medium",
-            ReasoningEffort::High => "high",
-        }
-    }
-}
+pub use crate::conversation::ReasoningEffort;
 
 /// OpenRouter's web search server tool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -362,7 +329,12 @@ impl Config {
             app_url,
             provider: provider(get("OPENROUTER_PROVIDER"))?,
             reasoning_effort: get("REASONING_EFFORT")
-                .map(|v| ReasoningEffort::parse(&v))
+                .map(|v| {
+                    ReasoningEffort::parse(&v).ok_or_else(|| ConfigError::Invalid {
+                        name: "REASONING_EFFORT",
+                        problem: format!("{v:?} is not one of minimal, low, medium, high"),
+                    })
+                })
                 .transpose()?,
             web_search,
             limits,

@@ -296,7 +296,7 @@ async fn turn(
                     writeln!(out, "→ {name} {arguments}")?;
                 }
                 TurnEvent::ToolFinished { .. } => {}
-                TurnEvent::Answer(answer) => {
+                TurnEvent::Answer { text: answer, .. } => {
                     if std::mem::take(&mut open_line) {
                         writeln!(out)?;
                     } else {

@@ -19,7 +19,7 @@ use super::ports::{
 };
 use super::prompt::{self, Clock, Place};
 use super::think::{Unthink, split_think};
-use super::types::{Author, Message, Role, ToolCall, ToolSpec, TurnEvent, Usage};
+use super::types::{Author, Message, ReasoningEffort, Role, ToolCall, ToolSpec, TurnEvent, Usage};
 use jiff::tz::TimeZone;
 
 /// Conversations whose history stays cached in memory while idle. Past this,
@@ -144,6 +144,8 @@ struct Live {
     model: Option<Option<String>>,
     /// The conversation's own system prompt, once read from the store.
     system: Option<Option<String>>,
+    /// Its reasoning effort, once read from the store.
+    reasoning: Option<Option<ReasoningEffort>>,
     /// Where the history sent to the model starts (an index into
     /// `history`). It only moves when the history no longer fits, and then
     /// by a lot at once: each move costs a full prompt cache miss.
@@ -594,6 +596,13 @@ impl Engine {
         // of the turn (its signatures are only valid there).
         let mut pin: Option<String> = None;
         // Every round's request, but for its messages and pin.
+        let reasoning = match self.reasoning_of(conversation).await {
+            Ok(effort) => effort,
+            Err(error) => {
+                tracing::warn!(conversation, %error, "the reasoning setting could not be read; the default is used");
+                None
+            }
+        };
         let every_round = ChatRequest {
             model: &model,
             system: system.as_deref(),
@@ -602,6 +611,7 @@ impl Engine {
             session: Some(conversation),
             user: user.as_deref(),
             pin: None,
+            reasoning,
         };
 
         let result = loop {
@@ -684,7 +694,10 @@ impl Engine {
                             "The answer was cut off at the model's output limit. Ask it to continue.".into(),
                         ));
                     }
-                    let _ = events.send(TurnEvent::Answer(text));
+                    let reasoning = history[turn_start..]
+                        .iter()
+                        .any(|m| m.reasoning.as_ref().is_some_and(|r| !r.trim().is_empty()));
+                    let _ = events.send(TurnEvent::Answer { text, reasoning });
                     outcome.answered = true;
                     break Ok(());
                 }
@@ -846,6 +859,41 @@ impl Engine {
             }
         };
         Ok(own.or_else(|| self.settings.system_prompt.clone()))
+    }
+
+    /// The reasoning effort `conversation` asks for (`None`: the default).
+    pub async fn reasoning_of(
+        &self,
+        conversation: &str,
+    ) -> Result<Option<ReasoningEffort>, StoreError> {
+        if let Some(effort) = self.with_live(conversation, |live| live.reasoning) {
+            return Ok(effort);
+        }
+        let effort = self.store.reasoning(conversation).await?;
+        Ok(self.with_live(conversation, |live| *live.reasoning.get_or_insert(effort)))
+    }
+
+    /// Sets (or with `None` goes back to the default) the reasoning effort.
+    pub async fn set_reasoning(
+        &self,
+        conversation: &str,
+        effort: Option<ReasoningEffort>,
+    ) -> Result<(), TurnError> {
+        self.store
+            .set_reasoning(conversation, effort)
+            .await
+            .map_err(TurnError::SettingNotStored)?;
+        self.with_live(conversation, |live| live.reasoning = Some(effort));
+        Ok(())
+    }
+
+    /// The reasoning of the answer to the input at `position`.
+    pub async fn reasoning_for(
+        &self,
+        conversation: &str,
+        position: u64,
+    ) -> Result<Vec<String>, StoreError> {
+        self.store.reasoning_of(conversation, position).await
     }
 
     /// Whether `conversation` has a system prompt of its own.

@@ -5,7 +5,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde_json::Value;
 
-use super::types::{Inbound, Message, ToolSpec, Usage};
+use super::types::{Inbound, Message, ReasoningEffort, ToolSpec, Usage};
 
 /// One request to the model.
 #[derive(Debug, Clone, Copy)]
@@ -22,6 +22,8 @@ pub struct ChatRequest<'a> {
     /// The provider that answered this turn's first round, when its
     /// reasoning must be continued there (signed reasoning).
     pub pin: Option<&'a str>,
+    /// The conversation's reasoning effort, over the configured one.
+    pub reasoning: Option<ReasoningEffort>,
 }
 
 impl<'a> ChatRequest<'a> {
@@ -35,6 +37,7 @@ impl<'a> ChatRequest<'a> {
             session: None,
             user: None,
             pin: None,
+            reasoning: None,
         }
     }
 }
@@ -451,6 +454,20 @@ pub trait Store: Send + Sync {
         conversation: &str,
         prompt: Option<&str>,
     ) -> Result<(), StoreError>;
+    /// The reasoning effort set for `conversation`, if any.
+    async fn reasoning(&self, conversation: &str) -> Result<Option<ReasoningEffort>, StoreError>;
+    async fn set_reasoning(
+        &self,
+        conversation: &str,
+        effort: Option<ReasoningEffort>,
+    ) -> Result<(), StoreError>;
+    /// The reasoning of the answer to the input at `position` (each round's,
+    /// in order), while that answer is not replaced.
+    async fn reasoning_of(
+        &self,
+        conversation: &str,
+        position: u64,
+    ) -> Result<Vec<String>, StoreError>;
     /// Gives `conversation` the model and system prompt of `from` where it
     /// has none of its own (a new thread, from its channel).
     async fn inherit(&self, conversation: &str, from: &str) -> Result<(), StoreError>;

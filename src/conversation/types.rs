@@ -113,6 +113,36 @@ impl UsageTotals {
     }
 }
 
+/// How hard a reasoning model thinks (OpenRouter's `reasoning.effort`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReasoningEffort {
+    Minimal,
+    Low,
+    Medium,
+    High,
+}
+
+impl ReasoningEffort {
+    pub fn parse(value: &str) -> Option<Self> {
+        Some(match value.trim().to_ascii_lowercase().as_str() {
+            "minimal" => ReasoningEffort::Minimal,
+            "low" => ReasoningEffort::Low,
+            "medium" => ReasoningEffort::Medium,
+            "high" => ReasoningEffort::High,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReasoningEffort::Minimal => "minimal",
+            ReasoningEffort::Low => "low",
+            ReasoningEffort::Medium => "medium",
+            ReasoningEffort::High => "high",
+        }
+    }
+}
+
 /// The person who wrote a user message, as the surface knows them.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Author {
@@ -261,8 +291,9 @@ pub enum TurnEvent {
         summary: String,
         full_output: Option<String>,
     },
-    /// The final answer of the turn.
-    Answer(String),
+    /// The final answer of the turn; `reasoning` when the model's
+    /// reasoning for it is kept (see `Store::reasoning_of`).
+    Answer { text: String, reasoning: bool },
     /// The person stopped the turn; what was shown of the answer is kept.
     Stopped,
     /// Something the user should know that did not stop the turn.

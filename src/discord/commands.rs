@@ -1,4 +1,5 @@
-//! Slash commands (/reset, /stop, /retry, /undo, /model, /tools, /usage)
+//! Slash commands (/reset, /stop, /retry, /undo, /model, /system,
+//! /reasoning, /tools, /usage)
 //! and /model's autocomplete. None of them waits for a running turn
 //! (/reset and /undo stop it, then wait for it to end).
 
@@ -16,7 +17,7 @@ use super::protocol::{
 use super::render::MAX_MESSAGE_CHARS;
 use super::rest::RestError;
 use super::{Bot, controls};
-use crate::conversation::UsageTotals;
+use crate::conversation::{ReasoningEffort, UsageTotals};
 
 /// The commands, as registered with Discord.
 pub fn definitions() -> Value {
@@ -34,6 +35,9 @@ pub fn definitions() -> Value {
              "required": false, "max_length": MAX_PROMPT_CHARS},
             {"name": "clear", "description": "Go back to the default prompt", "type": command::BOOLEAN_OPTION, "required": false}
          ]},
+        {"name": "reasoning", "description": "Show or set how hard this conversation's model thinks", "type": command::CHAT_INPUT,
+         "options": [{"name": "effort", "description": "default goes back to REASONING_EFFORT", "type": command::STRING_OPTION,
+                      "required": false, "choices": effort_choices()}]},
         {"name": "tools", "description": "The tools available here", "type": command::CHAT_INPUT},
         {"name": "usage", "description": "Tokens and cost so far", "type": command::CHAT_INPUT}
     ])
@@ -194,6 +198,43 @@ async fn reply(bot: &Bot, command: &CommandInteraction) -> anyhow::Result<String
             }
         }
         "system" => system(bot, command, &conversation, admin, here).await,
+        "reasoning" => {
+            let wanted = command.data.options.iter().find_map(|o| match &o.value {
+                CommandDataOptionValue::String(s) if o.name == "effort" => Some(s.clone()),
+                _ => None,
+            });
+            let engine = &surface.engine;
+            let Some(wanted) = wanted else {
+                return Ok(match engine.reasoning_of(&conversation).await? {
+                    Some(effort) => format!(
+                        "This conversation's reasoning effort is `{}`.",
+                        effort.as_str()
+                    ),
+                    None => "This conversation uses the default reasoning effort.".to_owned(),
+                });
+            };
+            if !admin {
+                anyhow::bail!(
+                    "Only admins (or people with Manage Threads) can change the reasoning effort."
+                );
+            }
+            let effort = match wanted.as_str() {
+                "default" => None,
+                other => Some(ReasoningEffort::parse(other).ok_or_else(|| {
+                    anyhow::anyhow!("{other:?} is not one of minimal, low, medium, high, default.")
+                })?),
+            };
+            engine.set_reasoning(&conversation, effort).await?;
+            Ok(match effort {
+                Some(effort) => format!(
+                    "This conversation's reasoning effort is now `{}` (for models that reason).",
+                    effort.as_str()
+                ),
+                None => {
+                    "This conversation uses the default reasoning effort from now on.".to_owned()
+                }
+            })
+        }
         "tools" => {
             let list = surface.tools.tools(&conversation).await;
             let mut by_server: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -250,6 +291,13 @@ impl Scope {
             format!("This conversation {verb}s")
         }
     }
+}
+
+/// The choices of `/reasoning effort`.
+fn effort_choices() -> Value {
+    ["minimal", "low", "medium", "high", "default"]
+        .map(|c| json!({"name": c, "value": c}))
+        .into()
 }
 
 /// The longest prompt `/system` takes (Discord's limit on an option).

@@ -8,7 +8,8 @@ use serenity::all::ComponentInteraction;
 use super::Bot;
 use super::inbound::conversation_of;
 use super::protocol::{button, component, flags, response};
-use super::rest::RestError;
+use super::render::MAX_MESSAGE_CHARS;
+use super::rest::{Attachment, RestError};
 use crate::conversation::{Inbound, Redo};
 
 /// The custom id of a Stop button starts with this, then the position of
@@ -24,16 +25,81 @@ pub fn stop_row(position: u64) -> Value {
     button_row("Stop", "⏹️", &format!("{STOP_PREFIX}{position}"))
 }
 
-/// The row with the Retry button of the answer to `position`.
-pub fn retry_row(position: u64) -> Value {
-    button_row("Retry", "🔁", &format!("{RETRY_PREFIX}{position}"))
+/// The custom id of a Reasoning button starts with this, then the
+/// position of the input whose answer's reasoning it shows.
+pub const REASONING_PREFIX: &str = "reasoning:";
+
+/// The row under the answer to `position`: Retry, and Reasoning when the
+/// model's reasoning for it is kept.
+pub fn answer_row(position: u64, reasoning: bool) -> Value {
+    let mut buttons = vec![button("Retry", "🔁", &format!("{RETRY_PREFIX}{position}"))];
+    if reasoning {
+        buttons.push(button(
+            "Reasoning",
+            "💭",
+            &format!("{REASONING_PREFIX}{position}"),
+        ));
+    }
+    json!([{"type": component::ACTION_ROW, "components": buttons}])
 }
 
 fn button_row(label: &str, emoji: &str, custom_id: &str) -> Value {
-    json!([{"type": component::ACTION_ROW, "components": [
-        {"type": component::BUTTON, "style": button::SECONDARY, "label": label, "emoji": {"name": emoji},
-         "custom_id": custom_id}
-    ]}])
+    json!([{"type": component::ACTION_ROW, "components": [button(label, emoji, custom_id)]}])
+}
+
+fn button(label: &str, emoji: &str, custom_id: &str) -> Value {
+    json!({"type": component::BUTTON, "style": button::SECONDARY, "label": label, "emoji": {"name": emoji},
+           "custom_id": custom_id})
+}
+
+/// Shows the reasoning of an answer to the presser only: in the reply, or
+/// attached as a file when it is longer than a message.
+pub async fn press_reasoning(bot: &Bot, press: &ComponentInteraction) -> Result<(), RestError> {
+    let surface = &bot.surface;
+    let conversation = conversation_of(press.channel_id.get());
+    let position = press
+        .data
+        .custom_id
+        .strip_prefix(REASONING_PREFIX)
+        .and_then(|p| p.parse().ok());
+    let found = match position {
+        Some(position) => surface.engine.reasoning_for(&conversation, position).await,
+        None => Ok(Vec::new()),
+    };
+    let reasoning = match found {
+        Ok(parts) => parts.join("\n\n"),
+        Err(error) => format!("❌ {error}"),
+    };
+    let (id, token) = (press.id.get(), press.token.as_str());
+    if reasoning.trim().is_empty() {
+        let data = json!({"flags": flags::EPHEMERAL, "content": "This answer's reasoning is no longer kept (the answer was replaced or the conversation reset)."});
+        return surface
+            .rest
+            .respond(id, token, json!({"type": response::MESSAGE, "data": data}))
+            .await;
+    }
+    let content = format!("💭 **Reasoning**\n{reasoning}");
+    if content.chars().count() <= MAX_MESSAGE_CHARS {
+        let data = json!({"flags": flags::EPHEMERAL, "content": content, "allowed_mentions": {"parse": []}});
+        return surface
+            .rest
+            .respond(id, token, json!({"type": response::MESSAGE, "data": data}))
+            .await;
+    }
+    let file = Attachment {
+        name: "reasoning.txt".into(),
+        bytes: reasoning.into_bytes(),
+    };
+    let data = json!({"flags": flags::EPHEMERAL, "content": "💭 The reasoning is long; here it is as a file."});
+    surface
+        .rest
+        .respond_with_file(
+            id,
+            token,
+            json!({"type": response::MESSAGE, "data": data}),
+            &file,
+        )
+        .await
 }
 
 /// What a request to stop a turn did.

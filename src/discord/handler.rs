@@ -110,6 +110,11 @@ impl EventHandler for Handler {
             {
                 controls::press_retry(bot, press).await
             }
+            Interaction::Component(press)
+                if press.data.custom_id.starts_with(controls::REASONING_PREFIX) =>
+            {
+                controls::press_reasoning(bot, press).await
+            }
             Interaction::Component(press) => approvals::press(&bot.surface, press).await,
             _ => Ok(()),
         };

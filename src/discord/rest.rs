@@ -145,7 +145,34 @@ impl Rest {
         let mut body = with_no_pings(body);
         body["attachments"] = json!([{"id": 0, "filename": file.name}]);
         let path = format!("/channels/{channel}/messages");
-        let message = retrying("posting a file", || {
+        let message = self.post_file(&path, &body, file, "posting a file").await?;
+        Ok(id_of(&message))
+    }
+
+    /// Answers an interaction with a message that has one file attached.
+    pub async fn respond_with_file(
+        &self,
+        interaction: u64,
+        token: &str,
+        mut body: Value,
+        file: &Attachment,
+    ) -> Result<(), RestError> {
+        body["data"]["attachments"] = json!([{"id": 0, "filename": file.name}]);
+        let path = format!("/interactions/{interaction}/{token}/callback");
+        self.post_file(&path, &body, file, "answering an interaction")
+            .await
+            .map(drop)
+    }
+
+    /// A multipart POST of `body` with `file` as `files[0]`.
+    async fn post_file(
+        &self,
+        path: &str,
+        body: &Value,
+        file: &Attachment,
+        what: &str,
+    ) -> Result<Value, RestError> {
+        retrying(what, || {
             let form = reqwest::multipart::Form::new()
                 .text("payload_json", body.to_string())
                 .part(
@@ -153,10 +180,9 @@ impl Rest {
                     reqwest::multipart::Part::bytes(file.bytes.clone())
                         .file_name(file.name.clone()),
                 );
-            self.request(Method::POST, &path).multipart(form)
+            self.request(Method::POST, path).multipart(form)
         })
-        .await?;
-        Ok(id_of(&message))
+        .await
     }
 
     pub async fn edit_message(

@@ -272,10 +272,10 @@ async fn render(
                 }
                 result
             }
-            TurnEvent::Answer(text) => {
+            TurnEvent::Answer { text, reasoning } => {
                 controls = None;
                 answer.text = text;
-                answer.controls = Some(controls::retry_row(answered));
+                answer.controls = Some(controls::answer_row(answered, reasoning));
                 answer.on_last = true;
                 answer.flush(rest, true).await;
                 answer = Answer::new(channel, interval, None);

@@ -119,7 +119,7 @@ pub fn request_body(
     if !tools.is_empty() {
         body["tools"] = Value::Array(tools);
     }
-    if let Some(effort) = dialect.reasoning
+    if let Some(effort) = request.reasoning.or(dialect.reasoning)
         && info.is_some_and(|i| i.supports_reasoning)
     {
         body["reasoning"] = json!({"effort": effort.as_str()});

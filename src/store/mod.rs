@@ -13,8 +13,8 @@ use sqlx::{FromRow, QueryBuilder, Sqlite, SqliteConnection, SqlitePool};
 
 pub use crate::conversation::UsageTotals;
 use crate::conversation::{
-    Author, Inbound, LastInput, Message, Replace, Role, Store, StoreError, ToolCall, Unbilled,
-    UnbilledUpdate, Usage,
+    Author, Inbound, LastInput, Message, ReasoningEffort, Replace, Role, Store, StoreError,
+    ToolCall, Unbilled, UnbilledUpdate, Usage,
 };
 
 /// Connections in the pool. SQLite has one writer; a few readers help.
@@ -477,6 +477,60 @@ impl Store for SqliteStore {
         .map_err(db)?;
         self.remember(conversation);
         Ok(())
+    }
+
+    async fn reasoning(&self, conversation: &str) -> Result<Option<ReasoningEffort>, StoreError> {
+        let row: Option<(Option<String>,)> =
+            sqlx::query_as("SELECT reasoning_effort FROM conversations WHERE key = ?1")
+                .bind(conversation)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db)?;
+        Ok(row
+            .and_then(|(effort,)| effort)
+            .and_then(|e| ReasoningEffort::parse(&e)))
+    }
+
+    async fn set_reasoning(
+        &self,
+        conversation: &str,
+        effort: Option<ReasoningEffort>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO conversations (key, reasoning_effort, created_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (key) DO UPDATE SET reasoning_effort = excluded.reasoning_effort",
+        )
+        .bind(conversation)
+        .bind(effort.map(ReasoningEffort::as_str))
+        .bind(now())
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        self.remember(conversation);
+        Ok(())
+    }
+
+    async fn reasoning_of(
+        &self,
+        conversation: &str,
+        position: u64,
+    ) -> Result<Vec<String>, StoreError> {
+        // The rows after the input, up to the next input.
+        let rows: Vec<(String,)> = sqlx::query_as(
+            "SELECT m.reasoning FROM messages m
+             JOIN (SELECT id FROM messages WHERE conversation = ?1 AND position = ?2 AND replaced = 0
+                   ORDER BY id DESC LIMIT 1) input ON m.id > input.id
+             WHERE m.conversation = ?1 AND m.replaced = 0 AND m.reasoning IS NOT NULL AND m.reasoning != ''
+               AND m.id < COALESCE((SELECT MIN(id) FROM messages WHERE conversation = ?1
+                                    AND position IS NOT NULL AND id > input.id), 9223372036854775807)
+             ORDER BY m.id",
+        )
+        .bind(conversation)
+        .bind(position as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(rows.into_iter().map(|(r,)| r).collect())
     }
 
     async fn inherit(&self, conversation: &str, from: &str) -> Result<(), StoreError> {

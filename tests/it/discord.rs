@@ -1766,3 +1766,87 @@ async fn a_channels_prompt_and_model_are_inherited_by_its_new_threads() {
     );
     bot.stop().await;
 }
+
+#[tokio::test]
+async fn reasoning_is_shown_only_to_the_presser_and_its_effort_is_set_per_thread() {
+    let discord = FakeDiscord::start().await;
+    let model = FakeModel::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let long = "step ".repeat(600);
+    model.script([
+        text("Four.").with(json!({"delta": {"reasoning": "two and two"}})),
+        text("Five.").with(json!({"delta": {"reasoning": long}})),
+    ]);
+    let bot = start(
+        &discord,
+        &model,
+        dir.path(),
+        &[
+            ("ADMIN_USERS", &ALICE.to_string()),
+            ("DEFAULT_MODEL", "anthropic/claude-test"),
+        ],
+    )
+    .await;
+    let thread = 690_000_000_000_000_001;
+    let callback = |id: u64| format!("/interactions/{id}/token-{id}/callback");
+    mention(&discord, thread, "what is 2 + 2?");
+    let answer = discord
+        .wait_for("the answer", |c| c.body["content"] == "Four.")
+        .await;
+    assert!(
+        !answer.body["content"]
+            .as_str()
+            .unwrap()
+            .contains("two and two")
+    );
+    let buttons = &answer.body["components"][0]["components"];
+    assert_eq!(buttons[1]["custom_id"], format!("reasoning:{thread}"));
+    discord.dispatch(
+        "INTERACTION_CREATE",
+        press(&discord, 51, thread, BOB, &format!("reasoning:{thread}")),
+    );
+    let shown = discord
+        .wait_for("the reasoning", |c| c.path == callback(51))
+        .await;
+    assert_eq!(shown.body["data"]["flags"], 64, "only Bob sees it");
+    assert!(
+        shown.body["data"]["content"]
+            .as_str()
+            .unwrap()
+            .contains("two and two")
+    );
+
+    let effort = json!({"id": "1", "name": "reasoning", "type": 1, "options": [{"name": "effort", "type": 3, "value": "high"}]});
+    discord.dispatch(
+        "INTERACTION_CREATE",
+        discord.interaction(52, 2, thread, ALICE, effort, None),
+    );
+    let original = format!(
+        "/webhooks/{}/token-52/messages/@original",
+        support::discord::APP
+    );
+    discord.wait_for("/reasoning", |c| c.path == original).await;
+    say(&discord, thread + 1, thread, ALICE, "and 2 + 3?");
+    let answer = discord
+        .wait_for("the second answer", |c| c.body["content"] == "Five.")
+        .await;
+    let requests = model.requests();
+    assert_eq!(requests[0].get("reasoning"), None);
+    assert_eq!(requests[1]["reasoning"], json!({"effort": "high"}));
+    // Long reasoning comes as a file.
+    let custom_id = answer.body["components"][0]["components"][1]["custom_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(custom_id, format!("reasoning:{}", thread + 1));
+    discord.dispatch(
+        "INTERACTION_CREATE",
+        press(&discord, 53, thread, ALICE, &custom_id),
+    );
+    let file = discord
+        .wait_for("the reasoning file", |c| c.path == callback(53))
+        .await;
+    assert_eq!(file.body["has_file"], true, "{file:?}");
+    assert_eq!(file.body["data"]["flags"], 64);
+    bot.stop().await;
+}

@@ -34,7 +34,7 @@ async fn app(setup: &Setup, extra: &[(&str, &str)]) -> App {
 
 fn answer(events: &[TurnEvent]) -> Option<&str> {
     events.iter().find_map(|e| match e {
-        TurnEvent::Answer(a) => Some(a.as_str()),
+        TurnEvent::Answer { text: a, .. } => Some(a.as_str()),
         _ => None,
     })
 }

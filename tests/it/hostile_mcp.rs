@@ -331,7 +331,7 @@ async fn echo_turn(
     let (mut answer, mut warnings) = (String::new(), Vec::new());
     while let Some(event) = received.recv().await {
         match event {
-            TurnEvent::Answer(text) => answer = text,
+            TurnEvent::Answer { text, .. } => answer = text,
             TurnEvent::Warning(text) | TurnEvent::Error(text) => warnings.push(text),
             _ => {}
         }

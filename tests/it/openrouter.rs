@@ -53,7 +53,7 @@ fn markers(request: &Value) -> usize {
 
 fn answer(events: &[TurnEvent]) -> Option<&str> {
     events.iter().find_map(|e| match e {
-        TurnEvent::Answer(a) => Some(a.as_str()),
+        TurnEvent::Answer { text: a, .. } => Some(a.as_str()),
         _ => None,
     })
 }

@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use mcpcord::conversation::{
     ChatModel, ChatRequest, Completion, FinishReason, Inbound, LastInput, Message, ModelError,
-    ModelInfo, ModelLookup, Replace, Role, Store, StoreError, TextSink, ToolCall, ToolHost,
-    ToolList, ToolOutcome, ToolSpec, Unbilled, UnbilledUpdate, Usage,
+    ModelInfo, ModelLookup, ReasoningEffort, Replace, Role, Store, StoreError, TextSink, ToolCall,
+    ToolHost, ToolList, ToolOutcome, ToolSpec, Unbilled, UnbilledUpdate, Usage,
 };
 use serde_json::Value;
 use tokio::sync::Semaphore;
@@ -26,6 +26,7 @@ pub struct MemoryStore {
 struct Stored {
     models: HashMap<String, Option<String>>,
     prompts: HashMap<String, Option<String>>,
+    efforts: HashMap<String, Option<ReasoningEffort>>,
     messages: HashMap<String, Vec<Message>>,
     inbox: BTreeMap<(String, u64), Inbound>,
     /// Unbilled replies and when each is due (`None`: billed or given up).
@@ -158,6 +159,37 @@ impl Store for MemoryStore {
             .prompts
             .insert(conversation.to_owned(), prompt.map(str::to_owned));
         Ok(())
+    }
+
+    async fn reasoning(&self, conversation: &str) -> Result<Option<ReasoningEffort>, StoreError> {
+        Ok(self.lock().efforts.get(conversation).copied().flatten())
+    }
+
+    async fn set_reasoning(
+        &self,
+        conversation: &str,
+        effort: Option<ReasoningEffort>,
+    ) -> Result<(), StoreError> {
+        self.writable()?
+            .efforts
+            .insert(conversation.to_owned(), effort);
+        Ok(())
+    }
+
+    async fn reasoning_of(
+        &self,
+        conversation: &str,
+        position: u64,
+    ) -> Result<Vec<String>, StoreError> {
+        let messages = self.messages(conversation);
+        let Some(start) = messages.iter().rposition(|m| m.position == Some(position)) else {
+            return Ok(Vec::new());
+        };
+        Ok(messages[start + 1..]
+            .iter()
+            .take_while(|m| m.position.is_none())
+            .filter_map(|m| m.reasoning.clone())
+            .collect())
     }
 
     async fn inherit(&self, conversation: &str, from: &str) -> Result<(), StoreError> {

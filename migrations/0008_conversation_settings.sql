@@ -1,3 +1,5 @@
 -- A conversation's own system prompt (set with /system). A Discord
 -- channel's row holds the defaults its new threads start with.
 ALTER TABLE conversations ADD COLUMN system_prompt TEXT;
+-- Its reasoning effort (set with /reasoning): minimal, low, medium or high.
+ALTER TABLE conversations ADD COLUMN reasoning_effort TEXT;
