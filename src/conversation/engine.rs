@@ -146,6 +146,8 @@ struct Live {
     system: Option<Option<String>>,
     /// Its reasoning effort, once read from the store.
     reasoning: Option<Option<ReasoningEffort>>,
+    /// The MCP servers switched off in it, once read from the store.
+    off: Option<Vec<String>>,
     /// Where the history sent to the model starts (an index into
     /// `history`). It only moves when the history no longer fits, and then
     /// by a lot at once: each move costs a full prompt cache miss.
@@ -541,10 +543,17 @@ impl Engine {
                 message.content.take().unwrap_or_default()
             ));
         }
+        let off = match self.servers_off(conversation).await {
+            Ok(off) => off,
+            Err(error) => {
+                self.put_history(conversation, history, start);
+                return Err(TurnError::InputNotStored(error));
+            }
+        };
         let (taken, lookup, tools) = tokio::join!(
             self.take(conversation, ask, kept),
             self.model.model_info(&model),
-            self.tools.tools_for_turn(conversation, events),
+            self.tools.tools_for_turn(conversation, events, &off),
         );
         match taken {
             Ok(Taken::Appended(message)) => history.push(*message),
@@ -861,6 +870,35 @@ impl Engine {
         Ok(own.or_else(|| self.settings.system_prompt.clone()))
     }
 
+    /// The MCP servers switched off in `conversation`.
+    pub async fn servers_off(&self, conversation: &str) -> Result<Vec<String>, StoreError> {
+        if let Some(off) = self.with_live(conversation, |live| live.off.clone()) {
+            return Ok(off);
+        }
+        let off = self.store.servers_off(conversation).await?;
+        Ok(self.with_live(conversation, |live| live.off.get_or_insert(off).clone()))
+    }
+
+    /// Switches servers off (and the others on) in `conversation`; the
+    /// sessions of those switched off are closed. A running turn keeps
+    /// the tools it started with.
+    pub async fn set_servers_off(
+        &self,
+        conversation: &str,
+        off: &[String],
+    ) -> Result<(), TurnError> {
+        let before = self.servers_off(conversation).await.unwrap_or_default();
+        self.store
+            .set_servers_off(conversation, off)
+            .await
+            .map_err(TurnError::SettingNotStored)?;
+        self.with_live(conversation, |live| live.off = Some(off.to_vec()));
+        for server in off.iter().filter(|s| !before.contains(s)) {
+            self.tools.close_server(conversation, server).await;
+        }
+        Ok(())
+    }
+
     /// The reasoning effort `conversation` asks for (`None`: the default).
     pub async fn reasoning_of(
         &self,
@@ -997,10 +1035,12 @@ impl Engine {
             Ok(arguments) => arguments,
             Err(problem) => return ToolOutcome::error(problem),
         };
-        let needs_approval = turn
-            .specs
-            .iter()
-            .any(|s| s.name == call.name && s.needs_approval);
+        let Some(spec) = turn.specs.iter().find(|s| s.name == call.name) else {
+            // Also a tool of a server switched off here.
+            let names: Vec<&str> = turn.specs.iter().map(|s| s.name.as_str()).collect();
+            return ToolOutcome::no_such_tool(&call.name, &names);
+        };
+        let needs_approval = spec.needs_approval;
         if needs_approval {
             let request = ApprovalRequest {
                 conversation: turn.conversation.to_owned(),

@@ -352,6 +352,18 @@ pub struct ToolOutcome {
 }
 
 impl ToolOutcome {
+    /// The result of a call to a tool that is not offered.
+    pub fn no_such_tool(name: &str, known: &[&str]) -> Self {
+        ToolOutcome::error(format!(
+            "there is no tool named {name:?}. Available tools: {}.",
+            if known.is_empty() {
+                "none".to_owned()
+            } else {
+                known.join(", ")
+            }
+        ))
+    }
+
     pub fn error(message: impl Into<String>) -> Self {
         ToolOutcome {
             content: format!("ERROR: {}", message.into()),
@@ -367,11 +379,35 @@ impl ToolOutcome {
 pub trait ToolHost: Send + Sync {
     /// The tools `conversation` may use, starting sessions as needed.
     async fn tools(&self, conversation: &str) -> ToolList;
-    /// The same for a turn: a host that has to wait (for a free session)
-    /// says so through `notices`.
-    async fn tools_for_turn(&self, conversation: &str, notices: &dyn Notices) -> ToolList {
+    /// The same for a turn, without the servers in `off` (switched off in
+    /// this conversation; they are not started). A host that has to wait
+    /// (for a free session) says so through `notices`.
+    async fn tools_for_turn(
+        &self,
+        conversation: &str,
+        notices: &dyn Notices,
+        off: &[String],
+    ) -> ToolList {
         let _ = notices;
-        self.tools(conversation).await
+        let mut list = self.tools(conversation).await;
+        list.specs.retain(|s| !off.contains(&s.server));
+        list
+    }
+    /// The names of the servers `conversation` could use.
+    async fn servers(&self, conversation: &str) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .tools(conversation)
+            .await
+            .specs
+            .into_iter()
+            .map(|s| s.server)
+            .collect();
+        names.dedup();
+        names
+    }
+    /// Closes `conversation`'s session of `server` (switched off there).
+    async fn close_server(&self, conversation: &str, server: &str) {
+        let _ = (conversation, server);
     }
     /// Runs one call. Every failure (unknown tool, timeout, crash, error
     /// result) comes back as an error outcome, never as a panic or `Err`.
@@ -454,6 +490,9 @@ pub trait Store: Send + Sync {
         conversation: &str,
         prompt: Option<&str>,
     ) -> Result<(), StoreError>;
+    /// The MCP servers switched off in `conversation`.
+    async fn servers_off(&self, conversation: &str) -> Result<Vec<String>, StoreError>;
+    async fn set_servers_off(&self, conversation: &str, off: &[String]) -> Result<(), StoreError>;
     /// The reasoning effort set for `conversation`, if any.
     async fn reasoning(&self, conversation: &str) -> Result<Option<ReasoningEffort>, StoreError>;
     async fn set_reasoning(

@@ -237,7 +237,7 @@ impl McpHost {
     /// one sentence per server that failed, and what was wrong with the
     /// lists of the others.
     pub async fn list(&self, conversation: &str) -> Listing {
-        self.list_holding(conversation, &()).await.0
+        self.list_holding(conversation, &(), &[]).await.0
     }
 
     /// [`McpHost::list`], and the leases that keep the listed sessions for
@@ -246,14 +246,20 @@ impl McpHost {
         &self,
         conversation: &str,
         notices: &dyn Notices,
+        off: &[String],
     ) -> (Listing, Vec<Lease>) {
-        let per_server =
-            join_all((0..self.servers.len()).map(|i| self.server_tools(i, conversation, notices)))
-                .await;
+        let on: Vec<usize> = (0..self.servers.len())
+            .filter(|&i| !off.contains(&self.servers[i].name))
+            .collect();
+        let per_server = join_all(
+            on.iter()
+                .map(|&i| self.server_tools(i, conversation, notices)),
+        )
+        .await;
         let mut leases = Vec::new();
         let mut found: Vec<(usize, RemoteTool)> = Vec::new();
         let mut listing = Listing::default();
-        for (i, result) in per_server.into_iter().enumerate() {
+        for (&i, result) in on.iter().zip(per_server) {
             let name = &self.servers[i].name;
             match result {
                 Ok((tools, lease)) => {
@@ -566,10 +572,35 @@ async fn close_entry(entry: SlotEntry) {
 #[async_trait]
 impl ToolHost for McpHost {
     async fn tools(&self, conversation: &str) -> ToolList {
-        self.tools_for_turn(conversation, &()).await
+        self.tools_for_turn(conversation, &(), &[]).await
     }
 
-    async fn tools_for_turn(&self, conversation: &str, notices: &dyn Notices) -> ToolList {
+    async fn servers(&self, _conversation: &str) -> Vec<String> {
+        self.servers.iter().map(|s| s.name.clone()).collect()
+    }
+
+    async fn close_server(&self, conversation: &str, server: &str) {
+        let Some(index) = self.servers.iter().position(|s| s.name == server) else {
+            return;
+        };
+        let entries: Vec<SlotEntry> = {
+            let mut slots = self.slots.lock().expect("slots poisoned");
+            let keys: Vec<_> = slots
+                .keys()
+                .filter(|(s, o)| *s == index && o == conversation)
+                .cloned()
+                .collect();
+            keys.iter().filter_map(|k| slots.remove(k)).collect()
+        };
+        join_all(entries.into_iter().map(close_entry)).await;
+    }
+
+    async fn tools_for_turn(
+        &self,
+        conversation: &str,
+        notices: &dyn Notices,
+        off: &[String],
+    ) -> ToolList {
         let (
             Listing {
                 tools: mut listed,
@@ -577,7 +608,7 @@ impl ToolHost for McpHost {
                 ..
             },
             leases,
-        ) = self.list_holding(conversation, notices).await;
+        ) = self.list_holding(conversation, notices, off).await;
         if listed.len() > MAX_TOOLS_PER_REQUEST {
             let left_out: Vec<String> = listed
                 .drain(MAX_TOOLS_PER_REQUEST..)
@@ -656,14 +687,7 @@ impl ToolHost for McpHost {
                 .flat_map(|r| r.keys())
                 .map(String::as_str)
                 .collect();
-            return ToolOutcome::error(format!(
-                "there is no tool named {name:?}. Available tools: {}.",
-                if known.is_empty() {
-                    "none".to_owned()
-                } else {
-                    known.join(", ")
-                }
-            ));
+            return ToolOutcome::no_such_tool(name, &known);
         };
         let spec = &self.servers[route.server];
         let timeout = spec.timeout.unwrap_or(self.limits.tool_timeout);

@@ -479,6 +479,35 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn servers_off(&self, conversation: &str) -> Result<Vec<String>, StoreError> {
+        let row: Option<(Option<String>,)> =
+            sqlx::query_as("SELECT servers_off FROM conversations WHERE key = ?1")
+                .bind(conversation)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db)?;
+        match row.and_then(|(off,)| off) {
+            Some(text) => serde_json::from_str(&text)
+                .map_err(|e| StoreError::Corrupt(format!("servers_off column: {e}"))),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    async fn set_servers_off(&self, conversation: &str, off: &[String]) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO conversations (key, servers_off, created_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (key) DO UPDATE SET servers_off = excluded.servers_off",
+        )
+        .bind(conversation)
+        .bind((!off.is_empty()).then(|| to_json(&off)).flatten())
+        .bind(now())
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        self.remember(conversation);
+        Ok(())
+    }
+
     async fn reasoning(&self, conversation: &str) -> Result<Option<ReasoningEffort>, StoreError> {
         let row: Option<(Option<String>,)> =
             sqlx::query_as("SELECT reasoning_effort FROM conversations WHERE key = ?1")

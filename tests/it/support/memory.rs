@@ -27,6 +27,7 @@ struct Stored {
     models: HashMap<String, Option<String>>,
     prompts: HashMap<String, Option<String>>,
     efforts: HashMap<String, Option<ReasoningEffort>>,
+    off: HashMap<String, Vec<String>>,
     messages: HashMap<String, Vec<Message>>,
     inbox: BTreeMap<(String, u64), Inbound>,
     /// Unbilled replies and when each is due (`None`: billed or given up).
@@ -158,6 +159,22 @@ impl Store for MemoryStore {
         state
             .prompts
             .insert(conversation.to_owned(), prompt.map(str::to_owned));
+        Ok(())
+    }
+
+    async fn servers_off(&self, conversation: &str) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .lock()
+            .off
+            .get(conversation)
+            .cloned()
+            .unwrap_or_default())
+    }
+
+    async fn set_servers_off(&self, conversation: &str, off: &[String]) -> Result<(), StoreError> {
+        self.writable()?
+            .off
+            .insert(conversation.to_owned(), off.to_vec());
         Ok(())
     }
 
