@@ -6,6 +6,9 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+/// How long "Allow in this thread" lasts unless `APPROVAL_REMEMBER_SECS` says.
+pub const DEFAULT_APPROVAL_REMEMBER: Duration = Duration::from_secs(3600);
+
 /// The OpenRouter API, unless `OPENROUTER_BASE_URL` says otherwise.
 pub const DEFAULT_BASE_URL: &str = "https://openrouter.ai/api/v1";
 /// An inexpensive current model that supports tool calls.
@@ -605,6 +608,8 @@ pub struct DiscordConfig {
     pub stream_interval: Duration,
     /// `APPROVAL_TIMEOUT_SECS`: an unanswered approval counts as Deny after this.
     pub approval_timeout: Duration,
+    /// `APPROVAL_REMEMBER_SECS`: how long "Allow in this thread" lasts.
+    pub approval_remember: Duration,
     /// `SHUTDOWN_GRACE_SECS`: how long running turns may finish at shutdown.
     pub shutdown_grace: Duration,
     /// `HEALTH_FILE`: where the bot records its gateway connection for `mcpcord health`.
@@ -644,6 +649,7 @@ impl DiscordConfig {
                 1000u64,
             )?),
             approval_timeout: seconds(&get, "APPROVAL_TIMEOUT_SECS", Duration::from_secs(300))?,
+            approval_remember: seconds(&get, "APPROVAL_REMEMBER_SECS", DEFAULT_APPROVAL_REMEMBER)?,
             shutdown_grace: seconds(&get, "SHUTDOWN_GRACE_SECS", Duration::from_secs(30))?,
             health_file: get("HEALTH_FILE").map(PathBuf::from),
             image_max_bytes: number(&get, "IMAGE_MAX_BYTES", 5 * 1024 * 1024)?,

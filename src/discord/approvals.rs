@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use serde_json::{Value, json};
@@ -15,6 +15,7 @@ use super::Surface;
 use super::protocol::{button, component, flags, response};
 use super::render::notice_started;
 use super::rest::RestError;
+use crate::config::DEFAULT_APPROVAL_REMEMBER;
 use crate::conversation::{ApprovalRequest, Approver, Decision};
 
 /// A message the turn's renderer posts for someone else, in its place
@@ -30,6 +31,8 @@ pub struct Post {
 struct Pending {
     /// Who may answer (besides admins).
     asker: u64,
+    /// What "Allow in this thread" remembers: the conversation and tool.
+    scope: (String, String),
     answer: oneshot::Sender<Decision>,
 }
 
@@ -40,12 +43,24 @@ pub enum Refused {
     Gone,
 }
 
-/// The questions waiting for an answer, by button key.
-#[derive(Debug, Default)]
+/// The questions waiting for an answer, by button key, and the tools
+/// allowed in a conversation for a while.
+#[derive(Debug)]
 pub struct Approvals {
     pending: Mutex<HashMap<String, Pending>>,
     next: AtomicU64,
+    allowed: Mutex<HashMap<(String, String), Instant>>,
+    remember: Duration,
 }
+
+impl Default for Approvals {
+    fn default() -> Self {
+        Approvals::new(DEFAULT_APPROVAL_REMEMBER)
+    }
+}
+
+/// Past this many, expired allowances are forgotten.
+const MAX_ALLOWED: usize = 10_000;
 
 /// Removes its question when dropped: answered, timed out, or the turn cut.
 struct Open<'a> {
@@ -64,10 +79,44 @@ impl Approvals {
         self.pending.lock().expect("approvals poisoned")
     }
 
-    fn open(&self, asker: u64) -> (Open<'_>, oneshot::Receiver<Decision>) {
+    pub fn new(remember: Duration) -> Self {
+        Approvals {
+            pending: Mutex::default(),
+            next: AtomicU64::new(0),
+            allowed: Mutex::default(),
+            remember,
+        }
+    }
+
+    /// Whether `tool` is allowed without asking in `conversation` now.
+    fn allowed(&self, conversation: &str, tool: &str) -> bool {
+        let allowed = self.allowed.lock().expect("allowed poisoned");
+        let key = (conversation.to_owned(), tool.to_owned());
+        allowed
+            .get(&key)
+            .is_some_and(|until| Instant::now() < *until)
+    }
+
+    fn allow(&self, scope: (String, String)) {
+        let mut allowed = self.allowed.lock().expect("allowed poisoned");
+        let now = Instant::now();
+        if allowed.len() >= MAX_ALLOWED {
+            allowed.retain(|_, until| *until > now);
+        }
+        allowed.insert(scope, now + self.remember);
+    }
+
+    fn open(&self, asker: u64, scope: (String, String)) -> (Open<'_>, oneshot::Receiver<Decision>) {
         let key = self.next.fetch_add(1, Ordering::Relaxed).to_string();
         let (answer, decided) = oneshot::channel();
-        self.lock().insert(key.clone(), Pending { asker, answer });
+        self.lock().insert(
+            key.clone(),
+            Pending {
+                asker,
+                scope,
+                answer,
+            },
+        );
         (
             Open {
                 approvals: self,
@@ -78,12 +127,14 @@ impl Approvals {
     }
 
     /// Decides the question `key` if `user` may: its asker, or an admin.
+    /// With `remember`, the tool is allowed in its conversation for a while.
     pub fn decide(
         &self,
         key: &str,
         user: u64,
         admin: bool,
         decision: Decision,
+        remember: bool,
     ) -> Result<(), Refused> {
         let mut pending = self.lock();
         match pending.get(key) {
@@ -92,7 +143,11 @@ impl Approvals {
             None => return Err(Refused::Gone),
         }
         let question = pending.remove(key).ok_or(Refused::Gone)?;
-        question.answer.send(decision).map_err(|_| Refused::Gone)
+        question.answer.send(decision).map_err(|_| Refused::Gone)?;
+        if remember {
+            self.allow(question.scope);
+        }
+        Ok(())
     }
 
     /// Questions waiting now.
@@ -133,9 +188,14 @@ impl Buttons {
 #[async_trait]
 impl Approver for Buttons {
     async fn decide(&self, request: &ApprovalRequest) -> Decision {
+        let approvals = &self.surface.approvals;
+        if approvals.allowed(&request.conversation, &request.tool) {
+            return Decision::Approve;
+        }
         // Dropped with this future (answered, or timed out): the buttons
         // then decide nothing.
-        let (open, decided) = self.surface.approvals.open(self.asker);
+        let scope = (request.conversation.clone(), request.tool.clone());
+        let (open, decided) = approvals.open(self.asker, scope);
         let content = format!(
             "🔐 May I run {}?",
             notice_started(&request.tool, &request.arguments).trim_start_matches("🔧 ")
@@ -143,6 +203,7 @@ impl Approver for Buttons {
         let key = &open.key;
         let body = json!({"content": content, "components": [{"type": component::ACTION_ROW, "components": [
             {"type": component::BUTTON, "style": button::SUCCESS, "label": "Approve", "custom_id": format!("approve:{key}")},
+            {"type": component::BUTTON, "style": button::PRIMARY, "label": "Allow in this thread", "custom_id": format!("allow:{key}")},
             {"type": component::BUTTON, "style": button::DANGER, "label": "Deny", "custom_id": format!("deny:{key}")}
         ]}]});
         let message = match self.post(body).await {
@@ -214,15 +275,22 @@ pub async fn press(surface: &Surface, press: &ComponentInteraction) -> Result<()
     let roles = super::role_ids(press.member.as_ref().map(|m| m.roles.as_slice()));
     let permissions = press.member.as_ref().and_then(|m| m.permissions);
     let admin = surface.access.is_admin(user, &roles, permissions);
-    let approved = verdict == "approve";
+    let approved = verdict == "approve" || verdict == "allow";
+    let remember = verdict == "allow";
     let decision = if approved {
         Decision::Approve
     } else {
         Decision::Decline(format!("<@{user}> denied it"))
     };
-    let body = match surface.approvals.decide(key, user, admin, decision) {
+    let body = match surface
+        .approvals
+        .decide(key, user, admin, decision, remember)
+    {
         Ok(()) => {
-            let outcome = if approved {
+            let outcome = if remember {
+                let minutes = surface.approvals.remember.as_secs().div_ceil(60);
+                format!("✅ Allowed in this thread for {minutes} minutes by <@{user}>")
+            } else if approved {
                 format!("✅ Approved by <@{user}>")
             } else {
                 format!("🚫 Denied by <@{user}>")
@@ -253,17 +321,20 @@ mod tests {
     #[test]
     fn only_the_asker_or_an_admin_decides_and_only_once() {
         let approvals = Approvals::default();
-        let (open, mut decided) = approvals.open(7);
+        let (open, mut decided) = approvals.open(7, ("c".into(), "t".into()));
         let key = open.key.clone();
         assert_eq!(
-            approvals.decide(&key, 8, false, Decision::Approve),
+            approvals.decide(&key, 8, false, Decision::Approve, false),
             Err(Refused::NotYours)
         );
         assert!(decided.try_recv().is_err(), "nothing decided yet");
-        assert_eq!(approvals.decide(&key, 8, true, Decision::Approve), Ok(()));
+        assert_eq!(
+            approvals.decide(&key, 8, true, Decision::Approve, false),
+            Ok(())
+        );
         assert_eq!(decided.try_recv(), Ok(Decision::Approve));
         assert_eq!(
-            approvals.decide(&key, 7, false, Decision::Approve),
+            approvals.decide(&key, 7, false, Decision::Approve, false),
             Err(Refused::Gone)
         );
         drop(open);
@@ -271,15 +342,38 @@ mod tests {
     }
 
     #[test]
+    fn allow_in_this_thread_lasts_for_its_tool_and_conversation_only() {
+        let approvals = Approvals::new(Duration::from_secs(3600));
+        let (open, _decided) = approvals.open(7, ("c".into(), "fs__write".into()));
+        let key = open.key.clone();
+        assert!(!approvals.allowed("c", "fs__write"));
+        assert_eq!(
+            approvals.decide(&key, 7, false, Decision::Approve, true),
+            Ok(())
+        );
+        assert!(approvals.allowed("c", "fs__write"));
+        assert!(!approvals.allowed("c", "fs__delete"), "another tool");
+        assert!(!approvals.allowed("d", "fs__write"), "another thread");
+        let brief = Approvals::new(Duration::ZERO);
+        let (open, _decided) = brief.open(7, ("c".into(), "t".into()));
+        let key = open.key.clone();
+        assert_eq!(
+            brief.decide(&key, 7, false, Decision::Approve, true),
+            Ok(())
+        );
+        assert!(!brief.allowed("c", "t"), "expired at once");
+    }
+
+    #[test]
     fn a_question_is_forgotten_when_its_turn_is_dropped() {
         let approvals = Approvals::default();
-        let (open, _decided) = approvals.open(7);
+        let (open, _decided) = approvals.open(7, ("c".into(), "t".into()));
         let key = open.key.clone();
         assert_eq!(approvals.waiting(), 1);
         drop(open);
         assert_eq!(approvals.waiting(), 0);
         assert_eq!(
-            approvals.decide(&key, 7, false, Decision::Approve),
+            approvals.decide(&key, 7, false, Decision::Approve, false),
             Err(Refused::Gone)
         );
     }

@@ -3,7 +3,6 @@
 //! and /model's autocomplete. None of them waits for a running turn
 //! (/reset and /undo stop it, then wait for it to end).
 
-use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
@@ -16,7 +15,7 @@ use super::protocol::{
 };
 use super::render::MAX_MESSAGE_CHARS;
 use super::rest::RestError;
-use super::{Bot, controls};
+use super::{Bot, controls, servers};
 use crate::conversation::{ReasoningEffort, UsageTotals};
 
 /// The commands, as registered with Discord.
@@ -38,7 +37,7 @@ pub fn definitions() -> Value {
         {"name": "reasoning", "description": "Show or set how hard this conversation's model thinks", "type": command::CHAT_INPUT,
          "options": [{"name": "effort", "description": "default goes back to REASONING_EFFORT", "type": command::STRING_OPTION,
                       "required": false, "choices": effort_choices()}]},
-        {"name": "tools", "description": "The tools available here", "type": command::CHAT_INPUT},
+        {"name": "tools", "description": "The tools available here, and which servers are on", "type": command::CHAT_INPUT},
         {"name": "usage", "description": "Tokens and cost so far", "type": command::CHAT_INPUT}
     ])
 }
@@ -53,20 +52,25 @@ pub async fn run(bot: &Bot, command: &CommandInteraction) -> Result<(), RestErro
     let deferred = json!({"type": response::DEFERRED_MESSAGE});
     rest.respond(command.id.get(), &command.token, deferred)
         .await?;
-    let content = reply(bot, command)
+    let failed = |error: anyhow::Error| json!({"content": truncate(&format!("❌ {error}"))});
+    let body = if command.data.name == "tools" {
+        match caller(bot, command).await {
+            Ok(caller) => servers::listing(bot, &caller.conversation).await,
+            Err(error) => failed(error),
+        }
+    } else {
+        match reply(bot, command).await {
+            Ok(content) => json!({"content": truncate(&content)}),
+            Err(error) => failed(error),
+        }
+    };
+    rest.edit_original(command.application_id.get(), &command.token, body)
         .await
-        .unwrap_or_else(|error| format!("❌ {error}"));
-    rest.edit_original(
-        command.application_id.get(),
-        &command.token,
-        json!({"content": truncate(&content)}),
-    )
-    .await
 }
 
 /// Who used a command, and where.
-struct Caller {
-    conversation: String,
+pub(super) struct Caller {
+    pub conversation: String,
     user: u64,
     guild: Option<u64>,
     admin: bool,
@@ -107,7 +111,7 @@ async fn at_once(bot: &Bot, command: &CommandInteraction) -> Result<(), RestErro
 }
 
 /// The caller, once they may use the bot here.
-async fn caller(bot: &Bot, command: &CommandInteraction) -> anyhow::Result<Caller> {
+pub(super) async fn caller(bot: &Bot, command: &CommandInteraction) -> anyhow::Result<Caller> {
     let surface = &bot.surface;
     let channel = command.channel_id.get();
     let conversation = conversation_of(channel);
@@ -234,27 +238,6 @@ async fn reply(bot: &Bot, command: &CommandInteraction) -> anyhow::Result<String
                     "This conversation uses the default reasoning effort from now on.".to_owned()
                 }
             })
-        }
-        "tools" => {
-            let list = surface.tools.tools(&conversation).await;
-            let mut by_server: BTreeMap<String, Vec<String>> = BTreeMap::new();
-            for spec in list.specs {
-                let prefix = format!("{}__", spec.server);
-                let name = spec.name.strip_prefix(&prefix).unwrap_or(&spec.name);
-                by_server
-                    .entry(spec.server.clone())
-                    .or_default()
-                    .push(format!("`{name}`"));
-            }
-            let mut lines: Vec<String> = by_server
-                .into_iter()
-                .map(|(server, tools)| format!("**{server}**: {}", tools.join(", ")))
-                .collect();
-            lines.extend(list.problems.into_iter().map(|p| format!("⚠️ {p}")));
-            if lines.is_empty() {
-                lines.push("No tools are configured.".into());
-            }
-            Ok(lines.join("\n"))
         }
         "usage" => {
             let here = surface.threads.usage(&conversation).await?;

@@ -9,7 +9,7 @@ use serenity::all::{
 };
 
 use super::inbound::{self, conversation_of};
-use super::{Bot, approvals, commands, controls, edits, health};
+use super::{Bot, approvals, commands, controls, edits, health, servers};
 use crate::conversation::Accepted;
 
 /// serenity's handler: it gets `&self`, and the parts need an owned `Arc`.
@@ -109,6 +109,9 @@ impl EventHandler for Handler {
                 if press.data.custom_id.starts_with(controls::RETRY_PREFIX) =>
             {
                 controls::press_retry(bot, press).await
+            }
+            Interaction::Component(press) if press.data.custom_id == servers::MENU_ID => {
+                servers::choose(bot, press).await
             }
             Interaction::Component(press)
                 if press.data.custom_id.starts_with(controls::REASONING_PREFIX) =>

@@ -25,6 +25,7 @@ pub mod protocol;
 pub mod render;
 pub mod rest;
 mod retry;
+mod servers;
 mod stream;
 mod turns;
 
@@ -61,6 +62,8 @@ pub trait Threads: Send + Sync {
     /// The parent channel of the thread of `conversation`, when the bot
     /// started that thread.
     async fn parent(&self, conversation: &str) -> Result<Option<u64>, StoreError>;
+    /// Who started the thread of `conversation`, when the bot started it.
+    async fn starter(&self, conversation: &str) -> Result<Option<u64>, StoreError>;
     /// Remembers a thread the bot started in `parent`.
     async fn add(
         &self,
@@ -234,7 +237,7 @@ pub async fn run(
         model: ports.model,
         tools: ports.tools,
         threads: ports.threads,
-        approvals: Approvals::default(),
+        approvals: Approvals::new(config.approval_remember),
         application_id,
         me: AtomicU64::new(0),
         names: Mutex::default(),

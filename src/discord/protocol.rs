@@ -16,12 +16,15 @@ pub mod response {
 pub mod component {
     pub const ACTION_ROW: u8 = 1;
     pub const BUTTON: u8 = 2;
+    pub const STRING_SELECT: u8 = 3;
 }
 
 /// Button styles.
 pub mod button {
     /// Grey.
     pub const SECONDARY: u8 = 2;
+    /// Blurple.
+    pub const PRIMARY: u8 = 1;
     /// Green.
     pub const SUCCESS: u8 = 3;
     /// Red.

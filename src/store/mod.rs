@@ -217,6 +217,16 @@ impl SqliteStore {
 
 #[async_trait]
 impl crate::discord::Threads for SqliteStore {
+    async fn starter(&self, conversation: &str) -> Result<Option<u64>, StoreError> {
+        let row: Option<(i64,)> =
+            sqlx::query_as("SELECT started_by FROM discord_threads WHERE conversation = ?1")
+                .bind(conversation)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db)?;
+        Ok(row.map(|(user,)| user as u64))
+    }
+
     async fn parent(&self, conversation: &str) -> Result<Option<u64>, StoreError> {
         let row: Option<(i64,)> =
             sqlx::query_as("SELECT channel_id FROM discord_threads WHERE conversation = ?1")
@@ -564,11 +574,12 @@ impl Store for SqliteStore {
 
     async fn inherit(&self, conversation: &str, from: &str) -> Result<(), StoreError> {
         let done = sqlx::query(
-            "INSERT INTO conversations (key, model, system_prompt, created_at)
-             SELECT ?1, model, system_prompt, ?3 FROM conversations WHERE key = ?2
+            "INSERT INTO conversations (key, model, system_prompt, servers_off, created_at)
+             SELECT ?1, model, system_prompt, servers_off, ?3 FROM conversations WHERE key = ?2
              ON CONFLICT (key) DO UPDATE SET
                 model = COALESCE(conversations.model, excluded.model),
-                system_prompt = COALESCE(conversations.system_prompt, excluded.system_prompt)",
+                system_prompt = COALESCE(conversations.system_prompt, excluded.system_prompt),
+                servers_off = COALESCE(conversations.servers_off, excluded.servers_off)",
         )
         .bind(conversation)
         .bind(from)

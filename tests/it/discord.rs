@@ -319,7 +319,7 @@ async fn slash_commands_answer_in_time() {
         tools.body["content"]
             .as_str()
             .unwrap()
-            .starts_with("**fs**: `read_file`, `read_text_file`"),
+            .starts_with("✅ **fs**: `read_file`, `read_text_file`"),
         "{}",
         tools.body
     );
@@ -1848,5 +1848,123 @@ async fn reasoning_is_shown_only_to_the_presser_and_its_effort_is_set_per_thread
         .await;
     assert_eq!(file.body["has_file"], true, "{file:?}");
     assert_eq!(file.body["data"]["flags"], 64);
+    bot.stop().await;
+}
+
+#[tokio::test]
+async fn servers_are_switched_per_thread_and_a_tool_can_be_allowed_in_it() {
+    support::needs_servers!();
+    let discord = FakeDiscord::start().await;
+    let model = FakeModel::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("h.log");
+    support::write_mcp(
+        dir.path(),
+        json!({"fs": support::filesystem(dir.path()), "h": support::hostile("counted", Some(log.to_str().unwrap()))}),
+    );
+    let write = |name: &str| json!({"path": dir.path().join(name), "content": "x"}).to_string();
+    model.script([
+        text("Hi."),
+        call("w1", "fs__write_file", &write("a.txt")),
+        text("Written."),
+        call("w2", "fs__write_file", &write("b.txt")),
+        text("Again."),
+    ]);
+    let bot = start(&discord, &model, dir.path(), &[]).await;
+    let thread = 700_000_000_000_000_001;
+    let callback = |id: u64| format!("/interactions/{id}/token-{id}/callback");
+    mention(&discord, thread, "hi");
+    discord
+        .wait_for("the answer", |c| c.body["content"] == "Hi.")
+        .await;
+
+    let tools = json!({"id": "1", "name": "tools", "type": 1});
+    discord.dispatch(
+        "INTERACTION_CREATE",
+        discord.interaction(61, 2, thread, BOB, tools, None),
+    );
+    let original = format!(
+        "/webhooks/{}/token-61/messages/@original",
+        support::discord::APP
+    );
+    let listed = discord.wait_for("/tools", |c| c.path == original).await;
+    let content = listed.body["content"].as_str().unwrap();
+    assert!(
+        content.contains("✅ **fs**: ") && content.contains("✅ **h**: `echo`"),
+        "{content}"
+    );
+    let menu = &listed.body["components"][0]["components"][0];
+    assert_eq!(menu["custom_id"], "servers");
+    assert_eq!(menu["options"].as_array().unwrap().len(), 2);
+
+    let choose = |id: u64, user: u64| {
+        let data = json!({"custom_id": "servers", "component_type": 3, "values": ["fs"]});
+        let mut event = press(&discord, id, thread, user, "servers");
+        event["data"] = data;
+        discord.dispatch("INTERACTION_CREATE", event);
+    };
+    choose(62, BOB);
+    let refused = discord
+        .wait_for("Bob's choice", |c| c.path == callback(62))
+        .await;
+    assert_eq!(
+        refused.body["data"]["flags"], 64,
+        "only the starter or an admin"
+    );
+    choose(63, ALICE);
+    let updated = discord
+        .wait_for("Alice's choice", |c| c.path == callback(63))
+        .await;
+    assert_eq!(updated.body["type"], 7);
+    assert!(
+        updated.body["data"]["content"]
+            .as_str()
+            .unwrap()
+            .contains("⛔ **h**: switched off here")
+    );
+    // Its session in this thread was closed.
+    support::wait_for_line(&log, |l| l.starts_with("end ")).await;
+
+    // Allow in this thread: asked once, then not again.
+    say(&discord, thread + 1, thread, ALICE, "write a.txt");
+    let question = discord
+        .wait_for("the question", |c| {
+            first_button(&c.body).is_some_and(|b| b.starts_with("approve:"))
+        })
+        .await;
+    let allow = question.body["components"][0]["components"][1]["custom_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(allow.starts_with("allow:"), "{allow}");
+    discord.dispatch(
+        "INTERACTION_CREATE",
+        press(&discord, 64, thread, ALICE, &allow),
+    );
+    discord
+        .wait_for("the first write", |c| c.body["content"] == "Written.")
+        .await;
+    say(&discord, thread + 2, thread, ALICE, "write b.txt");
+    discord
+        .wait_for("the second write", |c| c.body["content"] == "Again.")
+        .await;
+    assert!(dir.path().join("a.txt").exists() && dir.path().join("b.txt").exists());
+    let questions = discord
+        .calls()
+        .into_iter()
+        .filter(|c| first_button(&c.body).is_some_and(|b| b.starts_with("approve:")))
+        .count();
+    assert_eq!(questions, 1, "the second call was allowed without asking");
+    let offered: Vec<String> = model.requests()[1]["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["function"]["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        offered.iter().any(|t| t.starts_with("fs__"))
+            && !offered.iter().any(|t| t.starts_with("h__")),
+        "{offered:?}"
+    );
     bot.stop().await;
 }

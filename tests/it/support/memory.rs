@@ -219,6 +219,9 @@ impl Store for MemoryStore {
                     .get_or_insert(value);
             }
         }
+        if let Some(off) = state.off.get(from).cloned() {
+            state.off.entry(conversation.to_owned()).or_insert(off);
+        }
         Ok(())
     }
 
