@@ -295,7 +295,7 @@ async fn turn(
                     }
                     writeln!(out, "→ {name} {arguments}")?;
                 }
-                TurnEvent::ToolFinished { .. } => {}
+                TurnEvent::ToolFinished { .. } | TurnEvent::ToolProgress { .. } => {}
                 TurnEvent::Answer { text: answer, .. } => {
                     if std::mem::take(&mut open_line) {
                         writeln!(out)?;

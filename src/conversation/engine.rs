@@ -15,7 +15,7 @@ use super::history::{estimate_tokens, fit_to_context, repair, valid_arguments};
 use super::ports::{
     ApprovalRequest, Approver, ChatModel, ChatRequest, Citation, Completion, Decision,
     FinishReason, LastInput, ModelError, ModelLookup, Replace, Store, StoreError, TextSink,
-    ToolHost, ToolOutcome,
+    ToolHost, ToolOutcome, ToolProgress,
 };
 use super::prompt::{self, Clock, Place};
 use super::think::{Unthink, split_think};
@@ -210,6 +210,24 @@ struct Calls<'a> {
     events: &'a UnboundedSender<TurnEvent>,
     approver: &'a dyn Approver,
     stop: &'a CancellationToken,
+}
+
+/// Passes a call's progress on as events.
+struct CallProgress<'a> {
+    events: &'a UnboundedSender<TurnEvent>,
+    call: &'a ToolCall,
+}
+
+impl ToolProgress for CallProgress<'_> {
+    fn progress(&self, progress: f64, total: Option<f64>, message: Option<String>) {
+        let _ = self.events.send(TurnEvent::ToolProgress {
+            call_id: self.call.id.clone(),
+            name: self.call.name.clone(),
+            progress,
+            total,
+            message,
+        });
+    }
 }
 
 /// How one model request ended.
@@ -1058,8 +1076,12 @@ impl Engine {
                 ));
             }
         }
+        let progress = CallProgress {
+            events: turn.events,
+            call,
+        };
         self.tools
-            .call(turn.conversation, &call.name, arguments)
+            .call_reporting(turn.conversation, &call.name, arguments, &progress)
             .await
     }
 

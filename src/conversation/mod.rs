@@ -22,7 +22,7 @@ pub use ports::{
     ApprovalRequest, ApproveAll, Approver, ChatModel, ChatRequest, Citation, Completion, Decision,
     DeclineAll, FinishReason, GenerationLookup, Hold, LastInput, ModelError, ModelInfo,
     ModelLookup, Notices, Replace, Store, StoreError, TextSink, TimedApprover, ToolHost, ToolList,
-    ToolOutcome, Unbilled, UnbilledUpdate,
+    ToolOutcome, ToolProgress, Unbilled, UnbilledUpdate,
 };
 pub use prompt::{Clock, Place};
 pub use types::{

@@ -412,8 +412,29 @@ pub trait ToolHost: Send + Sync {
     /// Runs one call. Every failure (unknown tool, timeout, crash, error
     /// result) comes back as an error outcome, never as a panic or `Err`.
     async fn call(&self, conversation: &str, name: &str, arguments: Value) -> ToolOutcome;
+    /// The same, telling `progress` what the server reports as it goes.
+    async fn call_reporting(
+        &self,
+        conversation: &str,
+        name: &str,
+        arguments: Value,
+        progress: &dyn ToolProgress,
+    ) -> ToolOutcome {
+        let _ = progress;
+        self.call(conversation, name, arguments).await
+    }
     /// Closes the sessions that belong to `conversation`.
     async fn close_conversation(&self, conversation: &str);
+}
+
+/// Where a running call's progress goes (MCP `notifications/progress`).
+pub trait ToolProgress: Send + Sync {
+    /// `progress` of `total` (when known), with the server's message.
+    fn progress(&self, progress: f64, total: Option<f64>, message: Option<String>);
+}
+
+impl ToolProgress for () {
+    fn progress(&self, _progress: f64, _total: Option<f64>, _message: Option<String>) {}
 }
 
 /// Why the store failed. Each `Display` is a sentence; callers add what

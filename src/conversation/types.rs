@@ -282,6 +282,14 @@ pub enum TurnEvent {
         name: String,
         arguments: String,
     },
+    /// A running call's server reported progress.
+    ToolProgress {
+        call_id: String,
+        name: String,
+        progress: f64,
+        total: Option<f64>,
+        message: Option<String>,
+    },
     /// A tool call finished. `summary` is one line; `full_output` is set when
     /// the model only saw a truncated result.
     ToolFinished {

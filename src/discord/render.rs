@@ -88,6 +88,38 @@ pub fn notice_started(name: &str, arguments: &str) -> String {
     format!("🔧 `{}` {}", display_name(name), short_arguments(arguments))
 }
 
+/// The notice while the server reports progress: `⏳ server › tool — 40%
+/// (message)`, or the count when the server gives no total.
+pub fn notice_progress(
+    name: &str,
+    arguments: &str,
+    progress: f64,
+    total: Option<f64>,
+    message: Option<&str>,
+) -> String {
+    let amount = match total {
+        Some(total) if total > 0.0 => {
+            format!("{:.0}%", (progress / total * 100.0).clamp(0.0, 100.0))
+        }
+        _ => format!("{progress}"),
+    };
+    let message = message
+        .map(|m| m.replace('`', "'"))
+        .filter(|m| !m.trim().is_empty())
+        .map(|m| {
+            format!(
+                " ({})",
+                m.chars().take(NOTICE_ARGUMENT_CHARS).collect::<String>()
+            )
+        })
+        .unwrap_or_default();
+    format!(
+        "⏳ `{}` {} — {amount}{message}",
+        display_name(name),
+        short_arguments(arguments)
+    )
+}
+
 /// The notice once the call finished.
 pub fn notice_finished(name: &str, arguments: &str, ok: bool, summary: &str) -> String {
     let mark = if ok { "✅" } else { "❌" };
@@ -129,6 +161,28 @@ fn short_arguments(arguments: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn progress_shows_a_share_or_a_count_and_the_message() {
+        assert_eq!(
+            notice_progress(
+                "fs__copy",
+                r#"{"to":"b"}"#,
+                2.0,
+                Some(5.0),
+                Some("copying `a`")
+            ),
+            format!(
+                "⏳ `fs › copy` {} — 40% (copying 'a')",
+                short_arguments(r#"{"to":"b"}"#)
+            )
+        );
+        assert_eq!(
+            notice_progress("fs__copy", "{}", 7.0, None, None),
+            format!("⏳ `fs › copy` {} — 7", short_arguments("{}"))
+        );
+        assert!(notice_progress("t", "", 9.0, Some(3.0), None).ends_with("— 100%"));
+    }
 
     #[test]
     fn short_text_is_one_message() {

@@ -14,9 +14,9 @@ use tokio_util::sync::CancellationToken;
 use super::approvals::{Buttons, Post};
 use super::inbound::{self, channel_of};
 use super::protocol::TYPING_LASTS_SECS;
-use super::render::{notice_finished, notice_started};
+use super::render::{notice_finished, notice_progress, notice_started};
 use super::rest::Attachment;
-use super::stream::Answer;
+use super::stream::{Answer, Throttle};
 use super::{Surface, controls};
 use crate::conversation::{
     Ask, Inbound, Place, Redo, Stopped, TimedApprover, TurnEvent, TurnInput, TurnRunner,
@@ -193,6 +193,7 @@ async fn render(
     let mut answer = Answer::new(channel, interval, controls.clone());
     // Per call: its notice and the arguments it showed.
     let mut notices: HashMap<String, (u64, String)> = HashMap::new();
+    let mut progress_throttles: HashMap<String, Throttle> = HashMap::new();
     let mut tick = tokio::time::interval(interval);
     loop {
         let event = tokio::select! {
@@ -233,6 +234,33 @@ async fn render(
                 .map(|id| {
                     notices.insert(call_id, (id, arguments));
                 })
+            }
+            TurnEvent::ToolProgress {
+                call_id,
+                name,
+                progress,
+                total,
+                message,
+            } => {
+                // At most one edit per interval and notice.
+                let due = progress_throttles
+                    .entry(call_id.clone())
+                    .or_insert_with(|| Throttle::new(interval))
+                    .ready(std::time::Instant::now());
+                match notices.get(&call_id) {
+                    Some((id, arguments)) if due => {
+                        let content =
+                            notice_progress(&name, arguments, progress, total, message.as_deref());
+                        let components = controls.clone().unwrap_or_else(|| json!([]));
+                        rest.edit_message(
+                            channel,
+                            *id,
+                            json!({"content": content, "components": components}),
+                        )
+                        .await
+                    }
+                    _ => Ok(()),
+                }
             }
             TurnEvent::ToolFinished {
                 call_id,

@@ -25,7 +25,7 @@ use serde_json::Value;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Limits, Redactor, Secret};
-use crate::conversation::{Hold, Notices, ToolHost, ToolList, ToolOutcome, ToolSpec};
+use crate::conversation::{Hold, Notices, ToolHost, ToolList, ToolOutcome, ToolProgress, ToolSpec};
 pub use config::{Approval, InheritEnv, Scope, ServerSpec, Transport};
 use session::{CallError, Session};
 pub use session::{MAX_LIST_PAGES, RemoteTool, ServerTools, shorten_list};
@@ -675,6 +675,17 @@ impl ToolHost for McpHost {
     }
 
     async fn call(&self, conversation: &str, name: &str, arguments: Value) -> ToolOutcome {
+        self.call_reporting(conversation, name, arguments, &())
+            .await
+    }
+
+    async fn call_reporting(
+        &self,
+        conversation: &str,
+        name: &str,
+        arguments: Value,
+        progress: &dyn ToolProgress,
+    ) -> ToolOutcome {
         let routes = self
             .routes
             .lock()
@@ -702,7 +713,7 @@ impl ToolHost for McpHost {
                 ));
             }
         };
-        match tokio::time::timeout(timeout, session.call(&route.tool, arguments)).await {
+        match tokio::time::timeout(timeout, session.call(&route.tool, arguments, progress)).await {
             Ok(Ok(result)) => result::outcome(&result, self.limits.tool_result_max_chars),
             Ok(Err(CallError::Protocol(message))) => ToolOutcome::error(message),
             Ok(Err(CallError::Disconnected(message))) => {

@@ -5,10 +5,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use futures::StreamExt;
+use rmcp::handler::client::progress::ProgressDispatcher;
 use rmcp::model::{
     CallToolRequest, CallToolRequestParams, CancelledNotificationParam, ClientCapabilities,
     ClientConfig, ClientRequest, Implementation, ListToolsRequest, PaginatedRequestParams,
-    ProtocolVersion, Request, RequestId, RequestOptionalParam, ServerResult,
+    ProgressNotificationParam, ProtocolVersion, Request, RequestId, RequestOptionalParam,
+    ServerResult,
 };
 use rmcp::service::{NotificationContext, Peer, PeerRequestOptions, RunningService, ServiceExt};
 use rmcp::transport::StreamableHttpClientTransport;
@@ -22,6 +25,7 @@ use super::config::{ServerSpec, Transport};
 use super::schema::{normalise, open_object};
 use super::stdio::{ChildTransport, Launch};
 use crate::config::{Limits, Redactor};
+use crate::conversation::ToolProgress;
 
 /// How long closing a session may take before it is abandoned.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -48,16 +52,25 @@ pub struct ServerTools {
 }
 
 /// Receives server notifications. `tools/list_changed` marks the cached
-/// list stale.
+/// list stale; progress goes to whoever waits for that request.
 #[derive(Debug, Clone)]
 struct Handler {
     tools_stale: Arc<AtomicBool>,
+    progress: ProgressDispatcher,
     info: ClientConfig,
 }
 
 impl ClientHandler for Handler {
     async fn on_tool_list_changed(&self, _context: NotificationContext<RoleClient>) {
         self.tools_stale.store(true, Ordering::SeqCst);
+    }
+
+    async fn on_progress(
+        &self,
+        params: ProgressNotificationParam,
+        _context: NotificationContext<RoleClient>,
+    ) {
+        self.progress.handle_notification(params).await;
     }
 
     fn get_info(&self) -> ClientConfig {
@@ -205,6 +218,7 @@ pub struct Session {
     peer: Peer<RoleClient>,
     service: Mutex<Option<RunningService<RoleClient, Handler>>>,
     tools_stale: Arc<AtomicBool>,
+    progress: ProgressDispatcher,
     tools: Mutex<Option<Arc<ServerTools>>>,
     /// Set when a request found the transport gone.
     disconnected: AtomicBool,
@@ -232,8 +246,10 @@ impl Session {
         );
         // Servers in use today negotiate the initialize-era protocol.
         info.protocol_version = ProtocolVersion::LATEST_WITH_INITIALIZE;
+        let progress = ProgressDispatcher::new();
         let handler = Handler {
             tools_stale: tools_stale.clone(),
+            progress: progress.clone(),
             info,
         };
         let timeout = limits.mcp_start_timeout;
@@ -251,6 +267,7 @@ impl Session {
             peer: service.peer().clone(),
             service: Mutex::new(Some(service)),
             tools_stale,
+            progress,
             tools: Mutex::new(None),
             disconnected: AtomicBool::new(false),
         })
@@ -297,7 +314,7 @@ impl Session {
             let params = PaginatedRequestParams::default().with_cursor(cursor.take());
             let request: ListToolsRequest = RequestOptionalParam::with_param(params);
             let result = self
-                .request(ClientRequest::ListToolsRequest(request))
+                .request(ClientRequest::ListToolsRequest(request), &())
                 .await
                 .map_err(|e| format!("listing its tools failed: {}", e.sentence()))?;
             let next = read_tools_page(&result, &mut out)?;
@@ -330,18 +347,29 @@ impl Session {
 
     /// Calls `tool`; the result is the `CallToolResult` as JSON, as the
     /// server sent it when rmcp could not read it.
-    pub async fn call(&self, tool: &str, arguments: Value) -> Result<Value, CallError> {
+    pub async fn call(
+        &self,
+        tool: &str,
+        arguments: Value,
+        progress: &dyn ToolProgress,
+    ) -> Result<Value, CallError> {
         let mut params = CallToolRequestParams::new(tool.to_owned());
         if let Value::Object(map) = arguments {
             params = params.with_arguments(map);
         }
         let request: CallToolRequest = Request::new(params);
-        self.request(ClientRequest::CallToolRequest(request)).await
+        self.request(ClientRequest::CallToolRequest(request), progress)
+            .await
     }
 
-    /// Sends one request and returns its result as JSON. Dropping the
-    /// future (a timeout, an aborted turn) cancels the request on the server.
-    async fn request(&self, request: ClientRequest) -> Result<Value, CallError> {
+    /// Sends one request and returns its result as JSON, passing on the
+    /// progress the server reports. Dropping the future (a timeout, an
+    /// aborted turn) cancels the request on the server.
+    async fn request(
+        &self,
+        request: ClientRequest,
+        progress: &dyn ToolProgress,
+    ) -> Result<Value, CallError> {
         let handle = self
             .peer
             .send_request_with_option(request, PeerRequestOptions::no_options())
@@ -351,7 +379,17 @@ impl Session {
             peer: self.peer.clone(),
             id: Some(handle.id.clone()),
         };
-        let result = handle.await_response().await;
+        let mut reports = self.progress.subscribe(handle.progress_token.clone()).await;
+        let response = handle.await_response();
+        tokio::pin!(response);
+        let result = loop {
+            tokio::select! {
+                result = &mut response => break result,
+                Some(report) = reports.next() => {
+                    progress.progress(report.progress, report.total, report.message);
+                }
+            }
+        };
         guard.id = None;
         match result.map_err(|e| self.failed(e))? {
             // Whatever rmcp could not type is kept as the server sent it.

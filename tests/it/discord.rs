@@ -1968,3 +1968,54 @@ async fn servers_are_switched_per_thread_and_a_tool_can_be_allowed_in_it() {
     );
     bot.stop().await;
 }
+
+#[tokio::test]
+async fn mcp_progress_updates_the_tools_notice() {
+    support::needs_servers!();
+    let discord = FakeDiscord::start().await;
+    let model = FakeModel::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut everything = support::everything();
+    everything["approval"] = json!("auto");
+    support::write_mcp(dir.path(), json!({"everything": everything}));
+    model.script([
+        call(
+            "p1",
+            "everything__trigger-long-running-operation",
+            r#"{"duration": 1, "steps": 4}"#,
+        ),
+        text("Done."),
+    ]);
+    let bot = start(&discord, &model, dir.path(), &[]).await;
+    let thread = 710_000_000_000_000_001;
+    mention(&discord, thread, "take a second");
+    let progress = discord
+        .wait_for("a progress edit", |c| {
+            c.method == "PATCH"
+                && c.body["content"].as_str().is_some_and(|t| {
+                    t.starts_with("⏳ `everything › trigger-long-running-operation`")
+                        && t.contains('%')
+                })
+        })
+        .await;
+    assert_eq!(
+        first_button(&progress.body),
+        Some(format!("stop:{thread}").as_str()),
+        "Stop stays while it runs"
+    );
+    discord
+        .wait_for("the answer", |c| c.body["content"] == "Done.")
+        .await;
+    let finished = discord
+        .calls()
+        .into_iter()
+        .filter(|c| c.method == "PATCH")
+        .filter_map(|c| c.body["content"].as_str().map(str::to_owned))
+        .rfind(|t| t.contains("trigger-long-running-operation"))
+        .unwrap();
+    assert!(
+        finished.starts_with("✅"),
+        "the last edit is the finished notice: {finished}"
+    );
+    bot.stop().await;
+}
