@@ -618,6 +618,10 @@ pub struct DiscordConfig {
     pub image_max_bytes: usize,
     /// `IMAGES_PER_MESSAGE`: images of one message that are kept; the rest are left out.
     pub images_per_message: usize,
+    /// `DOCUMENT_MAX_BYTES`: a larger PDF is left out, with a notice.
+    pub document_max_bytes: usize,
+    /// `DOCUMENTS_PER_MESSAGE`: PDFs of one message that are kept.
+    pub documents_per_message: usize,
     /// `AUTO_THREAD_CHANNELS`: channels where every new message opens a
     /// thread and is answered there, without a mention.
     pub auto_thread_channels: Vec<u64>,
@@ -654,6 +658,8 @@ impl DiscordConfig {
             health_file: get("HEALTH_FILE").map(PathBuf::from),
             image_max_bytes: number(&get, "IMAGE_MAX_BYTES", 5 * 1024 * 1024)?,
             images_per_message: number(&get, "IMAGES_PER_MESSAGE", 4)?,
+            document_max_bytes: number(&get, "DOCUMENT_MAX_BYTES", 10 * 1024 * 1024)?,
+            documents_per_message: number(&get, "DOCUMENTS_PER_MESSAGE", 2)?,
             auto_thread_channels: ids(&get, "AUTO_THREAD_CHANNELS")?,
         })
     }

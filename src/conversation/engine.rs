@@ -1190,6 +1190,7 @@ fn approximate_bytes(message: &Message) -> usize {
     message.content.as_ref().map_or(0, String::len)
         + message.reasoning.as_ref().map_or(0, String::len)
         + message.images.iter().map(String::len).sum::<usize>()
+        + message.files.iter().map(|f| f.data.len()).sum::<usize>()
         + message
             .tool_calls
             .iter()

@@ -247,6 +247,10 @@ pub trait ChatModel: Send + Sync {
     async fn model_info(&self, model: &str) -> ModelLookup;
 
     /// Every model the catalogue lists (empty when none could be read).
+    /// Whether the endpoint reads documents (PDFs) sent as `file` parts.
+    fn reads_documents(&self) -> bool {
+        false
+    }
     async fn models(&self) -> Vec<ModelInfo> {
         Vec::new()
     }

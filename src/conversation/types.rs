@@ -143,6 +143,14 @@ impl ReasoningEffort {
     }
 }
 
+/// A document attached to a message: its name and its bytes as a `data:`
+/// URL (`data:application/pdf;base64,…`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct FilePart {
+    pub name: String,
+    pub data: String,
+}
+
 /// The person who wrote a user message, as the surface knows them.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Author {
@@ -161,6 +169,8 @@ pub struct Message {
     /// Images attached to a user message, as `data:` URLs (the bytes are
     /// kept, so nothing depends on a link that expires).
     pub images: Vec<String>,
+    /// Documents (PDFs) attached to a user message, with their bytes.
+    pub files: Vec<FilePart>,
     /// Who wrote a user message, when the surface has several people.
     pub author: Option<Author>,
     pub tool_calls: Vec<ToolCall>,

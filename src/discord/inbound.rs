@@ -9,7 +9,7 @@ use super::Surface;
 use super::access::Place;
 use super::protocol::{MAX_THREAD_NAME, THREAD_CHANNEL_TYPES};
 use super::rest::Rest;
-use crate::conversation::{AttachmentRef, Author, Inbound, Message};
+use crate::conversation::{AttachmentRef, Author, FilePart, Inbound, Message};
 
 /// Text attachments are read up to this size.
 pub const MAX_TEXT_ATTACHMENT_BYTES: usize = 100_000;
@@ -173,6 +173,8 @@ pub enum Handling {
     Image,
     /// Downloaded and put into the text.
     Text,
+    /// A PDF, passed as a file for the endpoint's parser.
+    Document,
     /// An image for a model that cannot see: left out, with a notice.
     Unseen,
     /// Neither text nor image: left out, with a notice.
@@ -189,6 +191,8 @@ pub fn handling(attachment: &AttachmentRef, model_reads_images: bool) -> Handlin
         }
     } else if kind.starts_with("text/") || kind.contains("json") || is_text_name(&attachment.name) {
         Handling::Text
+    } else if kind == "application/pdf" || attachment.name.to_lowercase().ends_with(".pdf") {
+        Handling::Document
     } else {
         Handling::Unreadable
     }
@@ -201,24 +205,43 @@ pub async fn prepare(
     rest: &Rest,
     input: &Inbound,
     model_reads_images: bool,
-    caps: &ImageCaps,
+    caps: &Caps,
 ) -> (Message, Vec<String>) {
     let mut text = input.text.clone();
     let mut images = Vec::new();
+    let mut files = Vec::new();
     let mut notices = Vec::new();
     for attachment in &input.attachments {
         let name = &attachment.name;
         match handling(attachment, model_reads_images) {
-            Handling::Image if images.len() >= caps.per_message => notices.push(format!(
-                "Only {} images of one message are kept, so {name} was left out.",
-                caps.per_message
+            Handling::Document if !caps.reads_documents => notices.push(format!(
+                "PDFs are read through OpenRouter only, and this bot's endpoint is another one (MODEL_API=openai), so {name} was left out. Paste the text you need instead."
             )),
-            Handling::Image => match rest.download(&attachment.url, caps.max_bytes).await {
+            Handling::Document if files.len() >= caps.documents_per_message => notices.push(format!(
+                "Only {} documents of one message are kept (DOCUMENTS_PER_MESSAGE), so {name} was left out.",
+                caps.documents_per_message
+            )),
+            Handling::Document => match rest.download(&attachment.url, caps.document_max_bytes).await {
+                Some((_, true)) => notices.push(format!(
+                    "{name} is larger than {} (DOCUMENT_MAX_BYTES), so it was left out.",
+                    size(caps.document_max_bytes)
+                )),
+                Some((bytes, false)) => files.push(FilePart {
+                    name: name.clone(),
+                    data: data_url("application/pdf", &bytes),
+                }),
+                None => notices.push(format!("I could not download {name}.")),
+            },
+            Handling::Image if images.len() >= caps.images_per_message => notices.push(format!(
+                "Only {} images of one message are kept, so {name} was left out.",
+                caps.images_per_message
+            )),
+            Handling::Image => match rest.download(&attachment.url, caps.image_max_bytes).await {
                 Some((_, true)) => notices.push(format!(
                     "{name} is larger than {} (IMAGE_MAX_BYTES), so it was left out.",
-                    size(caps.max_bytes)
+                    size(caps.image_max_bytes)
                 )),
-                Some((bytes, false)) => images.push(data_url(attachment, &bytes)),
+                Some((bytes, false)) => images.push(data_url(image_type(attachment), &bytes)),
                 None => notices.push(format!("I could not download {name}.")),
             },
             Handling::Text => match download(rest, &attachment.url).await {
@@ -229,12 +252,13 @@ pub async fn prepare(
                 "This model cannot see images, so {name} was left out."
             )),
             Handling::Unreadable => notices.push(format!(
-                "I can only read text files and images, so {name} was left out."
+                "I can only read text files, images and PDFs, so {name} was left out."
             )),
         }
     }
     let message = Message {
         images,
+        files,
         author: Some(Author {
             id: input.author,
             name: input.author_name.clone(),
@@ -244,24 +268,33 @@ pub async fn prepare(
     (message, notices)
 }
 
-/// The bounds on the images of one message (`IMAGE_MAX_BYTES`, `IMAGES_PER_MESSAGE`).
+/// What files of one message are taken: the bounds on images
+/// (`IMAGE_MAX_BYTES`, `IMAGES_PER_MESSAGE`) and documents
+/// (`DOCUMENT_MAX_BYTES`, `DOCUMENTS_PER_MESSAGE`), and whether the
+/// endpoint reads documents at all.
 #[derive(Debug, Clone, Copy)]
-pub struct ImageCaps {
-    pub max_bytes: usize,
-    pub per_message: usize,
+pub struct Caps {
+    pub image_max_bytes: usize,
+    pub images_per_message: usize,
+    pub reads_documents: bool,
+    pub document_max_bytes: usize,
+    pub documents_per_message: usize,
 }
 
-/// The image as a `data:` URL: the bytes are kept in the database, since
-/// Discord's signed attachment links expire.
-fn data_url(attachment: &AttachmentRef, bytes: &[u8]) -> String {
-    use base64::Engine as _;
-    // `handling` only takes attachments whose type is `image/…`.
-    let kind = attachment
+/// The type of an image attachment (`handling` only takes `image/…`).
+fn image_type(attachment: &AttachmentRef) -> &str {
+    attachment
         .content_type
         .as_deref()
         .and_then(|t| t.split(';').next())
         .unwrap_or("image/png")
-        .trim();
+        .trim()
+}
+
+/// The bytes as a `data:` URL: they are kept in the database, since
+/// Discord's signed attachment links expire.
+fn data_url(kind: &str, bytes: &[u8]) -> String {
+    use base64::Engine as _;
     format!(
         "data:{kind};base64,{}",
         base64::engine::general_purpose::STANDARD.encode(bytes)

@@ -70,9 +70,12 @@ impl TurnRunner for Turns {
                 .await
                 .info()
                 .is_some_and(|m| m.supports_images);
-            let caps = inbound::ImageCaps {
-                max_bytes: surface.config.image_max_bytes,
-                per_message: surface.config.images_per_message,
+            let caps = inbound::Caps {
+                image_max_bytes: surface.config.image_max_bytes,
+                images_per_message: surface.config.images_per_message,
+                reads_documents: surface.model.reads_documents(),
+                document_max_bytes: surface.config.document_max_bytes,
+                documents_per_message: surface.config.documents_per_message,
             };
             // A stop while files are fetched still goes through the engine,
             // which then forgets the input.

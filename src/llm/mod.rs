@@ -505,6 +505,10 @@ impl ChatModel for OpenRouter {
         }
     }
 
+    fn reads_documents(&self) -> bool {
+        self.dialect.api == ModelApi::OpenRouter
+    }
+
     async fn models(&self) -> Vec<ModelInfo> {
         self.catalogue()
             .await

@@ -139,6 +139,13 @@ pub fn request_body(
     // mcpcord fits the context itself; middle-out could separate tool calls
     // from their results.
     body["plugins"] = json!([{"id": "context-compression", "enabled": false}]);
+    // Documents are read by OpenRouter's parser, with its free text engine.
+    if request.messages.iter().any(|m| !m.files.is_empty()) {
+        body["plugins"]
+            .as_array_mut()
+            .expect("an array")
+            .push(json!({"id": "file-parser", "pdf": {"engine": "pdf-text"}}));
+    }
     let mut provider = dialect.provider.clone().unwrap_or_else(|| json!({}));
     if let Some(pin) = request.pin {
         provider["order"] = json!([pin]);
@@ -285,7 +292,7 @@ pub fn speaker_prefix(author: &Author) -> String {
 /// replayed at all (OpenRouter's fields; plain endpoints get none).
 fn message_json(message: &Message, reasoning_model: Option<&str>) -> Value {
     match message.role() {
-        Role::User if message.images.is_empty() => {
+        Role::User if message.images.is_empty() && message.files.is_empty() => {
             json!({"role": "user", "content": user_text(message)})
         }
         Role::User => {
@@ -296,6 +303,9 @@ fn message_json(message: &Message, reasoning_model: Option<&str>) -> Value {
                     .iter()
                     .map(|url| json!({"type": "image_url", "image_url": {"url": url}})),
             );
+            parts.extend(message.files.iter().map(|file| {
+                json!({"type": "file", "file": {"filename": file.name, "file_data": file.data}})
+            }));
             json!({"role": "user", "content": parts})
         }
         Role::Tool => json!({

@@ -66,6 +66,7 @@ struct MessageRow {
     author_name: Option<String>,
     stopped: bool,
     position: Option<i64>,
+    files: Option<String>,
 }
 
 /// `SELECT` of the sums `totals` reads, in this order, over billed rows `m`.
@@ -427,6 +428,11 @@ impl MessageRow {
             usage,
             author,
             stopped: self.stopped,
+            files: match self.files {
+                Some(text) => serde_json::from_str(&text)
+                    .map_err(|e| StoreError::Corrupt(format!("files column: {e}")))?,
+                None => Vec::new(),
+            },
             // Stand-ins from before positions were kept are negative.
             position: self.position.filter(|p| *p > 0).map(|p| p as u64),
         })
@@ -598,7 +604,7 @@ impl Store for SqliteStore {
         let rows: Vec<MessageRow> = sqlx::query_as(
             "SELECT role, content, images, tool_calls, tool_call_id, reasoning, reasoning_details,
                     model, prompt_tokens, completion_tokens, cost, cached_tokens, cache_write_tokens,
-                    author_id, author_name, stopped, position
+                    author_id, author_name, stopped, position, files
              FROM messages WHERE conversation = ?1 AND replaced = 0 ORDER BY id",
         )
         .bind(conversation)
@@ -891,7 +897,7 @@ impl SqliteStore {
         let mut insert = QueryBuilder::<Sqlite>::new(
             "INSERT INTO messages (conversation, role, content, images, tool_calls, tool_call_id,
                 reasoning, reasoning_details, model, prompt_tokens, completion_tokens, cost,
-                cached_tokens, cache_write_tokens, author_id, author_name, stopped, position, created_at) ",
+                cached_tokens, cache_write_tokens, author_id, author_name, stopped, position, files, created_at) ",
         );
         insert.push_values(messages, |mut row, message| {
             let usage = message.usage;
@@ -921,6 +927,11 @@ impl SqliteStore {
                 .push_bind(message.author.as_ref().map(|a| a.name.as_str()))
                 .push_bind(message.stopped)
                 .push_bind(message.position.map(|p| p as i64))
+                .push_bind(
+                    (!message.files.is_empty())
+                        .then(|| to_json(&message.files))
+                        .flatten(),
+                )
                 .push_bind(now);
         });
         insert.build().execute(&mut *connection).await.map_err(db)?;

@@ -2019,3 +2019,89 @@ async fn mcp_progress_updates_the_tools_notice() {
     );
     bot.stop().await;
 }
+
+#[tokio::test]
+async fn pdfs_go_to_openrouters_parser_and_elsewhere_are_explained() {
+    use crate::support::Api;
+    let discord = FakeDiscord::start().await;
+    let model = FakeModel::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    model.script([text("Read it.")]);
+    let bot = start(
+        &discord,
+        &model,
+        dir.path(),
+        &[
+            ("DOCUMENT_MAX_BYTES", "1024"),
+            ("DOCUMENTS_PER_MESSAGE", "2"),
+        ],
+    )
+    .await;
+    let thread = 720_000_000_000_000_001;
+    let mut message = discord.message(thread, CHANNEL, ALICE, &format!("<@{BOT}> summarise"), true);
+    message["attachments"] = json!([
+        discord.file(1, "report.pdf", "application/pdf"),
+        discord.file(2, "huge.pdf", "application/pdf"),
+        discord.file(3, "appendix.pdf", "application/pdf"),
+        discord.file(5, "extra.pdf", "application/pdf"),
+    ]);
+    discord.dispatch("MESSAGE_CREATE", message);
+    discord
+        .wait_for("the answer", |c| c.body["content"] == "Read it.")
+        .await;
+    let request = &model.requests()[0];
+    let part = &request["messages"][1]["content"][1];
+    assert_eq!(part["type"], "file");
+    assert_eq!(part["file"]["filename"], "report.pdf");
+    assert!(
+        part["file"]["file_data"]
+            .as_str()
+            .unwrap()
+            .starts_with("data:application/pdf;base64,")
+    );
+    assert!(
+        request["plugins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["id"] == "file-parser"),
+        "{}",
+        request["plugins"]
+    );
+    let notices = contents(&discord.posts(thread)).join("\n");
+    assert_eq!(
+        request["messages"][1]["content"][2]["file"]["filename"],
+        "appendix.pdf"
+    );
+    assert!(
+        notices.contains("huge.pdf is larger than 1024 bytes (DOCUMENT_MAX_BYTES)"),
+        "{notices}"
+    );
+    assert!(
+        notices.contains("(DOCUMENTS_PER_MESSAGE), so extra.pdf was left out"),
+        "{notices}"
+    );
+    bot.stop().await;
+
+    // A plain endpoint does not take them: the person is told.
+    let plain = FakeModel::start_as(Api::OpenAi).await;
+    plain.script([text("Only the text.")]);
+    let dir = tempfile::tempdir().unwrap();
+    let bot = start(&discord, &plain, dir.path(), &[]).await;
+    let thread = 720_000_000_000_000_101;
+    let mut message = discord.message(thread, CHANNEL, ALICE, &format!("<@{BOT}> and this?"), true);
+    message["attachments"] = json!([discord.file(4, "report.pdf", "application/pdf")]);
+    discord.dispatch("MESSAGE_CREATE", message);
+    discord
+        .wait_for("the plain answer", |c| {
+            c.body["content"] == "Only the text."
+        })
+        .await;
+    assert!(!plain.requests()[0].to_string().contains("file_data"));
+    let notices = contents(&discord.posts(thread)).join("\n");
+    assert!(
+        notices.contains("PDFs are read through OpenRouter only"),
+        "{notices}"
+    );
+    bot.stop().await;
+}
