@@ -263,6 +263,7 @@ impl ChatModel for BillingModel {
             supports_tools: Some(true),
             supports_reasoning: true,
             supports_images: true,
+            supports_audio: false,
         })
     }
 }
@@ -359,6 +360,7 @@ async fn main() {
                     .into(),
             ),
             timezone: jiff::tz::TimeZone::UTC,
+            transcription_model: None,
             clock: Default::default(),
             max_tool_rounds: 10,
             fallback_context_tokens: 200_000,

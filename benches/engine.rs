@@ -75,6 +75,7 @@ impl ChatModel for InstantModel {
             supports_tools: Some(true),
             supports_reasoning: false,
             supports_images: false,
+            supports_audio: false,
         })
     }
 }
@@ -124,6 +125,7 @@ fn engine(store: Arc<dyn Store>) -> Engine {
             default_model: "bench/model".into(),
             system_prompt: Some("You are a calculator.".into()),
             timezone: jiff::tz::TimeZone::UTC,
+            transcription_model: None,
             clock: Default::default(),
             max_tool_rounds: 10,
             fallback_context_tokens: 1_000_000,

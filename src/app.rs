@@ -61,6 +61,7 @@ impl App {
             default_model: config.default_model.clone(),
             system_prompt: config.system_prompt.clone(),
             timezone: config.timezone.clone(),
+            transcription_model: config.transcription_model.clone(),
             clock: Default::default(),
             max_tool_rounds: config.limits.max_tool_rounds,
             fallback_context_tokens: config.limits.fallback_context_tokens,

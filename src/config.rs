@@ -149,6 +149,9 @@ pub struct Config {
     pub base_url: String,
     pub default_model: String,
     pub system_prompt: Option<String>,
+    /// `TRANSCRIPTION_MODEL`: an audio-capable model that transcribes
+    /// voice notes for models that do not hear audio.
+    pub transcription_model: Option<String>,
     /// `TIMEZONE`: where the prompt's `{date}`, `{time}` and `{weekday}`
     /// are told (an IANA name; UTC by default).
     pub timezone: jiff::tz::TimeZone,
@@ -322,6 +325,7 @@ impl Config {
             default_model: get("DEFAULT_MODEL").unwrap_or_else(|| DEFAULT_MODEL.to_owned()),
             system_prompt: get("SYSTEM_PROMPT"),
             timezone: timezone(get("TIMEZONE"))?,
+            transcription_model: get("TRANSCRIPTION_MODEL"),
             database_url: database_url(get("DATABASE_URL"))?,
             mcp_config_explicit: get("MCP_CONFIG").is_some(),
             mcp_config: PathBuf::from(
@@ -622,6 +626,10 @@ pub struct DiscordConfig {
     pub document_max_bytes: usize,
     /// `DOCUMENTS_PER_MESSAGE`: PDFs of one message that are kept.
     pub documents_per_message: usize,
+    /// `AUDIO_MAX_BYTES`: a larger voice note is left out, with a notice.
+    pub audio_max_bytes: usize,
+    /// `AUDIO_PER_MESSAGE`: voice notes of one message that are transcribed.
+    pub audio_per_message: usize,
     /// `AUTO_THREAD_CHANNELS`: channels where every new message opens a
     /// thread and is answered there, without a mention.
     pub auto_thread_channels: Vec<u64>,
@@ -660,6 +668,8 @@ impl DiscordConfig {
             images_per_message: number(&get, "IMAGES_PER_MESSAGE", 4)?,
             document_max_bytes: number(&get, "DOCUMENT_MAX_BYTES", 10 * 1024 * 1024)?,
             documents_per_message: number(&get, "DOCUMENTS_PER_MESSAGE", 2)?,
+            audio_max_bytes: number(&get, "AUDIO_MAX_BYTES", 25 * 1024 * 1024)?,
+            audio_per_message: number(&get, "AUDIO_PER_MESSAGE", 1)?,
             auto_thread_channels: ids(&get, "AUTO_THREAD_CHANNELS")?,
         })
     }

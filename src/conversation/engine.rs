@@ -19,7 +19,9 @@ use super::ports::{
 };
 use super::prompt::{self, Clock, Place};
 use super::think::{Unthink, split_think};
-use super::types::{Author, Message, ReasoningEffort, Role, ToolCall, ToolSpec, TurnEvent, Usage};
+use super::types::{
+    AudioPart, Author, Message, ReasoningEffort, Role, ToolCall, ToolSpec, TurnEvent, Usage,
+};
 use jiff::tz::TimeZone;
 
 /// Conversations whose history stays cached in memory while idle. Past this,
@@ -50,6 +52,9 @@ pub const SPEAKERS_NOTE: &str = "Several people may write in this conversation: 
 /// arguments are stored as `{}` so that no endpoint chokes on them later.
 const CUT_CALL: &str = "ERROR: not run: this call was cut off at the model's output limit before its arguments were complete. Call it again with shorter arguments, or split the work into smaller calls.";
 
+/// What a voice note is sent with.
+const TRANSCRIBE: &str = "Transcribe this voice message word for word, in its own language. Answer with the transcript only, without quotes or comments.";
+
 /// What a tool call cancelled by a stopped turn gets as its result.
 pub const INTERRUPTED: &str =
     "interrupted by the user, who stopped this turn. Do not run it again unless asked.";
@@ -60,6 +65,9 @@ pub struct EngineSettings {
     pub default_model: String,
     /// For conversations without their own (see `/system`).
     pub system_prompt: Option<String>,
+    /// `TRANSCRIPTION_MODEL`: transcribes voice notes for models that do
+    /// not hear audio.
+    pub transcription_model: Option<String>,
     /// Where `{date}`, `{time}` and `{weekday}` are told (`TIMEZONE`).
     pub timezone: TimeZone,
     pub clock: Clock,
@@ -941,6 +949,54 @@ impl Engine {
             .map_err(TurnError::SettingNotStored)?;
         self.with_live(conversation, |live| live.reasoning = Some(effort));
         Ok(())
+    }
+
+    /// The words of a voice note in `conversation`: heard by its own model
+    /// when the catalogue says it takes audio, otherwise by
+    /// `TRANSCRIPTION_MODEL`. What it costs counts in the conversation's
+    /// usage.
+    pub async fn transcribe(
+        &self,
+        conversation: &str,
+        audio: AudioPart,
+    ) -> Result<String, ModelError> {
+        let model = self
+            .model_of(conversation)
+            .await
+            .unwrap_or_else(|_| self.settings.default_model.clone());
+        let hears = self
+            .model
+            .model_info(&model)
+            .await
+            .info()
+            .is_some_and(|i| i.supports_audio);
+        let transcriber = match (&self.settings.transcription_model, hears) {
+            (_, true) => model,
+            (Some(transcriber), false) => transcriber.clone(),
+            (None, false) => return Err(ModelError::CannotHear { model }),
+        };
+        let message = Message {
+            audio: vec![audio],
+            ..Message::user(TRANSCRIBE)
+        };
+        let messages = [message];
+        let request = ChatRequest::new(&transcriber, &messages, &[]);
+        let completion = self.model.complete(request, &()).await?;
+        if completion.usage.reported() {
+            billing::keep_billed(
+                self.store.as_ref(),
+                conversation,
+                &transcriber,
+                None,
+                completion.usage,
+            )
+            .await;
+        }
+        let text = completion.message.text().trim().to_owned();
+        if text.is_empty() {
+            return Err(ModelError::Empty);
+        }
+        Ok(text)
     }
 
     /// The reasoning of the answer to the input at `position`.

@@ -26,7 +26,7 @@ pub use ports::{
 };
 pub use prompt::{Clock, Place};
 pub use types::{
-    AttachmentRef, Author, FilePart, Inbound, Message, ReasoningEffort, Redo, Role, ToolCall,
-    ToolSpec, TurnEvent, Usage, UsageTotals, cached_percent,
+    AttachmentRef, AudioPart, Author, FilePart, Inbound, Message, ReasoningEffort, Redo, Role,
+    ToolCall, ToolSpec, TurnEvent, Usage, UsageTotals, cached_percent,
 };
 pub use workers::{Accepted, Arrival, RunningTurn, Stopped, TurnRunner, Workers};

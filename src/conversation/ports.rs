@@ -82,6 +82,8 @@ pub struct ModelInfo {
     /// without their parameters): tools are offered and the endpoint judges.
     pub supports_tools: Option<bool>,
     pub supports_images: bool,
+    /// Whether it hears audio (`input_audio` parts).
+    pub supports_audio: bool,
     /// Whether `reasoning` may be sent to it.
     pub supports_reasoning: bool,
 }
@@ -122,6 +124,10 @@ pub enum ModelError {
     NoToolSupport { model: String },
     #[error("The model {model} does not exist. Pick another model.")]
     UnknownModel { model: String },
+    #[error(
+        "{model} cannot hear audio and no TRANSCRIPTION_MODEL is set, so voice notes cannot be understood here. Type your message, or ask the bot's owner to set TRANSCRIPTION_MODEL to a model that takes audio."
+    )]
+    CannotHear { model: String },
     #[error(
         "No provider can serve this request right now ({message}). Try again in a moment, or pick another model."
     )]
@@ -177,6 +183,7 @@ impl ModelError {
             ModelError::InvalidKey => "invalid_key",
             ModelError::NoToolSupport { .. } => "no_tool_support",
             ModelError::UnknownModel { .. } => "unknown_model",
+            ModelError::CannotHear { .. } => "cannot_hear",
             ModelError::NoEndpoint { .. } => "no_endpoint",
             ModelError::ContextTooLong => "context_too_long",
             ModelError::RateLimited { .. } => "rate_limited",

@@ -151,6 +151,14 @@ pub struct FilePart {
     pub data: String,
 }
 
+/// Audio sent to a model that hears: its format (`ogg`, `mp3`, `wav`…)
+/// and its bytes in base64.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AudioPart {
+    pub format: String,
+    pub data: String,
+}
+
 /// The person who wrote a user message, as the surface knows them.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Author {
@@ -171,6 +179,9 @@ pub struct Message {
     pub images: Vec<String>,
     /// Documents (PDFs) attached to a user message, with their bytes.
     pub files: Vec<FilePart>,
+    /// Audio to transcribe. Only in a transcription request: a voice note
+    /// is kept as its transcript, never as audio.
+    pub audio: Vec<AudioPart>,
     /// Who wrote a user message, when the surface has several people.
     pub author: Option<Author>,
     pub tool_calls: Vec<ToolCall>,

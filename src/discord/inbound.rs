@@ -9,7 +9,7 @@ use super::Surface;
 use super::access::Place;
 use super::protocol::{MAX_THREAD_NAME, THREAD_CHANNEL_TYPES};
 use super::rest::Rest;
-use crate::conversation::{AttachmentRef, Author, FilePart, Inbound, Message};
+use crate::conversation::{AttachmentRef, AudioPart, Author, Engine, FilePart, Inbound, Message};
 
 /// Text attachments are read up to this size.
 pub const MAX_TEXT_ATTACHMENT_BYTES: usize = 100_000;
@@ -175,6 +175,8 @@ pub enum Handling {
     Text,
     /// A PDF, passed as a file for the endpoint's parser.
     Document,
+    /// A voice note or other audio: transcribed, and kept as its words.
+    Audio,
     /// An image for a model that cannot see: left out, with a notice.
     Unseen,
     /// Neither text nor image: left out, with a notice.
@@ -193,6 +195,8 @@ pub fn handling(attachment: &AttachmentRef, model_reads_images: bool) -> Handlin
         Handling::Text
     } else if kind == "application/pdf" || attachment.name.to_lowercase().ends_with(".pdf") {
         Handling::Document
+    } else if kind.starts_with("audio/") || audio_format(attachment).is_some() {
+        Handling::Audio
     } else {
         Handling::Unreadable
     }
@@ -206,14 +210,45 @@ pub async fn prepare(
     input: &Inbound,
     model_reads_images: bool,
     caps: &Caps,
-) -> (Message, Vec<String>) {
+    hearing: (&Engine, &str),
+) -> Prepared {
     let mut text = input.text.clone();
     let mut images = Vec::new();
     let mut files = Vec::new();
     let mut notices = Vec::new();
+    let mut transcripts = Vec::new();
     for attachment in &input.attachments {
         let name = &attachment.name;
         match handling(attachment, model_reads_images) {
+            Handling::Audio if transcripts.len() >= caps.audio_per_message => notices.push(format!(
+                "Only {} voice notes of one message are transcribed (AUDIO_PER_MESSAGE), so {name} was left out.",
+                caps.audio_per_message
+            )),
+            Handling::Audio => match rest.download(&attachment.url, caps.audio_max_bytes).await {
+                Some((_, true)) => notices.push(format!(
+                    "{name} is larger than {} (AUDIO_MAX_BYTES), so it was left out.",
+                    size(caps.audio_max_bytes)
+                )),
+                Some((bytes, false)) => {
+                    use base64::Engine as _;
+                    let audio = AudioPart {
+                        format: audio_format(attachment).unwrap_or("ogg").to_owned(),
+                        data: base64::engine::general_purpose::STANDARD.encode(&bytes),
+                    };
+                    let (engine, conversation) = hearing;
+                    match engine.transcribe(conversation, audio).await {
+                        Ok(words) => {
+                            if !text.trim().is_empty() {
+                                text.push_str("\n\n");
+                            }
+                            text.push_str(&words);
+                            transcripts.push(words);
+                        }
+                        Err(error) => notices.push(format!("{name} could not be transcribed: {error}")),
+                    }
+                }
+                None => notices.push(format!("I could not download {name}.")),
+            },
             Handling::Document if !caps.reads_documents => notices.push(format!(
                 "PDFs are read through OpenRouter only, and this bot's endpoint is another one (MODEL_API=openai), so {name} was left out. Paste the text you need instead."
             )),
@@ -265,7 +300,48 @@ pub async fn prepare(
         }),
         ..Message::user(text)
     };
-    (message, notices)
+    Prepared {
+        message,
+        notices,
+        transcripts,
+    }
+}
+
+/// An input made ready for its turn.
+#[derive(Debug, Default)]
+pub struct Prepared {
+    pub message: Message,
+    /// Files left out, and why.
+    pub notices: Vec<String>,
+    /// The words of its voice notes (shown in the thread).
+    pub transcripts: Vec<String>,
+}
+
+/// The audio format of an attachment, by type or name, as OpenRouter
+/// names formats.
+fn audio_format(attachment: &AttachmentRef) -> Option<&'static str> {
+    let kind = attachment.content_type.as_deref().unwrap_or_default();
+    let by_type = match kind.split(';').next().unwrap_or_default().trim() {
+        "audio/ogg" | "audio/opus" => Some("ogg"),
+        "audio/mpeg" | "audio/mp3" => Some("mp3"),
+        "audio/wav" | "audio/x-wav" | "audio/wave" => Some("wav"),
+        "audio/mp4" | "audio/x-m4a" | "audio/m4a" => Some("m4a"),
+        "audio/flac" | "audio/x-flac" => Some("flac"),
+        "audio/aac" => Some("aac"),
+        "audio/aiff" | "audio/x-aiff" => Some("aiff"),
+        _ => None,
+    };
+    let name = attachment.name.to_lowercase();
+    let extension = name.rsplit_once('.').map(|(_, e)| e);
+    by_type.or(match extension {
+        Some("ogg" | "oga" | "opus") => Some("ogg"),
+        Some("mp3") => Some("mp3"),
+        Some("wav") => Some("wav"),
+        Some("m4a") => Some("m4a"),
+        Some("flac") => Some("flac"),
+        Some("aac") => Some("aac"),
+        _ => None,
+    })
 }
 
 /// What files of one message are taken: the bounds on images
@@ -279,6 +355,8 @@ pub struct Caps {
     pub reads_documents: bool,
     pub document_max_bytes: usize,
     pub documents_per_message: usize,
+    pub audio_max_bytes: usize,
+    pub audio_per_message: usize,
 }
 
 /// The type of an image attachment (`handling` only takes `image/…`).

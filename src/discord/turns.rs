@@ -76,13 +76,30 @@ impl TurnRunner for Turns {
                 reads_documents: surface.model.reads_documents(),
                 document_max_bytes: surface.config.document_max_bytes,
                 documents_per_message: surface.config.documents_per_message,
+                audio_max_bytes: surface.config.audio_max_bytes,
+                audio_per_message: surface.config.audio_per_message,
             };
             // A stop while files are fetched still goes through the engine,
             // which then forgets the input.
-            let (message, notices) = tokio::select! {
-                prepared = inbound::prepare(&surface.rest, &input, reads_images, &caps) => prepared,
+            let hearing = (surface.engine.as_ref(), conversation);
+            let inbound::Prepared {
+                message,
+                notices,
+                transcripts,
+            } = tokio::select! {
+                prepared = inbound::prepare(&surface.rest, &input, reads_images, &caps, hearing) => prepared,
                 () = stop.cancelled() => Default::default(),
             };
+            // What a voice note said, before the answer to it.
+            for words in transcripts {
+                let quote: String = words.lines().map(|l| format!("> {l}\n")).collect();
+                surface
+                    .say(
+                        channel,
+                        &format!("🎙️ <@{}> said:\n{}", input.author, quote.trim_end()),
+                    )
+                    .await;
+            }
             for notice in notices {
                 let _ = events.send(TurnEvent::Warning(notice));
             }

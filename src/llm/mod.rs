@@ -78,6 +78,7 @@ impl Catalogue {
                         .filter(|&n| n > 0),
                     supports_tools: listed.then(|| has("/supported_parameters", "tools")),
                     supports_images: has("/architecture/input_modalities", "image"),
+                    supports_audio: has("/architecture/input_modalities", "audio"),
                     supports_reasoning: has("/supported_parameters", "reasoning"),
                     id: id.clone(),
                 };

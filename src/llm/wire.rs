@@ -292,7 +292,11 @@ pub fn speaker_prefix(author: &Author) -> String {
 /// replayed at all (OpenRouter's fields; plain endpoints get none).
 fn message_json(message: &Message, reasoning_model: Option<&str>) -> Value {
     match message.role() {
-        Role::User if message.images.is_empty() && message.files.is_empty() => {
+        Role::User
+            if message.images.is_empty()
+                && message.files.is_empty()
+                && message.audio.is_empty() =>
+        {
             json!({"role": "user", "content": user_text(message)})
         }
         Role::User => {
@@ -303,6 +307,9 @@ fn message_json(message: &Message, reasoning_model: Option<&str>) -> Value {
                     .iter()
                     .map(|url| json!({"type": "image_url", "image_url": {"url": url}})),
             );
+            parts.extend(message.audio.iter().map(|audio| {
+                json!({"type": "input_audio", "input_audio": {"data": audio.data, "format": audio.format}})
+            }));
             parts.extend(message.files.iter().map(|file| {
                 json!({"type": "file", "file": {"filename": file.name, "file_data": file.data}})
             }));
@@ -1144,6 +1151,7 @@ mod tests {
             context_length: None,
             supports_tools: Some(true),
             supports_images: false,
+            supports_audio: false,
             supports_reasoning: true,
         };
         let body = request_body(&request, &dialect, Some(&info));

@@ -428,6 +428,7 @@ impl MessageRow {
             usage,
             author,
             stopped: self.stopped,
+            audio: Vec::new(),
             files: match self.files {
                 Some(text) => serde_json::from_str(&text)
                     .map_err(|e| StoreError::Corrupt(format!("files column: {e}")))?,

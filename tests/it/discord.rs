@@ -2105,3 +2105,64 @@ async fn pdfs_go_to_openrouters_parser_and_elsewhere_are_explained() {
     );
     bot.stop().await;
 }
+
+#[tokio::test]
+async fn a_voice_note_is_transcribed_quoted_and_answered_as_text() {
+    let discord = FakeDiscord::start().await;
+    let model = FakeModel::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    model.script([text("Buy milk and eggs."), text("Added to your list.")]);
+    let bot = start(
+        &discord,
+        &model,
+        dir.path(),
+        &[("TRANSCRIPTION_MODEL", "test/ears")],
+    )
+    .await;
+    let thread = 730_000_000_000_000_001;
+    let mut message = discord.message(thread, CHANNEL, ALICE, &format!("<@{BOT}>"), true);
+    message["attachments"] = json!([discord.file(1, "voice-message.ogg", "audio/ogg")]);
+    message["flags"] = json!(8192);
+    discord.dispatch("MESSAGE_CREATE", message);
+    discord
+        .wait_for("the answer", |c| c.body["content"] == "Added to your list.")
+        .await;
+    let requests = model.requests();
+    // The thread's model does not hear: TRANSCRIPTION_MODEL does.
+    assert_eq!(requests[0]["model"], "test/ears");
+    let audio = &requests[0]["messages"][0]["content"][1];
+    assert_eq!(audio["type"], "input_audio");
+    assert_eq!(audio["input_audio"]["format"], "ogg");
+    assert_eq!(requests[1]["model"], "test/tools");
+    assert_eq!(user_said(&requests[1]), ["Buy milk and eggs."]);
+    assert!(
+        !requests[1].to_string().contains("input_audio"),
+        "kept as its words"
+    );
+    let posts = contents(&discord.posts(thread));
+    assert!(
+        posts
+            .iter()
+            .any(|p| p.ends_with("said:\n> Buy milk and eggs.")),
+        "{posts:?}"
+    );
+    bot.stop().await;
+
+    // Without a model that hears, the person is told what to do.
+    let dir = tempfile::tempdir().unwrap();
+    model.script([text("Nothing heard.")]);
+    let bot = start(&discord, &model, dir.path(), &[]).await;
+    let thread = 730_000_000_000_000_101;
+    let mut message = discord.message(thread, CHANNEL, ALICE, &format!("<@{BOT}> listen"), true);
+    message["attachments"] = json!([discord.file(2, "voice-message.ogg", "audio/ogg")]);
+    discord.dispatch("MESSAGE_CREATE", message);
+    discord
+        .wait_for("the answer", |c| c.body["content"] == "Nothing heard.")
+        .await;
+    let notices = contents(&discord.posts(thread)).join("\n");
+    assert!(
+        notices.contains("cannot hear audio and no TRANSCRIPTION_MODEL is set"),
+        "{notices}"
+    );
+    bot.stop().await;
+}

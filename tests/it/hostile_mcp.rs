@@ -305,6 +305,7 @@ fn echo_engine(
             default_model: "test/model".into(),
             system_prompt: None,
             timezone: jiff::tz::TimeZone::UTC,
+            transcription_model: None,
             clock: Default::default(),
             max_tool_rounds: 3,
             fallback_context_tokens: 100_000,

@@ -660,5 +660,6 @@ fn known(model: &str) -> ModelLookup {
         supports_tools: Some(true),
         supports_reasoning: false,
         supports_images: false,
+        supports_audio: false,
     })
 }

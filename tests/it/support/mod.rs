@@ -115,6 +115,8 @@ impl FakeModel {
                 {"id": "test/tools", "context_length": 100000, "supported_parameters": ["tools"],
                  "architecture": {"input_modalities": ["text", "image"]}},
                 {"id": "test/small", "context_length": 3000, "supported_parameters": ["tools"]},
+                {"id": "test/ears", "context_length": 100000, "supported_parameters": ["tools"],
+                 "architecture": {"input_modalities": ["text", "audio"]}},
                 {"id": "test/no-tools", "context_length": 100000, "supported_parameters": ["temperature"]},
                 {"id": "anthropic/claude-test", "context_length": 200000,
                  "supported_parameters": ["tools", "reasoning"]},
