@@ -12,7 +12,7 @@ use serenity::all::ComponentInteraction;
 use tokio::sync::{mpsc, oneshot};
 
 use super::Surface;
-use super::protocol::{button, component, flags, response};
+use super::protocol::{button, component, response};
 use super::render::notice_started;
 use super::rest::RestError;
 use crate::config::DEFAULT_APPROVAL_REMEMBER;
@@ -272,9 +272,7 @@ pub async fn press(surface: &Surface, press: &ComponentInteraction) -> Result<()
         return Ok(());
     };
     let user = press.user.id.get();
-    let roles = super::role_ids(press.member.as_ref().map(|m| m.roles.as_slice()));
-    let permissions = press.member.as_ref().and_then(|m| m.permissions);
-    let admin = surface.access.is_admin(user, &roles, permissions);
+    let admin = super::presser_is_admin(surface, press);
     let approved = verdict == "approve" || verdict == "allow";
     let remember = verdict == "allow";
     let decision = if approved {
@@ -305,7 +303,7 @@ pub async fn press(surface: &Surface, press: &ComponentInteraction) -> Result<()
                 }
                 Refused::Gone => "This question was already answered or has expired.",
             };
-            json!({"type": response::MESSAGE, "data": {"flags": flags::EPHEMERAL, "content": content}})
+            super::ephemeral(content)
         }
     };
     surface

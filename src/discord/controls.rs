@@ -72,34 +72,25 @@ pub async fn press_reasoning(bot: &Bot, press: &ComponentInteraction) -> Result<
     };
     let (id, token) = (press.id.get(), press.token.as_str());
     if reasoning.trim().is_empty() {
-        let data = json!({"flags": flags::EPHEMERAL, "content": "This answer's reasoning is no longer kept (the answer was replaced or the conversation reset)."});
+        let gone = "This answer's reasoning is no longer kept (the answer was replaced or the conversation reset).";
         return surface
             .rest
-            .respond(id, token, json!({"type": response::MESSAGE, "data": data}))
+            .respond(id, token, super::ephemeral(gone))
             .await;
     }
     let content = format!("💭 **Reasoning**\n{reasoning}");
     if content.chars().count() <= MAX_MESSAGE_CHARS {
-        let data = json!({"flags": flags::EPHEMERAL, "content": content, "allowed_mentions": {"parse": []}});
         return surface
             .rest
-            .respond(id, token, json!({"type": response::MESSAGE, "data": data}))
+            .respond(id, token, super::ephemeral(&content))
             .await;
     }
     let file = Attachment {
         name: "reasoning.txt".into(),
         bytes: reasoning.into_bytes(),
     };
-    let data = json!({"flags": flags::EPHEMERAL, "content": "💭 The reasoning is long; here it is as a file."});
-    surface
-        .rest
-        .respond_with_file(
-            id,
-            token,
-            json!({"type": response::MESSAGE, "data": data}),
-            &file,
-        )
-        .await
+    let long = super::ephemeral("💭 The reasoning is long; here it is as a file.");
+    surface.rest.respond_with_file(id, token, long, &file).await
 }
 
 /// What a request to stop a turn did.
@@ -162,9 +153,7 @@ pub async fn press(bot: &Bot, press: &ComponentInteraction) -> Result<(), RestEr
         .and_then(|p| p.parse().ok());
     let surface = &bot.surface;
     let user = press.user.id.get();
-    let roles = super::role_ids(press.member.as_ref().map(|m| m.roles.as_slice()));
-    let permissions = press.member.as_ref().and_then(|m| m.permissions);
-    let admin = surface.access.is_admin(user, &roles, permissions);
+    let admin = super::presser_is_admin(surface, press);
     let conversation = conversation_of(press.channel_id.get());
     let outcome = match position {
         Some(position) => stop(bot, &conversation, Some(position), user, admin),
@@ -272,12 +261,10 @@ pub async fn press_retry(bot: &Bot, press: &ComponentInteraction) -> Result<(), 
         .and_then(|p| p.parse().ok());
     let surface = &bot.surface;
     let user = press.user.id.get();
-    let roles = super::role_ids(press.member.as_ref().map(|m| m.roles.as_slice()));
-    let permissions = press.member.as_ref().and_then(|m| m.permissions);
     let asker = Asker {
         user,
         name: press.user.display_name(),
-        admin: surface.access.is_admin(user, &roles, permissions),
+        admin: super::presser_is_admin(surface, press),
     };
     let conversation = conversation_of(press.channel_id.get());
     let outcome = match of {
@@ -290,11 +277,9 @@ pub async fn press_retry(bot: &Bot, press: &ComponentInteraction) -> Result<(), 
         }
         Ok(refused) => {
             let (content, _) = refused.reply(user);
-            json!({"type": response::MESSAGE, "data": {"flags": flags::EPHEMERAL, "content": content, "allowed_mentions": {"parse": []}}})
+            super::ephemeral(&content)
         }
-        Err(error) => {
-            json!({"type": response::MESSAGE, "data": {"flags": flags::EPHEMERAL, "content": format!("❌ {error}")}})
-        }
+        Err(error) => super::ephemeral(&format!("❌ {error}")),
     };
     surface
         .rest

@@ -11,8 +11,8 @@ use serde_json::json;
 use serenity::all::MessageUpdateEvent;
 
 use super::Bot;
-use super::inbound::{conversation_of, strip_mention};
-use crate::conversation::{AttachmentRef, Inbound, Redo};
+use super::inbound::{attachment_ref, conversation_of, strip_mention};
+use crate::conversation::{Inbound, Redo};
 
 /// How long the notice about an edit that changes nothing stays.
 const NOTICE_LASTS: Duration = Duration::from_secs(20);
@@ -48,11 +48,7 @@ pub async fn edited(bot: &Bot, event: &MessageUpdateEvent) {
             .attachments
             .iter()
             .flatten()
-            .map(|a| AttachmentRef {
-                name: a.filename.clone(),
-                url: a.url.clone(),
-                content_type: a.content_type.clone(),
-            })
+            .map(attachment_ref)
             .collect(),
         redo: None,
     };

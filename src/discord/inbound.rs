@@ -153,16 +153,17 @@ pub fn inbound(msg: &DiscordMessage, me: u64) -> Inbound {
             .and_then(|m| m.nick.clone())
             .unwrap_or_else(|| msg.author.display_name().to_owned()),
         text: strip_mention(&msg.content, me),
-        attachments: msg
-            .attachments
-            .iter()
-            .map(|a| AttachmentRef {
-                name: a.filename.clone(),
-                url: a.url.clone(),
-                content_type: a.content_type.clone(),
-            })
-            .collect(),
+        attachments: msg.attachments.iter().map(attachment_ref).collect(),
         redo: None,
+    }
+}
+
+/// A Discord attachment, to fetch when its turn starts.
+pub fn attachment_ref(attachment: &serenity::all::Attachment) -> AttachmentRef {
+    AttachmentRef {
+        name: attachment.filename.clone(),
+        url: attachment.url.clone(),
+        content_type: attachment.content_type.clone(),
     }
 }
 

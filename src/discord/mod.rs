@@ -200,6 +200,22 @@ pub(crate) struct Bot {
     workers: Workers,
 }
 
+/// Whether whoever used an interaction is an admin here.
+fn presser_is_admin(surface: &Surface, press: &serenity::all::ComponentInteraction) -> bool {
+    let member = press.member.as_ref();
+    let roles = role_ids(member.map(|m| m.roles.as_slice()));
+    let permissions = member.and_then(|m| m.permissions);
+    surface
+        .access
+        .is_admin(press.user.id.get(), &roles, permissions)
+}
+
+/// An interaction's answer that only the person who used it sees.
+fn ephemeral(content: &str) -> serde_json::Value {
+    json!({"type": protocol::response::MESSAGE, "data": {
+        "flags": protocol::flags::EPHEMERAL, "content": content, "allowed_mentions": {"parse": []}}})
+}
+
 /// Role ids of a member.
 fn role_ids(roles: Option<&[RoleId]>) -> Vec<u64> {
     roles.unwrap_or_default().iter().map(|r| r.get()).collect()

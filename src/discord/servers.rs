@@ -8,7 +8,7 @@ use serenity::all::{ComponentInteraction, ComponentInteractionDataKind};
 
 use super::Bot;
 use super::inbound::conversation_of;
-use super::protocol::{component, flags, response};
+use super::protocol::{component, response};
 use super::render::MAX_MESSAGE_CHARS;
 use super::rest::RestError;
 
@@ -74,11 +74,9 @@ pub async fn listing(bot: &Bot, conversation: &str) -> Value {
 pub async fn choose(bot: &Bot, press: &ComponentInteraction) -> Result<(), RestError> {
     let surface = &bot.surface;
     let user = press.user.id.get();
-    let roles = super::role_ids(press.member.as_ref().map(|m| m.roles.as_slice()));
-    let permissions = press.member.as_ref().and_then(|m| m.permissions);
-    let admin = surface.access.is_admin(user, &roles, permissions);
+    let admin = super::presser_is_admin(surface, press);
     let conversation = conversation_of(press.channel_id.get());
-    let refuse = |content: String| json!({"type": response::MESSAGE, "data": {"flags": flags::EPHEMERAL, "content": content, "allowed_mentions": {"parse": []}}});
+    let refuse = |content: String| super::ephemeral(&content);
     let starter = surface.threads.starter(&conversation).await.ok().flatten();
     let body = if !admin && starter != Some(user) {
         refuse(

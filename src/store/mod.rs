@@ -69,6 +69,45 @@ struct MessageRow {
     files: Option<String>,
 }
 
+/// The settings a conversation's row holds, each in its own column.
+#[derive(Debug, Clone, Copy)]
+enum Setting {
+    Model,
+    SystemPrompt,
+    ReasoningEffort,
+    ServersOff,
+}
+
+/// The `SELECT` and the upsert of one setting's column.
+macro_rules! setting_sql {
+    ($column:literal) => {
+        (
+            concat!("SELECT ", $column, " FROM conversations WHERE key = ?1"),
+            concat!(
+                "INSERT INTO conversations (key, ",
+                $column,
+                ", created_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (key) DO UPDATE SET ",
+                $column,
+                " = excluded.",
+                $column
+            ),
+        )
+    };
+}
+
+impl Setting {
+    /// Its `SELECT` and its upsert.
+    fn sql(self) -> (&'static str, &'static str) {
+        match self {
+            Setting::Model => setting_sql!("model"),
+            Setting::SystemPrompt => setting_sql!("system_prompt"),
+            Setting::ReasoningEffort => setting_sql!("reasoning_effort"),
+            Setting::ServersOff => setting_sql!("servers_off"),
+        }
+    }
+}
+
 /// `SELECT` of the sums `totals` reads, in this order, over billed rows `m`.
 macro_rules! select_usage {
     ($rest:literal) => {
@@ -178,6 +217,38 @@ impl SqliteStore {
             known.clear();
         }
         known.insert(conversation.to_owned());
+    }
+
+    /// One setting of `conversation`, as stored.
+    async fn setting(
+        &self,
+        conversation: &str,
+        setting: Setting,
+    ) -> Result<Option<String>, StoreError> {
+        let row: Option<(Option<String>,)> = sqlx::query_as(setting.sql().0)
+            .bind(conversation)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(row.and_then(|(value,)| value))
+    }
+
+    /// Sets (with `None` clears) one setting of `conversation`.
+    async fn set_setting(
+        &self,
+        conversation: &str,
+        setting: Setting,
+        value: Option<&str>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(setting.sql().1)
+            .bind(conversation)
+            .bind(value)
+            .bind(now())
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        self.remember(conversation);
+        Ok(())
     }
 
     /// Closes the pool, waiting for connections to finish.
@@ -443,38 +514,15 @@ impl MessageRow {
 #[async_trait]
 impl Store for SqliteStore {
     async fn model(&self, conversation: &str) -> Result<Option<String>, StoreError> {
-        let row: Option<(Option<String>,)> =
-            sqlx::query_as("SELECT model FROM conversations WHERE key = ?1")
-                .bind(conversation)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(db)?;
-        Ok(row.and_then(|(model,)| model))
+        self.setting(conversation, Setting::Model).await
     }
 
     async fn set_model(&self, conversation: &str, model: Option<&str>) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO conversations (key, model, created_at) VALUES (?1, ?2, ?3)
-             ON CONFLICT (key) DO UPDATE SET model = excluded.model",
-        )
-        .bind(conversation)
-        .bind(model)
-        .bind(now())
-        .execute(&self.pool)
-        .await
-        .map_err(db)?;
-        self.remember(conversation);
-        Ok(())
+        self.set_setting(conversation, Setting::Model, model).await
     }
 
     async fn system_prompt(&self, conversation: &str) -> Result<Option<String>, StoreError> {
-        let row: Option<(Option<String>,)> =
-            sqlx::query_as("SELECT system_prompt FROM conversations WHERE key = ?1")
-                .bind(conversation)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(db)?;
-        Ok(row.and_then(|(prompt,)| prompt))
+        self.setting(conversation, Setting::SystemPrompt).await
     }
 
     async fn set_system_prompt(
@@ -482,28 +530,12 @@ impl Store for SqliteStore {
         conversation: &str,
         prompt: Option<&str>,
     ) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO conversations (key, system_prompt, created_at) VALUES (?1, ?2, ?3)
-             ON CONFLICT (key) DO UPDATE SET system_prompt = excluded.system_prompt",
-        )
-        .bind(conversation)
-        .bind(prompt)
-        .bind(now())
-        .execute(&self.pool)
-        .await
-        .map_err(db)?;
-        self.remember(conversation);
-        Ok(())
+        self.set_setting(conversation, Setting::SystemPrompt, prompt)
+            .await
     }
 
     async fn servers_off(&self, conversation: &str) -> Result<Vec<String>, StoreError> {
-        let row: Option<(Option<String>,)> =
-            sqlx::query_as("SELECT servers_off FROM conversations WHERE key = ?1")
-                .bind(conversation)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(db)?;
-        match row.and_then(|(off,)| off) {
+        match self.setting(conversation, Setting::ServersOff).await? {
             Some(text) => serde_json::from_str(&text)
                 .map_err(|e| StoreError::Corrupt(format!("servers_off column: {e}"))),
             None => Ok(Vec::new()),
@@ -511,30 +543,14 @@ impl Store for SqliteStore {
     }
 
     async fn set_servers_off(&self, conversation: &str, off: &[String]) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO conversations (key, servers_off, created_at) VALUES (?1, ?2, ?3)
-             ON CONFLICT (key) DO UPDATE SET servers_off = excluded.servers_off",
-        )
-        .bind(conversation)
-        .bind((!off.is_empty()).then(|| to_json(&off)).flatten())
-        .bind(now())
-        .execute(&self.pool)
-        .await
-        .map_err(db)?;
-        self.remember(conversation);
-        Ok(())
+        let off = (!off.is_empty()).then(|| to_json(&off)).flatten();
+        self.set_setting(conversation, Setting::ServersOff, off.as_deref())
+            .await
     }
 
     async fn reasoning(&self, conversation: &str) -> Result<Option<ReasoningEffort>, StoreError> {
-        let row: Option<(Option<String>,)> =
-            sqlx::query_as("SELECT reasoning_effort FROM conversations WHERE key = ?1")
-                .bind(conversation)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(db)?;
-        Ok(row
-            .and_then(|(effort,)| effort)
-            .and_then(|e| ReasoningEffort::parse(&e)))
+        let effort = self.setting(conversation, Setting::ReasoningEffort).await?;
+        Ok(effort.and_then(|e| ReasoningEffort::parse(&e)))
     }
 
     async fn set_reasoning(
@@ -542,18 +558,9 @@ impl Store for SqliteStore {
         conversation: &str,
         effort: Option<ReasoningEffort>,
     ) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO conversations (key, reasoning_effort, created_at) VALUES (?1, ?2, ?3)
-             ON CONFLICT (key) DO UPDATE SET reasoning_effort = excluded.reasoning_effort",
-        )
-        .bind(conversation)
-        .bind(effort.map(ReasoningEffort::as_str))
-        .bind(now())
-        .execute(&self.pool)
-        .await
-        .map_err(db)?;
-        self.remember(conversation);
-        Ok(())
+        let effort = effort.map(ReasoningEffort::as_str);
+        self.set_setting(conversation, Setting::ReasoningEffort, effort)
+            .await
     }
 
     async fn reasoning_of(
