@@ -133,7 +133,7 @@ pub async fn run(
                 continue;
             }
             "/undo" if rest.trim().is_empty() => {
-                match engine.undo(conversation).await {
+                match engine.undo(conversation, None).await {
                     Ok(true) => writeln!(out, "(the last exchange was removed)")?,
                     Ok(false) => writeln!(out, "(nothing to undo)")?,
                     Err(e) => writeln!(err, "error: {e}")?,

@@ -483,14 +483,15 @@ impl Engine {
     }
 
     /// Removes the last exchange (the last input and its answer) from what
-    /// the model sees; the rows stay, marked replaced. Waits for a running
-    /// turn to end (a surface stops it first). `false` when there was none.
-    pub async fn undo(&self, conversation: &str) -> Result<bool, StoreError> {
+    /// the model sees; the rows stay, marked replaced. With `of`, only when
+    /// the last input has that position. Waits for a running turn to end
+    /// (a surface stops it first). `false` when nothing was undone.
+    pub async fn undo(&self, conversation: &str, of: Option<u64>) -> Result<bool, StoreError> {
         let turn = self.with_live(conversation, |live| live.turn.clone());
         let _turn = turn.lock().await;
         let undone = self
             .store
-            .replace(conversation, Replace::Exchange, None)
+            .replace(conversation, Replace::Exchange, of)
             .await?;
         self.with_live(conversation, |live| {
             live.history = None;
@@ -576,11 +577,24 @@ impl Engine {
                 return Err(TurnError::InputNotStored(error));
             }
         };
-        let (taken, lookup, tools) = tokio::join!(
-            self.take(conversation, ask, kept),
-            self.model.model_info(&model),
-            self.tools.tools_for_turn(conversation, events, &off),
-        );
+        let ready = async {
+            tokio::join!(
+                self.take(conversation, ask, kept),
+                self.model.model_info(&model),
+                self.tools.tools_for_turn(conversation, events, &off),
+            )
+        };
+        // Waiting for a tool session can take long: a stop ends it. The
+        // input may be stored or not, so the history is read again next
+        // time (the cache is not put back).
+        let (taken, lookup, tools) = tokio::select! {
+            ready = ready => ready,
+            () = stop.cancelled() => {
+                outcome.stopped = true;
+                let _ = events.send(TurnEvent::Stopped);
+                return Ok(());
+            }
+        };
         match taken {
             Ok(Taken::Appended(message)) => history.push(*message),
             Ok(Taken::Replaced) => match self.store.history(conversation).await {

@@ -291,12 +291,17 @@ pub async fn press_retry(bot: &Bot, press: &ComponentInteraction) -> Result<(), 
 /// turn first when it runs): their own, or anyone's for an admin.
 pub async fn undo(bot: &Bot, conversation: &str, asker: Asker<'_>) -> anyhow::Result<String> {
     let engine = &bot.surface.engine;
-    let author = match bot.workers.running(conversation) {
-        Some(turn) => Some(turn.author),
-        None => engine
-            .last_input(conversation)
-            .await?
-            .and_then(|l| l.author),
+    // What is checked is what is undone: the running turn's input, or the
+    // last one answered.
+    let (of, author) = match bot.workers.running(conversation) {
+        Some(turn) => (Some(turn.position), Some(turn.author)),
+        None => match engine.last_input(conversation).await? {
+            Some(last) => (last.position, last.author),
+            None => (None, None),
+        },
+    };
+    let Some(of) = of else {
+        return Ok("There is nothing to undo here.".into());
     };
     if let Some(author) = author
         && author != asker.user
@@ -304,10 +309,11 @@ pub async fn undo(bot: &Bot, conversation: &str, asker: Asker<'_>) -> anyhow::Re
     {
         anyhow::bail!("Only <@{author}>, who wrote the last message, or an admin can undo it.");
     }
-    let stopped = bot.workers.stop_turn(conversation, None);
-    Ok(match engine.undo(conversation).await? {
+    let stopped = bot.workers.stop_turn(conversation, Some(of));
+    Ok(match engine.undo(conversation, Some(of)).await? {
         true if stopped => "↩️ The answer being written was stopped, and the last message and its answer were taken out of this conversation (the model no longer sees them).".into(),
         true => "↩️ The last message and its answer were taken out of this conversation (the model no longer sees them).".into(),
+        false if stopped => "↩️ The answer being written was stopped before its message reached the conversation, so nothing else was taken out.".into(),
         false => "There is nothing to undo here.".into(),
     })
 }

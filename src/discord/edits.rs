@@ -37,8 +37,8 @@ pub async fn edited(bot: &Bot, event: &MessageUpdateEvent) {
     }
     let surface = &bot.surface;
     let channel = event.channel_id.get();
-    let conversation = conversation_of(channel);
     let of = event.id.get();
+    let conversation = conversation_of_message(bot, channel, of).await;
     let input = Inbound {
         position: of,
         author: author.id.get(),
@@ -124,8 +124,21 @@ async fn notice(bot: &Bot, channel: u64, of: u64) {
     }
 }
 
+/// The conversation of message `id` in `channel`: the channel's, except
+/// for a message the bot started a thread from, which stays in the parent
+/// channel and belongs to that thread (its id is the thread's).
+async fn conversation_of_message(bot: &Bot, channel: u64, id: u64) -> String {
+    let thread = conversation_of(id);
+    let parent = bot.surface.threads.parent(&thread).await.ok().flatten();
+    if parent == Some(channel) {
+        thread
+    } else {
+        conversation_of(channel)
+    }
+}
+
 pub async fn deleted(bot: &Bot, channel: u64, message: u64) {
-    let conversation = conversation_of(channel);
+    let conversation = conversation_of_message(bot, channel, message).await;
     match bot.workers.withdraw(&conversation, message).await {
         Ok(true) => tracing::info!(conversation, "a deleted message will not be answered"),
         Ok(false) => {}

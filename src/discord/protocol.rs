@@ -6,6 +6,8 @@ pub mod response {
     pub const MESSAGE: u8 = 4;
     /// "Thinking…": the answer comes later, by editing the original.
     pub const DEFERRED_MESSAGE: u8 = 5;
+    /// "Working…" on a pressed component: the message is edited later.
+    pub const DEFERRED_UPDATE_MESSAGE: u8 = 6;
     /// Edits the message the pressed component belongs to.
     pub const UPDATE_MESSAGE: u8 = 7;
     /// Autocomplete choices.

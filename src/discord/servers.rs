@@ -73,37 +73,52 @@ pub async fn listing(bot: &Bot, conversation: &str) -> Value {
 /// A choice in the servers menu: the chosen servers are on, the rest off.
 pub async fn choose(bot: &Bot, press: &ComponentInteraction) -> Result<(), RestError> {
     let surface = &bot.surface;
+    let rest = &surface.rest;
     let user = press.user.id.get();
     let admin = super::presser_is_admin(surface, press);
     let conversation = conversation_of(press.channel_id.get());
-    let refuse = |content: String| super::ephemeral(&content);
     let starter = surface.threads.starter(&conversation).await.ok().flatten();
-    let body = if !admin && starter != Some(user) {
-        refuse(
-            "Only the person who started this thread, or an admin, can switch its servers.".into(),
-        )
-    } else {
-        let on = match &press.data.kind {
-            ComponentInteractionDataKind::StringSelect { values } => values.clone(),
-            _ => Vec::new(),
-        };
-        let off: Vec<String> = surface
-            .tools
-            .servers(&conversation)
-            .await
-            .into_iter()
-            .filter(|s| !on.contains(s))
-            .collect();
-        match surface.engine.set_servers_off(&conversation, &off).await {
-            Ok(()) => {
-                tracing::info!(conversation, user, off = ?off, "servers switched");
-                json!({"type": response::UPDATE_MESSAGE, "data": listing(bot, &conversation).await})
-            }
-            Err(error) => refuse(format!("❌ {error}")),
-        }
+    if !admin && starter != Some(user) {
+        let refused = super::ephemeral(
+            "Only the person who started this thread, or an admin, can switch its servers.",
+        );
+        return rest.respond(press.id.get(), &press.token, refused).await;
+    }
+    // Closing and starting sessions can take longer than Discord waits.
+    let deferred = json!({"type": response::DEFERRED_UPDATE_MESSAGE});
+    rest.respond(press.id.get(), &press.token, deferred).await?;
+    let on = match &press.data.kind {
+        ComponentInteractionDataKind::StringSelect { values } => values.clone(),
+        _ => Vec::new(),
     };
-    surface
-        .rest
-        .respond(press.id.get(), &press.token, body)
+    // Only the servers the menu offered change; the rest stay as they are.
+    let before = surface
+        .engine
+        .servers_off(&conversation)
+        .await
+        .unwrap_or_default();
+    let off: Vec<String> = surface
+        .tools
+        .servers(&conversation)
+        .await
+        .into_iter()
+        .enumerate()
+        .filter(|(i, s)| {
+            if *i < MAX_OPTIONS {
+                !on.contains(s)
+            } else {
+                before.contains(s)
+            }
+        })
+        .map(|(_, s)| s)
+        .collect();
+    let body = match surface.engine.set_servers_off(&conversation, &off).await {
+        Ok(()) => {
+            tracing::info!(conversation, user, off = ?off, "servers switched");
+            listing(bot, &conversation).await
+        }
+        Err(error) => json!({"content": format!("❌ {error}")}),
+    };
+    rest.edit_original(press.application_id.get(), &press.token, body)
         .await
 }

@@ -41,7 +41,7 @@ impl Throttle {
 struct Shown {
     id: u64,
     text: String,
-    controls: bool,
+    components: Value,
 }
 
 /// An answer being streamed into one or more messages.
@@ -85,10 +85,9 @@ impl Answer {
                 .controls
                 .as_ref()
                 .filter(|_| !self.on_last || i == last);
-            let controls = with.is_some();
             let components = with.cloned().unwrap_or_else(|| json!([]));
             let result = match self.posted.get_mut(i) {
-                Some(shown) if shown.text == part && shown.controls == controls => Ok(()),
+                Some(shown) if shown.text == part && shown.components == components => Ok(()),
                 Some(shown) => {
                     let result = rest
                         .edit_message(
@@ -98,20 +97,20 @@ impl Answer {
                         )
                         .await;
                     shown.text = part;
-                    shown.controls = controls;
+                    shown.components = components;
                     result
                 }
                 None => rest
                     .create_message(
                         self.channel,
-                        json!({"content": part, "components": components}),
+                        json!({"content": part, "components": components.clone()}),
                     )
                     .await
                     .map(|id| {
                         self.posted.push(Shown {
                             id,
                             text: part,
-                            controls,
+                            components,
                         })
                     }),
             };

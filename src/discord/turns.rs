@@ -14,7 +14,9 @@ use tokio_util::sync::CancellationToken;
 use super::approvals::{Buttons, Post};
 use super::inbound::{self, channel_of};
 use super::protocol::TYPING_LASTS_SECS;
-use super::render::{notice_finished, notice_progress, notice_started};
+use super::render::{
+    MAX_MESSAGE_CHARS, notice_finished, notice_progress, notice_started, split_message,
+};
 use super::rest::Attachment;
 use super::stream::{Answer, Throttle};
 use super::{Surface, controls};
@@ -93,12 +95,10 @@ impl TurnRunner for Turns {
             // What a voice note said, before the answer to it.
             for words in transcripts {
                 let quote: String = words.lines().map(|l| format!("> {l}\n")).collect();
-                surface
-                    .say(
-                        channel,
-                        &format!("🎙️ <@{}> said:\n{}", input.author, quote.trim_end()),
-                    )
-                    .await;
+                let said = format!("🎙️ <@{}> said:\n{}", input.author, quote.trim_end());
+                for part in split_message(&said, MAX_MESSAGE_CHARS) {
+                    surface.say(channel, &part).await;
+                }
             }
             for notice in notices {
                 let _ = events.send(TurnEvent::Warning(notice));

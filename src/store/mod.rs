@@ -575,7 +575,8 @@ impl Store for SqliteStore {
                    ORDER BY id DESC LIMIT 1) input ON m.id > input.id
              WHERE m.conversation = ?1 AND m.replaced = 0 AND m.reasoning IS NOT NULL AND m.reasoning != ''
                AND m.id < COALESCE((SELECT MIN(id) FROM messages WHERE conversation = ?1
-                                    AND position IS NOT NULL AND id > input.id), 9223372036854775807)
+                                    AND position IS NOT NULL AND replaced = 0 AND id > input.id),
+                                   9223372036854775807)
              ORDER BY m.id",
         )
         .bind(conversation)

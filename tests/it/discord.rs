@@ -1550,7 +1550,12 @@ async fn retry_edits_deletions_and_undo_replace_exchanges() {
     assert!(!sent(1, "Seven."), "the replaced answer is not sent");
 
     // Editing the last message answers its new text instead.
-    edit(&discord, thread, thread, &format!("<@{BOT}> pick a letter"));
+    edit(
+        &discord,
+        thread,
+        CHANNEL,
+        &format!("<@{BOT}> pick a letter"),
+    );
     discord
         .wait_for("the answer to the edit", |c| c.body["content"] == "B.")
         .await;
@@ -1564,7 +1569,7 @@ async fn retry_edits_deletions_and_undo_replace_exchanges() {
             c.body["content"] == "Second answer."
         })
         .await;
-    edit(&discord, thread, thread, "pick a colour");
+    edit(&discord, thread, CHANNEL, "pick a colour");
     let notice = discord
         .wait_for("the notice", |c| {
             c.body["content"]
@@ -1912,12 +1917,19 @@ async fn servers_are_switched_per_thread_and_a_tool_can_be_allowed_in_it() {
         "only the starter or an admin"
     );
     choose(63, ALICE);
-    let updated = discord
+    let deferred = discord
         .wait_for("Alice's choice", |c| c.path == callback(63))
         .await;
-    assert_eq!(updated.body["type"], 7);
+    assert_eq!(deferred.body["type"], 6);
+    let edited = format!(
+        "/webhooks/{}/token-63/messages/@original",
+        support::discord::APP
+    );
+    let updated = discord
+        .wait_for("the new listing", |c| c.path == edited)
+        .await;
     assert!(
-        updated.body["data"]["content"]
+        updated.body["content"]
             .as_str()
             .unwrap()
             .contains("⛔ **h**: switched off here")
