@@ -10,9 +10,7 @@ use serenity::all::{CommandDataOptionValue, CommandInteraction};
 
 use super::access::Place;
 use super::inbound::conversation_of;
-use super::protocol::{
-    MAX_CHOICE_CHARS, MAX_CHOICES, THREAD_CHANNEL_TYPES, command, flags, response,
-};
+use super::protocol::{MAX_CHOICE_CHARS, MAX_CHOICES, THREAD_CHANNEL_TYPES, command, response};
 use super::render::MAX_MESSAGE_CHARS;
 use super::rest::RestError;
 use super::{Bot, controls, servers};
@@ -99,11 +97,7 @@ async fn at_once(bot: &Bot, command: &CommandInteraction) -> Result<(), RestErro
             .reply(caller.user),
         Err(error) => (format!("❌ {error}"), false),
     };
-    let mut data = json!({"content": content, "allowed_mentions": {"parse": []}});
-    if !public {
-        data["flags"] = flags::EPHEMERAL.into();
-    }
-    let body = json!({"type": response::MESSAGE, "data": data});
+    let body = super::interaction_answer(&content, public);
     bot.surface
         .rest
         .respond(command.id.get(), &command.token, body)

@@ -7,7 +7,7 @@ use serenity::all::ComponentInteraction;
 
 use super::Bot;
 use super::inbound::conversation_of;
-use super::protocol::{button, component, flags, response};
+use super::protocol::{button, component, response};
 use super::render::MAX_MESSAGE_CHARS;
 use super::rest::{Attachment, RestError};
 use crate::conversation::{Inbound, Redo};
@@ -160,16 +160,12 @@ pub async fn press(bot: &Bot, press: &ComponentInteraction) -> Result<(), RestEr
         None => StopOutcome::NothingRunning,
     };
     let (content, public) = outcome.reply(user);
-    let mut data = json!({"content": content, "allowed_mentions": {"parse": []}});
-    if !public {
-        data["flags"] = flags::EPHEMERAL.into();
-    }
     surface
         .rest
         .respond(
             press.id.get(),
             &press.token,
-            json!({"type": response::MESSAGE, "data": data}),
+            super::interaction_answer(&content, public),
         )
         .await
 }

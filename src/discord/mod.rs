@@ -212,8 +212,17 @@ fn presser_is_admin(surface: &Surface, press: &serenity::all::ComponentInteracti
 
 /// An interaction's answer that only the person who used it sees.
 fn ephemeral(content: &str) -> serde_json::Value {
-    json!({"type": protocol::response::MESSAGE, "data": {
-        "flags": protocol::flags::EPHEMERAL, "content": content, "allowed_mentions": {"parse": []}}})
+    interaction_answer(content, false)
+}
+
+/// An interaction's answer, seen by everyone when `public`, otherwise only
+/// by the person who used it. It pings nobody.
+fn interaction_answer(content: &str, public: bool) -> serde_json::Value {
+    let mut data = json!({"content": content, "allowed_mentions": {"parse": []}});
+    if !public {
+        data["flags"] = protocol::flags::EPHEMERAL.into();
+    }
+    json!({"type": protocol::response::MESSAGE, "data": data})
 }
 
 /// Role ids of a member.
