@@ -5,6 +5,7 @@
 //! `llm`, `mcp` and `store`; surfaces (terminal, Discord) drive a [`Engine`]
 //! and render the [`TurnEvent`]s it emits.
 
+mod audio;
 pub mod billing;
 mod engine;
 mod history;
@@ -14,6 +15,7 @@ mod think;
 mod types;
 mod workers;
 
+pub use audio::{AudioError, LONGEST_AUDIO, audio_part};
 pub use engine::{
     Ask, Engine, EngineSettings, MAX_CALLS_PER_REPLY, TurnError, TurnInput, TurnOutcome,
 };

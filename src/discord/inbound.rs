@@ -9,7 +9,9 @@ use super::Surface;
 use super::access::Place;
 use super::protocol::{MAX_THREAD_NAME, THREAD_CHANNEL_TYPES};
 use super::rest::Rest;
-use crate::conversation::{AttachmentRef, AudioPart, Author, Engine, FilePart, Inbound, Message};
+use crate::conversation::{
+    AttachmentRef, AudioError, Author, Engine, FilePart, Inbound, Message, audio_part,
+};
 
 /// Text attachments are read up to this size.
 pub const MAX_TEXT_ATTACHMENT_BYTES: usize = 100_000;
@@ -231,10 +233,16 @@ pub async fn prepare(
                     size(caps.audio_max_bytes)
                 )),
                 Some((bytes, false)) => {
-                    use base64::Engine as _;
-                    let audio = AudioPart {
-                        format: audio_format(attachment).unwrap_or("ogg").to_owned(),
-                        data: base64::engine::general_purpose::STANDARD.encode(&bytes),
+                    let format = audio_format(attachment).unwrap_or("ogg");
+                    let ready = tokio::task::spawn_blocking(move || audio_part(format, &bytes))
+                        .await
+                        .unwrap_or_else(|e| Err(AudioError::Undecodable(e.to_string())));
+                    let audio = match ready {
+                        Ok(audio) => audio,
+                        Err(error) => {
+                            notices.push(format!("{name} could not be transcribed: {error}."));
+                            continue;
+                        }
                     };
                     let (engine, conversation) = hearing;
                     match engine.transcribe(conversation, audio).await {

@@ -3,6 +3,7 @@
 //! loopback model.
 
 use crate::support;
+use base64::Engine as _;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -2144,7 +2145,13 @@ async fn a_voice_note_is_transcribed_quoted_and_answered_as_text() {
     assert_eq!(requests[0]["model"], "test/ears");
     let audio = &requests[0]["messages"][0]["content"][1];
     assert_eq!(audio["type"], "input_audio");
-    assert_eq!(audio["input_audio"]["format"], "ogg");
+    // Discord's Ogg/Opus is sent as WAV, which every audio model takes.
+    assert_eq!(audio["input_audio"]["format"], "wav");
+    let wav = base64::engine::general_purpose::STANDARD
+        .decode(audio["input_audio"]["data"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(&wav[..4], b"RIFF");
+    assert!(wav.len() > 60_000, "two seconds at 16 kHz: {}", wav.len());
     assert_eq!(requests[1]["model"], "test/tools");
     assert_eq!(user_said(&requests[1]), ["Buy milk and eggs."]);
     assert!(
@@ -2166,7 +2173,10 @@ async fn a_voice_note_is_transcribed_quoted_and_answered_as_text() {
     let bot = start(&discord, &model, dir.path(), &[]).await;
     let thread = 730_000_000_000_000_101;
     let mut message = discord.message(thread, CHANNEL, ALICE, &format!("<@{BOT}> listen"), true);
-    message["attachments"] = json!([discord.file(2, "voice-message.ogg", "audio/ogg")]);
+    message["attachments"] = json!([
+        discord.file(2, "voice-message.ogg", "audio/ogg"),
+        discord.file(3, "broken-voice.ogg", "audio/ogg")
+    ]);
     discord.dispatch("MESSAGE_CREATE", message);
     discord
         .wait_for("the answer", |c| c.body["content"] == "Nothing heard.")
@@ -2174,6 +2184,12 @@ async fn a_voice_note_is_transcribed_quoted_and_answered_as_text() {
     let notices = contents(&discord.posts(thread)).join("\n");
     assert!(
         notices.contains("cannot hear audio and no TRANSCRIPTION_MODEL is set"),
+        "{notices}"
+    );
+    assert!(
+        notices.contains(
+            "broken-voice.ogg could not be transcribed: it is not a playable Ogg Opus file"
+        ),
         "{notices}"
     );
     bot.stop().await;

@@ -301,7 +301,10 @@ async fn attachment(State(fake): State<FakeDiscord>, Path(name): Path<String>) -
         "notes.txt" => "line one\nline two".into_response(),
         "pixel.png" => vec![0x89u8, b'P', b'N', b'G'].into_response(),
         "report.pdf" | "appendix.pdf" => b"%PDF-1.4 a tiny report".to_vec().into_response(),
-        "voice-message.ogg" => b"OggS voice".to_vec().into_response(),
+        "voice-message.ogg" => include_bytes!("../../fixtures/voice-message.ogg")
+            .to_vec()
+            .into_response(),
+        "broken-voice.ogg" => b"OggS voice".to_vec().into_response(),
         "huge.pdf" => vec![b'x'; 64 * 1024].into_response(),
         // A host that never stops sending.
         "endless.log" => axum::body::Body::from_stream(futures::stream::repeat_with(|| {
