@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, Secret};
-use crate::conversation::{Engine, EngineSettings, StoreError, billing};
+use crate::conversation::{Clock, Engine, EngineSettings, StoreError, billing};
 use crate::llm::OpenRouter;
 use crate::mcp::{self, McpHost};
 use crate::store::SqliteStore;
@@ -49,6 +49,12 @@ pub fn install_crypto() {
 impl App {
     /// Opens the database, reads the MCP file and builds the engine.
     pub async fn build(config: &Config) -> anyhow::Result<App> {
+        App::build_with_clock(config, Clock::system()).await
+    }
+
+    /// [`App::build`] with the clock that dates messages and fills prompt
+    /// placeholders.
+    pub async fn build_with_clock(config: &Config, clock: Clock) -> anyhow::Result<App> {
         install_crypto();
         let servers = mcp::config::load(&config.mcp_config, config.mcp_config_explicit, &|name| {
             std::env::var(name).ok()
@@ -62,7 +68,7 @@ impl App {
             system_prompt: config.system_prompt.clone(),
             timezone: config.timezone.clone(),
             transcription_model: config.transcription_model.clone(),
-            clock: Default::default(),
+            clock,
             max_tool_rounds: config.limits.max_tool_rounds,
             fallback_context_tokens: config.limits.fallback_context_tokens,
         };

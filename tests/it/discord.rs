@@ -12,6 +12,7 @@ use crate::support::discord::{ALICE, BOB, BOT, CHANNEL, FakeDiscord};
 use crate::support::{FakeModel, Reply, call, said, text, user_said};
 use mcpcord::app::App;
 use mcpcord::config::DiscordConfig;
+use mcpcord::conversation::Clock;
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -36,11 +37,22 @@ async fn start(
     dir: &Path,
     extra: &[(&str, &str)],
 ) -> Running {
+    start_at(discord, model, dir, extra, Clock::system()).await
+}
+
+/// [`start`] with the clock the bot reads.
+async fn start_at(
+    discord: &FakeDiscord,
+    model: &FakeModel,
+    dir: &Path,
+    extra: &[(&str, &str)],
+    clock: Clock,
+) -> Running {
     if !dir.join("mcp.json").exists() {
         support::write_mcp(dir, json!({}));
     }
     let app = Arc::new(
-        App::build(&support::config(model, dir, extra))
+        App::build_with_clock(&support::config(model, dir, extra), clock)
             .await
             .unwrap(),
     );
@@ -1657,14 +1669,17 @@ async fn a_channels_prompt_and_model_are_inherited_by_its_new_threads() {
     let model = FakeModel::start().await;
     let dir = tempfile::tempdir().unwrap();
     model.script([text("Hello from general."), text("Plain.")]);
-    let bot = start(
+    let at: jiff::Timestamp = "2026-12-03T23:30:00Z".parse().unwrap();
+    let bot = start_at(
         &discord,
         &model,
         dir.path(),
         &[
             ("ADMIN_USERS", &ALICE.to_string()),
             ("SYSTEM_PROMPT", "Be brief."),
+            ("TIMEZONE", "Europe/Paris"),
         ],
+        Clock::fixed(at),
     )
     .await;
     let original = |id: u64| {
@@ -1681,7 +1696,7 @@ async fn a_channels_prompt_and_model_are_inherited_by_its_new_threads() {
     };
     let system =
         |options: Value| json!({"id": "1", "name": "system", "type": 1, "options": options});
-    let prompt = "You help in {channel} on {server}.";
+    let prompt = "You help in {channel} on {server}. Today is {weekday} {date}.";
 
     // Bob is no admin.
     command(
@@ -1736,8 +1751,18 @@ async fn a_channels_prompt_and_model_are_inherited_by_its_new_threads() {
     assert_eq!(request["model"], "test/small");
     let system_text = request["messages"][0].to_string();
     assert!(
-        system_text.contains("You help in #general on Makers."),
+        system_text.contains("You help in #general on Makers. Today is the weekday"),
         "{system_text}"
+    );
+    assert!(
+        !system_text.contains("2026"),
+        "no date in the prompt: {system_text}"
+    );
+    // The date and time (in TIMEZONE) go with the newest message instead.
+    let newest = request["messages"][1]["content"].as_str().unwrap();
+    assert!(
+        newest.ends_with(": [Friday 2026-12-04 00:30 CET] hi"),
+        "{newest}"
     );
     command(44, BOB, thread, system(json!([])));
     let shown = discord
@@ -1747,7 +1772,7 @@ async fn a_channels_prompt_and_model_are_inherited_by_its_new_threads() {
         shown.body["content"]
             .as_str()
             .unwrap()
-            .contains("> You help in {channel} on {server}."),
+            .contains("> You help in {channel} on {server}. Today is {weekday} {date}."),
         "{shown:?}"
     );
 
