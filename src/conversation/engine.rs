@@ -570,6 +570,8 @@ impl Engine {
                 message.content.take().unwrap_or_default()
             ));
         }
+        // A replace may be stored even when what follows it fails.
+        let rewrites = !matches!(ask, Ask::New(_));
         let off = match self.servers_off(conversation).await {
             Ok(off) => off,
             Err(error) => {
@@ -608,7 +610,11 @@ impl Engine {
                 }
             },
             Err(error) => {
-                self.put_history(conversation, history, start);
+                // After a replace the cache may no longer match the store:
+                // it is read again next time.
+                if !rewrites {
+                    self.put_history(conversation, history, start);
+                }
                 return Err(error);
             }
         }

@@ -18,6 +18,19 @@ use tokio_util::sync::CancellationToken;
 
 const GRACE: Duration = Duration::from_secs(30);
 
+/// The engine's settings in these tests.
+fn settings() -> EngineSettings {
+    EngineSettings {
+        default_model: "test/model".into(),
+        system_prompt: None,
+        timezone: jiff::tz::TimeZone::UTC,
+        transcription_model: None,
+        clock: Default::default(),
+        max_tool_rounds: 2,
+        fallback_context_tokens: 100_000,
+    }
+}
+
 /// What the runner saw, in order.
 #[derive(Debug, Clone, PartialEq)]
 enum Seen {
@@ -111,15 +124,7 @@ impl Setup {
             model.clone(),
             Arc::new(tools),
             store.clone(),
-            EngineSettings {
-                default_model: "test/model".into(),
-                system_prompt: None,
-                timezone: jiff::tz::TimeZone::UTC,
-                transcription_model: None,
-                clock: Default::default(),
-                max_tool_rounds: 2,
-                fallback_context_tokens: 100_000,
-            },
+            settings(),
         ));
         let seen = Arc::default();
         let done = Arc::new(tokio::sync::Notify::new());
@@ -626,4 +631,56 @@ async fn the_prompt_names_the_place_and_the_time_goes_with_each_new_message() {
         engine.system_prompt_of("c").await.unwrap().as_deref(),
         Some("Global.")
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_edit_whose_message_cannot_be_stored_leaves_nothing_of_the_old_exchange_behind() {
+    use mcpcord::conversation::{Ask, Message, TurnError};
+    let store = Arc::new(MemoryStore::default());
+    let model = ScriptedModel::new([answer("old answer"), answer("fresh answer")]);
+    let engine = Engine::new(
+        model.clone(),
+        Arc::new(FakeTools::new(&[])),
+        store.clone(),
+        settings(),
+    );
+    let turn = |ask, kept| TurnInput {
+        ask,
+        kept,
+        stop: Default::default(),
+        place: Default::default(),
+    };
+    let (events, _received) = mpsc::unbounded_channel();
+    let first = Message::user("old question");
+    engine
+        .run_turn("c", turn(Ask::New(first), Some(10)), &events, &ApproveAll)
+        .await
+        .unwrap();
+    // The edit replaces the exchange, then cannot store its new text.
+    store.fail_takes(Some("disk full"));
+    let edited = Ask::Edited {
+        message: Message::user("edited question"),
+        of: 10,
+    };
+    let error = engine
+        .run_turn("c", turn(edited, Some(11)), &events, &ApproveAll)
+        .await
+        .unwrap_err();
+    assert!(matches!(error, TurnError::InputNotStored(_)), "{error:?}");
+    store.fail_takes(None);
+    engine
+        .run_turn(
+            "c",
+            turn(Ask::New(Message::user("next question")), None),
+            &events,
+            &ApproveAll,
+        )
+        .await
+        .unwrap();
+    // The model sees what the store holds: the old exchange is gone.
+    let texts: Vec<String> = model.requests()[1]
+        .iter()
+        .map(|m| m.text().to_owned())
+        .collect();
+    assert_eq!(texts, ["next question"], "{texts:?}");
 }

@@ -34,12 +34,19 @@ struct Stored {
     unbilled: Vec<(Unbilled, Option<i64>, Option<Usage>)>,
     /// When set, every write fails with this reason.
     failing: Option<String>,
+    /// When set, taking an input (storing a turn's message) fails.
+    failing_takes: Option<String>,
 }
 
 impl MemoryStore {
     /// Makes every write fail (with `Some`) or work again (`None`).
     pub fn fail_writes(&self, reason: Option<&str>) {
         self.lock().failing = reason.map(str::to_owned);
+    }
+
+    /// Makes taking inputs fail (with `Some`) while other writes work.
+    pub fn fail_takes(&self, reason: Option<&str>) {
+        self.lock().failing_takes = reason.map(str::to_owned);
     }
 
     pub fn messages(&self, conversation: &str) -> Vec<Message> {
@@ -303,6 +310,9 @@ impl Store for MemoryStore {
         message: &Message,
     ) -> Result<(), StoreError> {
         let mut state = self.writable()?;
+        if let Some(reason) = &state.failing_takes {
+            return Err(StoreError::Failed(reason.clone()));
+        }
         state
             .messages
             .entry(conversation.to_owned())
