@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use serenity::all::{CommandDataOptionValue, CommandInteraction};
 
 use super::access::Place;
-use super::inbound::conversation_of;
+use super::inbound::{channel_of, conversation_of};
 use super::protocol::{MAX_CHOICE_CHARS, MAX_CHOICES, THREAD_CHANNEL_TYPES, command, response};
 use super::render::MAX_MESSAGE_CHARS;
 use super::rest::RestError;
@@ -164,6 +164,9 @@ async fn reply(bot: &Bot, command: &CommandInteraction) -> anyhow::Result<String
         "reset" => {
             let stopped = bot.workers.stop_turn(&conversation, None);
             surface.engine.reset(&conversation).await?;
+            if let Some(channel) = channel_of(&conversation) {
+                surface.answer_rows.clear(&surface.rest, channel).await;
+            }
             let mut text = "🧹 This conversation starts over: its history is cleared and its tool sessions are closed.".to_owned();
             if stopped {
                 text.push_str(" The answer that was being written was stopped.");

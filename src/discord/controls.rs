@@ -2,14 +2,16 @@
 //! Retry on its answer (and `/retry`), and `/undo`: who may use them, and
 //! what they are told.
 
+use std::collections::HashMap;
+
 use serde_json::{Value, json};
 use serenity::all::ComponentInteraction;
 
 use super::Bot;
-use super::inbound::conversation_of;
+use super::inbound::{channel_of, conversation_of};
 use super::protocol::{button, component, response};
 use super::render::MAX_MESSAGE_CHARS;
-use super::rest::{Attachment, RestError};
+use super::rest::{Attachment, Rest, RestError};
 use crate::conversation::{Inbound, Redo};
 
 /// The custom id of a Stop button starts with this, then the position of
@@ -41,6 +43,80 @@ pub fn answer_row(position: u64, reasoning: bool) -> Value {
         ));
     }
     json!([{"type": component::ACTION_ROW, "components": buttons}])
+}
+
+/// The answer of each thread that carries Retry, so that its buttons come
+/// off when they stop applying: a newer answer keeps Retry for itself (the
+/// older one keeps Reasoning), and an answer that was replaced (Retry,
+/// an edit) or undone loses both, since they would act on its successor.
+/// Kept in memory: after a restart, an older answer's Retry is refused
+/// when pressed.
+#[derive(Debug, Default)]
+pub struct AnswerRows(std::sync::Mutex<HashMap<u64, Carrier>>);
+
+#[derive(Debug, Clone, Copy)]
+struct Carrier {
+    message: u64,
+    position: u64,
+    reasoning: bool,
+}
+
+impl AnswerRows {
+    /// Notes that `message` in `channel` now carries the row of the answer
+    /// to `position`, and trims the row of the answer that carried it.
+    pub async fn carried(
+        &self,
+        rest: &Rest,
+        channel: u64,
+        message: u64,
+        position: u64,
+        reasoning: bool,
+    ) {
+        let carrier = Carrier {
+            message,
+            position,
+            reasoning,
+        };
+        let before = self.lock().insert(channel, carrier);
+        if let Some(before) = before.filter(|b| b.message != message) {
+            let kept = before.reasoning && before.position != position;
+            let components = match kept {
+                true => reasoning_row(before.position),
+                false => json!([]),
+            };
+            trim(rest, channel, before.message, components).await;
+        }
+    }
+
+    /// Takes the row off the answer that carries it in `channel` (its
+    /// exchange was undone or the conversation reset).
+    pub async fn clear(&self, rest: &Rest, channel: u64) {
+        let before = self.lock().remove(&channel);
+        if let Some(before) = before {
+            trim(rest, channel, before.message, json!([])).await;
+        }
+    }
+
+    /// Forgets the row of `channel` (its buttons were taken off already).
+    pub fn forget(&self, channel: u64) {
+        self.lock().remove(&channel);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Carrier>> {
+        self.0.lock().expect("answer rows poisoned")
+    }
+}
+
+async fn trim(rest: &Rest, channel: u64, message: u64, components: Value) {
+    let body = json!({"components": components});
+    if let Err(error) = rest.edit_message(channel, message, body).await {
+        tracing::warn!(%error, channel, "could not take the buttons off an older answer");
+    }
+}
+
+/// The row with only the Reasoning button of the answer to `position`.
+fn reasoning_row(position: u64) -> Value {
+    button_row("Reasoning", "💭", &format!("{REASONING_PREFIX}{position}"))
 }
 
 fn button_row(label: &str, emoji: &str, custom_id: &str) -> Value {
@@ -269,6 +345,7 @@ pub async fn press_retry(bot: &Bot, press: &ComponentInteraction) -> Result<(), 
     };
     let body = match outcome {
         Ok(RetryOutcome::Queued) => {
+            surface.answer_rows.forget(press.channel_id.get());
             json!({"type": response::UPDATE_MESSAGE, "data": {"components": []}})
         }
         Ok(refused) => {
@@ -306,7 +383,14 @@ pub async fn undo(bot: &Bot, conversation: &str, asker: Asker<'_>) -> anyhow::Re
         anyhow::bail!("Only <@{author}>, who wrote the last message, or an admin can undo it.");
     }
     let stopped = bot.workers.stop_turn(conversation, Some(of));
-    Ok(match engine.undo(conversation, Some(of)).await? {
+    let undone = engine.undo(conversation, Some(of)).await?;
+    if undone && let Some(channel) = channel_of(conversation) {
+        bot.surface
+            .answer_rows
+            .clear(&bot.surface.rest, channel)
+            .await;
+    }
+    Ok(match undone {
         true if stopped => "↩️ The answer being written was stopped, and the last message and its answer were taken out of this conversation (the model no longer sees them).".into(),
         true => "↩️ The last message and its answer were taken out of this conversation (the model no longer sees them).".into(),
         false if stopped => "↩️ The answer being written was stopped before its message reached the conversation, so nothing else was taken out.".into(),

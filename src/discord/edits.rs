@@ -66,14 +66,16 @@ pub async fn edited(bot: &Bot, event: &MessageUpdateEvent) {
         if bot.workers.amend(&conversation, &redo).await? {
             return Ok(true);
         }
+        // The message itself, or an earlier edit of it, is being answered.
         let running = bot.workers.running(&conversation).map(|t| t.position);
+        let answering = running.filter(|&p| p == of || p == redo_position(of));
         let last = surface.engine.last_input(&conversation).await?;
-        let answering = running == Some(of);
-        if !answering && last.and_then(|l| l.position) != Some(of) {
+        if answering.is_none() && last.and_then(|l| l.position) != Some(of) {
             return Ok(false);
         }
-        if answering {
-            bot.workers.stop_turn(&conversation, Some(of));
+        // Its kept input must be gone before this one is kept in its place.
+        if answering.is_some() && bot.workers.stop_turn(&conversation, answering) {
+            surface.engine.settle(&conversation).await;
         }
         bot.workers.accept(&conversation, redo).await?;
         tracing::info!(conversation, "an edited message is answered again");

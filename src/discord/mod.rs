@@ -116,6 +116,8 @@ pub(crate) struct Surface {
     /// Held from reading the gateway state to writing the health file, so
     /// a stale state never overwrites a newer one.
     health: tokio::sync::Mutex<()>,
+    /// Which answer of each thread carries Retry.
+    answer_rows: controls::AnswerRows,
 }
 
 impl Surface {
@@ -267,6 +269,7 @@ pub async fn run(
         me: AtomicU64::new(0),
         names: Mutex::default(),
         health: tokio::sync::Mutex::new(()),
+        answer_rows: Default::default(),
     });
     let workers = Workers::new(ports.store, Arc::new(turns::Turns(surface.clone())));
     match workers.resume().await {

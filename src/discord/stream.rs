@@ -69,6 +69,11 @@ impl Answer {
         }
     }
 
+    /// The last message it posted.
+    pub fn last_message(&self) -> Option<u64> {
+        self.posted.last().map(|shown| shown.id)
+    }
+
     /// Brings the messages up to date with `text` and `controls`; unless
     /// `now`, at most once per interval.
     pub async fn flush(&mut self, rest: &Rest, now: bool) {

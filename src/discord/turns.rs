@@ -326,6 +326,12 @@ async fn render(
                 answer.controls = Some(controls::answer_row(answered, reasoning));
                 answer.on_last = true;
                 answer.flush(rest, true).await;
+                if let Some(message) = answer.last_message() {
+                    surface
+                        .answer_rows
+                        .carried(rest, channel, message, answered, reasoning)
+                        .await;
+                }
                 answer = Answer::new(channel, interval, None);
                 Ok(())
             }

@@ -1520,6 +1520,7 @@ async fn retry_edits_deletions_and_undo_replace_exchanges() {
         text("B."),
         text("Second answer."),
         Reply::Stall("Working".into()),
+        Reply::Stall("Still working".into()),
         text("Short."),
         text("Fresh."),
     ]);
@@ -1548,7 +1549,7 @@ async fn retry_edits_deletions_and_undo_replace_exchanges() {
         "INTERACTION_CREATE",
         press(&discord, 32, thread, ALICE, &retry),
     );
-    discord
+    let three = discord
         .wait_for("another answer", |c| c.body["content"] == "Three.")
         .await;
     let pressed = discord
@@ -1569,11 +1570,21 @@ async fn retry_edits_deletions_and_undo_replace_exchanges() {
         CHANNEL,
         &format!("<@{BOT}> pick a letter"),
     );
-    discord
+    let b = discord
         .wait_for("the answer to the edit", |c| c.body["content"] == "B.")
         .await;
     assert_eq!(users(2), ["pick a letter"]);
     assert!(!sent(2, "Three."));
+    // The replaced answer loses its buttons (they would act on this one).
+    let unbuttoned = |id: u64| {
+        let path = format!("/channels/{thread}/messages/{id}");
+        move |c: &support::discord::Call| {
+            c.method == "PATCH" && c.path == path && c.body["components"] == json!([])
+        }
+    };
+    discord
+        .wait_for("Three. without buttons", unbuttoned(three.id))
+        .await;
 
     // Editing an older one changes nothing, and says so for a while.
     say(&discord, thread + 1, thread, ALICE, "second");
@@ -1582,6 +1593,8 @@ async fn retry_edits_deletions_and_undo_replace_exchanges() {
             c.body["content"] == "Second answer."
         })
         .await;
+    // Only the newest answer carries Retry.
+    discord.wait_for("B. without Retry", unbuttoned(b.id)).await;
     edit(&discord, thread, CHANNEL, "pick a colour");
     let notice = discord
         .wait_for("the notice", |c| {
@@ -1608,12 +1621,20 @@ async fn retry_edits_deletions_and_undo_replace_exchanges() {
         "MESSAGE_DELETE",
         json!({"id": (thread + 3).to_string(), "channel_id": thread.to_string(), "guild_id": support::discord::GUILD.to_string()}),
     );
+    edit(&discord, thread + 2, thread, "a shorter task");
+    discord
+        .wait_for("the partial answer to the edit", |c| {
+            c.body["content"] == "Still working"
+        })
+        .await;
+    // Edited again while that edit is answered: the same once more.
     edit(&discord, thread + 2, thread, "a short task");
     discord
         .wait_for("the answer to the edit", |c| c.body["content"] == "Short.")
         .await;
-    assert_eq!(users(5), ["pick a letter", "second", "a short task"]);
-    assert!(!sent(5, "Working"), "the stopped exchange was replaced");
+    assert_eq!(users(5), ["pick a letter", "second", "a shorter task"]);
+    assert_eq!(users(6), ["pick a letter", "second", "a short task"]);
+    assert!(!sent(6, "Working"), "the stopped exchanges were replaced");
 
     // /undo takes the last exchange out.
     let undo = json!({"id": "1", "name": "undo", "type": 1});
@@ -1652,10 +1673,10 @@ async fn retry_edits_deletions_and_undo_replace_exchanges() {
     discord
         .wait_for("the last answer", |c| c.body["content"] == "Fresh.")
         .await;
-    assert_eq!(users(6), ["pick a letter", "second", "what now?"]);
+    assert_eq!(users(7), ["pick a letter", "second", "what now?"]);
     assert_eq!(
         model.requests().len(),
-        7,
+        8,
         "the deleted message was never answered"
     );
     assert!(!model_saw(&model, "never mind"));
@@ -1832,6 +1853,7 @@ async fn reasoning_is_shown_only_to_the_presser_and_its_effort_is_set_per_thread
     );
     let buttons = &answer.body["components"][0]["components"];
     assert_eq!(buttons[1]["custom_id"], format!("reasoning:{thread}"));
+    let first = answer.id;
     discord.dispatch(
         "INTERACTION_CREATE",
         press(&discord, 51, thread, BOB, &format!("reasoning:{thread}")),
@@ -1870,6 +1892,20 @@ async fn reasoning_is_shown_only_to_the_presser_and_its_effort_is_set_per_thread
         .unwrap()
         .to_owned();
     assert_eq!(custom_id, format!("reasoning:{}", thread + 1));
+    // The older answer keeps Reasoning, and only the newest has Retry.
+    let path = format!("/channels/{thread}/messages/{first}");
+    let trimmed = discord
+        .wait_for("the older answer's row", |c| {
+            c.method == "PATCH" && c.path == path
+        })
+        .await;
+    let kept: Vec<&Value> = trimmed.body["components"][0]["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| &b["custom_id"])
+        .collect();
+    assert_eq!(kept, [&json!(format!("reasoning:{thread}"))]);
     discord.dispatch(
         "INTERACTION_CREATE",
         press(&discord, 53, thread, ALICE, &custom_id),

@@ -28,6 +28,8 @@ pub struct Call {
     pub method: String,
     pub path: String,
     pub body: Value,
+    /// The id the fake gave it (a posted message's id).
+    pub id: u64,
 }
 
 #[derive(Default)]
@@ -357,17 +359,19 @@ async fn rest(
             method: format!("{method} (429)"),
             path,
             body,
+            id: 0,
         });
         let limited = json!({"message": "You are being rate limited.", "retry_after": retry_after, "global": false});
         return (StatusCode::TOO_MANY_REQUESTS, axum::Json(limited)).into_response();
     }
+    state.next_id += 1;
+    let id = state.next_id;
     state.calls.push(Call {
         method: method.to_string(),
         path: path.clone(),
         body: body.clone(),
+        id,
     });
-    state.next_id += 1;
-    let id = state.next_id;
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let reply = match (method.as_str(), parts.as_slice()) {
         ("GET", ["gateway"]) | ("GET", ["gateway", "bot"]) => {
