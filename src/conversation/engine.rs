@@ -505,14 +505,14 @@ impl Engine {
         self.store.last_input(conversation).await
     }
 
-    /// Clears `conversation`'s history and closes its MCP sessions. It
-    /// waits for a running turn to end (a surface stops it first).
     /// Waits until the turn `conversation` is running, if any, has ended.
     pub async fn settle(&self, conversation: &str) {
         let turn = self.with_live(conversation, |live| live.turn.clone());
         drop(turn.lock().await);
     }
 
+    /// Clears `conversation`'s history and closes its MCP sessions. It
+    /// waits for a running turn to end (a surface stops it first).
     pub async fn reset(&self, conversation: &str) -> Result<(), StoreError> {
         let turn = self.with_live(conversation, |live| live.turn.clone());
         let _turn = turn.lock().await;

@@ -12,6 +12,10 @@ const INTERRUPTED: &str =
 /// Rough token cost of one image part, for context fitting.
 const IMAGE_TOKENS: usize = 800;
 
+/// Bytes of a PDF per token of the text it holds, roughly (text PDFs run
+/// from about 10 to 30; a scan holds less text for its size).
+const DOCUMENT_BYTES_PER_TOKEN: usize = 16;
+
 /// Makes a stored history valid to send: every assistant tool call is
 /// answered by exactly one tool message before the next user or assistant
 /// message, and no tool message answers a call that is not open.
@@ -68,7 +72,8 @@ fn close_open_calls(
 }
 
 /// A cheap estimate of the tokens a message costs (about four characters a
-/// token, plus a little per message). Good enough to stay inside a window.
+/// token, plus a little per message; a document by its size, as its text
+/// is not known here). Good enough to stay inside a window.
 pub fn estimate_tokens(message: &Message) -> usize {
     let chars = message.content.as_ref().map_or(0, String::len)
         + message.reasoning.as_ref().map_or(0, String::len)
@@ -76,8 +81,17 @@ pub fn estimate_tokens(message: &Message) -> usize {
             .tool_calls
             .iter()
             .map(|c| c.name.len() + c.arguments.len() + c.id.len())
-            .sum::<usize>();
-    chars / 4 + 4 + message.images.len() * IMAGE_TOKENS
+            .sum::<usize>()
+        + message
+            .file_annotations
+            .as_ref()
+            .map_or(0, |a| a.to_string().len());
+    // A data: URL's base64 is four characters for three bytes.
+    let document_bytes: usize = message.files.iter().map(|f| f.data.len() / 4 * 3).sum();
+    chars / 4
+        + 4
+        + message.images.len() * IMAGE_TOKENS
+        + document_bytes.div_ceil(DOCUMENT_BYTES_PER_TOKEN)
 }
 
 /// Whether a tool call's argument text is a JSON object, as every
@@ -142,6 +156,29 @@ mod tests {
                 .collect(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn documents_count_by_their_size() {
+        use crate::conversation::FilePart;
+        use base64::Engine as _;
+        let pdf = vec![b'x'; 16_000];
+        let message = Message {
+            files: vec![FilePart {
+                name: "report.pdf".into(),
+                data: format!(
+                    "data:application/pdf;base64,{}",
+                    base64::engine::general_purpose::STANDARD.encode(&pdf)
+                ),
+            }],
+            ..Message::user("read")
+        };
+        let plain = estimate_tokens(&Message::user("read"));
+        let with = estimate_tokens(&message);
+        assert!(
+            with - plain >= 1_000 && with - plain < 1_100,
+            "{plain} {with}"
+        );
     }
 
     #[test]

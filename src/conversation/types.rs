@@ -190,6 +190,9 @@ pub struct Message {
     /// Provider reasoning, sent back unchanged.
     pub reasoning: Option<String>,
     pub reasoning_details: Option<Value>,
+    /// The documents OpenRouter parsed for an assistant message (its
+    /// `file` annotations), sent back with it so they are not parsed again.
+    pub file_annotations: Option<Value>,
     /// Which model wrote an assistant message, and what it cost.
     pub model: Option<String>,
     pub usage: Option<Usage>,

@@ -139,12 +139,13 @@ pub fn request_body(
     // mcpcord fits the context itself; middle-out could separate tool calls
     // from their results.
     body["plugins"] = json!([{"id": "context-compression", "enabled": false}]);
-    // Documents are read by OpenRouter's parser, with its free text engine.
+    // Documents are read by OpenRouter's parser, with its free engine
+    // (`pdf-text`, its older name, is redirected to it).
     if request.messages.iter().any(|m| !m.files.is_empty()) {
         body["plugins"]
             .as_array_mut()
             .expect("an array")
-            .push(json!({"id": "file-parser", "pdf": {"engine": "pdf-text"}}));
+            .push(json!({"id": "file-parser", "pdf": {"engine": "cloudflare-ai"}}));
     }
     let mut provider = dialect.provider.clone().unwrap_or_else(|| json!({}));
     if let Some(pin) = request.pin {
@@ -348,6 +349,10 @@ fn message_json(message: &Message, reasoning_model: Option<&str>) -> Value {
                     out.insert("reasoning_details".into(), details.clone());
                 }
             }
+            // OpenRouter reads documents it parsed before from these.
+            if let (Some(_), Some(annotations)) = (reasoning_model, &message.file_annotations) {
+                out.insert("annotations".into(), annotations.clone());
+            }
             Value::Object(out)
         }
     }
@@ -448,6 +453,7 @@ pub fn parse_completion(body: &Value) -> Result<Completion, ModelError> {
             .get("reasoning_details")
             .filter(|v| !v.is_null())
             .cloned(),
+        file_annotations: files_parsed(raw.get("annotations")),
         ..Default::default()
     };
     if finish == Some("error") {
@@ -499,6 +505,25 @@ fn parse_usage(usage: Option<&Value>) -> Usage {
     }
 }
 
+/// The `file` annotations (documents OpenRouter parsed) of a reply;
+/// `None` when there are none.
+fn files_parsed(annotations: Option<&Value>) -> Option<Value> {
+    let mut kept = Vec::new();
+    merge_files(&mut kept, annotations);
+    (!kept.is_empty()).then_some(Value::Array(kept))
+}
+
+/// Adds the `file` annotations among `annotations` to `kept`, once each.
+fn merge_files(kept: &mut Vec<Value>, annotations: Option<&Value>) {
+    for annotation in annotations.and_then(Value::as_array).into_iter().flatten() {
+        if annotation.get("type").and_then(Value::as_str) == Some("file")
+            && !kept.contains(annotation)
+        {
+            kept.push(annotation.clone());
+        }
+    }
+}
+
 /// The links of `url_citation` annotations (web search), once each.
 fn merge_citations(citations: &mut Vec<Citation>, annotations: Option<&Value>) {
     for annotation in annotations.and_then(Value::as_array).into_iter().flatten() {
@@ -542,6 +567,8 @@ pub struct StreamAccumulator {
     usage: Usage,
     provider: Option<String>,
     citations: Vec<Citation>,
+    /// `file` annotations (documents OpenRouter parsed).
+    files: Vec<Value>,
     saw_choice: bool,
     /// Whether `data: [DONE]` arrived.
     done: bool,
@@ -596,6 +623,7 @@ impl StreamAccumulator {
             self.reasoning.push_str(text);
         }
         merge_citations(&mut self.citations, delta.get("annotations"));
+        merge_files(&mut self.files, delta.get("annotations"));
         if let Some(details) = delta.get("reasoning_details").and_then(Value::as_array) {
             details
                 .iter()
@@ -681,6 +709,7 @@ impl StreamAccumulator {
             reasoning: (!self.reasoning.is_empty()).then_some(self.reasoning),
             reasoning_details: (!self.reasoning_details.is_empty())
                 .then_some(Value::Array(self.reasoning_details)),
+            file_annotations: (!self.files.is_empty()).then_some(Value::Array(self.files)),
             ..Default::default()
         };
         Ok(Completion {

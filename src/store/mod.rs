@@ -67,6 +67,7 @@ struct MessageRow {
     stopped: bool,
     position: Option<i64>,
     files: Option<String>,
+    file_annotations: Option<String>,
 }
 
 /// The settings a conversation's row holds, each in its own column.
@@ -495,6 +496,7 @@ impl MessageRow {
             tool_call_id: self.tool_call_id,
             reasoning: self.reasoning,
             reasoning_details: parse("reasoning_details", self.reasoning_details)?,
+            file_annotations: parse("file_annotations", self.file_annotations)?,
             model: self.model,
             usage,
             author,
@@ -613,7 +615,7 @@ impl Store for SqliteStore {
         let rows: Vec<MessageRow> = sqlx::query_as(
             "SELECT role, content, images, tool_calls, tool_call_id, reasoning, reasoning_details,
                     model, prompt_tokens, completion_tokens, cost, cached_tokens, cache_write_tokens,
-                    author_id, author_name, stopped, position, files
+                    author_id, author_name, stopped, position, files, file_annotations
              FROM messages WHERE conversation = ?1 AND replaced = 0 ORDER BY id",
         )
         .bind(conversation)
@@ -906,7 +908,8 @@ impl SqliteStore {
         let mut insert = QueryBuilder::<Sqlite>::new(
             "INSERT INTO messages (conversation, role, content, images, tool_calls, tool_call_id,
                 reasoning, reasoning_details, model, prompt_tokens, completion_tokens, cost,
-                cached_tokens, cache_write_tokens, author_id, author_name, stopped, position, files, created_at) ",
+                cached_tokens, cache_write_tokens, author_id, author_name, stopped, position, files,
+                file_annotations, created_at) ",
         );
         insert.push_values(messages, |mut row, message| {
             let usage = message.usage;
@@ -941,6 +944,7 @@ impl SqliteStore {
                         .then(|| to_json(&message.files))
                         .flatten(),
                 )
+                .push_bind(message.file_annotations.as_ref().and_then(to_json))
                 .push_bind(now);
         });
         insert.build().execute(&mut *connection).await.map_err(db)?;

@@ -1615,11 +1615,13 @@ async fn retry_edits_deletions_and_undo_replace_exchanges() {
     discord
         .wait_for("the partial answer", |c| c.body["content"] == "Working")
         .await;
-    say(&discord, thread + 3, thread, ALICE, "never mind");
-    wait_kept(dir.path(), thread + 3).await;
+    // (Discord's ids are far apart: the answer to an edit of message `n`
+    // is queued as `n + 1`.)
+    say(&discord, thread + 30, thread, ALICE, "never mind");
+    wait_kept(dir.path(), thread + 30).await;
     discord.dispatch(
         "MESSAGE_DELETE",
-        json!({"id": (thread + 3).to_string(), "channel_id": thread.to_string(), "guild_id": support::discord::GUILD.to_string()}),
+        json!({"id": (thread + 30).to_string(), "channel_id": thread.to_string(), "guild_id": support::discord::GUILD.to_string()}),
     );
     edit(&discord, thread + 2, thread, "a shorter task");
     discord
@@ -2100,17 +2102,18 @@ async fn pdfs_go_to_openrouters_parser_and_elsewhere_are_explained() {
     let discord = FakeDiscord::start().await;
     let model = FakeModel::start().await;
     let dir = tempfile::tempdir().unwrap();
-    model.script([text("Read it.")]);
-    let bot = start(
-        &discord,
-        &model,
-        dir.path(),
-        &[
-            ("DOCUMENT_MAX_BYTES", "1024"),
-            ("DOCUMENTS_PER_MESSAGE", "2"),
-        ],
-    )
-    .await;
+    // OpenRouter says what it parsed; sent back, it is not parsed again.
+    let parsed = json!([{"type": "file", "file": {"hash": "abc", "name": "report.pdf",
+        "content": [{"type": "text", "text": "A tiny report."}]}}]);
+    model.script([
+        text("Read it.").with(json!({"delta": {"annotations": parsed}})),
+        text("Still read."),
+    ]);
+    let caps = [
+        ("DOCUMENT_MAX_BYTES", "1024"),
+        ("DOCUMENTS_PER_MESSAGE", "2"),
+    ];
+    let bot = start(&discord, &model, dir.path(), &caps).await;
     let thread = 720_000_000_000_000_001;
     let mut message = discord.message(thread, CHANNEL, ALICE, &format!("<@{BOT}> summarise"), true);
     message["attachments"] = json!([
@@ -2155,6 +2158,17 @@ async fn pdfs_go_to_openrouters_parser_and_elsewhere_are_explained() {
         notices.contains("(DOCUMENTS_PER_MESSAGE), so extra.pdf was left out"),
         "{notices}"
     );
+    // After a restart too, the answer goes back with what was parsed.
+    bot.stop().await;
+    let bot = start(&discord, &model, dir.path(), &caps).await;
+    say(&discord, thread + 1, thread, ALICE, "and the second page?");
+    discord
+        .wait_for("the second answer", |c| c.body["content"] == "Still read.")
+        .await;
+    let again = &model.requests()[1]["messages"];
+    assert_eq!(again[2]["role"], "assistant");
+    assert_eq!(again[2]["annotations"], parsed);
+    assert!(model.rejected().is_empty(), "{:?}", model.rejected());
     bot.stop().await;
 
     // A plain endpoint does not take them: the person is told.
