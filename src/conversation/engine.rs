@@ -764,6 +764,18 @@ impl Engine {
                 }
                 Ok(Step::ToolCalls(mut message, finish)) => {
                     rename_reused_ids(&mut message, &history);
+                    // Billed before the tools run: a turn cut while they run
+                    // never stores this message, and the reply cost all the same.
+                    if let Some(usage) = message.usage.take() {
+                        billing::keep_billed(
+                            self.store.as_ref(),
+                            conversation,
+                            &model,
+                            generation.clone(),
+                            usage,
+                        )
+                        .await;
+                    }
                     let exhausted = outcome.rounds > self.settings.max_tool_rounds;
                     let (mut results, images) = if exhausted {
                         let declined =

@@ -354,6 +354,10 @@ async fn a_turn_aborted_during_a_tool_call_leaves_a_valid_history() {
     wait_for_event(&mut rx, |e| matches!(e, TurnEvent::ToolStarted { .. })).await;
     running.abort();
     assert!(running.await.unwrap_err().is_cancelled());
+    // The reply that asked for the tool was billed before it ran.
+    let billed = app.store.usage("terminal:t").await.unwrap();
+    assert_eq!(billed.responses, 1);
+    assert!(billed.cost > 0.0, "{billed:?}");
 
     s.model.script([text("Sorry, where were we?")]);
     let (result, _) = turn(&app, "terminal:t", "are you there?").await;
