@@ -91,6 +91,7 @@ async fn check_mcp(config: &Config, report: &mut Report<'_, impl Write>) -> std:
         tools,
         problems,
         warnings,
+        ..
     } = host.list("check").await;
     for server in &servers {
         let names: Vec<&str> = tools

@@ -647,7 +647,7 @@ impl Engine {
         // one order whatever failed, and no time or date in the prompt.
         let mut specs = tools.specs.clone();
         specs.sort_by(|a, b| a.name.cmp(&b.name));
-        let system = system_prompt(prompt.as_deref(), &place, &history);
+        let system = system_prompt(prompt.as_deref(), &place, &history, &tools.instructions);
         let context = info
             .and_then(|i| i.context_length)
             .unwrap_or(self.settings.fallback_context_tokens);
@@ -1326,17 +1326,23 @@ fn retire_tool_images(history: &mut [Message]) {
     }
 }
 
-/// The system prompt of a turn: `prompt` with its placeholders filled, and
-/// a sentence about the names before messages when people are named.
-fn system_prompt(prompt: Option<&str>, place: &Place, history: &[Message]) -> Option<String> {
-    let prompt = prompt.map(|p| prompt::fill(p, place));
-    if !history.iter().any(|m| m.author.is_some()) {
-        return prompt;
+/// The system prompt of a turn: `prompt` with its placeholders filled, a
+/// sentence about the names before messages when people are named, and
+/// what the tool servers say about using them.
+fn system_prompt(
+    prompt: Option<&str>,
+    place: &Place,
+    history: &[Message],
+    instructions: &[(String, String)],
+) -> Option<String> {
+    let mut parts: Vec<String> = prompt.map(|p| prompt::fill(p, place)).into_iter().collect();
+    if history.iter().any(|m| m.author.is_some()) {
+        parts.push(SPEAKERS_NOTE.to_owned());
     }
-    Some(match prompt {
-        Some(prompt) => format!("{prompt}\n\n{SPEAKERS_NOTE}"),
-        None => SPEAKERS_NOTE.to_owned(),
-    })
+    parts.extend(instructions.iter().map(|(server, text)| {
+        format!("How to use the tools of {server}, as that server says:\n{text}")
+    }));
+    (!parts.is_empty()).then(|| parts.join("\n\n"))
 }
 
 /// Decides how a model reply continues the turn. Tool calls count even when

@@ -309,6 +309,8 @@ pub struct ToolList {
     pub specs: Vec<ToolSpec>,
     /// One sentence per server that could not be used this turn.
     pub problems: Vec<String>,
+    /// What servers say about using them (server, text), in a fixed order.
+    pub instructions: Vec<(String, String)>,
     /// Keeps the sessions behind `specs` for this turn while held: the host
     /// does not close them for others until it is dropped.
     pub hold: Hold,

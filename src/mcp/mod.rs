@@ -182,6 +182,8 @@ pub struct Listing {
     pub problems: Vec<ServerProblem>,
     /// Per server: what was wrong with its tool list (tools changed or left out).
     pub warnings: Vec<(String, String)>,
+    /// Per server: its instructions for using it, in the configured order.
+    pub instructions: Vec<(String, String)>,
 }
 
 /// A tool as listed for a check report: the name the model sees and the
@@ -274,6 +276,9 @@ impl McpHost {
                     listing
                         .warnings
                         .extend(tools.warnings.iter().map(|w| (name.clone(), w.clone())));
+                    if let Some(text) = &tools.instructions {
+                        listing.instructions.push((name.clone(), text.clone()));
+                    }
                 }
                 Err(why) => listing.problems.push(ServerProblem {
                     server: name.clone(),
@@ -605,6 +610,7 @@ impl ToolHost for McpHost {
             Listing {
                 tools: mut listed,
                 problems,
+                instructions,
                 ..
             },
             leases,
@@ -670,6 +676,7 @@ impl ToolHost for McpHost {
         ToolList {
             specs,
             problems: problems.iter().map(ToString::to_string).collect(),
+            instructions,
             hold: Hold::new(hold),
         }
     }

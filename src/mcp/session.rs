@@ -9,11 +9,14 @@ use futures::StreamExt;
 use rmcp::handler::client::progress::ProgressDispatcher;
 use rmcp::model::{
     CallToolRequest, CallToolRequestParams, CancelledNotificationParam, ClientCapabilities,
-    ClientConfig, ClientRequest, Implementation, ListToolsRequest, PaginatedRequestParams,
-    ProgressNotificationParam, ProtocolVersion, Request, RequestId, RequestOptionalParam,
-    ServerResult,
+    ClientConfig, ClientRequest, Implementation, InputRequest, InputResponses, ListToolsRequest,
+    PaginatedRequestParams, ProgressNotificationParam, ProtocolVersion, Request, RequestId,
+    RequestOptionalParam, ServerResult,
 };
-use rmcp::service::{NotificationContext, Peer, PeerRequestOptions, RunningService, ServiceExt};
+use rmcp::service::{
+    ClientLifecycleMode, ClientServiceExt, NotificationContext, Peer, PeerRequestOptions,
+    RunningService,
+};
 use rmcp::transport::StreamableHttpClientTransport;
 use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
 use rmcp::{ClientHandler, RoleClient, ServiceError};
@@ -31,6 +34,10 @@ use crate::conversation::ToolProgress;
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Pages of `tools/list` read before the rest is left out.
 pub const MAX_LIST_PAGES: usize = 32;
+/// Times one call may come back asking for input before it is given up.
+pub const MAX_INPUT_ROUNDS: usize = 8;
+/// Characters of a server's instructions kept and sent to the model.
+pub const MAX_INSTRUCTIONS_CHARS: usize = 4096;
 /// Characters of a tool description kept and sent to the model.
 pub const MAX_DESCRIPTION_CHARS: usize = 2048;
 
@@ -49,6 +56,9 @@ pub struct ServerTools {
     pub tools: Vec<RemoteTool>,
     /// One sentence per tool that was changed or left out, and per bound hit.
     pub warnings: Vec<String>,
+    /// What the server says about using it (from `server/discover` or
+    /// `initialize`), shortened to [`MAX_INSTRUCTIONS_CHARS`].
+    pub instructions: Option<String>,
 }
 
 /// Receives server notifications. `tools/list_changed` marks the cached
@@ -121,6 +131,31 @@ impl Drop for CancelOnDrop {
     }
 }
 
+/// A result as JSON; whatever rmcp could not type is kept as the server
+/// sent it.
+fn as_json(result: ServerResult) -> Value {
+    match result {
+        ServerResult::CustomResult(custom) => custom.0,
+        typed => serde_json::to_value(&typed).unwrap_or(Value::Null),
+    }
+}
+
+/// The answer to something a server asks before it finishes a call.
+/// mcpcord declares none of these capabilities, so a server that asks
+/// anyway gets the answer of a client without them.
+fn answer_input(request: InputRequest) -> Result<Value, CallError> {
+    match request {
+        InputRequest::Elicitation(_) => Ok(serde_json::json!({"action": "decline"})),
+        InputRequest::ListRoots(_) => Ok(serde_json::json!({"roots": []})),
+        InputRequest::CreateMessage(_) => Err(CallError::Protocol(
+            "it asked to use the model itself (sampling), which mcpcord does not offer".into(),
+        )),
+        _ => Err(CallError::Protocol(
+            "it asked for a kind of input mcpcord does not know".into(),
+        )),
+    }
+}
+
 /// Reads one `tools/list` page into `out`; returns the next cursor.
 fn read_tools_page(result: &Value, out: &mut ServerTools) -> Result<Option<String>, String> {
     let items = result
@@ -167,10 +202,7 @@ fn read_tool(item: &Value) -> Result<(RemoteTool, Option<String>), String> {
         ),
     };
     let description = text("description").or(text("title")).unwrap_or(name);
-    let description = match description.char_indices().nth(MAX_DESCRIPTION_CHARS) {
-        Some((cut, _)) => format!("{}…", &description[..cut]),
-        None => description.to_owned(),
-    };
+    let description = shorten(description, MAX_DESCRIPTION_CHARS);
     let tool = RemoteTool {
         description,
         parameters,
@@ -181,6 +213,14 @@ fn read_tool(item: &Value) -> Result<(RemoteTool, Option<String>), String> {
         name: name.to_owned(),
     };
     Ok((tool, warning))
+}
+
+/// `text` cut to `chars` characters, marked with "…" when cut.
+fn shorten(text: &str, chars: usize) -> String {
+    match text.char_indices().nth(chars) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_owned(),
+    }
 }
 
 /// Scheme, host and port of `url`: its path and query may carry a token
@@ -222,6 +262,8 @@ pub struct Session {
     tools: Mutex<Option<Arc<ServerTools>>>,
     /// Set when a request found the transport gone.
     disconnected: AtomicBool,
+    /// See [`ServerTools::instructions`].
+    instructions: Option<String>,
 }
 
 impl std::fmt::Debug for Session {
@@ -240,12 +282,10 @@ impl Session {
         tasks: &TaskTracker,
     ) -> Result<Session, String> {
         let tools_stale = Arc::new(AtomicBool::new(true));
-        let mut info = ClientConfig::new(
+        let info = ClientConfig::new(
             ClientCapabilities::default(),
             Implementation::new("mcpcord", env!("CARGO_PKG_VERSION")),
         );
-        // Servers in use today negotiate the initialize-era protocol.
-        info.protocol_version = ProtocolVersion::LATEST_WITH_INITIALIZE;
         let progress = ProgressDispatcher::new();
         let handler = Handler {
             tools_stale: tools_stale.clone(),
@@ -262,7 +302,20 @@ impl Session {
                     timeout.as_secs()
                 )
             })??;
+        let info = service.peer().peer_info();
+        let instructions = info
+            .as_ref()
+            .and_then(|i| i.instructions.as_deref())
+            .map(str::trim)
+            .filter(|text| !text.is_empty())
+            .map(|text| shorten(text, MAX_INSTRUCTIONS_CHARS));
+        tracing::info!(
+            server = %spec.name,
+            protocol = info.as_ref().map(|i| i.protocol_version.to_string()).unwrap_or_default(),
+            "MCP session started"
+        );
         Ok(Session {
+            instructions,
             server: spec.name.clone(),
             peer: service.peer().clone(),
             service: Mutex::new(Some(service)),
@@ -308,7 +361,10 @@ impl Session {
     }
 
     async fn list_tools(&self, limits: &Limits) -> Result<ServerTools, String> {
-        let mut out = ServerTools::default();
+        let mut out = ServerTools {
+            instructions: self.instructions.clone(),
+            ..Default::default()
+        };
         let mut cursor: Option<String> = None;
         for page in 1.. {
             let params = PaginatedRequestParams::default().with_cursor(cursor.take());
@@ -347,6 +403,9 @@ impl Session {
 
     /// Calls `tool`; the result is the `CallToolResult` as JSON, as the
     /// server sent it when rmcp could not read it.
+    /// A server of the current revision that needs something first answers
+    /// `input_required`; the call is sent again with the answers and the
+    /// state it gave, at most [`MAX_INPUT_ROUNDS`] times.
     pub async fn call(
         &self,
         tool: &str,
@@ -357,19 +416,56 @@ impl Session {
         if let Value::Object(map) = arguments {
             params = params.with_arguments(map);
         }
-        let request: CallToolRequest = Request::new(params);
-        self.request(ClientRequest::CallToolRequest(request), progress)
-            .await
+        for round in 0..MAX_INPUT_ROUNDS {
+            let request: CallToolRequest = Request::new(params.clone());
+            let asked = match self
+                .typed_request(ClientRequest::CallToolRequest(request), progress)
+                .await?
+            {
+                ServerResult::InputRequiredResult(asked) => asked,
+                other => return Ok(as_json(other)),
+            };
+            let requests = asked.input_requests.unwrap_or_default();
+            if requests.is_empty() && asked.request_state.is_none() {
+                return Err(CallError::Protocol(
+                    "it asked for input without saying what it needs".into(),
+                ));
+            }
+            if requests.is_empty() {
+                // Only its state: the server is not done yet.
+                let wait = Duration::from_millis(50 << round.min(3));
+                tokio::time::sleep(wait).await;
+            }
+            let mut answers = InputResponses::new();
+            for (key, request) in requests {
+                answers.insert(key, answer_input(request)?);
+            }
+            params.input_responses = (!answers.is_empty()).then_some(answers);
+            params.request_state = asked.request_state;
+        }
+        Err(CallError::Protocol(format!(
+            "it asked for input {MAX_INPUT_ROUNDS} times without finishing the call"
+        )))
     }
 
-    /// Sends one request and returns its result as JSON, passing on the
-    /// progress the server reports. Dropping the future (a timeout, an
-    /// aborted turn) cancels the request on the server.
+    /// Sends one request and returns its result as JSON (see
+    /// [`Session::typed_request`]).
     async fn request(
         &self,
         request: ClientRequest,
         progress: &dyn ToolProgress,
     ) -> Result<Value, CallError> {
+        self.typed_request(request, progress).await.map(as_json)
+    }
+
+    /// Sends one request and returns its result, passing on the progress
+    /// the server reports. Dropping the future (a timeout, an aborted turn)
+    /// cancels the request on the server.
+    async fn typed_request(
+        &self,
+        request: ClientRequest,
+        progress: &dyn ToolProgress,
+    ) -> Result<ServerResult, CallError> {
         let handle = self
             .peer
             .send_request_with_option(request, PeerRequestOptions::no_options())
@@ -391,11 +487,7 @@ impl Session {
             }
         };
         guard.id = None;
-        match result.map_err(|e| self.failed(e))? {
-            // Whatever rmcp could not type is kept as the server sent it.
-            ServerResult::CustomResult(custom) => Ok(custom.0),
-            typed => Ok(serde_json::to_value(&typed).unwrap_or(Value::Null)),
-        }
+        result.map_err(|e| self.failed(e))
     }
 
     fn failed(&self, error: ServiceError) -> CallError {
@@ -420,6 +512,16 @@ impl Session {
         if let Some(service) = self.service.lock().await.take() {
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, service.cancel()).await;
         }
+    }
+}
+
+/// The current (stateless) revision first, through `server/discover`; a
+/// server that does not know it gets the `initialize` handshake of the
+/// newest revision that has one.
+fn both_eras() -> ClientLifecycleMode {
+    ClientLifecycleMode::Auto {
+        preferred_versions: vec![ProtocolVersion::LATEST],
+        legacy_version: Some(ProtocolVersion::LATEST_WITH_INITIALIZE),
     }
 }
 
@@ -449,7 +551,7 @@ async fn connect(
             };
             let transport = ChildTransport::spawn(&launch, redactor, tasks)?;
             handler
-                .serve(transport)
+                .serve_with_lifecycle(transport, both_eras())
                 .await
                 .map_err(|e| format!("the MCP handshake failed: {e}"))
         }
@@ -469,7 +571,7 @@ async fn connect(
                 .max_sse_event_size(limits.mcp_max_message_bytes);
             let transport = StreamableHttpClientTransport::from_config(config);
             handler
-                .serve(transport)
+                .serve_with_lifecycle(transport, both_eras())
                 .await
                 .map_err(|e| format!("could not connect to {}: {e}", origin(url)))
         }

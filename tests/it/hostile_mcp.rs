@@ -440,3 +440,70 @@ async fn a_turn_waiting_for_a_session_says_so_and_goes_on_when_one_is_free() {
     host.shutdown().await;
     assert_eq!(alive_and_started(&log), (1, 2));
 }
+
+#[tokio::test]
+async fn a_modern_only_and_a_legacy_only_server_serve_one_conversation() {
+    use crate::support::memory::{MemoryStore, ScriptedModel, answer, calls};
+    use mcpcord::conversation::{ApproveAll, Message, Role};
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("modern.log");
+    let host = std::sync::Arc::new(host(
+        json!({
+            "modern": hostile("modern", Some(log.to_str().unwrap())),
+            "legacy": hostile("legacy", None),
+        }),
+        quick(),
+    ));
+    let model = ScriptedModel::new([
+        calls(&["modern__ask", "modern__confirm", "legacy__echo"]),
+        answer("done"),
+    ]);
+    let engine = mcpcord::conversation::Engine::new(
+        model.clone(),
+        host.clone(),
+        std::sync::Arc::new(MemoryStore::default()),
+        mcpcord::conversation::EngineSettings {
+            default_model: "test/model".into(),
+            system_prompt: Some("Be brief.".into()),
+            timezone: jiff::tz::TimeZone::UTC,
+            transcription_model: None,
+            clock: Default::default(),
+            max_tool_rounds: 3,
+            fallback_context_tokens: 100_000,
+        },
+    );
+    let (events, _received) = tokio::sync::mpsc::unbounded_channel();
+    engine
+        .run_turn("c", Message::user("go"), &events, &ApproveAll)
+        .await
+        .unwrap();
+    let results: Vec<String> = model.requests()[1]
+        .iter()
+        .filter(|m| m.role() == Role::Tool)
+        .map(|m| m.text().to_owned())
+        .collect();
+    // The state-only round was sent again with its state; the form question
+    // was declined (mcpcord does not declare forms yet); the legacy server
+    // answered as before.
+    assert_eq!(results, ["asked twice", "answer: decline", "echo: "]);
+    // The server's instructions follow the prompt, under its name.
+    let system = model.systems()[0].clone().unwrap();
+    assert!(system.starts_with("Be brief."), "{system}");
+    assert!(
+        system.contains(
+            "How to use the tools of modern, as that server says:\nCall ask before confirm."
+        ),
+        "{system}"
+    );
+    // Discover first, no initialize, and every request names the revision.
+    let seen = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = seen.lines().collect();
+    assert_eq!(lines[0], "server/discover 2026-07-28", "{seen}");
+    assert!(!seen.contains("initialize"), "{seen}");
+    assert!(lines.iter().all(|l| l.ends_with(" 2026-07-28")), "{seen}");
+    assert_eq!(
+        lines.iter().filter(|l| l.starts_with("tools/call")).count(),
+        4
+    );
+    host.shutdown().await;
+}

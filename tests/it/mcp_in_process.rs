@@ -58,6 +58,11 @@ impl Toolbox {
             )
             .annotate(ToolAnnotations::new().read_only(true)),
             Tool::new(
+                "era",
+                "Says which protocol revision the request came in",
+                object(json!({"type": "object"})),
+            ),
+            Tool::new(
                 "big",
                 "Answers with `bytes` bytes of text",
                 object(json!({"type": "object", "properties": {"bytes": {"type": "integer"}}})),
@@ -82,6 +87,7 @@ impl ServerHandler for Toolbox {
                 .enable_tool_list_changed()
                 .build(),
         )
+        .with_instructions("Add numbers with add.")
     }
 
     async fn list_tools(
@@ -114,6 +120,10 @@ impl ServerHandler for Toolbox {
                 "unlocked".to_owned()
             }
             "secret" => "the secret is 42".to_owned(),
+            "era" => match context.meta.protocol_version() {
+                Some(version) => version.to_string(),
+                None => "initialize-era".to_owned(),
+            },
             "big" => "x".repeat(args.get("bytes").and_then(Value::as_u64).unwrap_or(0) as usize),
             other => {
                 return Err(McpError::invalid_params(
@@ -212,7 +222,13 @@ async fn list_changed_notifications_refresh_the_tools() {
     assert!(before.problems.is_empty(), "{:?}", before.problems);
     assert_eq!(
         names(&before.specs),
-        ["box__add", "box__meet", "box__unlock", "box__big"]
+        [
+            "box__add",
+            "box__meet",
+            "box__unlock",
+            "box__era",
+            "box__big"
+        ]
     );
 
     let unlocked = host.call("a", "box__unlock", json!({})).await;
@@ -379,5 +395,21 @@ async fn approvals_follow_the_server_policy_and_declines_reach_the_model() {
         assert_eq!(results[1], "unlocked");
         app.shutdown().await;
     }
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn a_server_of_the_current_revision_is_spoken_to_statelessly_over_http() {
+    let stop = CancellationToken::new();
+    let url = serve(&stop).await;
+    let host = host(&url);
+    let tools = host.tools("c").await;
+    assert_eq!(
+        tools.instructions,
+        [("box".to_owned(), "Add numbers with add.".to_owned())]
+    );
+    let outcome = host.call("c", "box__era", json!({})).await;
+    assert_eq!(outcome.content, "2026-07-28", "{outcome:?}");
+    host.shutdown().await;
     stop.cancel();
 }

@@ -17,6 +17,10 @@ Modes:
   counted FILE       a well-behaved server that appends "start PID" and "end PID" to FILE
   hang FILE          the tool `hang` never answers; appends "called ID" for each call and
                      "cancelled ID" for each notifications/cancelled to FILE
+  modern FILE        speaks only the stateless revision 2026-07-28: answers server/discover
+                     (with instructions), refuses initialize, appends "METHOD VERSION" per
+                     request to FILE; its tool `ask` first answers input_required with only a
+                     request state, and `confirm` asks a form question (input_required)
 """
 
 import json
@@ -79,6 +83,9 @@ def tools_page(request):
         tools.append(tool("env", {"type": "object"}))
     if MODE == "hang":
         tools.append(tool("hang", {"type": "object"}))
+    if MODE == "modern":
+        tools += [tool("ask", {"type": "object"}), tool("confirm", {"type": "object"})]
+        return {"resultType": "complete", "tools": tools, "ttlMs": 0, "cacheScope": "private"}
     return {"tools": tools}
 
 
@@ -104,6 +111,19 @@ def call(request):
         }
     if name == "env":
         return {"content": [{"type": "text", "text": json.dumps(dict(os.environ))}]}
+    if name == "ask" and params.get("requestState") != "half-done":
+        return {"resultType": "input_required", "requestState": "half-done"}
+    if name == "ask":
+        return {"resultType": "complete", "content": [{"type": "text", "text": "asked twice"}]}
+    if name == "confirm" and not params.get("inputResponses"):
+        form = {"method": "elicitation/create", "params": {
+            "mode": "form", "message": "Really?",
+            "requestedSchema": {"type": "object", "properties": {"ok": {"type": "boolean"}}}}}
+        return {"resultType": "input_required", "inputRequests": {"sure": form},
+                "requestState": "confirming"}
+    if name == "confirm":
+        action = params["inputResponses"]["sure"]["action"]
+        return {"resultType": "complete", "content": [{"type": "text", "text": f"answer: {action}"}]}
     return {"content": [{"type": "text", "text": f"echo: {arguments.get('text', '')}"}]}
 
 
@@ -131,7 +151,20 @@ def main():
             note("cancelled", (request.get("params") or {}).get("requestId"))
         if "id" not in request or MODE == "never-init":
             continue
-        if method == "initialize":
+        if MODE == "modern":
+            meta = (request.get("params") or {}).get("_meta") or {}
+            note(method, meta.get("io.modelcontextprotocol/protocolVersion"))
+        if MODE == "modern" and method == "server/discover":
+            answer(request, {
+                "resultType": "complete", "supportedVersions": ["2026-07-28"],
+                "capabilities": {"tools": {}}, "ttlMs": 0, "cacheScope": "private",
+                "serverInfo": {"name": "modern", "version": "1"},
+                "instructions": "Call ask before confirm.",
+            })
+        elif MODE == "modern" and method == "initialize":
+            send({"jsonrpc": "2.0", "id": request["id"],
+                  "error": {"code": -32600, "message": "this server speaks only 2026-07-28"}})
+        elif method == "initialize":
             version = (request.get("params") or {}).get("protocolVersion", "2025-06-18")
             answer(request, {
                 "protocolVersion": version,
