@@ -308,6 +308,12 @@ impl Entry<'_> {
         }
         for key in ["type", "transport"] {
             if let Some(kind) = self.string(map, key)? {
+                if kind == "sse" {
+                    return Err(self.error(
+                        key,
+                        "\"sse\" is the HTTP+SSE transport, which MCP deprecated and mcpcord does not speak; servers that have it almost always offer Streamable HTTP too (often at /mcp instead of /sse): point \"url\" there and write \"type\": \"http\"",
+                    ));
+                }
                 let fits = match &transport {
                     Transport::Stdio { .. } => kind == "stdio",
                     Transport::Http { .. } => {
@@ -439,7 +445,8 @@ impl Entry<'_> {
         }
     }
 
-    /// Replaces each `${VAR}` with the variable's value.
+    /// Replaces each `${VAR}` with the variable's value, and each
+    /// `${VAR:-default}` with it or, when it is unset or empty, `default`.
     fn expand(&self, key: &str, text: &str) -> Result<String, McpConfigError> {
         let mut out = String::with_capacity(text.len());
         let mut rest = text;
@@ -449,13 +456,21 @@ impl Entry<'_> {
             let end = after
                 .find('}')
                 .ok_or_else(|| self.error(key, "an unclosed \"${\" (write ${NAME})"))?;
-            let name = &after[..end];
-            let value = (self.env)(name).ok_or_else(|| {
-                self.error(
-                    key,
-                    format!("the environment variable {name} is not set (used as ${{{name}}})"),
-                )
-            })?;
+            let (name, default) = match after[..end].split_once(":-") {
+                Some((name, default)) => (name, Some(default)),
+                None => (&after[..end], None),
+            };
+            let set = (self.env)(name).filter(|v| default.is_none() || !v.is_empty());
+            let value = match (set, default) {
+                (Some(value), _) => value,
+                (None, Some(default)) => default.to_owned(),
+                (None, None) => {
+                    return Err(self.error(
+                        key,
+                        format!("the environment variable {name} is not set (used as ${{{name}}}; write ${{{name}:-default}} to give a default)"),
+                    ));
+                }
+            };
             out.push_str(&value);
             rest = &after[end + 1..];
         }
@@ -469,7 +484,11 @@ mod tests {
     use super::*;
 
     fn env(name: &str) -> Option<String> {
-        (name == "TOKEN").then(|| "s3cret".to_owned())
+        match name {
+            "TOKEN" => Some("s3cret".to_owned()),
+            "EMPTY" => Some(String::new()),
+            _ => None,
+        }
     }
 
     fn parse_ok(text: &str) -> Vec<ServerSpec> {
@@ -533,6 +552,29 @@ mod tests {
         assert!(parse_err(r#"{"mcpServers": {"w": {"url": "ftp://x"}}}"#).contains("key \"url\""));
         assert!(parse_err(r#"{"servers": {}}"#).contains("\"mcpServers\" key is missing"));
         assert!(parse_err("{").starts_with("MCP config mcp.json: not valid JSON"));
+    }
+
+    #[test]
+    fn variables_can_have_defaults() {
+        let specs = parse_ok(
+            r#"{"mcpServers": {"fs": {"command": "x", "args": ["${TOKEN:-none}", "${NOPE:-/data}", "${NOPE:-}", "${EMPTY:-filled}"]}}}"#,
+        );
+        let Transport::Stdio { args, .. } = &specs[0].transport else {
+            panic!("stdio expected")
+        };
+        assert_eq!(args, &["s3cret", "/data", "", "filled"]);
+    }
+
+    #[test]
+    fn sse_entries_are_refused_with_what_to_use() {
+        let error = parse_err(
+            r#"{"mcpServers": {"old": {"type": "sse", "url": "http://127.0.0.1:1/sse"}}}"#,
+        );
+        assert!(
+            error.starts_with("MCP config mcp.json: server \"old\", key \"type\": \"sse\" is the HTTP+SSE transport"),
+            "{error}"
+        );
+        assert!(error.contains("\"type\": \"http\""), "{error}");
     }
 
     #[test]
