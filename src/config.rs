@@ -92,6 +92,9 @@ pub struct Limits {
     pub max_tool_rounds: usize,
     /// `TOOL_TIMEOUT_SECS`: how long one tool call may take (per server: `timeoutSecs`).
     pub tool_timeout: Duration,
+    /// `TOOL_MAX_SECS`: how long a call that keeps reporting progress may run in all (each
+    /// report gives it the tool timeout again, up to this).
+    pub tool_max: Duration,
     /// `TOOL_RESULT_MAX_CHARS`: characters of one tool result sent to the model.
     pub tool_result_max_chars: usize,
     /// `MCP_MAX_SESSIONS_PER_SERVER`: live per-conversation sessions of one server.
@@ -125,6 +128,7 @@ impl Default for Limits {
         Limits {
             max_tool_rounds: 10,
             tool_timeout: Duration::from_secs(60),
+            tool_max: Duration::from_secs(600),
             tool_result_max_chars: 20_000,
             max_sessions_per_server: 32,
             session_idle_timeout: Duration::from_secs(900),
@@ -251,6 +255,7 @@ impl Config {
         let limits = Limits {
             max_tool_rounds: number(&get, "MAX_TOOL_ROUNDS", defaults.max_tool_rounds)?,
             tool_timeout: seconds(&get, "TOOL_TIMEOUT_SECS", defaults.tool_timeout)?,
+            tool_max: seconds(&get, "TOOL_MAX_SECS", defaults.tool_max)?,
             tool_result_max_chars: number(
                 &get,
                 "TOOL_RESULT_MAX_CHARS",

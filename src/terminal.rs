@@ -280,6 +280,9 @@ async fn turn(
     let render = async {
         // Whether streamed text left the cursor mid-line.
         let mut open_line = false;
+        // Per call: when its last progress line was printed.
+        let mut progressed: std::collections::HashMap<String, std::time::Instant> =
+            Default::default();
         while let Some(event) = received.recv().await {
             match event {
                 TurnEvent::Text(fragment) => {
@@ -295,7 +298,30 @@ async fn turn(
                     }
                     writeln!(out, "→ {name} {arguments}")?;
                 }
-                TurnEvent::ToolFinished { .. } | TurnEvent::ToolProgress { .. } => {}
+                TurnEvent::ToolProgress {
+                    call_id,
+                    name,
+                    progress,
+                    total,
+                    message,
+                } => {
+                    let now = std::time::Instant::now();
+                    let due = progressed
+                        .get(&call_id)
+                        .is_none_or(|at| now.duration_since(*at) >= PROGRESS_EVERY);
+                    if due {
+                        progressed.insert(call_id, now);
+                        if std::mem::take(&mut open_line) {
+                            writeln!(out)?;
+                        }
+                        writeln!(
+                            out,
+                            "{}",
+                            progress_line(&name, progress, total, message.as_deref())
+                        )?;
+                    }
+                }
+                TurnEvent::ToolFinished { .. } => {}
                 TurnEvent::Answer { text: answer, .. } => {
                     if std::mem::take(&mut open_line) {
                         writeln!(out)?;
@@ -323,4 +349,19 @@ async fn turn(
     };
     let (_, rendered) = tokio::join!(run, render);
     rendered
+}
+
+/// At most one progress line per call in this time.
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// `  … name: 40% (message)`, or the count when there is no total.
+fn progress_line(name: &str, progress: f64, total: Option<f64>, message: Option<&str>) -> String {
+    let amount = match total.filter(|t| *t > 0.0) {
+        Some(total) => format!("{:.0}%", (progress / total * 100.0).clamp(0.0, 100.0)),
+        None => format!("{progress}"),
+    };
+    match message.map(str::trim).filter(|m| !m.is_empty()) {
+        Some(message) => format!("  … {name}: {amount} ({message})"),
+        None => format!("  … {name}: {amount}"),
+    }
 }

@@ -720,7 +720,13 @@ impl ToolHost for McpHost {
                 ));
             }
         };
-        match tokio::time::timeout(timeout, session.call(&route.tool, arguments, progress)).await {
+        let most = timeout.max(self.limits.tool_max);
+        let watched = Watched {
+            inner: progress,
+            last: std::sync::Mutex::new(None),
+        };
+        let call = session.call(&route.tool, arguments, &watched);
+        match within(timeout, most, &watched, call).await {
             Ok(Ok(result)) => result::outcome(&result, self.limits.tool_result_max_chars),
             Ok(Err(CallError::Protocol(message))) => ToolOutcome::error(message),
             Ok(Err(CallError::Disconnected(message))) => {
@@ -740,9 +746,13 @@ impl ToolHost for McpHost {
                 };
                 ToolOutcome::error(sentence)
             }
-            Err(_) => ToolOutcome::error(format!(
+            Err(Late::Silent) => ToolOutcome::error(format!(
                 "the tool did not finish within {} seconds and was cancelled.",
                 timeout.as_secs()
+            )),
+            Err(Late::PastMost) => ToolOutcome::error(format!(
+                "the tool kept reporting progress but did not finish within {} seconds (TOOL_MAX_SECS), and was cancelled.",
+                most.as_secs()
             )),
         }
     }
@@ -762,5 +772,100 @@ impl ToolHost for McpHost {
             .lock()
             .expect("routes poisoned")
             .remove(conversation);
+    }
+}
+
+/// Passes progress on and notes when it last came.
+struct Watched<'a> {
+    inner: &'a dyn ToolProgress,
+    last: std::sync::Mutex<Option<tokio::time::Instant>>,
+}
+
+impl ToolProgress for Watched<'_> {
+    fn progress(&self, progress: f64, total: Option<f64>, message: Option<String>) {
+        *self.last.lock().expect("progress time poisoned") = Some(tokio::time::Instant::now());
+        self.inner.progress(progress, total, message);
+    }
+}
+
+/// Why a call was given up.
+#[derive(Debug, PartialEq)]
+enum Late {
+    /// No answer and no progress for the whole timeout.
+    Silent,
+    /// Progress went on, but past the most a call may take.
+    PastMost,
+}
+
+/// Runs `call` for `timeout`, and for `timeout` more after each progress
+/// report, but never past `most` from the start.
+async fn within<T>(
+    timeout: Duration,
+    most: Duration,
+    watched: &Watched<'_>,
+    call: impl std::future::Future<Output = T>,
+) -> Result<T, Late> {
+    let start = tokio::time::Instant::now();
+    let end = start + most;
+    tokio::pin!(call);
+    let mut deadline = start + timeout;
+    loop {
+        tokio::select! {
+            done = &mut call => return Ok(done),
+            () = tokio::time::sleep_until(deadline) => {
+                let last = *watched.last.lock().expect("progress time poisoned");
+                let next = last.map_or(deadline, |at| (at + timeout).min(end));
+                if next <= tokio::time::Instant::now() {
+                    return Err(if last.is_some() && next >= end { Late::PastMost } else { Late::Silent });
+                }
+                deadline = next;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A call that reports progress every half second `reports` times, then
+    /// answers after `then` more.
+    async fn reporting(watched: &Watched<'_>, reports: u32, then: Duration) -> &'static str {
+        for i in 0..reports {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            watched.progress(f64::from(i), None, None);
+        }
+        tokio::time::sleep(then).await;
+        "done"
+    }
+
+    fn watched() -> Watched<'static> {
+        Watched {
+            inner: &(),
+            last: std::sync::Mutex::new(None),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn progress_gives_a_call_its_timeout_again_up_to_the_most() {
+        let (timeout, most) = (Duration::from_secs(1), Duration::from_secs(10));
+        let w = watched();
+        // Six seconds of progress, then the answer: well past one timeout.
+        let call = reporting(&w, 12, Duration::from_millis(900));
+        assert_eq!(within(timeout, most, &w, call).await, Ok("done"));
+        // Silent for longer than the timeout.
+        let w = watched();
+        let call = reporting(&w, 0, Duration::from_secs(2));
+        assert_eq!(within(timeout, most, &w, call).await, Err(Late::Silent));
+        // Progress, then silence.
+        let w = watched();
+        let call = reporting(&w, 3, Duration::from_secs(5));
+        assert_eq!(within(timeout, most, &w, call).await, Err(Late::Silent));
+        // Progress for ever: cut at the most.
+        let w = watched();
+        let started = tokio::time::Instant::now();
+        let call = reporting(&w, u32::MAX, Duration::ZERO);
+        assert_eq!(within(timeout, most, &w, call).await, Err(Late::PastMost));
+        assert_eq!(started.elapsed(), most);
     }
 }

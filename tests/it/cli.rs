@@ -380,3 +380,33 @@ async fn retry_undo_and_system_in_the_terminal() {
         requests[2]
     );
 }
+
+#[tokio::test]
+async fn progress_is_printed_at_most_once_a_second() {
+    support::needs_servers!();
+    let model = FakeModel::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut everything = support::everything();
+    everything["approval"] = json!("auto");
+    support::write_mcp(dir.path(), json!({"everything": everything}));
+    model.script([
+        call(
+            "p1",
+            "everything__trigger-long-running-operation",
+            r#"{"duration": 2, "steps": 5}"#,
+        ),
+        text("Done."),
+    ]);
+    let output = chat(&model, dir.path(), "take a while\n").await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    let out = stdout(&output);
+    let lines: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("  … everything__trigger-long-running-operation: "))
+        .collect();
+    // Five reports in two seconds: the first is shown, and the next only a
+    // second later.
+    assert!(!lines.is_empty() && lines.len() < 5, "{out}");
+    assert!(lines[0].contains("20%"), "{out}");
+    assert!(out.trim_end().ends_with("Done."), "{out}");
+}
