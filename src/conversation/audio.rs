@@ -55,11 +55,18 @@ fn ogg_to_wav(ogg: &[u8]) -> Result<Vec<u8>, AudioError> {
     let longest = LONGEST_AUDIO.as_secs() as usize * SPEECH_RATE as usize;
     let mut block = vec![0.0f32; MAX_PACKET_SAMPLES * channels];
     let mut mono: Vec<i16> = Vec::new();
+    // What is decoded counts too: a file whose pages say to keep nothing
+    // would otherwise be decoded to its end however long it is.
+    let mut decoded_total = 0usize;
     for packet in reader.packets() {
         let packet = packet.map_err(undecodable)?;
         let decoded = decoder
             .decode(&packet.data, MAX_PACKET_SAMPLES, &mut block)
             .map_err(undecodable)?;
+        decoded_total += decoded;
+        if decoded_total > longest + longest / 10 {
+            return Err(AudioError::TooLong);
+        }
         let kept = trim.keep(&packet, &block[..decoded * channels]);
         mono.extend(kept.chunks_exact(channels).map(|frame| {
             let mixed = frame.iter().sum::<f32>() / channels as f32;

@@ -165,7 +165,10 @@ async fn reply(bot: &Bot, command: &CommandInteraction) -> anyhow::Result<String
             let stopped = bot.workers.stop_turn(&conversation, None);
             surface.engine.reset(&conversation).await?;
             if let Some(channel) = channel_of(&conversation) {
-                surface.answer_rows.clear(&surface.rest, channel).await;
+                surface
+                    .answer_rows
+                    .clear(&surface.rest, channel, None)
+                    .await;
             }
             let mut text = "🧹 This conversation starts over: its history is cleared and its tool sessions are closed.".to_owned();
             if stopped {

@@ -89,9 +89,16 @@ impl AnswerRows {
     }
 
     /// Takes the row off the answer that carries it in `channel` (its
-    /// exchange was undone or the conversation reset).
-    pub async fn clear(&self, rest: &Rest, channel: u64) {
-        let before = self.lock().remove(&channel);
+    /// exchange was undone or the conversation reset): only the answer to
+    /// `position`, when given.
+    pub async fn clear(&self, rest: &Rest, channel: u64, position: Option<u64>) {
+        let before = {
+            let mut rows = self.lock();
+            match rows.get(&channel) {
+                Some(row) if position.is_none_or(|p| p == row.position) => rows.remove(&channel),
+                _ => None,
+            }
+        };
         if let Some(before) = before {
             trim(rest, channel, before.message, json!([])).await;
         }
@@ -387,7 +394,7 @@ pub async fn undo(bot: &Bot, conversation: &str, asker: Asker<'_>) -> anyhow::Re
     if undone && let Some(channel) = channel_of(conversation) {
         bot.surface
             .answer_rows
-            .clear(&bot.surface.rest, channel)
+            .clear(&bot.surface.rest, channel, Some(of))
             .await;
     }
     Ok(match undone {

@@ -12,7 +12,7 @@ use serenity::all::MessageUpdateEvent;
 
 use super::Bot;
 use super::inbound::{attachment_ref, conversation_of, strip_mention};
-use crate::conversation::{Inbound, Redo};
+use crate::conversation::{Accepted, Inbound, Redo};
 
 /// How long the notice about an edit that changes nothing stays.
 const NOTICE_LASTS: Duration = Duration::from_secs(20);
@@ -77,7 +77,9 @@ pub async fn edited(bot: &Bot, event: &MessageUpdateEvent) {
         if answering.is_some() && bot.workers.stop_turn(&conversation, answering) {
             surface.engine.settle(&conversation).await;
         }
-        bot.workers.accept(&conversation, redo).await?;
+        if bot.workers.accept(&conversation, redo).await? == Accepted::Duplicate {
+            anyhow::bail!("the answer to your previous edit was still being stopped");
+        }
         tracing::info!(conversation, "an edited message is answered again");
         anyhow::Ok(true)
     };
