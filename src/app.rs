@@ -10,7 +10,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Config, Secret};
 use crate::conversation::{Clock, Engine, EngineSettings, StoreError, billing};
 use crate::llm::OpenRouter;
-use crate::mcp::{self, McpHost};
+use crate::mcp::{self, McpFile, McpHost};
 use crate::store::SqliteStore;
 
 /// How often due lookups of cut replies' costs are made.
@@ -22,6 +22,8 @@ pub struct App {
     pub engine: Arc<Engine>,
     pub store: SqliteStore,
     pub mcp: Arc<McpHost>,
+    /// The MCP file, for reloads.
+    pub mcp_file: McpFile,
     pub model: Arc<OpenRouter>,
     /// Background work owned by the app (the idle-session reaper).
     tasks: TaskTracker,
@@ -78,10 +80,15 @@ impl App {
             Arc::new(store.clone()),
             settings,
         ));
+        let mcp_file = McpFile {
+            path: config.mcp_config.clone(),
+            host: mcp.clone(),
+        };
         let app = App {
             engine,
             store,
             mcp,
+            mcp_file,
             model,
             tasks: TaskTracker::new(),
             stop: CancellationToken::new(),
@@ -98,7 +105,28 @@ impl App {
             model: self.model.clone(),
             tools: self.mcp.clone(),
             threads: Arc::new(self.store.clone()),
+            mcp_file: self.mcp_file.clone(),
         }
+    }
+
+    /// Reads the MCP file again on each SIGHUP, until shutdown.
+    pub fn reload_on_hangup(&self) -> std::io::Result<()> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hangups = signal(SignalKind::hangup())?;
+        let file = self.mcp_file.clone();
+        let stop = self.stop.clone();
+        self.tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    got = hangups.recv() => if got.is_none() { break },
+                }
+                tracing::info!(path = %file.path.display(), "SIGHUP: reading the MCP file again");
+                // A bad file is logged by reload and changes nothing.
+                let _ = file.reload();
+            }
+        });
+        Ok(())
     }
 
     /// Closes idle MCP sessions periodically until shutdown.

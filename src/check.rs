@@ -123,7 +123,9 @@ async fn check_mcp(config: &Config, report: &mut Report<'_, impl Write>) -> std:
                     ) => {
                         "It started but its tool list could not be read; check that it is an MCP server and that its version is current."
                     }
-                    (Unavailable::Busy { .. }, _) => "Try again when the bot is less busy.",
+                    (Unavailable::Busy { .. } | Unavailable::Reloaded, _) => {
+                        "Try again when the bot is less busy."
+                    }
                 };
                 report.problem(&format!(
                     "MCP server \"{}\": {problem} {advice}",

@@ -103,6 +103,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let discord = DiscordConfig::from_env()?;
             let app = Arc::new(App::build(&config).await?);
             app.start_biller();
+            app.reload_on_hangup()?;
             let (stop, lost) = stop_or_lost(&app, Signals::InterruptOrTerminate);
             let result = mcpcord::discord::run(app.discord_ports(), discord, stop).await;
             app.shutdown().await;
@@ -116,6 +117,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let app = App::build(&config).await?;
             app.start_biller();
+            app.reload_on_hangup()?;
             let key = terminal::conversation_key(&conversation);
             let result = async {
                 if let Some(model) = model {

@@ -1,5 +1,5 @@
 //! Slash commands (/reset, /stop, /retry, /undo, /model, /system,
-//! /reasoning, /tools, /usage)
+//! /reasoning, /tools, /usage, /reload)
 //! and /model's autocomplete. None of them waits for a running turn
 //! (/reset and /undo stop it, then wait for it to end).
 
@@ -36,7 +36,8 @@ pub fn definitions() -> Value {
          "options": [{"name": "effort", "description": "default goes back to REASONING_EFFORT", "type": command::STRING_OPTION,
                       "required": false, "choices": effort_choices()}]},
         {"name": "tools", "description": "The tools available here, and which servers are on", "type": command::CHAT_INPUT},
-        {"name": "usage", "description": "Tokens and cost so far", "type": command::CHAT_INPUT}
+        {"name": "usage", "description": "Tokens and cost so far", "type": command::CHAT_INPUT},
+        {"name": "reload", "description": "Read the MCP servers file again (admins)", "type": command::CHAT_INPUT}
     ])
 }
 
@@ -202,6 +203,19 @@ async fn reply(bot: &Bot, command: &CommandInteraction) -> anyhow::Result<String
             }
         }
         "system" => system(bot, command, &conversation, admin, here).await,
+        "reload" => {
+            if !admin {
+                anyhow::bail!(
+                    "Only admins (or people with Manage Threads) can reload the MCP file."
+                );
+            }
+            Ok(match surface.mcp_file.reload() {
+                Ok(reloaded) => reloaded.to_string(),
+                Err(error) => format!(
+                    "The MCP file was not reloaded; the servers in use stay as they were.\n{error}"
+                ),
+            })
+        }
         "reasoning" => {
             let wanted = command.data.options.iter().find_map(|o| match &o.value {
                 CommandDataOptionValue::String(s) if o.name == "effort" => Some(s.clone()),

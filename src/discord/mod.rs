@@ -89,6 +89,8 @@ pub struct Ports {
     pub model: Arc<dyn ChatModel>,
     pub tools: Arc<dyn ToolHost>,
     pub threads: Arc<dyn Threads>,
+    /// The MCP file, read again by `/reload`.
+    pub mcp_file: crate::mcp::McpFile,
 }
 
 impl std::fmt::Debug for Ports {
@@ -106,6 +108,7 @@ pub(crate) struct Surface {
     model: Arc<dyn ChatModel>,
     tools: Arc<dyn ToolHost>,
     threads: Arc<dyn Threads>,
+    mcp_file: crate::mcp::McpFile,
     approvals: Approvals,
     application_id: u64,
     /// The bot's own user id, once the gateway said it.
@@ -264,6 +267,7 @@ pub async fn run(
         model: ports.model,
         tools: ports.tools,
         threads: ports.threads,
+        mcp_file: ports.mcp_file,
         approvals: Approvals::new(config.approval_remember),
         application_id,
         me: AtomicU64::new(0),

@@ -7,6 +7,11 @@
 //! a `shared` one gets one session for everyone. A session that crashed is
 //! started again on its next use; one that fails to start is tried again
 //! only after a growing pause (at most `MCP_RETRY_MAX_SECS`).
+//!
+//! [`McpHost::reload`] applies a new servers file: unchanged servers keep
+//! their sessions, changed ones get new sessions while turns that already
+//! listed the old ones finish on them, and removed ones are closed once no
+//! turn uses them.
 
 pub mod config;
 pub mod naming;
@@ -16,12 +21,15 @@ mod session;
 pub mod stdio;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures::future::join_all;
 use serde_json::Value;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Limits, Redactor, Secret};
@@ -74,6 +82,12 @@ pub enum Unavailable {
         seconds(*waited)
     )]
     Busy { cap: usize, waited: Duration },
+    /// A reload of the servers file changed or removed it after this turn
+    /// listed its tools.
+    #[error(
+        "the MCP file was reloaded and this server changed or was removed since the turn began; ask again to use it as it is now"
+    )]
+    Reloaded,
 }
 
 /// A server whose tools are left out, and why.
@@ -84,9 +98,25 @@ pub struct ServerProblem {
     pub why: Unavailable,
 }
 
-/// A session slot: (server index, owner). The async mutex serialises
+/// A session slot: (server id, owner). The async mutex serialises
 /// starting and restarting; calls clone the `Arc<Session>` and run freely.
 type Slot = Arc<tokio::sync::Mutex<Option<Arc<Session>>>>;
+
+/// A configured server as the host runs it. A reload makes a new one for a
+/// changed server; turns that listed the old one finish on it.
+#[derive(Debug)]
+struct Server {
+    /// Unique for the host's life: slots and failures are keyed by it.
+    id: u64,
+    spec: ServerSpec,
+    /// Its cap on per-conversation sessions.
+    cap: Arc<tokio::sync::Semaphore>,
+    /// Wakes turns waiting for a place (a session closed or no longer in
+    /// use), and the closing of a retired server's sessions.
+    freed: Arc<tokio::sync::Notify>,
+    /// Set when a reload changed or removed it: no new session starts.
+    retired: AtomicBool,
+}
 
 /// After this long waiting for a free session, the turn says so.
 const SESSION_WAIT_NOTICE: Duration = Duration::from_secs(5);
@@ -147,31 +177,80 @@ struct Routes {
     names: Arc<HashMap<String, Route>>,
 }
 
-/// Where an exposed tool name leads.
+/// Where an exposed tool name leads: the server as it was when the turn
+/// listed it.
 #[derive(Debug, Clone)]
 struct Route {
-    server: usize,
+    server: Arc<Server>,
     tool: String,
 }
+
+/// The servers in force, in the file's order.
+type Servers = Arc<Vec<Arc<Server>>>;
 
 /// The MCP side of mcpcord.
 #[derive(Debug)]
 pub struct McpHost {
-    servers: Vec<ServerSpec>,
+    servers: RwLock<Servers>,
+    /// The next [`Server::id`].
+    next_id: AtomicU64,
     limits: Limits,
-    slots: Mutex<HashMap<(usize, String), SlotEntry>>,
-    /// Per server: its cap on per-conversation sessions, and what wakes
-    /// turns waiting for a place (a session closed or no longer in use).
-    caps: Vec<(Arc<tokio::sync::Semaphore>, Arc<tokio::sync::Notify>)>,
+    slots: Mutex<HashMap<(u64, String), SlotEntry>>,
     /// Per conversation: the names last offered to the model, kept while a
     /// turn that got them holds its tools.
     routes: Mutex<HashMap<String, Routes>>,
-    /// Tasks that filter server stdout and forward stderr to the log.
+    /// Tasks that filter server stdout and forward stderr to the log, and
+    /// that close retired servers' sessions.
     tasks: TaskTracker,
-    /// Secret values blanked out of server stderr before it is logged.
-    redactor: Redactor,
-    /// Per server: its last failure to start, while it is backed off.
-    failures: Mutex<HashMap<usize, Failure>>,
+    /// Cancelled at shutdown.
+    stopping: CancellationToken,
+    /// Secret values blanked out of server stderr before it is logged:
+    /// mcpcord's own and those of the servers in force.
+    redactor: RwLock<Redactor>,
+    own_secrets: Vec<Secret>,
+    /// Per server id: its last failure to start, while it is backed off.
+    failures: Mutex<HashMap<u64, Failure>>,
+}
+
+/// What a reload of the servers file changed, by server name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reloaded {
+    pub added: Vec<String>,
+    /// Restarted: new sessions use the new entry; turns already running
+    /// finish on the old one.
+    pub changed: Vec<String>,
+    /// Closed once no running turn uses them.
+    pub removed: Vec<String>,
+    pub unchanged: Vec<String>,
+}
+
+impl fmt::Display for Reloaded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut parts = Vec::new();
+        let mut part = |names: &[String], what: &str| {
+            if !names.is_empty() {
+                parts.push(format!("{what}: {}", names.join(", ")));
+            }
+        };
+        part(&self.added, "added");
+        part(&self.changed, "restarted");
+        part(&self.removed, "removed");
+        if parts.is_empty() {
+            return write!(
+                f,
+                "The MCP file was read again; nothing changed ({} server(s)).",
+                self.unchanged.len()
+            );
+        }
+        write!(f, "The MCP file was reloaded: {}", parts.join("; "))?;
+        if !self.unchanged.is_empty() {
+            write!(f, "; {} unchanged", self.unchanged.len())?;
+        }
+        if !self.changed.is_empty() || !self.removed.is_empty() {
+            write!(f, ". Answers being written now finish with the old servers")?;
+        }
+        write!(f, ".")
+    }
 }
 
 /// The tools of every server for one conversation.
@@ -184,6 +263,31 @@ pub struct Listing {
     pub warnings: Vec<(String, String)>,
     /// Per server: its instructions for using it, in the configured order.
     pub instructions: Vec<(String, String)>,
+}
+
+/// The servers file a host was built from, read again on a reload.
+#[derive(Debug, Clone)]
+pub struct McpFile {
+    pub path: std::path::PathBuf,
+    pub host: Arc<McpHost>,
+}
+
+impl McpFile {
+    /// Reads the file again and puts it in force (see [`McpHost::reload`]).
+    /// A file that cannot be read or is not valid changes nothing. Its
+    /// `${VAR}`s are filled from the environment mcpcord started with.
+    pub fn reload(&self) -> Result<Reloaded, config::McpConfigError> {
+        // Missing is an error now, also when no file was named: the bot
+        // started without it, and "no servers" would close them all.
+        let specs = config::load(&self.path, true, &|name| std::env::var(name).ok()).inspect_err(
+            |error| {
+                tracing::warn!(
+                    "the MCP file was not reloaded; the servers in use stay as they were: {error}"
+                );
+            },
+        )?;
+        Ok(self.host.reload(specs))
+    }
 }
 
 /// A tool as listed for a check report: the name the model sees and the
@@ -200,34 +304,156 @@ impl McpHost {
     /// `headers` are redacted from their stderr; add mcpcord's own with
     /// [`McpHost::redacting`].
     pub fn new(servers: Vec<ServerSpec>, limits: Limits) -> Self {
-        let redactor = Redactor::new(server_secrets(&servers).map(Secret::expose));
-        let cap = limits.max_sessions_per_server.max(1);
-        let caps = servers
-            .iter()
-            .map(|_| (Arc::new(tokio::sync::Semaphore::new(cap)), Arc::default()))
-            .collect();
-        McpHost {
-            servers,
+        let host = McpHost {
+            servers: RwLock::default(),
+            next_id: AtomicU64::new(0),
             limits,
-            caps,
             slots: Mutex::new(HashMap::new()),
             routes: Mutex::new(HashMap::new()),
             tasks: TaskTracker::new(),
-            redactor,
+            stopping: CancellationToken::new(),
+            redactor: RwLock::default(),
+            own_secrets: Vec::new(),
             failures: Mutex::new(HashMap::new()),
-        }
+        };
+        let servers = servers.into_iter().map(|s| host.server(s)).collect();
+        *host.servers.write().expect("servers poisoned") = Arc::new(servers);
+        host.update_redactor();
+        host
     }
 
     /// Also redacts `secrets` (mcpcord's own) from server stderr.
     pub fn redacting<'a>(mut self, secrets: impl IntoIterator<Item = &'a Secret>) -> Self {
-        let own: Vec<&Secret> = secrets.into_iter().collect();
-        let all = server_secrets(&self.servers).chain(own);
-        self.redactor = Redactor::new(all.map(Secret::expose));
+        self.own_secrets = secrets.into_iter().cloned().collect();
+        self.update_redactor();
         self
     }
 
-    pub fn servers(&self) -> &[ServerSpec] {
-        &self.servers
+    /// A server for `spec` with an id of its own.
+    fn server(&self, spec: ServerSpec) -> Arc<Server> {
+        let cap = self.limits.max_sessions_per_server.max(1);
+        Arc::new(Server {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            spec,
+            cap: Arc::new(tokio::sync::Semaphore::new(cap)),
+            freed: Arc::default(),
+            retired: AtomicBool::new(false),
+        })
+    }
+
+    fn update_redactor(&self) {
+        let servers = self.current();
+        let specs = servers.iter().map(|s| &s.spec);
+        let all = server_secrets(specs).chain(&self.own_secrets);
+        *self.redactor.write().expect("redactor poisoned") = Redactor::new(all.map(Secret::expose));
+    }
+
+    /// The servers in force now.
+    fn current(&self) -> Servers {
+        self.servers.read().expect("servers poisoned").clone()
+    }
+
+    /// The configured servers, in the file's order.
+    pub fn servers(&self) -> Vec<ServerSpec> {
+        self.current().iter().map(|s| s.spec.clone()).collect()
+    }
+
+    /// Puts `specs` in force. A server whose entry is unchanged keeps its
+    /// sessions. A changed or removed one is retired: turns that listed its
+    /// tools finish on it, no new session of it starts, and its sessions are
+    /// closed as soon as no turn uses them.
+    pub fn reload(self: &Arc<Self>, specs: Vec<ServerSpec>) -> Reloaded {
+        let mut report = Reloaded::default();
+        let retired: Vec<Arc<Server>> = {
+            let mut servers = self.servers.write().expect("servers poisoned");
+            let old = servers.clone();
+            let next: Vec<Arc<Server>> = specs
+                .into_iter()
+                .map(|spec| {
+                    let name = spec.name.clone();
+                    match old.iter().find(|s| s.spec.name == spec.name) {
+                        Some(same) if same.spec == spec => {
+                            report.unchanged.push(name);
+                            same.clone()
+                        }
+                        Some(_) => {
+                            report.changed.push(name);
+                            self.server(spec)
+                        }
+                        None => {
+                            report.added.push(name);
+                            self.server(spec)
+                        }
+                    }
+                })
+                .collect();
+            let retired: Vec<Arc<Server>> = old
+                .iter()
+                .filter(|s| !next.iter().any(|n| Arc::ptr_eq(n, s)))
+                .cloned()
+                .collect();
+            report.removed = retired
+                .iter()
+                .filter(|s| !next.iter().any(|n| n.spec.name == s.spec.name))
+                .map(|s| s.spec.name.clone())
+                .collect();
+            *servers = Arc::new(next);
+            retired
+        };
+        self.update_redactor();
+        let mut failures = self.failures.lock().expect("failures poisoned");
+        for server in retired {
+            server.retired.store(true, Ordering::Release);
+            failures.remove(&server.id);
+            let host = self.clone();
+            self.tasks
+                .spawn(async move { host.close_when_free(&server).await });
+        }
+        tracing::info!(
+            added = ?report.added,
+            restarted = ?report.changed,
+            removed = ?report.removed,
+            unchanged = report.unchanged.len(),
+            "MCP file reloaded"
+        );
+        report
+    }
+
+    /// Closes `server`'s sessions as the turns using them end.
+    async fn close_when_free(&self, server: &Server) {
+        loop {
+            // Registered before looking, so a lease given back meanwhile
+            // wakes us.
+            let woken = server.freed.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            let (free, left) = {
+                let mut slots = self.slots.lock().expect("slots poisoned");
+                let keys: Vec<_> = slots
+                    .iter()
+                    .filter(|((id, _), _)| *id == server.id)
+                    .map(|(k, e)| (k.clone(), e.in_use()))
+                    .collect();
+                let left = keys.iter().filter(|(_, used)| *used).count();
+                let free: Vec<SlotEntry> = keys
+                    .iter()
+                    .filter(|(_, used)| !used)
+                    .filter_map(|(k, _)| slots.remove(k))
+                    .collect();
+                (free, left)
+            };
+            if !free.is_empty() {
+                tracing::info!(server = %server.spec.name, sessions = free.len(), "closing the sessions of a server the MCP file changed or removed");
+            }
+            join_all(free.into_iter().map(close_entry)).await;
+            if left == 0 {
+                return;
+            }
+            tokio::select! {
+                () = woken => {}
+                () = self.stopping.cancelled() => return,
+            }
+        }
     }
 
     /// How many sessions are open now (for tests and reports).
@@ -239,30 +465,34 @@ impl McpHost {
     /// one sentence per server that failed, and what was wrong with the
     /// lists of the others.
     pub async fn list(&self, conversation: &str) -> Listing {
-        self.list_holding(conversation, &(), &[]).await.0
+        self.list_holding(&self.current(), conversation, &(), &[])
+            .await
+            .0
     }
 
-    /// [`McpHost::list`], and the leases that keep the listed sessions for
-    /// the caller.
+    /// [`McpHost::list`] over `servers`, and the leases that keep the
+    /// listed sessions for the caller.
     async fn list_holding(
         &self,
+        servers: &[Arc<Server>],
         conversation: &str,
         notices: &dyn Notices,
         off: &[String],
     ) -> (Listing, Vec<Lease>) {
-        let on: Vec<usize> = (0..self.servers.len())
-            .filter(|&i| !off.contains(&self.servers[i].name))
+        let on: Vec<&Arc<Server>> = servers
+            .iter()
+            .filter(|s| !off.contains(&s.spec.name))
             .collect();
         let per_server = join_all(
             on.iter()
-                .map(|&i| self.server_tools(i, conversation, notices)),
+                .map(|s| self.server_tools(s, conversation, notices)),
         )
         .await;
         let mut leases = Vec::new();
-        let mut found: Vec<(usize, RemoteTool)> = Vec::new();
+        let mut found: Vec<(&Arc<Server>, RemoteTool)> = Vec::new();
         let mut listing = Listing::default();
-        for (&i, result) in on.iter().zip(per_server) {
-            let name = &self.servers[i].name;
+        for (&server, result) in on.iter().zip(per_server) {
+            let name = &server.spec.name;
             match result {
                 Ok((tools, lease)) => {
                     leases.push(lease);
@@ -270,8 +500,8 @@ impl McpHost {
                         tools
                             .tools
                             .iter()
-                            .filter(|t| self.servers[i].permits(&t.name))
-                            .map(|t| (i, t.clone())),
+                            .filter(|t| server.spec.permits(&t.name))
+                            .map(|t| (server, t.clone())),
                     );
                     listing
                         .warnings
@@ -288,15 +518,15 @@ impl McpHost {
         }
         let pairs: Vec<(&str, &str)> = found
             .iter()
-            .map(|(i, t)| (self.servers[*i].name.as_str(), t.name.as_str()))
+            .map(|(s, t)| (s.spec.name.as_str(), t.name.as_str()))
             .collect();
         let names = naming::exposed_names(&pairs);
         listing.tools = found
             .into_iter()
             .zip(names)
-            .map(|((i, tool), exposed)| ListedTool {
+            .map(|((server, tool), exposed)| ListedTool {
                 exposed,
-                server: self.servers[i].name.clone(),
+                server: server.spec.name.clone(),
                 tool,
             })
             .collect();
@@ -306,7 +536,7 @@ impl McpHost {
     /// A server's tools. A failure to start or to list backs the server off.
     async fn server_tools(
         &self,
-        server: usize,
+        server: &Arc<Server>,
         conversation: &str,
         notices: &dyn Notices,
     ) -> Result<(Arc<ServerTools>, Lease), Unavailable> {
@@ -318,7 +548,7 @@ impl McpHost {
                 self.failures
                     .lock()
                     .expect("failures poisoned")
-                    .remove(&server);
+                    .remove(&server.id);
                 Ok((tools, lease))
             }
             Err(problem) => {
@@ -331,9 +561,9 @@ impl McpHost {
     }
 
     /// Remembers that `server` failed and says when it will be tried again.
-    fn record_failure(&self, server: usize, step: Step, problem: String) -> Unavailable {
+    fn record_failure(&self, server: &Server, step: Step, problem: String) -> Unavailable {
         let mut failures = self.failures.lock().expect("failures poisoned");
-        let count = failures.get(&server).map_or(0, |f| f.failures) + 1;
+        let count = failures.get(&server.id).map_or(0, |f| f.failures) + 1;
         let wait = RETRY_MIN
             .saturating_mul(2u32.saturating_pow(count - 1))
             .min(self.limits.mcp_retry_max);
@@ -342,23 +572,25 @@ impl McpHost {
             problem: problem.clone(),
             retry_in: wait,
         };
-        tracing::warn!(server = %self.servers[server].name, failures = count, "MCP server unavailable: {why}");
-        failures.insert(
-            server,
-            Failure {
-                failures: count,
-                retry_at: Instant::now() + wait,
-                step,
-                problem,
-            },
-        );
+        tracing::warn!(server = %server.spec.name, failures = count, "MCP server unavailable: {why}");
+        if !server.retired.load(Ordering::Acquire) {
+            failures.insert(
+                server.id,
+                Failure {
+                    failures: count,
+                    retry_at: Instant::now() + wait,
+                    step,
+                    problem,
+                },
+            );
+        }
         why
     }
 
     /// Why `server` is not tried now, while it is backed off.
-    fn backed_off(&self, server: usize) -> Option<Unavailable> {
+    fn backed_off(&self, server: &Server) -> Option<Unavailable> {
         let failures = self.failures.lock().expect("failures poisoned");
-        let failure = failures.get(&server)?;
+        let failure = failures.get(&server.id)?;
         let left = failure.retry_at.checked_duration_since(Instant::now())?;
         Some(Unavailable::Failed {
             step: failure.step,
@@ -371,11 +603,11 @@ impl McpHost {
     /// restarted after a crash) as needed, and a lease on it.
     async fn session(
         &self,
-        server: usize,
+        server: &Arc<Server>,
         conversation: &str,
         notices: &dyn Notices,
     ) -> Result<(Arc<Session>, Lease), Unavailable> {
-        let spec = &self.servers[server];
+        let spec = &server.spec;
         let owner = match spec.scope {
             Scope::Shared => SHARED.to_owned(),
             Scope::Conversation => conversation.to_owned(),
@@ -393,7 +625,8 @@ impl McpHost {
             return Err(problem);
         }
         let started = Instant::now();
-        let session = Session::start(spec, &self.limits, &self.redactor, &self.tasks)
+        let redactor = self.redactor.read().expect("redactor poisoned").clone();
+        let session = Session::start(spec, &self.limits, &redactor, &self.tasks)
             .await
             .map_err(|problem| self.record_failure(server, Step::Start, problem))?;
         let session = Arc::new(session);
@@ -406,15 +639,16 @@ impl McpHost {
     /// per-conversation slot needs a place under the server's cap: when all
     /// are taken, the least recently used session nobody is using is closed
     /// to make one; when every session is in use, the turn waits (saying so
-    /// after a few seconds) up to `MCP_SESSION_WAIT_SECS`.
+    /// after a few seconds) up to `MCP_SESSION_WAIT_SECS`. A retired server
+    /// gets no new slot.
     async fn slot(
         &self,
-        server: usize,
+        server: &Arc<Server>,
         owner: String,
         notices: &dyn Notices,
     ) -> Result<(Slot, Lease), Unavailable> {
-        let key = (server, owner);
-        if let Some(found) = self.existing(&key) {
+        let key = (server.id, owner);
+        if let Some(found) = self.existing(server, &key) {
             return Ok(found);
         }
         let place = if key.1 == SHARED {
@@ -423,6 +657,11 @@ impl McpHost {
             Some(self.place(server, notices).await?)
         };
         let mut slots = self.slots.lock().expect("slots poisoned");
+        // Checked under the lock the closing of retired sessions takes, so
+        // no slot is made after they were closed.
+        if server.retired.load(Ordering::Acquire) {
+            return Err(Unavailable::Reloaded);
+        }
         // Another call of the same owner may have made it meanwhile; then
         // the place just taken is given back.
         let entry = slots.entry(key).or_insert_with(|| SlotEntry {
@@ -432,28 +671,21 @@ impl McpHost {
             _place: place,
         });
         entry.last_used = Instant::now();
-        let lease = self.lease(server, entry);
+        let lease = lease(server, entry);
         Ok((entry.slot.clone(), lease))
     }
 
-    fn existing(&self, key: &(usize, String)) -> Option<(Slot, Lease)> {
+    fn existing(&self, server: &Server, key: &(u64, String)) -> Option<(Slot, Lease)> {
         let mut slots = self.slots.lock().expect("slots poisoned");
         let entry = slots.get_mut(key)?;
         entry.last_used = Instant::now();
-        let lease = self.lease(key.0, entry);
+        let lease = lease(server, entry);
         Some((entry.slot.clone(), lease))
     }
 
-    fn lease(&self, server: usize, entry: &SlotEntry) -> Lease {
-        Lease {
-            users: Some(entry.users.clone()),
-            freed: self.caps[server].1.clone(),
-        }
-    }
-
     /// A place under `server`'s cap for a new per-conversation session.
-    async fn place(&self, server: usize, notices: &dyn Notices) -> Result<Place, Unavailable> {
-        let (cap, freed) = &self.caps[server];
+    async fn place(&self, server: &Server, notices: &dyn Notices) -> Result<Place, Unavailable> {
+        let (cap, freed) = (&server.cap, &server.freed);
         let started = tokio::time::Instant::now();
         let deadline = started + self.limits.mcp_session_wait;
         let mut told = false;
@@ -468,8 +700,11 @@ impl McpHost {
                     freed: freed.clone(),
                 });
             }
-            if let Some((owner, entry)) = self.take_least_used_idle(server) {
-                tracing::info!(server = %self.servers[server].name, conversation = %owner, "closing the least recently used MCP session to make room");
+            if server.retired.load(Ordering::Acquire) {
+                return Err(Unavailable::Reloaded);
+            }
+            if let Some((owner, entry)) = self.take_least_used_idle(server.id) {
+                tracing::info!(server = %server.spec.name, conversation = %owner, "closing the least recently used MCP session to make room");
                 close_entry(entry).await;
                 continue;
             }
@@ -493,7 +728,7 @@ impl McpHost {
                 notices.notice(format!(
                     "All {} sessions of the tool server \"{}\" are in use by other conversations; waiting for one to become free (at most {}).",
                     self.limits.max_sessions_per_server,
-                    self.servers[server].name,
+                    server.spec.name,
                     seconds(self.limits.mcp_session_wait)
                 ));
             }
@@ -502,7 +737,7 @@ impl McpHost {
 
     /// Removes the least recently used per-conversation entry of `server`
     /// that no turn is using.
-    fn take_least_used_idle(&self, server: usize) -> Option<(String, SlotEntry)> {
+    fn take_least_used_idle(&self, server: u64) -> Option<(String, SlotEntry)> {
         let mut slots = self.slots.lock().expect("slots poisoned");
         let oldest = slots
             .iter()
@@ -543,17 +778,28 @@ impl McpHost {
             .map(|(_, e)| e)
             .collect();
         join_all(all.into_iter().map(close_entry)).await;
+        self.stopping.cancel();
         self.tasks.close();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.tasks.wait()).await;
     }
 }
 
 /// The secret values in the servers' `env` and `headers`.
-fn server_secrets(servers: &[ServerSpec]) -> impl Iterator<Item = &Secret> {
-    servers.iter().flat_map(|s| match &s.transport {
+fn server_secrets<'a>(
+    servers: impl Iterator<Item = &'a ServerSpec>,
+) -> impl Iterator<Item = &'a Secret> {
+    servers.flat_map(|s| match &s.transport {
         Transport::Stdio { env, .. } => env.values(),
         Transport::Http { headers, .. } => headers.values(),
     })
+}
+
+/// A turn's lease on `entry`, a session of `server`.
+fn lease(server: &Server, entry: &SlotEntry) -> Lease {
+    Lease {
+        users: Some(entry.users.clone()),
+        freed: server.freed.clone(),
+    }
 }
 
 /// A wait as people say it: "40 s", "5 min".
@@ -581,18 +827,19 @@ impl ToolHost for McpHost {
     }
 
     async fn servers(&self, _conversation: &str) -> Vec<String> {
-        self.servers.iter().map(|s| s.name.clone()).collect()
+        self.current().iter().map(|s| s.spec.name.clone()).collect()
     }
 
     async fn close_server(&self, conversation: &str, server: &str) {
-        let Some(index) = self.servers.iter().position(|s| s.name == server) else {
+        let servers = self.current();
+        let Some(found) = servers.iter().find(|s| s.spec.name == server) else {
             return;
         };
         let entries: Vec<SlotEntry> = {
             let mut slots = self.slots.lock().expect("slots poisoned");
             let keys: Vec<_> = slots
                 .keys()
-                .filter(|(s, o)| *s == index && o == conversation)
+                .filter(|(s, o)| *s == found.id && o == conversation)
                 .cloned()
                 .collect();
             keys.iter().filter_map(|k| slots.remove(k)).collect()
@@ -606,6 +853,7 @@ impl ToolHost for McpHost {
         notices: &dyn Notices,
         off: &[String],
     ) -> ToolList {
+        let servers = self.current();
         let (
             Listing {
                 tools: mut listed,
@@ -614,7 +862,9 @@ impl ToolHost for McpHost {
                 ..
             },
             leases,
-        ) = self.list_holding(conversation, notices, off).await;
+        ) = self
+            .list_holding(&servers, conversation, notices, off)
+            .await;
         if listed.len() > MAX_TOOLS_PER_REQUEST {
             let left_out: Vec<String> = listed
                 .drain(MAX_TOOLS_PER_REQUEST..)
@@ -631,23 +881,22 @@ impl ToolHost for McpHost {
         let specs = listed
             .into_iter()
             .map(|t| {
-                let server = self
-                    .servers
+                let server = servers
                     .iter()
-                    .position(|s| s.name == t.server)
-                    .unwrap_or(0);
-                routes.insert(
-                    t.exposed.clone(),
-                    Route {
-                        server,
-                        tool: t.tool.name.clone(),
-                    },
-                );
-                let needs_approval = match self.servers[server].approval {
+                    .find(|s| s.spec.name == t.server)
+                    .expect("a listed tool's server is in the list");
+                let needs_approval = match server.spec.approval {
                     Approval::Auto => false,
                     Approval::Ask => true,
                     Approval::Annotations => !t.tool.read_only,
                 };
+                routes.insert(
+                    t.exposed.clone(),
+                    Route {
+                        server: server.clone(),
+                        tool: t.tool.name.clone(),
+                    },
+                );
                 ToolSpec {
                     name: t.exposed,
                     description: t.tool.description,
@@ -707,11 +956,11 @@ impl ToolHost for McpHost {
                 .collect();
             return ToolOutcome::no_such_tool(name, &known);
         };
-        let spec = &self.servers[route.server];
+        let spec = &route.server.spec;
         let timeout = spec.timeout.unwrap_or(self.limits.tool_timeout);
         // The lease keeps the session for the call, also for callers that
         // do not hold their tool list.
-        let (session, _lease) = match self.session(route.server, conversation, &()).await {
+        let (session, _lease) = match self.session(&route.server, conversation, &()).await {
             Ok(found) => found,
             Err(problem) => {
                 return ToolOutcome::error(format!(

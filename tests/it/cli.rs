@@ -410,3 +410,50 @@ async fn progress_is_printed_at_most_once_a_second() {
     assert!(lines[0].contains("20%"), "{out}");
     assert!(out.trim_end().ends_with("Done."), "{out}");
 }
+
+#[tokio::test]
+async fn sighup_reads_the_mcp_file_again_between_turns() {
+    let model = FakeModel::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    support::write_mcp(dir.path(), json!({}));
+    model.script([text("One."), text("Two.")]);
+    let mut child = command(&model, dir.path())
+        .env("RUST_LOG", "mcpcord=info")
+        .arg("chat")
+        .spawn()
+        .unwrap();
+    let (mut stdin, mut out) = (child.stdin.take().unwrap(), child.stdout.take().unwrap());
+    let mut err = child.stderr.take().unwrap();
+    let log = dir.path().join("counted.log");
+    let servers = json!({"counted": support::hostile("counted", Some(log.to_str().unwrap()))});
+    let path = dir.path().to_owned();
+    let output = tokio::task::spawn_blocking(move || {
+        stdin.write_all(b"first\n").unwrap();
+        read_until(&mut out, "One.\n");
+        support::write_mcp(&path, servers);
+        let status = Command::new("kill")
+            .args(["-HUP", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        read_until(&mut err, "MCP file reloaded");
+        stdin.write_all(b"second\n").unwrap();
+        read_until(&mut out, "Two.\n");
+        drop(stdin);
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let offered = |request: &serde_json::Value| -> Vec<String> {
+        request["tools"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|t| t["function"]["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let requests = model.requests();
+    assert!(offered(&requests[0]).is_empty());
+    assert_eq!(offered(&requests[1]), ["counted__echo"]);
+}

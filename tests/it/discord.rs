@@ -2269,3 +2269,92 @@ async fn a_voice_note_is_transcribed_quoted_and_answered_as_text() {
     );
     bot.stop().await;
 }
+
+#[tokio::test]
+async fn reload_reads_the_mcp_file_again_for_admins_and_keeps_the_old_one_when_broken() {
+    let discord = FakeDiscord::start().await;
+    let model = FakeModel::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let counted = |name: &str| {
+        let log = dir.path().join(format!("{name}.log"));
+        support::hostile("counted", Some(log.to_str().unwrap()))
+    };
+    support::write_mcp(dir.path(), json!({"first": counted("first")}));
+    model.script([text("One."), text("Two.")]);
+    let bot = start(
+        &discord,
+        &model,
+        dir.path(),
+        &[("ADMIN_USERS", &ALICE.to_string())],
+    )
+    .await;
+    let thread = 530_000_000_000_000_101;
+    let offered = |request: &Value| -> Vec<String> {
+        request["tools"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|t| t["function"]["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    mention(&discord, thread, "hi");
+    discord
+        .wait_for("the first answer", |c| c.body["content"] == "One.")
+        .await;
+    assert_eq!(offered(&model.requests()[0]), ["first__echo"]);
+
+    let command = |id: u64, user: u64| {
+        discord.interaction(
+            id,
+            2,
+            thread,
+            user,
+            json!({"id": id.to_string(), "name": "reload", "type": 1}),
+            None,
+        )
+    };
+    let answer = |id: u64| {
+        let path = format!(
+            "/webhooks/{}/token-{id}/messages/@original",
+            support::discord::APP
+        );
+        let discord = &discord;
+        async move {
+            let call = discord.wait_for("/reload", |c| c.path == path).await;
+            call.body["content"].as_str().unwrap().to_owned()
+        }
+    };
+    support::write_mcp(
+        dir.path(),
+        json!({"first": counted("first"), "second": counted("second")}),
+    );
+    discord.dispatch("INTERACTION_CREATE", command(1, BOB));
+    let refused = answer(1).await;
+    assert!(refused.contains("Only admins"), "{refused}");
+    discord.dispatch("INTERACTION_CREATE", command(2, ALICE));
+    let reloaded = answer(2).await;
+    assert!(
+        reloaded.contains("The MCP file was reloaded: added: second; 1 unchanged"),
+        "{reloaded}"
+    );
+    say(&discord, thread + 10, thread, ALICE, "and now?");
+    discord
+        .wait_for("the second answer", |c| c.body["content"] == "Two.")
+        .await;
+    assert_eq!(
+        offered(&model.requests()[1]),
+        ["first__echo", "second__echo"]
+    );
+
+    std::fs::write(dir.path().join("mcp.json"), "{\"mcpServers\": ").unwrap();
+    discord.dispatch("INTERACTION_CREATE", command(3, ALICE));
+    let kept = answer(3).await;
+    assert!(
+        kept.contains("not reloaded; the servers in use stay as they were")
+            && kept.contains("mcp.json: not valid JSON"),
+        "{kept}"
+    );
+    let names: Vec<String> = bot.app.mcp.servers().into_iter().map(|s| s.name).collect();
+    assert_eq!(names, ["first", "second"]);
+    bot.stop().await;
+}

@@ -507,3 +507,110 @@ async fn a_modern_only_and_a_legacy_only_server_serve_one_conversation() {
     );
     host.shutdown().await;
 }
+
+/// The `counted` server logging to `dir/NAME.log`, one session per
+/// conversation, with `extra` keys.
+fn counted(dir: &Path, name: &str, extra: Value) -> Value {
+    let log = dir.join(format!("{name}.log"));
+    let mut server = hostile("counted", Some(log.to_str().unwrap()));
+    server["scope"] = json!("conversation");
+    for (key, value) in extra.as_object().into_iter().flatten() {
+        server[key] = value.clone();
+    }
+    server
+}
+
+fn count_lines(dir: &Path, name: &str, prefix: &str) -> usize {
+    std::fs::read_to_string(dir.join(format!("{name}.log")))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .count()
+}
+
+#[tokio::test]
+async fn a_reload_keeps_unchanged_servers_and_moves_changed_ones_once_their_turns_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let host = std::sync::Arc::new(host(
+        json!({
+            "same": counted(d, "same", json!({})),
+            "edited": counted(d, "edited", json!({})),
+            "gone": counted(d, "gone", json!({})),
+        }),
+        quick(),
+    ));
+    // A turn lists the tools and is still running when the file changes.
+    let running = host.tools_for_turn("t", &(), &[]).await;
+    assert!(running.problems.is_empty(), "{:?}", running.problems);
+    let file = d.join("mcp.json");
+    let write = |servers: Value| {
+        std::fs::write(&file, json!({"mcpServers": servers}).to_string()).unwrap();
+    };
+    write(json!({
+        "same": counted(d, "same", json!({})),
+        "edited": counted(d, "edited", json!({"env": {"EDITED": "yes"}})),
+        "added": counted(d, "added", json!({})),
+    }));
+    let reloaded = mcp::McpFile {
+        path: file.clone(),
+        host: host.clone(),
+    }
+    .reload()
+    .unwrap();
+    assert_eq!(reloaded.added, ["added"]);
+    assert_eq!(reloaded.changed, ["edited"]);
+    assert_eq!(reloaded.removed, ["gone"]);
+    assert_eq!(reloaded.unchanged, ["same"]);
+    let said = reloaded.to_string();
+    assert!(
+        said.contains("added: added; restarted: edited; removed: gone; 1 unchanged"),
+        "{said}"
+    );
+    // The running turn finishes on the servers it listed, the removed one
+    // too, and nothing was started or closed for it.
+    for tool in ["gone__echo", "edited__echo"] {
+        let outcome = host.call("t", tool, json!({"text": "still here"})).await;
+        assert!(!outcome.is_error, "{tool}: {}", outcome.content);
+    }
+    for name in ["same", "edited", "gone"] {
+        assert_eq!(count_lines(d, name, "start"), 1, "{name}");
+        assert_eq!(count_lines(d, name, "end"), 0, "{name}");
+    }
+    // Once it ends, the old sessions of the changed and removed servers
+    // close; the unchanged one stays.
+    drop(running);
+    support::wait_for_line(&d.join("gone.log"), |l| l.starts_with("end")).await;
+    support::wait_for_line(&d.join("edited.log"), |l| l.starts_with("end")).await;
+    let next = host.tools_for_turn("t", &(), &[]).await;
+    let mut names: Vec<&str> = next.specs.iter().map(|s| s.name.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["added__echo", "edited__echo", "same__echo"]);
+    assert_eq!(
+        count_lines(d, "same", "start"),
+        1,
+        "the unchanged session is kept"
+    );
+    assert_eq!(count_lines(d, "same", "end"), 0);
+    assert_eq!(
+        count_lines(d, "edited", "start"),
+        2,
+        "the changed server restarted"
+    );
+    assert_eq!(count_lines(d, "added", "start"), 1);
+    let outcome = host.call("t", "gone__echo", json!({})).await;
+    assert!(outcome.is_error, "{}", outcome.content);
+    // A broken file changes nothing and says why.
+    std::fs::write(&file, "{\"mcpServers\": {\"same\": ").unwrap();
+    let error = mcp::McpFile {
+        path: file.clone(),
+        host: host.clone(),
+    }
+    .reload()
+    .unwrap_err();
+    assert!(error.to_string().contains("not valid JSON"), "{error}");
+    let names: Vec<String> = host.servers().into_iter().map(|s| s.name).collect();
+    assert_eq!(names, ["added", "edited", "same"]);
+    drop(next);
+    host.shutdown().await;
+}
