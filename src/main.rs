@@ -125,9 +125,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 let stdin = BufReader::new(tokio::io::stdin());
                 let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
-                let approvals = if yes {
+                let interactive = std::io::stdin().is_terminal();
+                let approvals = if yes && interactive {
+                    Approvals::AllAsking
+                } else if yes {
                     Approvals::All
-                } else if std::io::stdin().is_terminal() {
+                } else if interactive {
                     Approvals::Ask
                 } else {
                     Approvals::Decline

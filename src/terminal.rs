@@ -10,9 +10,10 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt};
 use tokio::sync::{Mutex, mpsc};
 use tokio_util::sync::CancellationToken;
 
+use crate::conversation::elicitation::{Field, complete};
 use crate::conversation::{
-    ApprovalRequest, ApproveAll, Approver, Ask, Decision, DeclineAll, Engine, Message, Place,
-    TurnEvent, TurnInput,
+    Answer, ApprovalRequest, Approver, Ask, Decision, Engine, Message, Place, Question,
+    QuestionKind, TurnEvent, TurnInput,
 };
 
 /// The input, shared by the chat loop and approval questions.
@@ -45,11 +46,15 @@ impl LossyLines {
     }
 }
 
-/// How tool calls that need approval are decided in the terminal.
+/// How tool calls that need approval are decided in the terminal, and
+/// whether servers' questions are asked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Approvals {
-    /// `--yes`: approve everything.
+    /// `--yes` with piped input: approve everything, ask nothing.
     All,
+    /// `--yes` at a terminal: approve everything, but ask servers'
+    /// questions.
+    AllAsking,
     /// Interactive input: ask on the terminal.
     Ask,
     /// Piped input without `--yes`: decline, saying why.
@@ -58,25 +63,141 @@ pub enum Approvals {
 
 /// Why calls are declined when nobody can be asked.
 const NOT_INTERACTIVE: &str = "it needs approval and the input is not interactive; run `mcpcord chat --yes` to allow tool calls without asking";
+/// Why servers' questions are declined when the input is piped.
+const NO_QUESTIONS: &str = "the input is not interactive, so nobody can answer it; run `mcpcord chat` at a terminal to answer servers' questions";
+
+/// Answers without asking: approves every call or declines it, and
+/// declines servers' questions.
+struct Unasked {
+    approve: bool,
+}
+
+#[async_trait]
+impl Approver for Unasked {
+    async fn decide(&self, _request: &ApprovalRequest) -> Decision {
+        if self.approve {
+            Decision::Approve
+        } else {
+            Decision::Decline(NOT_INTERACTIVE.into())
+        }
+    }
+
+    fn not_asked(&self) -> Option<&str> {
+        Some(NO_QUESTIONS)
+    }
+}
 
 /// Asks on stderr and reads the answer from the chat's own input.
 struct Prompt {
     input: Input,
+    /// `--yes`: calls are approved without asking.
+    approve_all: bool,
+}
+
+/// A line the person typed for a question: `None` when the input ended.
+async fn answer_line(input: &mut LossyLines, prompt: &str) -> Option<String> {
+    eprint!("{prompt}");
+    input.next_line().await.ok().flatten()
 }
 
 #[async_trait]
 impl Approver for Prompt {
     async fn decide(&self, request: &ApprovalRequest) -> Decision {
+        if self.approve_all {
+            return Decision::Approve;
+        }
         // Holding the input for the whole question asks one call at a time.
         let mut input = self.input.lock().await;
-        eprint!("Allow {} {}? [y/N] ", request.tool, request.arguments);
-        match input.next_line().await {
-            Ok(Some(answer)) if matches!(answer.trim().to_lowercase().as_str(), "y" | "yes") => {
+        let prompt = format!("Allow {} {}? [y/N] ", request.tool, request.arguments);
+        match answer_line(&mut input, &prompt).await {
+            Some(answer) if matches!(answer.trim().to_lowercase().as_str(), "y" | "yes") => {
                 Decision::Approve
             }
-            Ok(Some(_)) => Decision::Decline("the user said no".into()),
-            _ => Decision::Decline("the input ended before an answer".into()),
+            Some(_) => Decision::Decline("the user said no".into()),
+            None => Decision::Decline("the input ended before an answer".into()),
         }
+    }
+
+    async fn ask(&self, question: &Question) -> Answer {
+        let mut input = self.input.lock().await;
+        let message = if question.message.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", question.message)
+        };
+        eprintln!(
+            "🔌 The tool server \"{}\" asks (for {}){message}",
+            question.server, question.tool
+        );
+        match &question.kind {
+            QuestionKind::Url(url) => ask_url(&mut input, url).await,
+            QuestionKind::Form(fields) => ask_form(&mut input, fields).await,
+        }
+    }
+
+    fn not_asked(&self) -> Option<&str> {
+        None
+    }
+}
+
+/// A page to open: shown whole with its site, never opened here.
+async fn ask_url(input: &mut LossyLines, url: &str) -> Answer {
+    let site = reqwest::Url::parse(url)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_owned))
+        .unwrap_or_default();
+    eprintln!("It asks you to open this page in your browser (mcpcord does not open it):");
+    eprintln!("  {url}");
+    eprintln!("  The site is {site}. Open it only if you trust it.");
+    let prompt = "Press Enter when you are done there, or type n to decline, c to cancel: ";
+    match answer_line(input, prompt).await.as_deref().map(str::trim) {
+        Some("" | "y" | "yes" | "done") => Answer::Accept(Default::default()),
+        Some("n" | "no") => Answer::Decline,
+        _ => Answer::Cancel,
+    }
+}
+
+/// A form, one field a line; a value that does not fit is asked again.
+async fn ask_form(input: &mut LossyLines, fields: &[Field]) -> Answer {
+    eprintln!(
+        "Type each value and press Enter; an empty line keeps the default or skips an optional field. !decline or !cancel ends the form."
+    );
+    let mut values = serde_json::Map::new();
+    for field in fields {
+        let mut prompt = format!("  {}", field.title);
+        if field.required {
+            prompt.push_str(" (required)");
+        }
+        if let Some(description) = &field.description {
+            prompt.push_str(&format!(" — {description}"));
+        }
+        prompt.push_str(&format!(" [{}]", field.hint()));
+        if let Some(default) = &field.default {
+            prompt.push_str(&format!(" (default {default})"));
+        }
+        prompt.push_str(": ");
+        loop {
+            let Some(line) = answer_line(input, &prompt).await else {
+                return Answer::Cancel;
+            };
+            match line.trim() {
+                "!decline" => return Answer::Decline,
+                "!cancel" => return Answer::Cancel,
+                _ => {}
+            }
+            match field.read(&line) {
+                Ok(Some(value)) => {
+                    values.insert(field.name.clone(), value);
+                    break;
+                }
+                Ok(None) => break,
+                Err(problem) => eprintln!("  {problem}; try again."),
+            }
+        }
+    }
+    match complete(fields, &values) {
+        Ok(()) => Answer::Accept(values),
+        Err(_) => Answer::Cancel,
     }
 }
 
@@ -102,11 +223,12 @@ pub async fn run(
         buffer: Vec::new(),
     }));
     let approver: Box<dyn Approver> = match approvals {
-        Approvals::All => Box::new(ApproveAll),
-        Approvals::Ask => Box::new(Prompt {
+        Approvals::All => Box::new(Unasked { approve: true }),
+        Approvals::Decline => Box::new(Unasked { approve: false }),
+        Approvals::Ask | Approvals::AllAsking => Box::new(Prompt {
             input: input.clone(),
+            approve_all: approvals == Approvals::AllAsking,
         }),
-        Approvals::Decline => Box::new(DeclineAll(NOT_INTERACTIVE.into())),
     };
     loop {
         let line = {

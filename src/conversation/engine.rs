@@ -11,11 +11,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::billing::{self, InFlight};
+use super::elicitation::{Answer, Question};
 use super::history::{estimate_tokens, fit_to_context, repair, valid_arguments};
 use super::ports::{
-    ApprovalRequest, Approver, ChatModel, ChatRequest, Citation, Completion, Decision,
+    ApprovalRequest, Approver, CallContext, ChatModel, ChatRequest, Citation, Completion, Decision,
     FinishReason, LastInput, ModelError, ModelLookup, Replace, Store, StoreError, TextSink,
-    ToolHost, ToolOutcome, ToolProgress,
+    ToolHost, ToolOutcome,
 };
 use super::prompt::{self, Clock, Place};
 use super::think::{Unthink, split_think};
@@ -220,13 +221,40 @@ struct Calls<'a> {
     stop: &'a CancellationToken,
 }
 
-/// Passes a call's progress on as events.
+/// Passes a call's progress on as events, and its server's questions to
+/// the turn's approver.
 struct CallProgress<'a> {
     events: &'a UnboundedSender<TurnEvent>,
     call: &'a ToolCall,
+    approver: &'a dyn Approver,
 }
 
-impl ToolProgress for CallProgress<'_> {
+#[async_trait::async_trait]
+impl CallContext for CallProgress<'_> {
+    async fn elicit(&self, question: Question) -> Answer {
+        let secret = question.secret_fields();
+        if !secret.is_empty() {
+            tracing::warn!(server = %question.server, tool = %self.call.name, fields = ?secret, "a tool server asked for secrets in a form; declined");
+            let _ = self.events.send(TurnEvent::Warning(format!(
+                "The tool server \"{}\" asked for {} in a form during {}. Servers may not ask for passwords or tokens this way, so it was declined; give secrets to a server through the MCP file's env or headers.",
+                question.server,
+                secret.join(", "),
+                self.call.name
+            )));
+            return Answer::Decline;
+        }
+        if let Some(why) = self.approver.not_asked() {
+            let _ = self.events.send(TurnEvent::Warning(format!(
+                "The tool server \"{}\" asked a question during {}, which was declined: {why}.",
+                question.server, self.call.name
+            )));
+            return Answer::Decline;
+        }
+        let answer = self.approver.ask(&question).await;
+        tracing::info!(server = %question.server, tool = %self.call.name, answer = answer.said(), "a tool server's question was answered");
+        answer
+    }
+
     fn progress(&self, progress: f64, total: Option<f64>, message: Option<String>) {
         let _ = self.events.send(TurnEvent::ToolProgress {
             call_id: self.call.id.clone(),
@@ -1173,6 +1201,7 @@ impl Engine {
         let progress = CallProgress {
             events: turn.events,
             call,
+            approver: turn.approver,
         };
         self.tools
             .call_reporting(turn.conversation, &call.name, arguments, &progress)

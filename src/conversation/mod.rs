@@ -7,6 +7,7 @@
 
 mod audio;
 pub mod billing;
+pub mod elicitation;
 mod engine;
 mod history;
 mod ports;
@@ -16,15 +17,16 @@ mod types;
 mod workers;
 
 pub use audio::{AudioError, LONGEST_AUDIO, audio_part};
+pub use elicitation::{Answer, Question, QuestionKind};
 pub use engine::{
     Ask, Engine, EngineSettings, MAX_CALLS_PER_REPLY, TurnError, TurnInput, TurnOutcome,
 };
 pub use history::{estimate_tokens, fit_to_context, repair};
 pub use ports::{
-    ApprovalRequest, ApproveAll, Approver, ChatModel, ChatRequest, Citation, Completion, Decision,
-    DeclineAll, FinishReason, GenerationLookup, Hold, LastInput, ModelError, ModelInfo,
-    ModelLookup, Notices, Replace, Store, StoreError, TextSink, TimedApprover, ToolHost, ToolList,
-    ToolOutcome, ToolProgress, Unbilled, UnbilledUpdate,
+    ApprovalRequest, ApproveAll, Approver, CallContext, ChatModel, ChatRequest, Citation,
+    Completion, Decision, DeclineAll, FinishReason, GenerationLookup, Hold, LastInput, ModelError,
+    ModelInfo, ModelLookup, Notices, Replace, Store, StoreError, TextSink, TimedApprover, ToolHost,
+    ToolList, ToolOutcome, Unbilled, UnbilledUpdate,
 };
 pub use prompt::{Clock, Place};
 pub use types::{

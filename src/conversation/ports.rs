@@ -5,6 +5,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde_json::Value;
 
+use super::elicitation::{Answer, Question};
 use super::types::{Inbound, Message, ReasoningEffort, ToolSpec, Usage};
 
 /// One request to the model.
@@ -431,7 +432,7 @@ pub trait ToolHost: Send + Sync {
         conversation: &str,
         name: &str,
         arguments: Value,
-        progress: &dyn ToolProgress,
+        progress: &dyn CallContext,
     ) -> ToolOutcome {
         let _ = progress;
         self.call(conversation, name, arguments).await
@@ -440,13 +441,23 @@ pub trait ToolHost: Send + Sync {
     async fn close_conversation(&self, conversation: &str);
 }
 
-/// Where a running call's progress goes (MCP `notifications/progress`).
-pub trait ToolProgress: Send + Sync {
+/// What a running call reaches besides its result: where its progress
+/// goes (MCP `notifications/progress`), and who answers its server's
+/// questions (MCP elicitation).
+#[async_trait]
+pub trait CallContext: Send + Sync {
     /// `progress` of `total` (when known), with the server's message.
     fn progress(&self, progress: f64, total: Option<f64>, message: Option<String>);
+
+    /// Asks the person; where nobody can be asked, the question is
+    /// declined.
+    async fn elicit(&self, question: Question) -> Answer {
+        let _ = question;
+        Answer::Decline
+    }
 }
 
-impl ToolProgress for () {
+impl CallContext for () {
     fn progress(&self, _progress: f64, _total: Option<f64>, _message: Option<String>) {}
 }
 
@@ -629,6 +640,23 @@ pub trait Approver: Send + Sync {
     async fn expired(&self, request: &ApprovalRequest, after: Duration) {
         let _ = (request, after);
     }
+
+    /// Asks what a tool server wants to know. A surface that cannot ask
+    /// declines, and says why with [`Approver::not_asked`].
+    async fn ask(&self, question: &Question) -> Answer {
+        let _ = question;
+        Answer::Decline
+    }
+
+    /// `question` went unanswered for `after` and counts as cancelled.
+    async fn ask_expired(&self, question: &Question, after: Duration) {
+        let _ = (question, after);
+    }
+
+    /// Why questions are declined without asking, when they are.
+    fn not_asked(&self) -> Option<&str> {
+        Some("this surface cannot ask questions")
+    }
 }
 
 /// Asks `inner`, and counts no answer within `timeout` as a decline.
@@ -649,6 +677,18 @@ impl<A: Approver> Approver for TimedApprover<A> {
             "nobody approved it within {} seconds",
             self.timeout.as_secs()
         ))
+    }
+
+    async fn ask(&self, question: &Question) -> Answer {
+        if let Ok(answer) = tokio::time::timeout(self.timeout, self.inner.ask(question)).await {
+            return answer;
+        }
+        self.inner.ask_expired(question, self.timeout).await;
+        Answer::Cancel
+    }
+
+    fn not_asked(&self) -> Option<&str> {
+        self.inner.not_asked()
     }
 }
 

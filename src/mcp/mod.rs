@@ -14,6 +14,7 @@
 //! turn uses them.
 
 pub mod config;
+mod elicit;
 pub mod naming;
 pub mod result;
 pub mod schema;
@@ -33,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Limits, Redactor, Secret};
-use crate::conversation::{Hold, Notices, ToolHost, ToolList, ToolOutcome, ToolProgress, ToolSpec};
+use crate::conversation::{CallContext, Hold, Notices, ToolHost, ToolList, ToolOutcome, ToolSpec};
 pub use config::{Approval, InheritEnv, Scope, ServerSpec, Transport};
 use session::{CallError, Session};
 pub use session::{MAX_LIST_PAGES, RemoteTool, ServerTools, shorten_list};
@@ -940,7 +941,7 @@ impl ToolHost for McpHost {
         conversation: &str,
         name: &str,
         arguments: Value,
-        progress: &dyn ToolProgress,
+        progress: &dyn CallContext,
     ) -> ToolOutcome {
         let routes = self
             .routes
@@ -970,10 +971,7 @@ impl ToolHost for McpHost {
             }
         };
         let most = timeout.max(self.limits.tool_max);
-        let watched = Watched {
-            inner: progress,
-            last: std::sync::Mutex::new(None),
-        };
+        let watched = Watched::new(progress);
         let call = session.call(&route.tool, arguments, &watched);
         match within(timeout, most, &watched, call).await {
             Ok(Ok(result)) => result::outcome(&result, self.limits.tool_result_max_chars),
@@ -1024,16 +1022,61 @@ impl ToolHost for McpHost {
     }
 }
 
-/// Passes progress on and notes when it last came.
+/// Passes progress and questions on, and notes when progress last came
+/// and how long the person took to answer.
 struct Watched<'a> {
-    inner: &'a dyn ToolProgress,
-    last: std::sync::Mutex<Option<tokio::time::Instant>>,
+    inner: &'a dyn CallContext,
+    watch: std::sync::Mutex<Watch>,
 }
 
-impl ToolProgress for Watched<'_> {
+#[derive(Debug, Default)]
+struct Watch {
+    /// When progress or an answer last came.
+    last: Option<tokio::time::Instant>,
+    /// Questions open now, and since when one has been.
+    open: usize,
+    since: Option<tokio::time::Instant>,
+    /// Time spent waiting for the person, which no limit counts.
+    paused: Duration,
+}
+
+impl<'a> Watched<'a> {
+    fn new(inner: &'a dyn CallContext) -> Self {
+        Watched {
+            inner,
+            watch: std::sync::Mutex::default(),
+        }
+    }
+
+    fn watch(&self) -> std::sync::MutexGuard<'_, Watch> {
+        self.watch.lock().expect("call watch poisoned")
+    }
+}
+
+#[async_trait]
+impl CallContext for Watched<'_> {
     fn progress(&self, progress: f64, total: Option<f64>, message: Option<String>) {
-        *self.last.lock().expect("progress time poisoned") = Some(tokio::time::Instant::now());
+        self.watch().last = Some(tokio::time::Instant::now());
         self.inner.progress(progress, total, message);
+    }
+
+    async fn elicit(&self, question: crate::conversation::Question) -> crate::conversation::Answer {
+        {
+            let mut watch = self.watch();
+            watch.open += 1;
+            watch.since.get_or_insert_with(tokio::time::Instant::now);
+        }
+        let answer = self.inner.elicit(question).await;
+        let mut watch = self.watch();
+        let now = tokio::time::Instant::now();
+        watch.open -= 1;
+        if watch.open == 0
+            && let Some(since) = watch.since.take()
+        {
+            watch.paused += now - since;
+        }
+        watch.last = Some(now);
+        answer
     }
 }
 
@@ -1047,7 +1090,8 @@ enum Late {
 }
 
 /// Runs `call` for `timeout`, and for `timeout` more after each progress
-/// report, but never past `most` from the start.
+/// report or answer, but never past `most` from the start. Time spent
+/// waiting for the person to answer a question counts for neither.
 async fn within<T>(
     timeout: Duration,
     most: Duration,
@@ -1055,14 +1099,21 @@ async fn within<T>(
     call: impl std::future::Future<Output = T>,
 ) -> Result<T, Late> {
     let start = tokio::time::Instant::now();
-    let end = start + most;
     tokio::pin!(call);
     let mut deadline = start + timeout;
     loop {
         tokio::select! {
             done = &mut call => return Ok(done),
             () = tokio::time::sleep_until(deadline) => {
-                let last = *watched.last.lock().expect("progress time poisoned");
+                let (last, open, paused) = {
+                    let watch = watched.watch();
+                    (watch.last, watch.open, watch.paused)
+                };
+                if open > 0 {
+                    deadline = tokio::time::Instant::now() + timeout;
+                    continue;
+                }
+                let end = start + most + paused;
                 let next = last.map_or(deadline, |at| (at + timeout).min(end));
                 if next <= tokio::time::Instant::now() {
                     return Err(if last.is_some() && next >= end { Late::PastMost } else { Late::Silent });
@@ -1089,10 +1140,52 @@ mod tests {
     }
 
     fn watched() -> Watched<'static> {
-        Watched {
-            inner: &(),
-            last: std::sync::Mutex::new(None),
+        Watched::new(&())
+    }
+
+    /// A person who takes `0` to answer.
+    struct Slow(Duration);
+
+    #[async_trait]
+    impl CallContext for Slow {
+        fn progress(&self, _: f64, _: Option<f64>, _: Option<String>) {}
+        async fn elicit(
+            &self,
+            _question: crate::conversation::Question,
+        ) -> crate::conversation::Answer {
+            tokio::time::sleep(self.0).await;
+            crate::conversation::Answer::Decline
         }
+    }
+
+    fn question() -> crate::conversation::Question {
+        crate::conversation::Question {
+            server: "s".into(),
+            tool: "t".into(),
+            message: "m".into(),
+            kind: crate::conversation::QuestionKind::Url("https://example.com/".into()),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn time_spent_answering_a_question_counts_for_no_limit() {
+        let (timeout, most) = (Duration::from_secs(1), Duration::from_secs(10));
+        let person = Slow(Duration::from_secs(60));
+        let w = Watched::new(&person);
+        let call = async {
+            w.elicit(question()).await;
+            tokio::time::sleep(Duration::from_millis(900)).await;
+            "done"
+        };
+        assert_eq!(within(timeout, most, &w, call).await, Ok("done"));
+        // The timeout starts again after the answer, and still applies.
+        let w = Watched::new(&person);
+        let call = async {
+            w.elicit(question()).await;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            "done"
+        };
+        assert_eq!(within(timeout, most, &w, call).await, Err(Late::Silent));
     }
 
     #[tokio::test(start_paused = true)]

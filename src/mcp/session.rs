@@ -9,26 +9,28 @@ use futures::StreamExt;
 use rmcp::handler::client::progress::ProgressDispatcher;
 use rmcp::model::{
     CallToolRequest, CallToolRequestParams, CancelledNotificationParam, ClientCapabilities,
-    ClientConfig, ClientRequest, Implementation, InputRequest, InputResponses, ListToolsRequest,
-    PaginatedRequestParams, ProgressNotificationParam, ProtocolVersion, Request, RequestId,
-    RequestOptionalParam, ServerResult,
+    ClientConfig, ClientRequest, ElicitRequestParams, ElicitResult, ElicitationAction,
+    ElicitationCapability, FormElicitationCapability, Implementation, InputRequest, InputResponses,
+    ListToolsRequest, PaginatedRequestParams, ProgressNotificationParam, ProtocolVersion, Request,
+    RequestId, RequestOptionalParam, ServerResult, UrlElicitationCapability,
 };
 use rmcp::service::{
     ClientLifecycleMode, ClientServiceExt, NotificationContext, Peer, PeerRequestOptions,
-    RunningService,
+    RequestContext, RunningService,
 };
 use rmcp::transport::StreamableHttpClientTransport;
 use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
 use rmcp::{ClientHandler, RoleClient, ServiceError};
 use serde_json::Value;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio_util::task::TaskTracker;
 
 use super::config::{ServerSpec, Transport};
 use super::schema::{normalise, open_object};
 use super::stdio::{ChildTransport, Launch};
 use crate::config::{Limits, Redactor};
-use crate::conversation::ToolProgress;
+use crate::conversation::CallContext;
+use crate::conversation::elicitation::Answer;
 
 /// How long closing a session may take before it is abandoned.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -61,16 +63,66 @@ pub struct ServerTools {
     pub instructions: Option<String>,
 }
 
-/// Receives server notifications. `tools/list_changed` marks the cached
-/// list stale; progress goes to whoever waits for that request.
+/// A question a server of the handshake era sent as its own request during
+/// a call, on its way to that call; the answer goes back as MCP's JSON.
+type Asked = (Value, oneshot::Sender<Value>);
+
+/// Questions waiting for a running call to take them; more are declined.
+const QUESTIONS_WAITING: usize = 4;
+
+/// Receives server notifications and requests. `tools/list_changed` marks
+/// the cached list stale; progress goes to whoever waits for that request;
+/// an `elicitation/create` goes to the running call.
 #[derive(Debug, Clone)]
 struct Handler {
     tools_stale: Arc<AtomicBool>,
     progress: ProgressDispatcher,
     info: ClientConfig,
+    questions: mpsc::Sender<Asked>,
+    /// Calls running now, and whether the session is shared by several
+    /// conversations (then a question while more than one runs cannot be
+    /// told apart, and is declined).
+    calls: Arc<std::sync::atomic::AtomicUsize>,
+    shared: bool,
+    server: String,
+}
+
+impl Handler {
+    /// Passes a server's question to the call that is running, or
+    /// declines it when there is none (or which one cannot be told).
+    async fn pass_question(&self, params: Value) -> Value {
+        let running = self.calls.load(Ordering::SeqCst);
+        let unclear = self.shared && running > 1;
+        if running == 0 || unclear {
+            tracing::warn!(
+                server = %self.server,
+                running,
+                "a server asked a question {}; declined",
+                if unclear { "while calls of several conversations ran on its shared session" } else { "outside any call" }
+            );
+            return Answer::Decline.to_mcp();
+        }
+        let (reply, answer) = oneshot::channel();
+        if self.questions.try_send((params, reply)).is_err() {
+            return Answer::Decline.to_mcp();
+        }
+        // Dropped unanswered (the call ended first): declined.
+        answer.await.unwrap_or_else(|_| Answer::Decline.to_mcp())
+    }
 }
 
 impl ClientHandler for Handler {
+    async fn create_elicitation(
+        &self,
+        request: ElicitRequestParams,
+        _context: RequestContext<RoleClient>,
+    ) -> Result<ElicitResult, rmcp::ErrorData> {
+        let params = serde_json::to_value(&request).unwrap_or(Value::Null);
+        let answer = self.pass_question(params).await;
+        Ok(serde_json::from_value(answer)
+            .unwrap_or_else(|_| ElicitResult::new(ElicitationAction::Decline)))
+    }
+
     async fn on_tool_list_changed(&self, _context: NotificationContext<RoleClient>) {
         self.tools_stale.store(true, Ordering::SeqCst);
     }
@@ -140,12 +192,23 @@ fn as_json(result: ServerResult) -> Value {
     }
 }
 
-/// The answer to something a server asks before it finishes a call.
-/// mcpcord declares none of these capabilities, so a server that asks
-/// anyway gets the answer of a client without them.
-fn answer_input(request: InputRequest) -> Result<Value, CallError> {
+/// The answer to something a server of the current revision asks before it
+/// finishes a call of `tool`. Roots and sampling are not declared, so a
+/// server that asks for them anyway gets the answer of a client without.
+async fn answer_input(
+    server: &str,
+    tool: &str,
+    request: InputRequest,
+    context: &dyn CallContext,
+) -> Result<Value, CallError> {
     match request {
-        InputRequest::Elicitation(_) => Ok(serde_json::json!({"action": "decline"})),
+        InputRequest::Elicitation(request) => {
+            let params = serde_json::to_value(&request)
+                .ok()
+                .and_then(|mut r| r.get_mut("params").map(Value::take))
+                .unwrap_or(Value::Null);
+            Ok(ask(server, tool, &params, context).await)
+        }
         InputRequest::ListRoots(_) => Ok(serde_json::json!({"roots": []})),
         InputRequest::CreateMessage(_) => Err(CallError::Protocol(
             "it asked to use the model itself (sampling), which mcpcord does not offer".into(),
@@ -153,6 +216,35 @@ fn answer_input(request: InputRequest) -> Result<Value, CallError> {
         _ => Err(CallError::Protocol(
             "it asked for a kind of input mcpcord does not know".into(),
         )),
+    }
+}
+
+/// Asks the person what `server` wants to know during a call of `tool`,
+/// through the call's context; a question that cannot be shown is
+/// declined.
+async fn ask(server: &str, tool: &str, params: &Value, context: &dyn CallContext) -> Value {
+    match super::elicit::question(server, tool, params) {
+        Ok(question) => context.elicit(question).await.to_mcp(),
+        Err(problem) => {
+            tracing::warn!(server, tool, "a server's question was declined: {problem}");
+            Answer::Decline.to_mcp()
+        }
+    }
+}
+
+/// Counts a running call while it lives.
+struct Running<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> Running<'a> {
+    fn new(calls: &'a std::sync::atomic::AtomicUsize) -> Self {
+        calls.fetch_add(1, Ordering::SeqCst);
+        Running(calls)
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -264,6 +356,9 @@ pub struct Session {
     disconnected: AtomicBool,
     /// See [`ServerTools::instructions`].
     instructions: Option<String>,
+    /// Questions the server sent as requests, for the running call.
+    questions: Mutex<mpsc::Receiver<Asked>>,
+    calls: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl std::fmt::Debug for Session {
@@ -283,14 +378,20 @@ impl Session {
     ) -> Result<Session, String> {
         let tools_stale = Arc::new(AtomicBool::new(true));
         let info = ClientConfig::new(
-            ClientCapabilities::default(),
+            capabilities(),
             Implementation::new("mcpcord", env!("CARGO_PKG_VERSION")),
         );
         let progress = ProgressDispatcher::new();
+        let (questions, waiting) = mpsc::channel(QUESTIONS_WAITING);
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let handler = Handler {
             tools_stale: tools_stale.clone(),
             progress: progress.clone(),
             info,
+            questions,
+            calls: calls.clone(),
+            shared: spec.scope == super::Scope::Shared,
+            server: spec.name.clone(),
         };
         let timeout = limits.mcp_start_timeout;
         let connecting = connect(spec, limits, redactor, handler, tasks);
@@ -323,6 +424,8 @@ impl Session {
             progress,
             tools: Mutex::new(None),
             disconnected: AtomicBool::new(false),
+            questions: Mutex::new(waiting),
+            calls,
         })
     }
 
@@ -370,8 +473,9 @@ impl Session {
             let params = PaginatedRequestParams::default().with_cursor(cursor.take());
             let request: ListToolsRequest = RequestOptionalParam::with_param(params);
             let result = self
-                .request(ClientRequest::ListToolsRequest(request), &())
+                .typed_request(ClientRequest::ListToolsRequest(request), &(), None)
                 .await
+                .map(as_json)
                 .map_err(|e| format!("listing its tools failed: {}", e.sentence()))?;
             let next = read_tools_page(&result, &mut out)?;
             if out.tools.len() > limits.mcp_max_tools_per_server {
@@ -410,8 +514,9 @@ impl Session {
         &self,
         tool: &str,
         arguments: Value,
-        progress: &dyn ToolProgress,
+        context: &dyn CallContext,
     ) -> Result<Value, CallError> {
+        let _running = Running::new(&self.calls);
         let mut params = CallToolRequestParams::new(tool.to_owned());
         if let Value::Object(map) = arguments {
             params = params.with_arguments(map);
@@ -419,7 +524,7 @@ impl Session {
         for round in 0..MAX_INPUT_ROUNDS {
             let request: CallToolRequest = Request::new(params.clone());
             let asked = match self
-                .typed_request(ClientRequest::CallToolRequest(request), progress)
+                .typed_request(ClientRequest::CallToolRequest(request), context, Some(tool))
                 .await?
             {
                 ServerResult::InputRequiredResult(asked) => asked,
@@ -438,7 +543,8 @@ impl Session {
             }
             let mut answers = InputResponses::new();
             for (key, request) in requests {
-                answers.insert(key, answer_input(request)?);
+                let answer = answer_input(&self.server, tool, request, context).await?;
+                answers.insert(key, answer);
             }
             params.input_responses = (!answers.is_empty()).then_some(answers);
             params.request_state = asked.request_state;
@@ -448,23 +554,15 @@ impl Session {
         )))
     }
 
-    /// Sends one request and returns its result as JSON (see
-    /// [`Session::typed_request`]).
-    async fn request(
-        &self,
-        request: ClientRequest,
-        progress: &dyn ToolProgress,
-    ) -> Result<Value, CallError> {
-        self.typed_request(request, progress).await.map(as_json)
-    }
-
     /// Sends one request and returns its result, passing on the progress
-    /// the server reports. Dropping the future (a timeout, an aborted turn)
-    /// cancels the request on the server.
+    /// the server reports, and for a call of `tool`, the questions it asks
+    /// meanwhile. Dropping the future (a timeout, an aborted turn) cancels
+    /// the request on the server.
     async fn typed_request(
         &self,
         request: ClientRequest,
-        progress: &dyn ToolProgress,
+        context: &dyn CallContext,
+        tool: Option<&str>,
     ) -> Result<ServerResult, CallError> {
         let handle = self
             .peer
@@ -482,12 +580,24 @@ impl Session {
             tokio::select! {
                 result = &mut response => break result,
                 Some(report) = reports.next() => {
-                    progress.progress(report.progress, report.total, report.message);
+                    context.progress(report.progress, report.total, report.message);
+                }
+                Some((params, reply)) = self.next_question(tool.is_some()) => {
+                    let tool = tool.unwrap_or_default();
+                    let _ = reply.send(ask(&self.server, tool, &params, context).await);
                 }
             }
         };
         guard.id = None;
         result.map_err(|e| self.failed(e))
+    }
+
+    /// The next question the server sent as a request, when `listening`.
+    async fn next_question(&self, listening: bool) -> Option<Asked> {
+        if !listening {
+            return std::future::pending().await;
+        }
+        self.questions.lock().await.recv().await
     }
 
     fn failed(&self, error: ServiceError) -> CallError {
@@ -513,6 +623,18 @@ impl Session {
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, service.cancel()).await;
         }
     }
+}
+
+/// What mcpcord does for servers: forms and web pages to open
+/// (elicitation). Nothing else is declared.
+fn capabilities() -> ClientCapabilities {
+    let mut capabilities = ClientCapabilities::default();
+    capabilities.elicitation = Some(
+        ElicitationCapability::new()
+            .with_form(FormElicitationCapability::new())
+            .with_url(UrlElicitationCapability::new()),
+    );
+    capabilities
 }
 
 /// The current (stateless) revision first, through `server/discover`; a

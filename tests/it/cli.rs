@@ -457,3 +457,63 @@ async fn sighup_reads_the_mcp_file_again_between_turns() {
     assert!(offered(&requests[0]).is_empty());
     assert_eq!(offered(&requests[1]), ["counted__echo"]);
 }
+
+#[tokio::test]
+async fn a_servers_form_is_asked_field_by_field_and_declined_when_input_is_piped() {
+    let model = FakeModel::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = support::hostile("asking", None);
+    server["approval"] = json!("auto");
+    support::write_mcp(dir.path(), json!({ "asking": server }));
+    model.script([
+        call("q1", "asking__book", "{}"),
+        text("Booked."),
+        call("q2", "asking__book", "{}"),
+        text("Not booked."),
+    ]);
+    let app = mcpcord::app::App::build(&support::config(&model, dir.path(), &[]))
+        .await
+        .unwrap();
+    // A value that does not fit is asked again; an empty line keeps the
+    // default.
+    let typed = "book a table\nAda\n10 pm\n9 pm\nlots\n4\n\n";
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    mcpcord::terminal::run(
+        &app.engine,
+        "terminal:form",
+        std::io::Cursor::new(typed.as_bytes().to_vec()),
+        mcpcord::terminal::Approvals::Ask,
+        &mut tokio::sync::mpsc::unbounded_channel().1,
+        &mut out,
+        &mut err,
+    )
+    .await
+    .unwrap();
+    assert!(String::from_utf8(out).unwrap().contains("Booked."));
+    let result = support::tool_results(&model.requests()[1]);
+    assert_eq!(
+        result,
+        [r#"book: accept {"guests": 4, "name": "Ada", "outside": false, "time": "21"}"#]
+    );
+    assert_eq!(
+        model.requests().len(),
+        2,
+        "the answers were not taken as messages"
+    );
+    app.shutdown().await;
+
+    // Piped input: nobody can answer, so the question is declined, saying why.
+    let output = chat(&model, dir.path(), "book again\n").await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains(
+            "asked a question during asking__book, which was declined: the input is not interactive"
+        ),
+        "{}",
+        stderr(&output)
+    );
+    assert_eq!(
+        support::tool_results(&model.requests()[3]),
+        ["book: decline null"]
+    );
+}

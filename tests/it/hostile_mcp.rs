@@ -485,7 +485,7 @@ async fn a_modern_only_and_a_legacy_only_server_serve_one_conversation() {
     // The state-only round was sent again with its state; the form question
     // was declined (mcpcord does not declare forms yet); the legacy server
     // answered as before.
-    assert_eq!(results, ["asked twice", "answer: decline", "echo: "]);
+    assert_eq!(results, ["asked twice", "answer: decline null", "echo: "]);
     // The server's instructions follow the prompt, under its name.
     let system = model.systems()[0].clone().unwrap();
     assert!(system.starts_with("Be brief."), "{system}");
@@ -612,5 +612,143 @@ async fn a_reload_keeps_unchanged_servers_and_moves_changed_ones_once_their_turn
     let names: Vec<String> = host.servers().into_iter().map(|s| s.name).collect();
     assert_eq!(names, ["added", "edited", "same"]);
     drop(next);
+    host.shutdown().await;
+}
+
+/// Answers servers' questions as a person would, and notes them.
+#[derive(Default)]
+struct Person {
+    asked: std::sync::Mutex<Vec<mcpcord::conversation::Question>>,
+}
+
+#[async_trait::async_trait]
+impl mcpcord::conversation::Approver for Person {
+    async fn decide(
+        &self,
+        _request: &mcpcord::conversation::ApprovalRequest,
+    ) -> mcpcord::conversation::Decision {
+        mcpcord::conversation::Decision::Approve
+    }
+
+    async fn ask(
+        &self,
+        question: &mcpcord::conversation::Question,
+    ) -> mcpcord::conversation::Answer {
+        use mcpcord::conversation::{Answer, QuestionKind};
+        self.asked.lock().unwrap().push(question.clone());
+        let typed: &[(&str, &str)] = match question.tool.as_str() {
+            "confirm" => &[("ok", "yes")],
+            "book" => &[("name", "Ada"), ("time", "9 pm"), ("guests", "4")],
+            _ => &[],
+        };
+        let QuestionKind::Form(fields) = &question.kind else {
+            return Answer::Accept(Default::default());
+        };
+        let mut values = serde_json::Map::new();
+        for field in fields {
+            let text = typed
+                .iter()
+                .find(|(name, _)| *name == field.name)
+                .map_or("", |(_, text)| text);
+            if let Some(value) = field.read(text).unwrap() {
+                values.insert(field.name.clone(), value);
+            }
+        }
+        Answer::Accept(values)
+    }
+
+    fn not_asked(&self) -> Option<&str> {
+        None
+    }
+}
+
+#[tokio::test]
+async fn questions_of_both_eras_reach_the_person_and_forms_asking_for_secrets_do_not() {
+    use crate::support::memory::{MemoryStore, ScriptedModel, answer, calls};
+    use mcpcord::conversation::{Message, QuestionKind, Role, TurnEvent};
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("modern.log");
+    let host = std::sync::Arc::new(host(
+        json!({
+            "modern": hostile("modern", Some(log.to_str().unwrap())),
+            "asking": hostile("asking", None),
+        }),
+        Limits {
+            // Far less than the person takes: waiting for them counts for
+            // no limit.
+            tool_timeout: Duration::from_secs(5),
+            ..quick()
+        },
+    ));
+    let model = ScriptedModel::new([
+        calls(&["modern__confirm", "asking__book"]),
+        calls(&["asking__signin"]),
+        calls(&["asking__secret"]),
+        answer("done"),
+    ]);
+    let engine = mcpcord::conversation::Engine::new(
+        model.clone(),
+        host.clone(),
+        std::sync::Arc::new(MemoryStore::default()),
+        mcpcord::conversation::EngineSettings {
+            default_model: "test/model".into(),
+            system_prompt: None,
+            timezone: jiff::tz::TimeZone::UTC,
+            transcription_model: None,
+            clock: Default::default(),
+            max_tool_rounds: 5,
+            fallback_context_tokens: 100_000,
+        },
+    );
+    let person = Person::default();
+    let (events, mut received) = tokio::sync::mpsc::unbounded_channel();
+    engine
+        .run_turn("c", Message::user("go"), &events, &person)
+        .await
+        .unwrap();
+    drop(events);
+    let results: Vec<String> = model
+        .requests()
+        .last()
+        .unwrap()
+        .iter()
+        .filter(|m| m.role() == Role::Tool)
+        .map(|m| m.text().to_owned())
+        .collect();
+    assert_eq!(
+        results,
+        [
+            r#"answer: accept {"ok": true}"#,
+            r#"book: accept {"guests": 4, "name": "Ada", "outside": false, "time": "21"}"#,
+            "signin: accept null",
+            "secret: decline null",
+        ]
+    );
+    let asked = person.asked.lock().unwrap().clone();
+    let tools: Vec<&str> = asked.iter().map(|q| q.tool.as_str()).collect();
+    assert_eq!(tools.len(), 3, "the secret form never reached the person");
+    assert!(tools.contains(&"confirm") && tools.contains(&"book") && tools.contains(&"signin"));
+    let book = asked.iter().find(|q| q.tool == "book").unwrap();
+    assert_eq!(
+        (book.server.as_str(), book.message.as_str()),
+        ("asking", "Where and when?")
+    );
+    let signin = asked.iter().find(|q| q.tool == "signin").unwrap();
+    assert_eq!(
+        signin.kind,
+        QuestionKind::Url("https://auth.example.com/connect?state=xyz".into())
+    );
+    let mut warnings = Vec::new();
+    while let Some(event) = received.recv().await {
+        if let TurnEvent::Warning(text) = event {
+            warnings.push(text);
+        }
+    }
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("\"asking\" asked for api_token in a form")),
+        "{warnings:?}"
+    );
     host.shutdown().await;
 }

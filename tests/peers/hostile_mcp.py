@@ -21,6 +21,10 @@ Modes:
                      (with instructions), refuses initialize, appends "METHOD VERSION" per
                      request to FILE; its tool `ask` first answers input_required with only a
                      request state, and `confirm` asks a form question (input_required)
+  asking             a server of the handshake era whose tools ask the person during the call
+                     with elicitation/create requests and answer with what came back:
+                     `book` (a form), `signin` (a URL to open), `secret` (a form asking for a
+                     token, which must be refused)
 """
 
 import json
@@ -83,6 +87,8 @@ def tools_page(request):
         tools.append(tool("env", {"type": "object"}))
     if MODE == "hang":
         tools.append(tool("hang", {"type": "object"}))
+    if MODE == "asking":
+        tools += [tool(name, {"type": "object"}) for name in ("book", "signin", "secret")]
     if MODE == "modern":
         tools += [tool("ask", {"type": "object"}), tool("confirm", {"type": "object"})]
         return {"resultType": "complete", "tools": tools, "ttlMs": 0, "cacheScope": "private"}
@@ -122,9 +128,44 @@ def call(request):
         return {"resultType": "input_required", "inputRequests": {"sure": form},
                 "requestState": "confirming"}
     if name == "confirm":
-        action = params["inputResponses"]["sure"]["action"]
-        return {"resultType": "complete", "content": [{"type": "text", "text": f"answer: {action}"}]}
+        response = params["inputResponses"]["sure"]
+        said = json.dumps(response.get("content"), sort_keys=True)
+        return {"resultType": "complete",
+                "content": [{"type": "text", "text": f"answer: {response['action']} {said}"}]}
+    if name in ASKED:
+        response = elicit(ASKED[name])
+        said = json.dumps(response.get("content"), sort_keys=True)
+        return {"content": [{"type": "text", "text": f"{name}: {response.get('action')} {said}"}]}
     return {"content": [{"type": "text", "text": f"echo: {arguments.get('text', '')}"}]}
+
+
+BOOKING = {"mode": "form", "message": "Where and when?", "requestedSchema": {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "title": "Your name", "minLength": 1},
+        "guests": {"type": "integer", "minimum": 1, "maximum": 12},
+        "outside": {"type": "boolean", "title": "Outside", "default": False},
+        "time": {"type": "string", "oneOf": [{"const": "19", "title": "7 pm"},
+                                              {"const": "21", "title": "9 pm"}]},
+    },
+    "required": ["name", "time"]}}
+ASKED = {
+    "book": BOOKING,
+    "signin": {"mode": "url", "message": "Sign in to go on",
+               "url": "https://auth.example.com/connect?state=xyz", "elicitationId": "e-1"},
+    "secret": {"mode": "form", "message": "Your key", "requestedSchema": {
+        "type": "object", "properties": {"api_token": {"type": "string"}}}},
+}
+
+
+def elicit(params):
+    """Asks the client mid-call and waits for its answer."""
+    send({"jsonrpc": "2.0", "id": "asked-1", "method": "elicitation/create", "params": params})
+    for line in sys.stdin.buffer:
+        message = json.loads(line)
+        if message.get("id") == "asked-1" and "method" not in message:
+            return message.get("result") or {"action": "error", "content": message.get("error")}
+    return {"action": "input ended"}
 
 
 def note(event, what=None):
