@@ -16,7 +16,7 @@ use super::protocol::{button, component, response};
 use super::render::notice_started;
 use super::rest::RestError;
 use crate::config::DEFAULT_APPROVAL_REMEMBER;
-use crate::conversation::{ApprovalRequest, Approver, Decision};
+use crate::conversation::{Answer, ApprovalRequest, Approver, Decision, Question};
 
 /// A message the turn's renderer posts for someone else, in its place
 /// among the turn's other messages; the id of the posted message comes back.
@@ -224,11 +224,55 @@ impl Approver for Buttons {
     }
 
     async fn expired(&self, request: &ApprovalRequest, after: Duration) {
-        let Some((message, content)) = self.lock_asked().remove(&request.call_id) else {
+        self.mark_expired(&request.call_id, after, "denied").await;
+    }
+
+    async fn ask(&self, question: &Question) -> Answer {
+        let (open, body, answered) = self.surface.questions.open(self.asker, question.clone());
+        let message = match self.post(body).await {
+            Ok(id) => id,
+            Err(error) => {
+                tracing::warn!(%error, server = %question.server, "could not post a server's question; declined");
+                return Answer::Decline;
+            }
+        };
+        let asked = asked_key(question);
+        let heading = super::questions::heading(question);
+        self.lock_asked().insert(asked.clone(), (message, heading));
+        // Dropped unanswered (the turn was cut): cancelled.
+        let answer = answered.await.unwrap_or(Answer::Cancel);
+        self.lock_asked().remove(&asked);
+        drop(open);
+        answer
+    }
+
+    async fn ask_expired(&self, question: &Question, after: Duration) {
+        self.mark_expired(&asked_key(question), after, "cancelled")
+            .await;
+    }
+
+    fn not_asked(&self) -> Option<&str> {
+        None
+    }
+}
+
+/// Where an open question of a server is noted in [`Buttons::asked`].
+fn asked_key(question: &Question) -> String {
+    format!(
+        "question:{}:{}:{}",
+        question.server, question.tool, question.message
+    )
+}
+
+impl Buttons {
+    /// Marks the question noted under `asked` as unanswered for `after`,
+    /// and what that counts as.
+    async fn mark_expired(&self, asked: &str, after: Duration, counts_as: &str) {
+        let Some((message, content)) = self.lock_asked().remove(asked) else {
             return;
         };
         let note = format!(
-            "{content}\n⌛ No answer within {} seconds: denied.",
+            "{content}\n⌛ No answer within {} seconds: {counts_as}.",
             after.as_secs()
         );
         let edit = json!({"content": note, "components": []});

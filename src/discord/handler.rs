@@ -9,7 +9,7 @@ use serenity::all::{
 };
 
 use super::inbound::{self, conversation_of};
-use super::{Bot, approvals, commands, controls, edits, health, servers};
+use super::{Bot, approvals, commands, controls, edits, health, questions, servers};
 use crate::conversation::Accepted;
 
 /// serenity's handler: it gets `&self`, and the parts need an owned `Arc`.
@@ -117,6 +117,16 @@ impl EventHandler for Handler {
                 if press.data.custom_id.starts_with(controls::REASONING_PREFIX) =>
             {
                 controls::press_reasoning(bot, press).await
+            }
+            Interaction::Component(press)
+                if press.data.custom_id.starts_with(questions::PREFIX) =>
+            {
+                questions::press(&bot.surface, press).await
+            }
+            Interaction::Modal(modal)
+                if modal.data.custom_id.starts_with(questions::MODAL_PREFIX) =>
+            {
+                questions::submit(&bot.surface, modal).await
             }
             Interaction::Component(press) => approvals::press(&bot.surface, press).await,
             _ => Ok(()),

@@ -22,6 +22,7 @@ mod handler;
 pub mod health;
 mod inbound;
 pub mod protocol;
+mod questions;
 pub mod render;
 pub mod rest;
 mod retry;
@@ -121,6 +122,8 @@ pub(crate) struct Surface {
     health: tokio::sync::Mutex<()>,
     /// Which answer of each thread carries Retry.
     answer_rows: controls::AnswerRows,
+    /// Servers' questions waiting for an answer.
+    questions: questions::Questions,
 }
 
 impl Surface {
@@ -207,12 +210,14 @@ pub(crate) struct Bot {
 
 /// Whether whoever used an interaction is an admin here.
 fn presser_is_admin(surface: &Surface, press: &serenity::all::ComponentInteraction) -> bool {
-    let member = press.member.as_ref();
+    is_admin(surface, press.user.id.get(), press.member.as_ref())
+}
+
+/// Whether `user`, with `member`'s roles and permissions, is an admin.
+fn is_admin(surface: &Surface, user: u64, member: Option<&serenity::all::Member>) -> bool {
     let roles = role_ids(member.map(|m| m.roles.as_slice()));
     let permissions = member.and_then(|m| m.permissions);
-    surface
-        .access
-        .is_admin(press.user.id.get(), &roles, permissions)
+    surface.access.is_admin(user, &roles, permissions)
 }
 
 /// An interaction's answer that only the person who used it sees.
@@ -274,6 +279,7 @@ pub async fn run(
         names: Mutex::default(),
         health: tokio::sync::Mutex::new(()),
         answer_rows: Default::default(),
+        questions: Default::default(),
     });
     let workers = Workers::new(ports.store, Arc::new(turns::Turns(surface.clone())));
     match workers.resume().await {

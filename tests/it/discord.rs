@@ -2358,3 +2358,271 @@ async fn reload_reads_the_mcp_file_again_for_admins_and_keeps_the_old_one_when_b
     assert_eq!(names, ["first", "second"]);
     bot.stop().await;
 }
+
+#[tokio::test]
+async fn a_servers_form_and_page_are_answered_in_the_thread_by_the_asker_only() {
+    let discord = FakeDiscord::start().await;
+    let model = FakeModel::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = support::hostile("asking", None);
+    server["approval"] = json!("auto");
+    support::write_mcp(dir.path(), json!({ "asking": server }));
+    model.script([
+        call("q1", "asking__book", "{}"),
+        text("Booked."),
+        call("q2", "asking__signin", "{}"),
+        text("Signed in."),
+    ]);
+    let bot = start(&discord, &model, dir.path(), &[]).await;
+    let thread = 560_000_000_000_000_001;
+    let asked = |n: usize| {
+        let discord = discord.clone();
+        async move {
+            let questions = || -> Vec<support::discord::Call> {
+                discord
+                    .calls()
+                    .into_iter()
+                    .filter(|c| {
+                        c.method == "POST"
+                            && c.body["content"]
+                                .as_str()
+                                .is_some_and(|t| t.starts_with("🔌 **asking** asks"))
+                    })
+                    .collect()
+            };
+            discord
+                .wait_for("a question", |_| questions().len() >= n)
+                .await;
+            questions()[n - 1].clone()
+        }
+    };
+    let message = |call: &support::discord::Call| {
+        json!({"id": call.id.to_string(), "channel_id": thread.to_string(), "author": support::discord::user(BOT, "mcpcord", true),
+            "content": call.body["content"], "timestamp": "2026-11-26T12:00:00+00:00", "edited_timestamp": null, "tts": false,
+            "mention_everyone": false, "mentions": [], "mention_roles": [], "attachments": [], "embeds": [], "pinned": false, "type": 0})
+    };
+    let answer_of = |id: u64| {
+        let discord = discord.clone();
+        async move {
+            let path = format!("/interactions/{id}/token-{id}/callback");
+            discord
+                .wait_for("an interaction's answer", |c| c.path == path)
+                .await
+                .body
+        }
+    };
+
+    mention(&discord, thread, "book a table");
+    let form = asked(1).await;
+    let content = form.body["content"].as_str().unwrap();
+    assert!(
+        content.contains("asks, for `book`:\n> Where and when?"),
+        "{content}"
+    );
+    assert!(
+        content.contains("• **Your name** (required): _not set_"),
+        "{content}"
+    );
+    assert!(
+        content.contains("• **Outside**: No"),
+        "the default: {content}"
+    );
+    let rows = form.body["components"].as_array().unwrap();
+    let key = rows[0]["components"][0]["custom_id"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("ask:")
+        .split(':')
+        .next()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        rows[0]["components"][0]["type"], 3,
+        "the time is a select menu"
+    );
+    assert_eq!(rows[1]["components"][0]["label"], "Outside: Yes");
+    let labels: Vec<&str> = rows[2]["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["label"].as_str().unwrap())
+        .collect();
+    assert_eq!(labels, ["Fill in…", "Send", "Decline", "Cancel"]);
+    let component = |id: u64, user: u64, data: Value| {
+        discord.dispatch(
+            "INTERACTION_CREATE",
+            discord.interaction(id, 3, thread, user, data, Some(message(&form))),
+        );
+    };
+    let button =
+        |action: &str| json!({"custom_id": format!("ask:{key}:{action}"), "component_type": 2});
+
+    // Bob did not start the turn.
+    component(11, BOB, button("send"));
+    let refused = answer_of(11).await;
+    assert!(
+        refused["data"]["content"]
+            .as_str()
+            .unwrap()
+            .contains("Only the person who started this turn")
+    );
+    // Sending too soon names what is missing.
+    component(12, ALICE, button("send"));
+    let missing = answer_of(12).await;
+    assert_eq!(missing["data"]["flags"], 64);
+    assert!(
+        missing["data"]["content"]
+            .as_str()
+            .unwrap()
+            .contains("still needed: Your name, time"),
+        "{missing}"
+    );
+    component(
+        13,
+        ALICE,
+        json!({"custom_id": format!("ask:{key}:pick:1"), "component_type": 3, "values": ["21"]}),
+    );
+    let picked = answer_of(13).await;
+    assert_eq!(picked["type"], 7);
+    assert!(
+        picked["data"]["content"]
+            .as_str()
+            .unwrap()
+            .contains("• **time** (required): 9 pm")
+    );
+    component(14, ALICE, button("fill"));
+    let modal = answer_of(14).await;
+    assert_eq!(modal["type"], 9);
+    assert_eq!(modal["data"]["custom_id"], format!("askform:{key}:0"));
+    let inputs: Vec<&str> = modal["data"]["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| row["components"][0]["label"].as_str().unwrap())
+        .collect();
+    assert_eq!(inputs, ["Your name", "guests"]);
+    let submit = |id: u64, name: &str, guests: &str| {
+        let data = json!({"custom_id": format!("askform:{key}:0"), "components": [
+            {"type": 1, "components": [{"type": 4, "custom_id": "0", "value": name}]},
+            {"type": 1, "components": [{"type": 4, "custom_id": "2", "value": guests}]}]});
+        discord.dispatch(
+            "INTERACTION_CREATE",
+            discord.interaction(id, 5, thread, ALICE, data, Some(message(&form))),
+        );
+    };
+    submit(15, "Ada", "lots");
+    let wrong = answer_of(15).await;
+    assert!(
+        wrong["data"]["content"]
+            .as_str()
+            .unwrap()
+            .contains("guests must be a number, not \"lots\""),
+        "{wrong}"
+    );
+    let kept = discord
+        .wait_for("the question shows what fitted", |c| {
+            c.method == "PATCH" && c.path.ends_with(&format!("/messages/{}", form.id))
+        })
+        .await;
+    assert!(
+        kept.body["content"]
+            .as_str()
+            .unwrap()
+            .contains("• **Your name** (required): Ada")
+    );
+    submit(16, "Ada", "4");
+    assert_eq!(answer_of(16).await["type"], 7);
+    component(17, ALICE, button("send"));
+    let sent = answer_of(17).await;
+    assert_eq!(sent["data"]["components"], json!([]));
+    assert!(
+        sent["data"]["content"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("✅ Answered by <@{ALICE}>."))
+    );
+    discord
+        .wait_for("the answer", |c| c.body["content"] == "Booked.")
+        .await;
+    assert_eq!(
+        support::tool_results(&model.requests()[1]),
+        [r#"book: accept {"guests": 4, "name": "Ada", "outside": false, "time": "21"}"#]
+    );
+
+    // A page to open: shown whole, never previewed, with its site in bold.
+    say(&discord, thread + 7, thread, ALICE, "sign me in");
+    let page = asked(2).await;
+    let content = page.body["content"].as_str().unwrap();
+    assert!(
+        content.contains("`https://auth.example.com/connect?state=xyz`"),
+        "{content}"
+    );
+    assert!(
+        content.contains("The site is **auth.example.com**."),
+        "{content}"
+    );
+    assert_eq!(page.body["flags"], 4, "no link preview");
+    let buttons = page.body["components"][0]["components"].as_array().unwrap();
+    assert_eq!(
+        buttons[0]["url"],
+        "https://auth.example.com/connect?state=xyz"
+    );
+    assert_eq!(buttons[1]["label"], "Done");
+    let done = buttons[1]["custom_id"].as_str().unwrap().to_owned();
+    discord.dispatch(
+        "INTERACTION_CREATE",
+        discord.interaction(
+            18,
+            3,
+            thread,
+            ALICE,
+            json!({"custom_id": done, "component_type": 2}),
+            Some(message(&page)),
+        ),
+    );
+    discord
+        .wait_for("the second answer", |c| c.body["content"] == "Signed in.")
+        .await;
+    assert_eq!(
+        support::tool_results(&model.requests()[3]).last().unwrap(),
+        "signin: accept null"
+    );
+    bot.stop().await;
+}
+
+#[tokio::test]
+async fn an_unanswered_question_counts_as_cancelled() {
+    let discord = FakeDiscord::start().await;
+    let model = FakeModel::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = support::hostile("asking", None);
+    server["approval"] = json!("auto");
+    support::write_mcp(dir.path(), json!({ "asking": server }));
+    model.script([call("q1", "asking__book", "{}"), text("Nobody answered.")]);
+    let bot = start(
+        &discord,
+        &model,
+        dir.path(),
+        &[("APPROVAL_TIMEOUT_SECS", "1")],
+    )
+    .await;
+    let thread = 560_000_000_000_000_101;
+    mention(&discord, thread, "book a table");
+    let expired = discord
+        .wait_for("the question marked as expired", |c| {
+            c.method == "PATCH"
+                && c.body["content"]
+                    .as_str()
+                    .is_some_and(|t| t.ends_with("⌛ No answer within 1 seconds: cancelled."))
+        })
+        .await;
+    assert_eq!(expired.body["components"], json!([]));
+    discord
+        .wait_for("the answer", |c| c.body["content"] == "Nobody answered.")
+        .await;
+    assert_eq!(
+        support::tool_results(&model.requests()[1]),
+        ["book: cancel null"]
+    );
+    bot.stop().await;
+}

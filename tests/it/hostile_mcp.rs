@@ -483,8 +483,8 @@ async fn a_modern_only_and_a_legacy_only_server_serve_one_conversation() {
         .map(|m| m.text().to_owned())
         .collect();
     // The state-only round was sent again with its state; the form question
-    // was declined (mcpcord does not declare forms yet); the legacy server
-    // answered as before.
+    // was declined (nobody can be asked here); the legacy server answered as
+    // before.
     assert_eq!(results, ["asked twice", "answer: decline null", "echo: "]);
     // The server's instructions follow the prompt, under its name.
     let system = model.systems()[0].clone().unwrap();
