@@ -10,6 +10,7 @@ pub mod billing;
 pub mod elicitation;
 mod engine;
 mod history;
+pub mod offers;
 mod ports;
 mod prompt;
 mod think;

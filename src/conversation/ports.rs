@@ -6,6 +6,7 @@ use async_trait::async_trait;
 use serde_json::Value;
 
 use super::elicitation::{Answer, Question};
+use super::offers::{PromptInfo, ResourceContent, ResourceInfo};
 use super::types::{Inbound, Message, ReasoningEffort, ToolSpec, Usage};
 
 /// One request to the model.
@@ -406,6 +407,55 @@ pub trait ToolHost: Send + Sync {
         let mut list = self.tools(conversation).await;
         list.specs.retain(|s| !off.contains(&s.server));
         list
+    }
+    /// The prompts the servers on in `conversation` offer (not those in
+    /// `off`).
+    async fn prompts(&self, conversation: &str, off: &[String]) -> Vec<PromptInfo> {
+        let _ = (conversation, off);
+        Vec::new()
+    }
+    /// The prompt `name` of `server`, filled in with `arguments`: the text
+    /// of a person's turn. The error is a sentence.
+    async fn get_prompt(
+        &self,
+        conversation: &str,
+        server: &str,
+        name: &str,
+        arguments: serde_json::Map<String, Value>,
+        context: &dyn CallContext,
+    ) -> Result<String, String> {
+        let _ = (conversation, arguments, context);
+        Err(format!(
+            "the tool server \"{server}\" offers no prompt \"{name}\""
+        ))
+    }
+    /// Values the server suggests for `argument` of its prompt `prompt`,
+    /// typed so far as `value` (MCP completion); none when it offers none.
+    async fn complete_argument(
+        &self,
+        conversation: &str,
+        server: &str,
+        prompt: &str,
+        argument: &str,
+        value: &str,
+    ) -> Vec<String> {
+        let _ = (conversation, server, prompt, argument, value);
+        Vec::new()
+    }
+    /// The resources and resource templates the servers on offer.
+    async fn resources(&self, conversation: &str, off: &[String]) -> Vec<ResourceInfo> {
+        let _ = (conversation, off);
+        Vec::new()
+    }
+    /// Reads `uri` from `server`'s session in `conversation`.
+    async fn read_resource(
+        &self,
+        conversation: &str,
+        server: &str,
+        uri: &str,
+    ) -> Result<Vec<ResourceContent>, String> {
+        let _ = (conversation, uri);
+        Err(format!("the tool server \"{server}\" offers no resources"))
     }
     /// The names of the servers `conversation` could use.
     async fn servers(&self, conversation: &str) -> Vec<String> {

@@ -34,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Limits, Redactor, Secret};
+use crate::conversation::offers::{PromptInfo, ResourceContent, ResourceInfo};
 use crate::conversation::{CallContext, Hold, Notices, ToolHost, ToolList, ToolOutcome, ToolSpec};
 pub use config::{Approval, InheritEnv, Scope, ServerSpec, Transport};
 use session::{CallError, Session};
@@ -118,6 +119,9 @@ struct Server {
     /// Set when a reload changed or removed it: no new session starts.
     retired: AtomicBool,
 }
+
+/// How long a suggestion for an argument may take (people are typing).
+const COMPLETION_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// After this long waiting for a free session, the turn says so.
 const SESSION_WAIT_NOTICE: Duration = Duration::from_secs(5);
@@ -785,6 +789,79 @@ impl McpHost {
     }
 }
 
+impl McpHost {
+    /// Each server on in `conversation` with its prompts and resources,
+    /// started as needed; one that fails is logged and left out.
+    async fn lists(
+        &self,
+        conversation: &str,
+        off: &[String],
+    ) -> Vec<(String, Arc<session::Lists>)> {
+        let servers = self.current();
+        let on = servers.iter().filter(|s| !off.contains(&s.spec.name));
+        let listed = join_all(on.map(|server| async move {
+            let (session, _lease) = self.session(server, conversation, &()).await.ok()?;
+            let offers = session.offers();
+            if !offers.prompts && !offers.resources {
+                return None;
+            }
+            match session.lists(&self.limits).await {
+                Ok(lists) => Some((server.spec.name.clone(), lists)),
+                Err(problem) => {
+                    tracing::warn!(server = %server.spec.name, "{problem}");
+                    None
+                }
+            }
+        }))
+        .await;
+        listed.into_iter().flatten().collect()
+    }
+
+    /// `server`'s session in `conversation`, started as needed.
+    async fn session_named(
+        &self,
+        conversation: &str,
+        server: &str,
+    ) -> Result<(Arc<Session>, Lease), String> {
+        let servers = self.current();
+        let found = servers
+            .iter()
+            .find(|s| s.spec.name == server)
+            .ok_or_else(|| format!("there is no tool server \"{server}\""))?;
+        self.session(found, conversation, &())
+            .await
+            .map_err(|why| format!("the tool server \"{server}\" is unavailable: {why}"))
+    }
+
+    /// Runs a request of `server` for `what` within the tool timeout
+    /// (waiting for the person's answers does not count).
+    async fn within_timeout<T>(
+        &self,
+        server: &str,
+        context: &dyn CallContext,
+        request: impl AsyncFnOnce(&Watched<'_>) -> Result<T, CallError>,
+    ) -> Result<T, String> {
+        let timeout = self
+            .current()
+            .iter()
+            .find(|s| s.spec.name == server)
+            .and_then(|s| s.spec.timeout)
+            .unwrap_or(self.limits.tool_timeout);
+        let watched = Watched::new(context);
+        let most = timeout.max(self.limits.tool_max);
+        match within(timeout, most, &watched, request(&watched)).await {
+            Ok(Ok(found)) => Ok(found),
+            Ok(Err(CallError::Protocol(message) | CallError::Disconnected(message))) => Err(
+                format!("the tool server \"{server}\" could not do it: {message}"),
+            ),
+            Err(_) => Err(format!(
+                "the tool server \"{server}\" did not answer within {} seconds",
+                timeout.as_secs()
+            )),
+        }
+    }
+}
+
 /// The secret values in the servers' `env` and `headers`.
 fn server_secrets<'a>(
     servers: impl Iterator<Item = &'a ServerSpec>,
@@ -829,6 +906,95 @@ impl ToolHost for McpHost {
 
     async fn servers(&self, _conversation: &str) -> Vec<String> {
         self.current().iter().map(|s| s.spec.name.clone()).collect()
+    }
+
+    async fn prompts(&self, conversation: &str, off: &[String]) -> Vec<PromptInfo> {
+        let lists = self.lists(conversation, off).await;
+        lists
+            .iter()
+            .flat_map(|(server, lists)| {
+                lists
+                    .prompts
+                    .iter()
+                    .filter_map(|item| result::prompt_info(server, item))
+            })
+            .collect()
+    }
+
+    async fn get_prompt(
+        &self,
+        conversation: &str,
+        server: &str,
+        name: &str,
+        arguments: serde_json::Map<String, Value>,
+        context: &dyn CallContext,
+    ) -> Result<String, String> {
+        let (session, _lease) = self.session_named(conversation, server).await?;
+        let result = self
+            .within_timeout(server, context, async |watched| {
+                session.get_prompt(name, arguments, watched).await
+            })
+            .await?;
+        Ok(result::prompt_text(
+            &result,
+            self.limits.tool_result_max_chars,
+        ))
+    }
+
+    async fn complete_argument(
+        &self,
+        conversation: &str,
+        server: &str,
+        prompt: &str,
+        argument: &str,
+        value: &str,
+    ) -> Vec<String> {
+        let Ok((session, _lease)) = self.session_named(conversation, server).await else {
+            return Vec::new();
+        };
+        if !session.offers().completions {
+            return Vec::new();
+        }
+        let reference = serde_json::json!({"type": "ref/prompt", "name": prompt});
+        let others = serde_json::Map::new();
+        let asked = session.complete(reference, argument, value, &others);
+        match tokio::time::timeout(COMPLETION_TIMEOUT, asked).await {
+            Ok(Ok(values)) => values,
+            _ => Vec::new(),
+        }
+    }
+
+    async fn resources(&self, conversation: &str, off: &[String]) -> Vec<ResourceInfo> {
+        let lists = self.lists(conversation, off).await;
+        lists
+            .iter()
+            .flat_map(|(server, lists)| {
+                let plain = lists
+                    .resources
+                    .iter()
+                    .filter_map(|item| result::resource_info(server, item, false));
+                let templates = lists
+                    .templates
+                    .iter()
+                    .filter_map(|item| result::resource_info(server, item, true));
+                plain.chain(templates).collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    async fn read_resource(
+        &self,
+        conversation: &str,
+        server: &str,
+        uri: &str,
+    ) -> Result<Vec<ResourceContent>, String> {
+        let (session, _lease) = self.session_named(conversation, server).await?;
+        let result = self
+            .within_timeout(server, &(), async |watched| {
+                session.read_resource(uri, watched).await
+            })
+            .await?;
+        Ok(result::resource_contents(&result))
     }
 
     async fn close_server(&self, conversation: &str, server: &str) {

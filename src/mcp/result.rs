@@ -137,6 +137,134 @@ fn block_text(block: &Value) -> Option<String> {
     }
 }
 
+/// A filled-in prompt (`GetPromptResult` JSON) as the text of a person's
+/// turn: its messages in order, the model's part marked as such, capped at
+/// `max_chars`.
+pub fn prompt_text(result: &Value, max_chars: usize) -> String {
+    let messages = result
+        .get("messages")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let only_user = messages
+        .iter()
+        .all(|m| m.get("role").and_then(Value::as_str) != Some("assistant"));
+    let parts: Vec<String> = messages
+        .iter()
+        .filter_map(|message| {
+            let content = message.get("content")?;
+            let text = match content {
+                Value::Array(blocks) => blocks
+                    .iter()
+                    .filter_map(block_text)
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+                block => block_text(block)?,
+            };
+            let role = message
+                .get("role")
+                .and_then(Value::as_str)
+                .unwrap_or("user");
+            Some(if only_user {
+                text
+            } else if role == "assistant" {
+                format!("Assistant: {text}")
+            } else {
+                format!("User: {text}")
+            })
+        })
+        .collect();
+    let text = parts.join("\n\n");
+    let capped = cap(text, false, max_chars);
+    capped.content
+}
+
+/// What `resources/read` returned (`ReadResourceResult` JSON).
+pub fn resource_contents(result: &Value) -> Vec<crate::conversation::offers::ResourceContent> {
+    use crate::conversation::offers::{ResourceBody, ResourceContent};
+    use base64::Engine as _;
+    let items = result
+        .get("contents")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    items
+        .iter()
+        .filter_map(|item| {
+            let field = |key: &str| item.get(key).and_then(Value::as_str);
+            let body = match (field("text"), field("blob")) {
+                (Some(text), _) => ResourceBody::Text(text.to_owned()),
+                (None, Some(blob)) => ResourceBody::Bytes(
+                    base64::engine::general_purpose::STANDARD
+                        .decode(blob)
+                        .ok()?,
+                ),
+                (None, None) => return None,
+            };
+            Some(ResourceContent {
+                uri: field("uri").unwrap_or_default().to_owned(),
+                mime: field("mimeType").map(str::to_owned),
+                body,
+            })
+        })
+        .collect()
+}
+
+/// A listed prompt of `server`, when it has a name.
+pub fn prompt_info(server: &str, item: &Value) -> Option<crate::conversation::offers::PromptInfo> {
+    use crate::conversation::offers::{PromptArgument, PromptInfo};
+    let text = |v: &Value, key: &str| {
+        v.get(key)
+            .and_then(Value::as_str)
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned)
+    };
+    let name = text(item, "name")?;
+    let arguments = item
+        .get("arguments")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|a| {
+            let name = text(a, "name")?;
+            Some(PromptArgument {
+                title: text(a, "title").unwrap_or_else(|| name.clone()),
+                description: text(a, "description"),
+                required: a.get("required").and_then(Value::as_bool) == Some(true),
+                name,
+            })
+        })
+        .collect();
+    Some(PromptInfo {
+        server: server.to_owned(),
+        title: text(item, "title").unwrap_or_else(|| name.clone()),
+        description: text(item, "description"),
+        name,
+        arguments,
+    })
+}
+
+/// A listed resource (or, with `template`, resource template) of `server`.
+pub fn resource_info(
+    server: &str,
+    item: &Value,
+    template: bool,
+) -> Option<crate::conversation::offers::ResourceInfo> {
+    let field = |key: &str| item.get(key).and_then(Value::as_str).map(str::to_owned);
+    let uri = field(if template { "uriTemplate" } else { "uri" })?;
+    Some(crate::conversation::offers::ResourceInfo {
+        server: server.to_owned(),
+        name: field("title")
+            .or_else(|| field("name"))
+            .unwrap_or_else(|| uri.clone()),
+        description: field("description"),
+        mime: field("mimeType"),
+        uri,
+        template,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

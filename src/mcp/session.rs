@@ -10,7 +10,7 @@ use rmcp::handler::client::progress::ProgressDispatcher;
 use rmcp::model::{
     CallToolRequest, CallToolRequestParams, CancelledNotificationParam, ClientCapabilities,
     ClientConfig, ClientRequest, ElicitRequestParams, ElicitResult, ElicitationAction,
-    ElicitationCapability, FormElicitationCapability, Implementation, InputRequest, InputResponses,
+    ElicitationCapability, FormElicitationCapability, Implementation, InputRequest,
     ListToolsRequest, PaginatedRequestParams, ProgressNotificationParam, ProtocolVersion, Request,
     RequestId, RequestOptionalParam, ServerResult, UrlElicitationCapability,
 };
@@ -85,6 +85,24 @@ struct Handler {
     calls: Arc<std::sync::atomic::AtomicUsize>,
     shared: bool,
     server: String,
+    /// Set on `prompts/list_changed` and `resources/list_changed`.
+    lists_stale: Arc<AtomicBool>,
+}
+
+/// What a server offers besides tools, from its capabilities.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Offers {
+    pub prompts: bool,
+    pub resources: bool,
+    pub completions: bool,
+}
+
+/// A server's prompts, resources and resource templates, as listed.
+#[derive(Debug, Default)]
+pub struct Lists {
+    pub prompts: Vec<Value>,
+    pub resources: Vec<Value>,
+    pub templates: Vec<Value>,
 }
 
 impl Handler {
@@ -112,6 +130,14 @@ impl Handler {
 }
 
 impl ClientHandler for Handler {
+    async fn on_prompt_list_changed(&self, _context: NotificationContext<RoleClient>) {
+        self.lists_stale.store(true, Ordering::SeqCst);
+    }
+
+    async fn on_resource_list_changed(&self, _context: NotificationContext<RoleClient>) {
+        self.lists_stale.store(true, Ordering::SeqCst);
+    }
+
     async fn create_elicitation(
         &self,
         request: ElicitRequestParams,
@@ -359,6 +385,9 @@ pub struct Session {
     /// Questions the server sent as requests, for the running call.
     questions: Mutex<mpsc::Receiver<Asked>>,
     calls: Arc<std::sync::atomic::AtomicUsize>,
+    offers: Offers,
+    lists_stale: Arc<AtomicBool>,
+    lists: Mutex<Option<Arc<Lists>>>,
 }
 
 impl std::fmt::Debug for Session {
@@ -384,7 +413,9 @@ impl Session {
         let progress = ProgressDispatcher::new();
         let (questions, waiting) = mpsc::channel(QUESTIONS_WAITING);
         let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let lists_stale = Arc::new(AtomicBool::new(true));
         let handler = Handler {
+            lists_stale: lists_stale.clone(),
             tools_stale: tools_stale.clone(),
             progress: progress.clone(),
             info,
@@ -404,6 +435,11 @@ impl Session {
                 )
             })??;
         let info = service.peer().peer_info();
+        let offers = info.as_ref().map_or_else(Offers::default, |i| Offers {
+            prompts: i.capabilities.prompts.is_some(),
+            resources: i.capabilities.resources.is_some(),
+            completions: i.capabilities.completions.is_some(),
+        });
         let instructions = info
             .as_ref()
             .and_then(|i| i.instructions.as_deref())
@@ -426,6 +462,9 @@ impl Session {
             disconnected: AtomicBool::new(false),
             questions: Mutex::new(waiting),
             calls,
+            offers,
+            lists_stale,
+            lists: Mutex::new(None),
         })
     }
 
@@ -516,17 +555,35 @@ impl Session {
         arguments: Value,
         context: &dyn CallContext,
     ) -> Result<Value, CallError> {
-        let _running = Running::new(&self.calls);
-        let mut params = CallToolRequestParams::new(tool.to_owned());
-        if let Value::Object(map) = arguments {
-            params = params.with_arguments(map);
+        let mut params = serde_json::json!({"name": tool});
+        if arguments.is_object() {
+            params["arguments"] = arguments;
         }
+        let build = |params: Value| {
+            let params: CallToolRequestParams = serde_json::from_value(params)?;
+            let request: CallToolRequest = Request::new(params);
+            Ok(ClientRequest::CallToolRequest(request))
+        };
+        self.with_inputs(tool, params, context, build).await
+    }
+
+    /// Sends the request `build` makes of `params` on behalf of `what` (a
+    /// tool, prompt or resource), and again with the answers and the state
+    /// while the server answers `input_required`, at most
+    /// [`MAX_INPUT_ROUNDS`] times. The result is JSON.
+    async fn with_inputs(
+        &self,
+        what: &str,
+        mut params: Value,
+        context: &dyn CallContext,
+        build: impl Fn(Value) -> Result<ClientRequest, serde_json::Error>,
+    ) -> Result<Value, CallError> {
+        let _running = Running::new(&self.calls);
         for round in 0..MAX_INPUT_ROUNDS {
-            let request: CallToolRequest = Request::new(params.clone());
-            let asked = match self
-                .typed_request(ClientRequest::CallToolRequest(request), context, Some(tool))
-                .await?
-            {
+            let request = build(params.clone()).map_err(|e| {
+                CallError::Protocol(format!("its request could not be written ({e})"))
+            })?;
+            let asked = match self.typed_request(request, context, Some(what)).await? {
                 ServerResult::InputRequiredResult(asked) => asked,
                 other => return Ok(as_json(other)),
             };
@@ -541,17 +598,175 @@ impl Session {
                 let wait = Duration::from_millis(50 << round.min(3));
                 tokio::time::sleep(wait).await;
             }
-            let mut answers = InputResponses::new();
+            let mut answers = serde_json::Map::new();
             for (key, request) in requests {
-                let answer = answer_input(&self.server, tool, request, context).await?;
+                let answer = answer_input(&self.server, what, request, context).await?;
                 answers.insert(key, answer);
             }
-            params.input_responses = (!answers.is_empty()).then_some(answers);
-            params.request_state = asked.request_state;
+            let object = params
+                .as_object_mut()
+                .expect("request parameters are an object");
+            object.remove("inputResponses");
+            object.remove("requestState");
+            if !answers.is_empty() {
+                object.insert("inputResponses".into(), Value::Object(answers));
+            }
+            if let Some(state) = asked.request_state {
+                object.insert("requestState".into(), Value::String(state));
+            }
         }
         Err(CallError::Protocol(format!(
             "it asked for input {MAX_INPUT_ROUNDS} times without finishing the call"
         )))
+    }
+
+    /// What the server offers besides tools.
+    pub fn offers(&self) -> Offers {
+        self.offers
+    }
+
+    /// Its prompts, resources and resource templates (what it offers of
+    /// them), listed again after a `list_changed`. Bounded like tools.
+    pub async fn lists(&self, limits: &Limits) -> Result<Arc<Lists>, String> {
+        let mut cached = self.lists.lock().await;
+        if let Some(lists) = cached.as_ref()
+            && !self.lists_stale.load(Ordering::SeqCst)
+        {
+            return Ok(lists.clone());
+        }
+        self.lists_stale.store(false, Ordering::SeqCst);
+        let listing = async {
+            let mut lists = Lists::default();
+            if self.offers.prompts {
+                lists.prompts = self
+                    .list_all("prompts", |p| {
+                        ClientRequest::ListPromptsRequest(RequestOptionalParam::with_param(p))
+                    })
+                    .await?;
+            }
+            if self.offers.resources {
+                lists.resources = self
+                    .list_all("resources", |p| {
+                        ClientRequest::ListResourcesRequest(RequestOptionalParam::with_param(p))
+                    })
+                    .await?;
+                lists.templates = self
+                    .list_all("resourceTemplates", |p| {
+                        ClientRequest::ListResourceTemplatesRequest(
+                            RequestOptionalParam::with_param(p),
+                        )
+                    })
+                    .await
+                    .unwrap_or_default();
+            }
+            Ok::<_, String>(lists)
+        };
+        let timeout = limits.mcp_list_timeout;
+        let lists = tokio::time::timeout(timeout, listing)
+            .await
+            .unwrap_or_else(|_| {
+                Err(format!(
+                    "listing its prompts and resources took longer than {} s (MCP_LIST_TIMEOUT_SECS)",
+                    timeout.as_secs()
+                ))
+            })
+            .inspect_err(|_| self.lists_stale.store(true, Ordering::SeqCst))?;
+        let lists = Arc::new(lists);
+        *cached = Some(lists.clone());
+        Ok(lists)
+    }
+
+    /// Every page of a list, up to [`MAX_LIST_PAGES`]: the items under `key`.
+    async fn list_all(
+        &self,
+        key: &str,
+        request: impl Fn(PaginatedRequestParams) -> ClientRequest,
+    ) -> Result<Vec<Value>, String> {
+        let mut items = Vec::new();
+        let mut cursor: Option<String> = None;
+        for _ in 0..MAX_LIST_PAGES {
+            let params = PaginatedRequestParams::default().with_cursor(cursor.take());
+            let page = self
+                .typed_request(request(params), &(), None)
+                .await
+                .map(as_json)
+                .map_err(|e| format!("listing its {key} failed: {}", e.sentence()))?;
+            items.extend(
+                page.get(key)
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .unwrap_or_default(),
+            );
+            match page.get("nextCursor").and_then(Value::as_str) {
+                Some(next) if !next.is_empty() => cursor = Some(next.to_owned()),
+                _ => break,
+            }
+        }
+        Ok(items)
+    }
+
+    /// `prompts/get`: the prompt's messages, filled in with `arguments`.
+    pub async fn get_prompt(
+        &self,
+        name: &str,
+        arguments: serde_json::Map<String, Value>,
+        context: &dyn CallContext,
+    ) -> Result<Value, CallError> {
+        let params = serde_json::json!({"name": name, "arguments": arguments});
+        let build = |params: Value| {
+            let request: rmcp::model::GetPromptRequest =
+                Request::new(serde_json::from_value(params)?);
+            Ok(ClientRequest::GetPromptRequest(request))
+        };
+        self.with_inputs(name, params, context, build).await
+    }
+
+    /// `resources/read`: the contents of `uri`.
+    pub async fn read_resource(
+        &self,
+        uri: &str,
+        context: &dyn CallContext,
+    ) -> Result<Value, CallError> {
+        let params = serde_json::json!({"uri": uri});
+        let build = |params: Value| {
+            let request: rmcp::model::ReadResourceRequest =
+                Request::new(serde_json::from_value(params)?);
+            Ok(ClientRequest::ReadResourceRequest(request))
+        };
+        self.with_inputs(uri, params, context, build).await
+    }
+
+    /// `completion/complete` for the argument `argument` of the prompt or
+    /// resource template `reference` (`{"type": "ref/prompt", "name": …}`),
+    /// typed so far as `value`, with the other arguments given.
+    pub async fn complete(
+        &self,
+        reference: Value,
+        argument: &str,
+        value: &str,
+        others: &serde_json::Map<String, Value>,
+    ) -> Result<Vec<String>, CallError> {
+        let mut params =
+            serde_json::json!({"ref": reference, "argument": {"name": argument, "value": value}});
+        if !others.is_empty() {
+            params["context"] = serde_json::json!({"arguments": others});
+        }
+        let request: rmcp::model::CompleteRequest =
+            Request::new(serde_json::from_value(params).map_err(|e| {
+                CallError::Protocol(format!("its request could not be written ({e})"))
+            })?);
+        let result = self
+            .typed_request(ClientRequest::CompleteRequest(request), &(), None)
+            .await
+            .map(as_json)?;
+        Ok(result
+            .pointer("/completion/values")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .map(str::to_owned)
+            .collect())
     }
 
     /// Sends one request and returns its result, passing on the progress

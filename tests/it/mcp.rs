@@ -274,3 +274,67 @@ async fn a_slow_tool_times_out_with_a_message() {
     assert!(started.elapsed() < Duration::from_secs(10));
     host.shutdown().await;
 }
+
+#[tokio::test]
+async fn prompts_and_resources_of_a_real_server_are_listed_filled_in_and_read() {
+    use mcpcord::conversation::offers::ResourceBody;
+    support::needs_servers!();
+    let host = host(
+        json!({"everything": support::everything()}),
+        Limits::default(),
+    );
+    let prompts = host.prompts("c", &[]).await;
+    let args = prompts
+        .iter()
+        .find(|p| p.name == "args-prompt")
+        .expect("the prompt with arguments");
+    assert_eq!(args.title, "Arguments Prompt");
+    assert_eq!(args.key(), "everything__args-prompt");
+    let arguments: Vec<(&str, bool)> = args
+        .arguments
+        .iter()
+        .map(|a| (a.name.as_str(), a.required))
+        .collect();
+    assert_eq!(arguments, [("city", true), ("state", false)]);
+    let mut given = serde_json::Map::new();
+    given.insert("city".into(), json!("Paris"));
+    let text = host
+        .get_prompt("c", "everything", "args-prompt", given, &())
+        .await
+        .unwrap();
+    assert_eq!(text, "What's weather in Paris?");
+    let missing = host
+        .get_prompt("c", "everything", "no-such-prompt", Default::default(), &())
+        .await
+        .unwrap_err();
+    assert!(
+        missing.contains("the tool server \"everything\" could not do it"),
+        "{missing}"
+    );
+    let suggested = host
+        .complete_argument("c", "everything", "completable-prompt", "department", "E")
+        .await;
+    assert_eq!(suggested, ["Engineering"]);
+    // Off in this conversation: nothing is offered from it.
+    assert!(host.prompts("c", &["everything".into()]).await.is_empty());
+
+    let resources = host.resources("c", &[]).await;
+    assert!(
+        resources
+            .iter()
+            .any(|r| !r.template && r.uri == "demo://resource/static/document/architecture.md")
+    );
+    let template = resources
+        .iter()
+        .find(|r| r.template)
+        .expect("a resource template");
+    assert_eq!(template.uri, "demo://resource/dynamic/text/{resourceId}");
+    let read = host
+        .read_resource("c", "everything", "demo://resource/dynamic/text/3")
+        .await
+        .unwrap();
+    assert_eq!(read.len(), 1);
+    assert_eq!(read[0].mime.as_deref(), Some("text/plain"));
+    assert!(matches!(&read[0].body, ResourceBody::Text(t) if t.starts_with("Resource 3:")));
+    host.shutdown().await;
+}
