@@ -271,10 +271,26 @@ pub async fn run(
                 command_system(engine, conversation, rest.trim(), out, err).await?;
                 continue;
             }
+            "/prompt" => match command_prompt(engine, conversation, rest.trim(), out).await? {
+                Picked::Send(text) => Ask::New(Message::user(text)),
+                Picked::Listed => continue,
+                Picked::Refused(problem) => {
+                    writeln!(err, "error: {problem}")?;
+                    continue;
+                }
+            },
+            "/resource" => match command_resource(engine, conversation, rest.trim(), out).await? {
+                Picked::Send(text) => Ask::New(Message::user(text)),
+                Picked::Listed => continue,
+                Picked::Refused(problem) => {
+                    writeln!(err, "error: {problem}")?;
+                    continue;
+                }
+            },
             _ if word.starts_with('/') && !word[1..].contains('/') => {
                 writeln!(
                     err,
-                    "error: there is no command {word}. Commands: /reset, /retry, /undo, /model [name], /system [prompt | --default]."
+                    "error: there is no command {word}. Commands: /reset, /retry, /undo, /model [name], /system [prompt | --default], /prompt [SERVER__NAME key=value ...], /resource [URI [question]]."
                 )?;
                 continue;
             }
@@ -324,6 +340,101 @@ async fn watch(
         result = turn => result.map(|()| Ended::Turn),
         () = interrupted => Ok(Ended::Chat),
     }
+}
+
+/// What `/prompt` or `/resource` came to.
+enum Picked {
+    /// The text of the person's turn.
+    Send(String),
+    /// What there is was printed; nothing to send.
+    Listed,
+    Refused(String),
+}
+
+/// `/prompt` lists the prompts; `/prompt KEY key=value ...` fills one in
+/// as the text of the person's turn.
+async fn command_prompt(
+    engine: &Engine,
+    conversation: &str,
+    rest: &str,
+    out: &mut impl Write,
+) -> std::io::Result<Picked> {
+    let (key, arguments) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
+    if key.is_empty() {
+        let prompts = match engine.prompts(conversation).await {
+            Ok(prompts) => prompts,
+            Err(error) => return Ok(Picked::Refused(error.to_string())),
+        };
+        if prompts.is_empty() {
+            return Ok(Picked::Refused("no tool server here offers prompts".into()));
+        }
+        for prompt in prompts {
+            let arguments: Vec<String> = prompt
+                .arguments
+                .iter()
+                .map(|a| format!("{}{}", a.name, if a.required { "*" } else { "" }))
+                .collect();
+            let about = prompt.description.as_deref().unwrap_or(&prompt.title);
+            writeln!(out, "{} — {about} ({})", prompt.key(), arguments.join(", "))?;
+        }
+        writeln!(out, "(* required; use one with /prompt KEY name=value ...)")?;
+        return Ok(Picked::Listed);
+    }
+    let arguments = match crate::conversation::offers::parse_arguments(arguments) {
+        Ok(arguments) => arguments,
+        Err(problem) => return Ok(Picked::Refused(problem)),
+    };
+    Ok(
+        match engine.fill_prompt(conversation, key, &arguments).await {
+            Ok(text) => Picked::Send(text),
+            Err(problem) => Picked::Refused(problem),
+        },
+    )
+}
+
+/// `/resource` lists the resources; `/resource URI [question]` reads one
+/// and sends it (with the question) as the person's turn.
+async fn command_resource(
+    engine: &Engine,
+    conversation: &str,
+    rest: &str,
+    out: &mut impl Write,
+) -> std::io::Result<Picked> {
+    let (uri, question) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
+    if uri.is_empty() {
+        let resources = match engine.resources(conversation).await {
+            Ok(resources) => resources,
+            Err(error) => return Ok(Picked::Refused(error.to_string())),
+        };
+        if resources.is_empty() {
+            return Ok(Picked::Refused(
+                "no tool server here offers resources".into(),
+            ));
+        }
+        for resource in resources {
+            let kind = if resource.template {
+                " (template: fill in the {…})"
+            } else {
+                ""
+            };
+            writeln!(
+                out,
+                "{} — {} [{}]{kind}",
+                resource.uri, resource.name, resource.server
+            )?;
+        }
+        return Ok(Picked::Listed);
+    }
+    let (server, contents) = match engine.read_resource(conversation, uri).await {
+        Ok(read) => read,
+        Err(problem) => return Ok(Picked::Refused(problem)),
+    };
+    let mut text = engine.resource_context(&server, uri, &contents);
+    if !question.trim().is_empty() {
+        text.push_str("\n\n");
+        text.push_str(question.trim());
+    }
+    Ok(Picked::Send(text))
 }
 
 /// `/system` shows the prompt, `/system TEXT` sets it, `/system --default`

@@ -962,6 +962,11 @@ impl Engine {
         Ok(own.or_else(|| self.settings.system_prompt.clone()))
     }
 
+    /// The tool host.
+    pub(super) fn tools(&self) -> &dyn ToolHost {
+        self.tools.as_ref()
+    }
+
     /// The MCP servers switched off in `conversation`.
     pub async fn servers_off(&self, conversation: &str) -> Result<Vec<String>, StoreError> {
         if let Some(off) = self.with_live(conversation, |live| live.off.clone()) {

@@ -11,6 +11,7 @@ pub mod elicitation;
 mod engine;
 mod history;
 pub mod offers;
+mod picked;
 mod ports;
 mod prompt;
 mod think;

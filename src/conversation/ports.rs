@@ -457,6 +457,10 @@ pub trait ToolHost: Send + Sync {
         let _ = (conversation, uri);
         Err(format!("the tool server \"{server}\" offers no resources"))
     }
+    /// The most characters of one result (or resource) the model sees.
+    fn result_max_chars(&self) -> usize {
+        20_000
+    }
     /// The names of the servers `conversation` could use.
     async fn servers(&self, conversation: &str) -> Vec<String> {
         let mut names: Vec<String> = self

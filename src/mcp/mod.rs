@@ -908,6 +908,10 @@ impl ToolHost for McpHost {
         self.current().iter().map(|s| s.spec.name.clone()).collect()
     }
 
+    fn result_max_chars(&self) -> usize {
+        self.limits.tool_result_max_chars
+    }
+
     async fn prompts(&self, conversation: &str, off: &[String]) -> Vec<PromptInfo> {
         let lists = self.lists(conversation, off).await;
         lists

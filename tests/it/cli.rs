@@ -517,3 +517,37 @@ async fn a_servers_form_is_asked_field_by_field_and_declined_when_input_is_piped
         ["book: decline null"]
     );
 }
+
+#[tokio::test]
+async fn prompts_and_resources_are_listed_and_sent_from_the_terminal() {
+    support::needs_servers!();
+    let model = FakeModel::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    support::write_mcp(dir.path(), json!({"everything": support::everything()}));
+    model.script([text("Sunny."), text("A resource.")]);
+    let input = "/prompt\n/prompt everything__args-prompt\n/prompt everything__args-prompt city=Paris\n/resource\n/resource demo://resource/dynamic/text/3 what is it?\n";
+    let output = chat(&model, dir.path(), input).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    let (out, err) = (stdout(&output), stderr(&output));
+    assert!(
+        out.contains("everything__args-prompt — A prompt with two arguments, one required and one optional (city*, state)"),
+        "{out}"
+    );
+    assert!(out.contains("demo://resource/dynamic/text/{resourceId} — Dynamic Text Resource [everything] (template"), "{out}");
+    assert!(
+        err.contains("error: the prompt everything__args-prompt needs city"),
+        "{err}"
+    );
+    let requests = model.requests();
+    assert_eq!(requests.len(), 2, "listing and the refusal sent nothing");
+    assert_eq!(
+        support::user_said(&requests[0]).last().unwrap(),
+        "[Prompt \"Arguments Prompt\" of everything]\nWhat's weather in Paris?"
+    );
+    let read = support::user_said(&requests[1]).last().unwrap().clone();
+    assert!(
+        read.starts_with("[Resource demo://resource/dynamic/text/3 of everything, chosen by the user]\nResource 3:")
+            && read.ends_with("\n\nwhat is it?"),
+        "{read}"
+    );
+}
