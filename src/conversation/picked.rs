@@ -91,6 +91,20 @@ impl Engine {
         ))
     }
 
+    /// Suggestions for `argument` of the prompt `name` of `server`.
+    pub async fn complete_argument(
+        &self,
+        conversation: &str,
+        server: &str,
+        name: &str,
+        argument: &str,
+        value: &str,
+    ) -> Vec<String> {
+        self.tools()
+            .complete_argument(conversation, server, name, argument, value)
+            .await
+    }
+
     /// The server of `conversation` that offers `uri`: one that lists it,
     /// else one whose template it fits.
     pub async fn resource_server(&self, conversation: &str, uri: &str) -> Result<String, Refusal> {

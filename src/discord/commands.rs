@@ -1,5 +1,5 @@
 //! Slash commands (/reset, /stop, /retry, /undo, /model, /system,
-//! /reasoning, /tools, /usage, /reload)
+//! /reasoning, /tools, /usage, /reload; /prompt and /resource are in `picks`)
 //! and /model's autocomplete. None of them waits for a running turn
 //! (/reset and /undo stop it, then wait for it to end).
 
@@ -13,7 +13,7 @@ use super::inbound::{channel_of, conversation_of};
 use super::protocol::{MAX_CHOICE_CHARS, MAX_CHOICES, THREAD_CHANNEL_TYPES, command, response};
 use super::render::MAX_MESSAGE_CHARS;
 use super::rest::RestError;
-use super::{Bot, controls, servers};
+use super::{Bot, controls, picks, servers};
 use crate::conversation::{ReasoningEffort, UsageTotals};
 
 /// The commands, as registered with Discord.
@@ -37,7 +37,9 @@ pub fn definitions() -> Value {
                       "required": false, "choices": effort_choices()}]},
         {"name": "tools", "description": "The tools available here, and which servers are on", "type": command::CHAT_INPUT},
         {"name": "usage", "description": "Tokens and cost so far", "type": command::CHAT_INPUT},
-        {"name": "reload", "description": "Read the MCP servers file again (admins)", "type": command::CHAT_INPUT}
+        {"name": "reload", "description": "Read the MCP servers file again (admins)", "type": command::CHAT_INPUT},
+        picks::definitions()[0],
+        picks::definitions()[1]
     ])
 }
 
@@ -47,6 +49,9 @@ pub async fn run(bot: &Bot, command: &CommandInteraction) -> Result<(), RestErro
     let rest = &bot.surface.rest;
     if matches!(command.data.name.as_str(), "stop" | "retry") {
         return at_once(bot, command).await;
+    }
+    if command.data.name == "prompt" {
+        return picks::prompt(bot, command).await;
     }
     let deferred = json!({"type": response::DEFERRED_MESSAGE});
     rest.respond(command.id.get(), &command.token, deferred)
@@ -75,7 +80,7 @@ pub(super) struct Caller {
     admin: bool,
     /// Used in a server's channel (not a thread): `/model` and `/system`
     /// set the defaults of threads started there later.
-    channel_defaults: bool,
+    pub channel_defaults: bool,
 }
 
 /// `/stop` and `/retry`: answered at once, and only to the caller unless
@@ -203,6 +208,7 @@ async fn reply(bot: &Bot, command: &CommandInteraction) -> anyhow::Result<String
             }
         }
         "system" => system(bot, command, &conversation, admin, here).await,
+        "resource" => picks::resource(bot, command).await,
         "reload" => {
             if !admin {
                 anyhow::bail!(
@@ -370,6 +376,15 @@ fn quoted(text: &str) -> String {
 /// Models that support tools, matching what was typed, from the cached
 /// catalogue (autocomplete has no deferred answer).
 pub async fn autocomplete(bot: &Bot, command: &CommandInteraction) -> Result<(), RestError> {
+    if command.data.name != "model" {
+        let choices = picks::autocomplete(bot, command).await;
+        let body = json!({"type": response::AUTOCOMPLETE, "data": {"choices": choices}});
+        return bot
+            .surface
+            .rest
+            .respond(command.id.get(), &command.token, body)
+            .await;
+    }
     let typed = command
         .data
         .autocomplete()

@@ -9,7 +9,7 @@ use serenity::all::{
 };
 
 use super::inbound::{self, conversation_of};
-use super::{Bot, approvals, commands, controls, edits, health, questions, servers};
+use super::{Bot, approvals, commands, controls, edits, health, picks, questions, servers};
 use crate::conversation::Accepted;
 
 /// serenity's handler: it gets `&self`, and the parts need an owned `Arc`.
@@ -127,6 +127,9 @@ impl EventHandler for Handler {
                 if modal.data.custom_id.starts_with(questions::MODAL_PREFIX) =>
             {
                 questions::submit(&bot.surface, modal).await
+            }
+            Interaction::Modal(modal) if modal.data.custom_id.starts_with(picks::MODAL_PREFIX) => {
+                picks::submit(bot, modal).await
             }
             Interaction::Component(press) => approvals::press(&bot.surface, press).await,
             _ => Ok(()),

@@ -21,6 +21,7 @@ mod edits;
 mod handler;
 pub mod health;
 mod inbound;
+mod picks;
 pub mod protocol;
 mod questions;
 pub mod render;

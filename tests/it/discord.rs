@@ -2626,3 +2626,174 @@ async fn an_unanswered_question_counts_as_cancelled() {
     );
     bot.stop().await;
 }
+
+#[tokio::test]
+async fn prompts_and_resources_are_picked_with_autocomplete_modals_and_files() {
+    support::needs_servers!();
+    let discord = FakeDiscord::start().await;
+    let model = FakeModel::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    support::write_mcp(dir.path(), json!({"everything": support::everything()}));
+    model.script([text("Hello."), text("Sunny."), text("Read it.")]);
+    let bot = start(&discord, &model, dir.path(), &[]).await;
+    let thread = 570_000_000_000_000_001;
+    mention(&discord, thread, "hi");
+    discord
+        .wait_for("the first answer", |c| c.body["content"] == "Hello.")
+        .await;
+    let callback = |id: u64| {
+        let discord = discord.clone();
+        async move {
+            let path = format!("/interactions/{id}/token-{id}/callback");
+            discord
+                .wait_for("an interaction's answer", |c| c.path == path)
+                .await
+                .body
+        }
+    };
+    let original = |id: u64| {
+        let discord = discord.clone();
+        async move {
+            let path = format!(
+                "/webhooks/{}/token-{id}/messages/@original",
+                support::discord::APP
+            );
+            discord
+                .wait_for("the command's answer", |c| c.path == path)
+                .await
+                .body
+        }
+    };
+    let complete = |id: u64, name: &str, options: Value| {
+        let data = json!({"id": id.to_string(), "name": name, "type": 1, "options": options});
+        discord.dispatch(
+            "INTERACTION_CREATE",
+            discord.interaction(id, 4, thread, ALICE, data, None),
+        );
+    };
+    let command = |id: u64, name: &str, options: Value| {
+        let data = json!({"id": id.to_string(), "name": name, "type": 1, "options": options});
+        discord.dispatch(
+            "INTERACTION_CREATE",
+            discord.interaction(id, 2, thread, ALICE, data, None),
+        );
+    };
+
+    complete(
+        1,
+        "prompt",
+        json!([{"name": "name", "type": 3, "value": "argu", "focused": true}]),
+    );
+    assert_eq!(
+        callback(1).await["data"]["choices"],
+        json!([{"name": "Arguments Prompt (everything)", "value": "everything__args-prompt"}])
+    );
+    complete(
+        2,
+        "prompt",
+        json!([
+        {"name": "name", "type": 3, "value": "everything__completable-prompt"},
+        {"name": "arguments", "type": 3, "value": "department=E", "focused": true}]),
+    );
+    assert_eq!(
+        callback(2).await["data"]["choices"],
+        json!([{"name": "department=Engineering", "value": "department=Engineering"}])
+    );
+    // No arguments given: a modal asks for them.
+    command(
+        3,
+        "prompt",
+        json!([{"name": "name", "type": 3, "value": "everything__args-prompt"}]),
+    );
+    let modal = callback(3).await;
+    assert_eq!(modal["type"], 9);
+    assert_eq!(modal["data"]["custom_id"], "prompt:everything__args-prompt");
+    let inputs: Vec<(&str, bool)> = modal["data"]["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| {
+            let input = &row["components"][0];
+            (
+                input["custom_id"].as_str().unwrap(),
+                input["required"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(inputs, [("city", true), ("state", false)]);
+    let submitted = json!({"custom_id": "prompt:everything__args-prompt", "components": [
+        {"type": 1, "components": [{"type": 4, "custom_id": "city", "value": "Paris"}]},
+        {"type": 1, "components": [{"type": 4, "custom_id": "state", "value": ""}]}]});
+    discord.dispatch(
+        "INTERACTION_CREATE",
+        discord.interaction(4, 5, thread, ALICE, submitted, None),
+    );
+    assert_eq!(
+        original(4).await["content"],
+        format!("📝 <@{ALICE}> used the prompt **Arguments Prompt** of everything: city=Paris")
+    );
+    discord
+        .wait_for("the prompt's answer", |c| c.body["content"] == "Sunny.")
+        .await;
+    let said = user_said(&model.requests()[1]);
+    assert!(
+        said.last()
+            .unwrap()
+            .ends_with("[Prompt \"Arguments Prompt\" of everything]\nWhat's weather in Paris?"),
+        "{said:?}"
+    );
+
+    complete(
+        5,
+        "resource",
+        json!([{"name": "uri", "type": 3, "value": "dynamic/text", "focused": true}]),
+    );
+    let choices = callback(5).await;
+    assert_eq!(
+        choices["data"]["choices"][0]["value"],
+        "demo://resource/dynamic/text/{resourceId}"
+    );
+    command(
+        6,
+        "resource",
+        json!([
+        {"name": "uri", "type": 3, "value": "demo://resource/dynamic/text/3"},
+        {"name": "to", "type": 3, "value": "file"}]),
+    );
+    assert!(
+        original(6).await["content"]
+            .as_str()
+            .unwrap()
+            .starts_with("📎 Attached 1 part(s)")
+    );
+    let file = discord
+        .calls()
+        .into_iter()
+        .find(|c| c.body["has_file"] == true && c.path == format!("/channels/{thread}/messages"))
+        .expect("the resource as a file");
+    assert_eq!(file.body["attachments"][0]["filename"], "3.txt");
+    command(
+        7,
+        "resource",
+        json!([
+        {"name": "uri", "type": 3, "value": "demo://resource/dynamic/text/4"},
+        {"name": "question", "type": 3, "value": "What is it?"}]),
+    );
+    assert!(
+        original(7).await["content"]
+            .as_str()
+            .unwrap()
+            .contains("added `demo://resource/dynamic/text/4` of everything")
+    );
+    discord
+        .wait_for("the resource's answer", |c| c.body["content"] == "Read it.")
+        .await;
+    let said = user_said(&model.requests()[2]);
+    let last = said.last().unwrap();
+    assert!(
+        last.contains("[Resource demo://resource/dynamic/text/4 of everything, chosen by the user]\nResource 4:")
+            && last.ends_with("\n\nWhat is it?"),
+        "{last}"
+    );
+    bot.stop().await;
+}

@@ -1,0 +1,431 @@
+//! `/prompt` and `/resource`: what the tool servers offer, picked by
+//! people. A prompt with arguments opens a modal for them (unless they are
+//! given as `key=value` words); its messages become the person's turn in
+//! the thread. A resource is attached to the thread as a file, or added to
+//! the conversation as the person's turn. Both autocomplete from the
+//! servers on in the thread.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use serenity::all::{ActionRowComponent, CommandInteraction, ModalInteraction};
+
+use super::commands::caller;
+use super::inbound::conversation_of;
+use super::protocol::{MAX_CHOICE_CHARS, MAX_CHOICES, command, response};
+use super::rest::{Attachment, RestError};
+use super::{Bot, ephemeral};
+use crate::conversation::offers::{PromptInfo, ResourceBody, parse_arguments};
+use crate::conversation::{Accepted, Inbound};
+
+/// Custom ids of a prompt's modal: `prompt:KEY`.
+pub const MODAL_PREFIX: &str = "prompt:";
+/// Inputs one modal holds.
+const MODAL_INPUTS: usize = 5;
+/// How long deciding between a modal and an answer may take: Discord
+/// wants the first answer to an interaction within three seconds.
+const DECIDE_WITHIN: Duration = Duration::from_millis(2500);
+/// A modal, as an interaction response.
+const MODAL: u8 = 9;
+
+/// The command definitions.
+pub fn definitions() -> [Value; 2] {
+    [
+        json!({"name": "prompt", "description": "Use a prompt a tool server offers; its text becomes your message", "type": command::CHAT_INPUT,
+        "options": [
+            {"name": "name", "description": "The prompt", "type": command::STRING_OPTION, "required": true, "autocomplete": true},
+            {"name": "arguments", "description": "key=value words (a modal asks for them otherwise)", "type": command::STRING_OPTION,
+             "required": false, "autocomplete": true}
+        ]}),
+        json!({"name": "resource", "description": "Read a resource a tool server offers", "type": command::CHAT_INPUT,
+        "options": [
+            {"name": "uri", "description": "The resource (fill in a template's {…})", "type": command::STRING_OPTION, "required": true, "autocomplete": true},
+            {"name": "to", "description": "Attach it here as a file, or add it to the conversation", "type": command::STRING_OPTION,
+             "required": false, "choices": [{"name": "the conversation", "value": "conversation"}, {"name": "a file in the thread", "value": "file"}]},
+            {"name": "question", "description": "What to ask about it (when added to the conversation)", "type": command::STRING_OPTION, "required": false}
+        ]}),
+    ]
+}
+
+/// A string option of `command`.
+fn option<'a>(command: &'a CommandInteraction, name: &str) -> Option<&'a str> {
+    command
+        .data
+        .options
+        .iter()
+        .find(|o| o.name == name)
+        .and_then(|o| o.value.as_str())
+}
+
+fn cut(text: &str, chars: usize) -> String {
+    match text.char_indices().nth(chars.saturating_sub(1)) {
+        Some((at, _)) if text.chars().count() > chars => format!("{}…", &text[..at]),
+        _ => text.to_owned(),
+    }
+}
+
+/// Queues `text` as `user`'s turn at `position` (the interaction's id).
+async fn queue(
+    bot: &Bot,
+    conversation: &str,
+    position: u64,
+    user: &serenity::all::User,
+    text: String,
+) -> anyhow::Result<()> {
+    let input = Inbound {
+        position,
+        author: user.id.get(),
+        author_name: user.display_name().to_owned(),
+        text,
+        ..Default::default()
+    };
+    match bot.workers.accept(conversation, input).await? {
+        Accepted::Queued | Accepted::Duplicate => Ok(()),
+        Accepted::Kept => anyhow::bail!(
+            "The bot is restarting; this is kept and will be answered when it is back."
+        ),
+    }
+}
+
+/// `/prompt`: a modal for its arguments, or (given as words, or none
+/// needed) its text queued as the caller's turn.
+pub async fn prompt(bot: &Bot, command: &CommandInteraction) -> Result<(), RestError> {
+    let rest = &bot.surface.rest;
+    let key = option(command, "name").unwrap_or_default().to_owned();
+    let words = option(command, "arguments").map(str::to_owned);
+    let conversation = conversation_of(command.channel_id.get());
+    let found = match caller(bot, command).await {
+        Ok(caller) if caller.channel_defaults => {
+            Err("Use /prompt in a thread of the bot (mention it to start one).".to_owned())
+        }
+        Ok(_) => {
+            let looked_up = bot.surface.engine.prompt(&conversation, &key);
+            match tokio::time::timeout(DECIDE_WITHIN, looked_up).await {
+                Ok(found) => found.map_err(|e| format!("❌ {}.", capitalised(&e))),
+                Err(_) => Err("❌ The tool servers took too long to list their prompts; try again in a moment.".into()),
+            }
+        }
+        Err(error) => Err(format!("❌ {error}")),
+    };
+    let prompt = match found {
+        Ok(prompt) => prompt,
+        Err(refusal) => {
+            return rest
+                .respond(command.id.get(), &command.token, ephemeral(&refusal))
+                .await;
+        }
+    };
+    if words.is_none() && !prompt.arguments.is_empty() {
+        let body = modal(&prompt);
+        return rest.respond(command.id.get(), &command.token, body).await;
+    }
+    let deferred = json!({"type": response::DEFERRED_MESSAGE});
+    rest.respond(command.id.get(), &command.token, deferred)
+        .await?;
+    let arguments = match parse_arguments(words.as_deref().unwrap_or_default()) {
+        Ok(arguments) => arguments,
+        Err(problem) => {
+            let body = json!({"content": format!("❌ The arguments: {problem}.")});
+            return rest
+                .edit_original(command.application_id.get(), &command.token, body)
+                .await;
+        }
+    };
+    let said = use_prompt(
+        bot,
+        &conversation,
+        command.id.get(),
+        &command.user,
+        &prompt,
+        &arguments,
+    )
+    .await;
+    let body = json!({"content": said, "allowed_mentions": {"parse": []}});
+    rest.edit_original(command.application_id.get(), &command.token, body)
+        .await
+}
+
+fn capitalised(text: &str) -> String {
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(first) => first.to_uppercase().chain(chars).collect(),
+        None => String::new(),
+    }
+}
+
+/// Fills `prompt` in and queues it; the sentence to answer with.
+async fn use_prompt(
+    bot: &Bot,
+    conversation: &str,
+    position: u64,
+    user: &serenity::all::User,
+    prompt: &PromptInfo,
+    arguments: &[(String, String)],
+) -> String {
+    let engine = &bot.surface.engine;
+    let text = match engine
+        .fill_prompt(conversation, &prompt.key(), arguments)
+        .await
+    {
+        Ok(text) => text,
+        Err(problem) => return format!("❌ {}.", capitalised(&problem)),
+    };
+    if let Err(error) = queue(bot, conversation, position, user, text).await {
+        return format!("❌ {error}");
+    }
+    let given: Vec<String> = arguments
+        .iter()
+        .filter(|(_, v)| !v.is_empty())
+        .map(|(k, v)| format!("{k}={}", cut(v, 60)))
+        .collect();
+    let mut said = format!(
+        "📝 <@{}> used the prompt **{}** of {}",
+        user.id.get(),
+        prompt.title.replace('*', ""),
+        prompt.server
+    );
+    if !given.is_empty() {
+        said.push_str(&format!(": {}", given.join(", ")));
+    }
+    said
+}
+
+/// The modal asking for a prompt's arguments (the first five).
+fn modal(prompt: &PromptInfo) -> Value {
+    let rows: Vec<Value> = prompt
+        .arguments
+        .iter()
+        .take(MODAL_INPUTS)
+        .map(|a| {
+            let placeholder = a.description.as_deref().unwrap_or(&a.title);
+            json!({"type": 1, "components": [{"type": 4, "custom_id": cut(&a.name, 100),
+                "label": cut(&a.title, 45), "style": 1, "required": a.required,
+                "placeholder": cut(placeholder, 100)}]})
+        })
+        .collect();
+    json!({"type": MODAL, "data": {"custom_id": cut(&format!("{MODAL_PREFIX}{}", prompt.key()), 100),
+        "title": cut(&prompt.title, 45), "components": rows}})
+}
+
+/// A filled-in prompt modal: the prompt is used with what was typed.
+pub async fn submit(bot: &Bot, modal: &ModalInteraction) -> Result<(), RestError> {
+    let rest = &bot.surface.rest;
+    let deferred = json!({"type": response::DEFERRED_MESSAGE});
+    rest.respond(modal.id.get(), &modal.token, deferred).await?;
+    let key = modal.data.custom_id.trim_start_matches(MODAL_PREFIX);
+    let conversation = conversation_of(modal.channel_id.get());
+    let arguments: Vec<(String, String)> = modal
+        .data
+        .components
+        .iter()
+        .flat_map(|row| &row.components)
+        .filter_map(|c| match c {
+            ActionRowComponent::InputText(input) => Some((
+                input.custom_id.clone(),
+                input.value.clone().unwrap_or_default().trim().to_owned(),
+            )),
+            _ => None,
+        })
+        .collect();
+    let said = match bot.surface.engine.prompt(&conversation, key).await {
+        Ok(prompt) => {
+            use_prompt(
+                bot,
+                &conversation,
+                modal.id.get(),
+                &modal.user,
+                &prompt,
+                &arguments,
+            )
+            .await
+        }
+        Err(problem) => format!("❌ {}.", capitalised(&problem)),
+    };
+    let body = json!({"content": said, "allowed_mentions": {"parse": []}});
+    rest.edit_original(modal.application_id.get(), &modal.token, body)
+        .await
+}
+
+/// `/resource`, answered after deferring: the resource attached here, or
+/// queued as the caller's turn.
+pub async fn resource(bot: &Bot, command: &CommandInteraction) -> anyhow::Result<String> {
+    let caller = caller(bot, command).await?;
+    if caller.channel_defaults {
+        anyhow::bail!("Use /resource in a thread of the bot (mention it to start one).");
+    }
+    let uri = option(command, "uri").unwrap_or_default().trim();
+    let engine = &bot.surface.engine;
+    let conversation = &caller.conversation;
+    let (server, contents) = engine
+        .read_resource(conversation, uri)
+        .await
+        .map_err(|problem| anyhow::anyhow!("{}.", capitalised(&problem)))?;
+    let user = command.user.id.get();
+    if option(command, "to") == Some("file") {
+        let channel = command.channel_id.get();
+        for part in &contents {
+            let bytes = match &part.body {
+                ResourceBody::Text(text) => text.clone().into_bytes(),
+                ResourceBody::Bytes(bytes) => bytes.clone(),
+            };
+            let file = Attachment {
+                name: file_name(&part.uri, part.mime.as_deref()),
+                bytes,
+            };
+            let body = json!({"content": format!("📎 `{}` of {server}, for <@{user}>", part.uri.replace('`', "'"))});
+            bot.surface
+                .rest
+                .create_message_with_file(channel, body, &file)
+                .await?;
+        }
+        return Ok(format!(
+            "📎 Attached {} part(s) of `{uri}`.",
+            contents.len()
+        ));
+    }
+    let mut text = engine.resource_context(&server, uri, &contents);
+    if let Some(question) = option(command, "question").filter(|q| !q.trim().is_empty()) {
+        text.push_str("\n\n");
+        text.push_str(question.trim());
+    }
+    queue(bot, conversation, command.id.get(), &command.user, text).await?;
+    Ok(format!(
+        "📖 <@{user}> added `{}` of {server} to the conversation.",
+        uri.replace('`', "'")
+    ))
+}
+
+/// A file name for a resource: the last part of its URI, with an
+/// extension from its type when it has none.
+fn file_name(uri: &str, mime: Option<&str>) -> String {
+    let last = uri
+        .trim_end_matches('/')
+        .rsplit(['/', ':'])
+        .next()
+        .filter(|s| !s.is_empty())
+        .unwrap_or("resource");
+    let clean: String = last
+        .chars()
+        .map(|c| {
+            if c.is_alphanumeric() || ".-_".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(80)
+        .collect();
+    if clean.contains('.') {
+        return clean;
+    }
+    let extension = match mime.unwrap_or_default() {
+        "text/markdown" => "md",
+        "application/json" => "json",
+        m if m.starts_with("text/") => "txt",
+        _ => "bin",
+    };
+    format!("{clean}.{extension}")
+}
+
+/// Autocomplete of `/prompt name`, `/prompt arguments` and `/resource uri`.
+pub async fn autocomplete(bot: &Bot, command: &CommandInteraction) -> Vec<Value> {
+    let Some(focused) = command.data.autocomplete() else {
+        return Vec::new();
+    };
+    let typed = focused.value.to_owned();
+    let conversation = conversation_of(command.channel_id.get());
+    let engine = &bot.surface.engine;
+    let choice =
+        |name: String, value: String| json!({"name": cut(&name, MAX_CHOICE_CHARS), "value": value});
+    let listed = async {
+        match (command.data.name.as_str(), focused.name) {
+            ("prompt", "name") => {
+                let lower = typed.to_lowercase();
+                engine
+                    .prompts(&conversation)
+                    .await
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|p| p.key().chars().count() <= MAX_CHOICE_CHARS)
+                    .filter(|p| {
+                        p.key().to_lowercase().contains(&lower)
+                            || p.title.to_lowercase().contains(&lower)
+                    })
+                    .map(|p| choice(format!("{} ({})", p.title, p.server), p.key()))
+                    .collect()
+            }
+            ("prompt", "arguments") => {
+                let key = option(command, "name").unwrap_or_default();
+                argument_choices(bot, &conversation, key, &typed).await
+            }
+            ("resource", "uri") => {
+                let lower = typed.to_lowercase();
+                engine
+                    .resources(&conversation)
+                    .await
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|r| r.uri.chars().count() <= MAX_CHOICE_CHARS)
+                    .filter(|r| {
+                        r.uri.to_lowercase().contains(&lower)
+                            || r.name.to_lowercase().contains(&lower)
+                    })
+                    .map(|r| {
+                        let what = if r.template {
+                            "template"
+                        } else {
+                            r.server.as_str()
+                        };
+                        choice(format!("{} — {} ({what})", r.name, r.uri), r.uri)
+                    })
+                    .collect()
+            }
+            _ => Vec::new(),
+        }
+    };
+    let mut choices: Vec<Value> = tokio::time::timeout(DECIDE_WITHIN, listed)
+        .await
+        .unwrap_or_default();
+    choices.truncate(MAX_CHOICES);
+    choices
+}
+
+/// Completions of the last `key=value` word typed for the prompt `key`:
+/// the server's suggestions for its value, or the arguments not given yet.
+async fn argument_choices(bot: &Bot, conversation: &str, key: &str, typed: &str) -> Vec<Value> {
+    let engine = &bot.surface.engine;
+    let Ok(prompt) = engine.prompt(conversation, key).await else {
+        return Vec::new();
+    };
+    let (done, last) = match typed.rfind(' ') {
+        Some(at) => (&typed[..=at], &typed[at + 1..]),
+        None => ("", typed),
+    };
+    let with = |word: String| {
+        let whole = format!("{done}{word}");
+        json!({"name": cut(&whole, MAX_CHOICE_CHARS), "value": cut(&whole, MAX_CHOICE_CHARS)})
+    };
+    match last.split_once('=') {
+        Some((name, value)) => {
+            let values = engine
+                .complete_argument(conversation, &prompt.server, &prompt.name, name, value)
+                .await;
+            values
+                .into_iter()
+                .map(|v| {
+                    with(if v.contains(' ') {
+                        format!("{name}=\"{v}\"")
+                    } else {
+                        format!("{name}={v}")
+                    })
+                })
+                .collect()
+        }
+        None => prompt
+            .arguments
+            .iter()
+            .filter(|a| a.name.starts_with(last) && !done.contains(&format!("{}=", a.name)))
+            .map(|a| with(format!("{}=", a.name)))
+            .collect(),
+    }
+}
