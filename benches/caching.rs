@@ -308,6 +308,7 @@ impl ToolHost for Files {
             is_error: false,
             full_output: None,
             images: Vec::new(),
+            links: Vec::new(),
         }
     }
 

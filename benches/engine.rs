@@ -105,6 +105,7 @@ impl ToolHost for Calculator {
             is_error: false,
             full_output: None,
             images: Vec::new(),
+            links: Vec::new(),
         }
     }
 

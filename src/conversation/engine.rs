@@ -1156,6 +1156,7 @@ impl Engine {
                 ok: !outcome.is_error,
                 summary: summarise(&outcome.content),
                 full_output: outcome.full_output.clone(),
+                links: outcome.links.clone(),
             });
             (
                 Message::tool_result(call.id.clone(), outcome.content),

@@ -27,8 +27,8 @@ pub use history::{estimate_tokens, fit_to_context, repair};
 pub use ports::{
     ApprovalRequest, ApproveAll, Approver, CallContext, ChatModel, ChatRequest, Citation,
     Completion, Decision, DeclineAll, FinishReason, GenerationLookup, Hold, LastInput, ModelError,
-    ModelInfo, ModelLookup, Notices, Replace, Store, StoreError, TextSink, TimedApprover, ToolHost,
-    ToolList, ToolOutcome, Unbilled, UnbilledUpdate,
+    ModelInfo, ModelLookup, Notices, Replace, ResourceLink, Store, StoreError, TextSink,
+    TimedApprover, ToolHost, ToolList, ToolOutcome, Unbilled, UnbilledUpdate,
 };
 pub use prompt::{Clock, Place};
 pub use types::{

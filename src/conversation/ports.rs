@@ -364,6 +364,17 @@ pub struct ToolOutcome {
     pub full_output: Option<String>,
     /// Images the tool returned, as data URLs.
     pub images: Vec<String>,
+    /// Resources it pointed to (`resource_link`), for people to read.
+    pub links: Vec<ResourceLink>,
+}
+
+/// A resource a tool result points to: the server whose tool returned it
+/// (which can read it), its URI and name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResourceLink {
+    pub server: String,
+    pub uri: String,
+    pub name: String,
 }
 
 impl ToolOutcome {
@@ -385,6 +396,7 @@ impl ToolOutcome {
             is_error: true,
             full_output: None,
             images: Vec::new(),
+            links: Vec::new(),
         }
     }
 }

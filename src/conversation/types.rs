@@ -322,6 +322,8 @@ pub enum TurnEvent {
         ok: bool,
         summary: String,
         full_output: Option<String>,
+        /// Resources the result points to, for people to read.
+        links: Vec<super::ports::ResourceLink>,
     },
     /// The final answer of the turn; `reasoning` when the model's
     /// reasoning for it is kept (see `Store::reasoning_of`).

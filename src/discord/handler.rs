@@ -131,6 +131,11 @@ impl EventHandler for Handler {
             Interaction::Modal(modal) if modal.data.custom_id.starts_with(picks::MODAL_PREFIX) => {
                 picks::submit(bot, modal).await
             }
+            Interaction::Component(press)
+                if press.data.custom_id.starts_with(picks::READ_PREFIX) =>
+            {
+                picks::press_read(bot, press).await
+            }
             Interaction::Component(press) => approvals::press(&bot.surface, press).await,
             _ => Ok(()),
         };

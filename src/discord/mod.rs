@@ -125,6 +125,8 @@ pub(crate) struct Surface {
     answer_rows: controls::AnswerRows,
     /// Servers' questions waiting for an answer.
     questions: questions::Questions,
+    /// The resources behind Read buttons.
+    links: picks::Links,
 }
 
 impl Surface {
@@ -281,6 +283,7 @@ pub async fn run(
         health: tokio::sync::Mutex::new(()),
         answer_rows: Default::default(),
         questions: Default::default(),
+        links: Default::default(),
     });
     let workers = Workers::new(ports.store, Arc::new(turns::Turns(surface.clone())));
     match workers.resume().await {

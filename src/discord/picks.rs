@@ -429,3 +429,108 @@ async fn argument_choices(bot: &Bot, conversation: &str, key: &str, typed: &str)
             .collect(),
     }
 }
+
+/// Custom ids of Read buttons: `read:KEY`.
+pub const READ_PREFIX: &str = "read:";
+/// Read buttons under one tool notice.
+const READ_BUTTONS: usize = 5;
+/// Read buttons remembered; past this the oldest no longer work.
+const LINKS_KEPT: usize = 10_000;
+
+/// The resources behind Read buttons, by key: in which conversation,
+/// from which server.
+#[derive(Debug, Default)]
+pub struct Links {
+    next: std::sync::atomic::AtomicU64,
+    kept: std::sync::Mutex<
+        std::collections::BTreeMap<u64, (String, crate::conversation::ResourceLink)>,
+    >,
+}
+
+impl Links {
+    /// A row of Read buttons for the first few `links` of a tool result in
+    /// `conversation`; none when there are none.
+    pub fn rows(
+        &self,
+        conversation: &str,
+        links: &[crate::conversation::ResourceLink],
+    ) -> Vec<Value> {
+        if links.is_empty() {
+            return Vec::new();
+        }
+        let mut kept = self.kept.lock().expect("links poisoned");
+        let buttons: Vec<Value> = links
+            .iter()
+            .take(READ_BUTTONS)
+            .map(|link| {
+                let key = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                kept.insert(key, (conversation.to_owned(), link.clone()));
+                json!({"type": super::protocol::component::BUTTON, "style": super::protocol::button::SECONDARY,
+                       "label": cut(&format!("Read {}", link.name), 80), "custom_id": format!("{READ_PREFIX}{key}")})
+            })
+            .collect();
+        while kept.len() > LINKS_KEPT {
+            kept.pop_first();
+        }
+        vec![json!({"type": super::protocol::component::ACTION_ROW, "components": buttons})]
+    }
+
+    fn get(&self, key: &str) -> Option<(String, crate::conversation::ResourceLink)> {
+        let key: u64 = key.parse().ok()?;
+        self.kept.lock().expect("links poisoned").get(&key).cloned()
+    }
+}
+
+/// A press of Read: the resource is read from the session of the server
+/// whose tool returned it, in that conversation, and attached to the thread.
+pub async fn press_read(
+    bot: &Bot,
+    press: &serenity::all::ComponentInteraction,
+) -> Result<(), RestError> {
+    let rest = &bot.surface.rest;
+    let key = press.data.custom_id.trim_start_matches(READ_PREFIX);
+    let Some((conversation, link)) = bot.surface.links.get(key) else {
+        let body = ephemeral(
+            "This button no longer works (the bot restarted since); use /resource instead.",
+        );
+        return rest.respond(press.id.get(), &press.token, body).await;
+    };
+    let deferred = json!({"type": response::DEFERRED_MESSAGE, "data": {"flags": super::protocol::flags::EPHEMERAL}});
+    rest.respond(press.id.get(), &press.token, deferred).await?;
+    let read = bot
+        .surface
+        .tools
+        .read_resource(&conversation, &link.server, &link.uri)
+        .await;
+    let said = match read {
+        Err(problem) => format!("❌ {}.", capitalised(&problem)),
+        Ok(contents) => {
+            let channel = press.channel_id.get();
+            let user = press.user.id.get();
+            let mut posted = 0;
+            for part in &contents {
+                let bytes = match &part.body {
+                    ResourceBody::Text(text) => text.clone().into_bytes(),
+                    ResourceBody::Bytes(bytes) => bytes.clone(),
+                };
+                let file = Attachment {
+                    name: file_name(&part.uri, part.mime.as_deref()),
+                    bytes,
+                };
+                let body = json!({"content": format!("📎 `{}` of {}, for <@{user}>", part.uri.replace('`', "'"), link.server)});
+                rest.create_message_with_file(channel, body, &file).await?;
+                posted += 1;
+            }
+            format!(
+                "📎 Attached {posted} part(s) of `{}`.",
+                link.uri.replace('`', "'")
+            )
+        }
+    };
+    rest.edit_original(
+        press.application_id.get(),
+        &press.token,
+        json!({"content": said}),
+    )
+    .await
+}

@@ -288,23 +288,17 @@ async fn render(
                 ok,
                 summary,
                 full_output,
+                links,
             } => {
                 let notice = notices.remove(&call_id);
                 let arguments = notice.as_ref().map(|(_, a)| a.as_str()).unwrap_or_default();
                 let content = notice_finished(&name, arguments, ok, &summary);
+                let conversation = super::inbound::conversation_of(channel);
+                let rows = surface.links.rows(&conversation, &links);
+                let body = json!({"content": content, "components": rows});
                 let mut result = match notice {
-                    Some((id, _)) => {
-                        rest.edit_message(
-                            channel,
-                            id,
-                            json!({"content": content, "components": []}),
-                        )
-                        .await
-                    }
-                    None => rest
-                        .create_message(channel, json!({"content": content}))
-                        .await
-                        .map(drop),
+                    Some((id, _)) => rest.edit_message(channel, id, body).await,
+                    None => rest.create_message(channel, body).await.map(drop),
                 };
                 if let (Some(full), Ok(())) = (full_output, &result) {
                     let file = Attachment {

@@ -1144,7 +1144,13 @@ impl ToolHost for McpHost {
         let watched = Watched::new(progress);
         let call = session.call(&route.tool, arguments, &watched);
         match within(timeout, most, &watched, call).await {
-            Ok(Ok(result)) => result::outcome(&result, self.limits.tool_result_max_chars),
+            Ok(Ok(result)) => {
+                let mut outcome = result::outcome(&result, self.limits.tool_result_max_chars);
+                for link in &mut outcome.links {
+                    link.server.clone_from(&spec.name);
+                }
+                outcome
+            }
             Ok(Err(CallError::Protocol(message))) => ToolOutcome::error(message),
             Ok(Err(CallError::Disconnected(message))) => {
                 tracing::warn!(server = %spec.name, %message, "MCP server disconnected during a call");

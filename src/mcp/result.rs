@@ -34,7 +34,22 @@ pub fn outcome(result: &Value, max_chars: usize) -> ToolOutcome {
     }
     let mut outcome = cap(text, is_error, max_chars);
     outcome.images = blocks.iter().filter_map(image_url).collect();
+    outcome.links = blocks.iter().filter_map(resource_link).collect();
     outcome
+}
+
+/// A `resource_link` block, its server left for the caller to fill in.
+fn resource_link(block: &Value) -> Option<crate::conversation::ResourceLink> {
+    if block.get("type").and_then(Value::as_str) != Some("resource_link") {
+        return None;
+    }
+    let field = |key: &str| block.get(key).and_then(Value::as_str);
+    let uri = field("uri")?.to_owned();
+    Some(crate::conversation::ResourceLink {
+        server: String::new(),
+        name: field("title").or(field("name")).unwrap_or(&uri).to_owned(),
+        uri,
+    })
 }
 
 /// Image types chat models accept.
@@ -70,6 +85,7 @@ fn cap(text: String, is_error: bool, max_chars: usize) -> ToolOutcome {
             is_error,
             full_output: None,
             images: Vec::new(),
+            links: Vec::new(),
         };
     }
     let kept: String = text.chars().take(max_chars).collect();
@@ -89,6 +105,7 @@ fn cap(text: String, is_error: bool, max_chars: usize) -> ToolOutcome {
         is_error,
         full_output: Some(full),
         images: Vec::new(),
+        links: Vec::new(),
     }
 }
 

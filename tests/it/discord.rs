@@ -2797,3 +2797,66 @@ async fn prompts_and_resources_are_picked_with_autocomplete_modals_and_files() {
     );
     bot.stop().await;
 }
+
+#[tokio::test]
+async fn resource_links_in_a_tool_result_get_read_buttons() {
+    support::needs_servers!();
+    let discord = FakeDiscord::start().await;
+    let model = FakeModel::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    support::write_mcp(dir.path(), json!({"everything": support::everything()}));
+    model.script([
+        call("l1", "everything__get-resource-links", r#"{"count": 2}"#),
+        text("Two links."),
+    ]);
+    let bot = start(&discord, &model, dir.path(), &[]).await;
+    let thread = 570_000_000_000_000_101;
+    mention(&discord, thread, "links please");
+    discord
+        .wait_for("the answer", |c| c.body["content"] == "Two links.")
+        .await;
+    let notice = discord
+        .calls()
+        .into_iter()
+        .find(|c| {
+            c.method == "PATCH"
+                && c.body["components"][0]["components"][0]["custom_id"]
+                    .as_str()
+                    .is_some_and(|id| id.starts_with("read:"))
+        })
+        .expect("the finished notice carries Read buttons");
+    let buttons = notice.body["components"][0]["components"]
+        .as_array()
+        .unwrap();
+    assert_eq!(buttons.len(), 2);
+    assert!(buttons[0]["label"].as_str().unwrap().starts_with("Read "));
+    let read = buttons[0]["custom_id"].as_str().unwrap();
+    discord.dispatch("INTERACTION_CREATE", press(&discord, 9, thread, BOB, read));
+    let path = format!(
+        "/webhooks/{}/token-9/messages/@original",
+        support::discord::APP
+    );
+    let said = discord
+        .wait_for("the Read answer", |c| c.path == path)
+        .await;
+    assert!(
+        said.body["content"]
+            .as_str()
+            .unwrap()
+            .starts_with("📎 Attached 1 part(s) of `demo://"),
+        "{}",
+        said.body
+    );
+    let file = discord
+        .calls()
+        .into_iter()
+        .find(|c| c.body["has_file"] == true)
+        .expect("the resource attached");
+    assert!(
+        file.body["content"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("for <@{BOB}>"))
+    );
+    bot.stop().await;
+}

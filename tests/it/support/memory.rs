@@ -608,6 +608,7 @@ impl ToolHost for FakeTools {
             is_error: false,
             full_output: None,
             images: Vec::new(),
+            links: Vec::new(),
         }
     }
 
