@@ -238,6 +238,23 @@ fn interaction_answer(content: &str, public: bool) -> serde_json::Value {
     json!({"type": protocol::response::MESSAGE, "data": data})
 }
 
+/// The text inputs of a submitted modal: (custom id, value).
+fn modal_inputs(modal: &serenity::all::ModalInteraction) -> Vec<(String, String)> {
+    modal
+        .data
+        .components
+        .iter()
+        .flat_map(|row| &row.components)
+        .filter_map(|c| match c {
+            serenity::all::ActionRowComponent::InputText(input) => Some((
+                input.custom_id.clone(),
+                input.value.clone().unwrap_or_default(),
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Role ids of a member.
 fn role_ids(roles: Option<&[RoleId]>) -> Vec<u64> {
     roles.unwrap_or_default().iter().map(|r| r.get()).collect()

@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use serenity::all::{ActionRowComponent, CommandInteraction, ModalInteraction};
+use serenity::all::{CommandInteraction, ModalInteraction};
 
 use super::commands::caller;
 use super::inbound::conversation_of;
@@ -214,18 +214,9 @@ pub async fn submit(bot: &Bot, modal: &ModalInteraction) -> Result<(), RestError
     rest.respond(modal.id.get(), &modal.token, deferred).await?;
     let key = modal.data.custom_id.trim_start_matches(MODAL_PREFIX);
     let conversation = conversation_of(modal.channel_id.get());
-    let arguments: Vec<(String, String)> = modal
-        .data
-        .components
-        .iter()
-        .flat_map(|row| &row.components)
-        .filter_map(|c| match c {
-            ActionRowComponent::InputText(input) => Some((
-                input.custom_id.clone(),
-                input.value.clone().unwrap_or_default().trim().to_owned(),
-            )),
-            _ => None,
-        })
+    let arguments: Vec<(String, String)> = super::modal_inputs(modal)
+        .into_iter()
+        .map(|(name, value)| (name, value.trim().to_owned()))
         .collect();
     let said = match bot.surface.engine.prompt(&conversation, key).await {
         Ok(prompt) => {
@@ -262,22 +253,7 @@ pub async fn resource(bot: &Bot, command: &CommandInteraction) -> anyhow::Result
         .map_err(|problem| anyhow::anyhow!("{}.", capitalised(&problem)))?;
     let user = command.user.id.get();
     if option(command, "to") == Some("file") {
-        let channel = command.channel_id.get();
-        for part in &contents {
-            let bytes = match &part.body {
-                ResourceBody::Text(text) => text.clone().into_bytes(),
-                ResourceBody::Bytes(bytes) => bytes.clone(),
-            };
-            let file = Attachment {
-                name: file_name(&part.uri, part.mime.as_deref()),
-                bytes,
-            };
-            let body = json!({"content": format!("📎 `{}` of {server}, for <@{user}>", part.uri.replace('`', "'"))});
-            bot.surface
-                .rest
-                .create_message_with_file(channel, body, &file)
-                .await?;
-        }
+        attach(bot, command.channel_id.get(), &server, user, &contents).await?;
         return Ok(format!(
             "📎 Attached {} part(s) of `{uri}`.",
             contents.len()
@@ -293,6 +269,33 @@ pub async fn resource(bot: &Bot, command: &CommandInteraction) -> anyhow::Result
         "📖 <@{user}> added `{}` of {server} to the conversation.",
         uri.replace('`', "'")
     ))
+}
+
+/// Posts each part of a resource `server` read as a file in `channel`,
+/// for `user`; how many were posted.
+async fn attach(
+    bot: &Bot,
+    channel: u64,
+    server: &str,
+    user: u64,
+    contents: &[crate::conversation::offers::ResourceContent],
+) -> Result<usize, RestError> {
+    for part in contents {
+        let bytes = match &part.body {
+            ResourceBody::Text(text) => text.clone().into_bytes(),
+            ResourceBody::Bytes(bytes) => bytes.clone(),
+        };
+        let file = Attachment {
+            name: file_name(&part.uri, part.mime.as_deref()),
+            bytes,
+        };
+        let body = json!({"content": format!("📎 `{}` of {server}, for <@{user}>", part.uri.replace('`', "'"))});
+        bot.surface
+            .rest
+            .create_message_with_file(channel, body, &file)
+            .await?;
+    }
+    Ok(contents.len())
 }
 
 /// A file name for a resource: the last part of its URI, with an
@@ -506,21 +509,7 @@ pub async fn press_read(
         Err(problem) => format!("❌ {}.", capitalised(&problem)),
         Ok(contents) => {
             let channel = press.channel_id.get();
-            let user = press.user.id.get();
-            let mut posted = 0;
-            for part in &contents {
-                let bytes = match &part.body {
-                    ResourceBody::Text(text) => text.clone().into_bytes(),
-                    ResourceBody::Bytes(bytes) => bytes.clone(),
-                };
-                let file = Attachment {
-                    name: file_name(&part.uri, part.mime.as_deref()),
-                    bytes,
-                };
-                let body = json!({"content": format!("📎 `{}` of {}, for <@{user}>", part.uri.replace('`', "'"), link.server)});
-                rest.create_message_with_file(channel, body, &file).await?;
-                posted += 1;
-            }
+            let posted = attach(bot, channel, &link.server, press.user.id.get(), &contents).await?;
             format!(
                 "📎 Attached {posted} part(s) of `{}`.",
                 link.uri.replace('`', "'")

@@ -11,9 +11,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde_json::{Map, Value, json};
-use serenity::all::{
-    ActionRowComponent, ComponentInteraction, ComponentInteractionDataKind, ModalInteraction,
-};
+use serenity::all::{ComponentInteraction, ComponentInteractionDataKind, ModalInteraction};
 use tokio::sync::oneshot;
 
 use super::protocol::{button, component, response};
@@ -460,18 +458,9 @@ pub async fn submit(surface: &Surface, modal: &ModalInteraction) -> Result<(), R
     let rest = modal.data.custom_id.trim_start_matches(MODAL_PREFIX);
     let (key, page) = rest.split_once(':').unwrap_or((rest, "0"));
     let page: usize = page.parse().unwrap_or(0);
-    let typed: Vec<(usize, String)> = modal
-        .data
-        .components
-        .iter()
-        .flat_map(|row| &row.components)
-        .filter_map(|c| match c {
-            ActionRowComponent::InputText(input) => Some((
-                input.custom_id.parse().ok()?,
-                input.value.clone().unwrap_or_default(),
-            )),
-            _ => None,
-        })
+    let typed: Vec<(usize, String)> = super::modal_inputs(modal)
+        .into_iter()
+        .filter_map(|(id, value)| Some((id.parse().ok()?, value)))
         .collect();
     let outcome = surface.questions.with(key, user, admin, |key, pending| {
         let QuestionKind::Form(fields) = pending.question.kind.clone() else {
