@@ -118,6 +118,8 @@ struct Server {
     freed: Arc<tokio::sync::Notify>,
     /// Set when a reload changed or removed it: no new session starts.
     retired: AtomicBool,
+    /// The revision its last session found it speaks.
+    era: Mutex<session::Era>,
 }
 
 /// How long a suggestion for an argument may take (people are typing).
@@ -343,6 +345,7 @@ impl McpHost {
             cap: Arc::new(tokio::sync::Semaphore::new(cap)),
             freed: Arc::default(),
             retired: AtomicBool::new(false),
+            era: Mutex::default(),
         })
     }
 
@@ -631,10 +634,15 @@ impl McpHost {
         }
         let started = Instant::now();
         let redactor = self.redactor.read().expect("redactor poisoned").clone();
-        let session = Session::start(spec, &self.limits, &redactor, &self.tasks)
-            .await
-            .map_err(|problem| self.record_failure(server, Step::Start, problem))?;
-        let session = Arc::new(session);
+        let era = *server.era.lock().expect("era poisoned");
+        let started_as = Session::start(spec, &self.limits, &redactor, &self.tasks, era).await;
+        // A server that changed revision is probed again next time.
+        *server.era.lock().expect("era poisoned") = started_as
+            .as_ref()
+            .map_or(session::Era::Unknown, Session::era);
+        let session = Arc::new(
+            started_as.map_err(|problem| self.record_failure(server, Step::Start, problem))?,
+        );
         tracing::info!(server = %spec.name, conversation, elapsed_ms = started.elapsed().as_millis() as u64, "MCP session started");
         *guard = Some(session.clone());
         Ok((session, lease))

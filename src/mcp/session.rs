@@ -388,6 +388,7 @@ pub struct Session {
     offers: Offers,
     lists_stale: Arc<AtomicBool>,
     lists: Mutex<Option<Arc<Lists>>>,
+    era: Era,
 }
 
 impl std::fmt::Debug for Session {
@@ -397,19 +398,24 @@ impl std::fmt::Debug for Session {
 }
 
 impl Session {
-    /// Starts the server of `spec` and runs the MCP handshake. A stdio
-    /// server's stderr is forwarded to the log by a task on `tasks`.
+    /// Starts the server of `spec` and runs the MCP handshake of `era`
+    /// (both, when unknown). A stdio server's stderr is forwarded to the log
+    /// by a task on `tasks`.
     pub async fn start(
         spec: &ServerSpec,
         limits: &Limits,
         redactor: &Redactor,
         tasks: &TaskTracker,
+        era: Era,
     ) -> Result<Session, String> {
         let tools_stale = Arc::new(AtomicBool::new(true));
-        let info = ClientConfig::new(
+        let mut info = ClientConfig::new(
             capabilities(),
             Implementation::new("mcpcord", env!("CARGO_PKG_VERSION")),
         );
+        if era == Era::Legacy {
+            info = info.with_protocol_version(ProtocolVersion::LATEST_WITH_INITIALIZE);
+        }
         let progress = ProgressDispatcher::new();
         let (questions, waiting) = mpsc::channel(QUESTIONS_WAITING);
         let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -425,7 +431,7 @@ impl Session {
             server: spec.name.clone(),
         };
         let timeout = limits.mcp_start_timeout;
-        let connecting = connect(spec, limits, redactor, handler, tasks);
+        let connecting = connect(spec, limits, redactor, handler, tasks, era);
         let service = tokio::time::timeout(timeout, connecting)
             .await
             .map_err(|_| {
@@ -451,7 +457,13 @@ impl Session {
             protocol = info.as_ref().map(|i| i.protocol_version.to_string()).unwrap_or_default(),
             "MCP session started"
         );
+        let era = match info.as_ref().map(|i| &i.protocol_version) {
+            Some(version) if *version == ProtocolVersion::LATEST => Era::Modern,
+            Some(_) => Era::Legacy,
+            None => Era::Unknown,
+        };
         Ok(Session {
+            era,
             instructions,
             server: spec.name.clone(),
             peer: service.peer().clone(),
@@ -618,6 +630,11 @@ impl Session {
         Err(CallError::Protocol(format!(
             "it asked for input {MAX_INPUT_ROUNDS} times without finishing the call"
         )))
+    }
+
+    /// The revision the server turned out to speak.
+    pub fn era(&self) -> Era {
+        self.era
     }
 
     /// What the server offers besides tools.
@@ -852,13 +869,33 @@ fn capabilities() -> ClientCapabilities {
     capabilities
 }
 
-/// The current (stateless) revision first, through `server/discover`; a
-/// server that does not know it gets the `initialize` handshake of the
-/// newest revision that has one.
-fn both_eras() -> ClientLifecycleMode {
-    ClientLifecycleMode::Auto {
-        preferred_versions: vec![ProtocolVersion::LATEST],
-        legacy_version: Some(ProtocolVersion::LATEST_WITH_INITIALIZE),
+/// Which revision of the protocol a server speaks, once a session found
+/// out: later sessions start the right way at once (a server that ignores
+/// `server/discover` would otherwise cost each one rmcp's 10 s probe).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Era {
+    #[default]
+    Unknown,
+    /// The stateless revision, through `server/discover`.
+    Modern,
+    /// The `initialize` handshake.
+    Legacy,
+}
+
+/// How to start a session of a server of `era`. Unknown: the current
+/// (stateless) revision first, through `server/discover`; a server that
+/// does not know it gets the `initialize` handshake of the newest revision
+/// that has one.
+fn lifecycle(era: Era) -> ClientLifecycleMode {
+    match era {
+        Era::Unknown => ClientLifecycleMode::Auto {
+            preferred_versions: vec![ProtocolVersion::LATEST],
+            legacy_version: Some(ProtocolVersion::LATEST_WITH_INITIALIZE),
+        },
+        Era::Modern => ClientLifecycleMode::Discover {
+            preferred_versions: vec![ProtocolVersion::LATEST],
+        },
+        Era::Legacy => ClientLifecycleMode::Initialize,
     }
 }
 
@@ -868,6 +905,7 @@ async fn connect(
     redactor: &Redactor,
     handler: Handler,
     tasks: &TaskTracker,
+    era: Era,
 ) -> Result<RunningService<RoleClient, Handler>, String> {
     match &spec.transport {
         Transport::Stdio {
@@ -888,7 +926,7 @@ async fn connect(
             };
             let transport = ChildTransport::spawn(&launch, redactor, tasks)?;
             handler
-                .serve_with_lifecycle(transport, both_eras())
+                .serve_with_lifecycle(transport, lifecycle(era))
                 .await
                 .map_err(|e| format!("the MCP handshake failed: {e}"))
         }
@@ -908,7 +946,7 @@ async fn connect(
                 .max_sse_event_size(limits.mcp_max_message_bytes);
             let transport = StreamableHttpClientTransport::from_config(config);
             handler
-                .serve_with_lifecycle(transport, both_eras())
+                .serve_with_lifecycle(transport, lifecycle(era))
                 .await
                 .map_err(|e| format!("could not connect to {}: {e}", origin(url)))
         }

@@ -752,3 +752,33 @@ async fn questions_of_both_eras_reach_the_person_and_forms_asking_for_secrets_do
     );
     host.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_server_that_ignores_discover_is_probed_once_not_per_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("deaf.log");
+    let mut server = hostile("deaf-discover", Some(log.to_str().unwrap()));
+    server["scope"] = json!("conversation");
+    let host = host(
+        json!({ "deaf": server }),
+        Limits {
+            mcp_start_timeout: Duration::from_secs(30),
+            ..quick()
+        },
+    );
+    // The first session waits out rmcp's probe, then falls back.
+    for conversation in ["a", "b", "c"] {
+        let tools = host.tools(conversation).await;
+        assert!(
+            tools.problems.is_empty(),
+            "{conversation}: {:?}",
+            tools.problems
+        );
+        assert_eq!(tools.specs.len(), 1);
+    }
+    let seen = std::fs::read_to_string(&log).unwrap();
+    let count = |method: &str| seen.lines().filter(|l| l.starts_with(method)).count();
+    assert_eq!(count("server/discover "), 1, "{seen}");
+    assert_eq!(count("initialize "), 3, "{seen}");
+    host.shutdown().await;
+}

@@ -21,6 +21,8 @@ Modes:
                      (with instructions), refuses initialize, appends "METHOD VERSION" per
                      request to FILE; its tool `ask` first answers input_required with only a
                      request state, and `confirm` asks a form question (input_required)
+  deaf-discover FILE a server of the handshake era that never answers server/discover (as
+                     servers that drop unknown methods do); appends "METHOD -" per request
   asking             a server of the handshake era whose tools ask the person during the call
                      with elicitation/create requests and answer with what came back:
                      `book` (a form), `signin` (a URL to open), `secret` (a form asking for a
@@ -192,6 +194,10 @@ def main():
             note("cancelled", (request.get("params") or {}).get("requestId"))
         if "id" not in request or MODE == "never-init":
             continue
+        if MODE == "deaf-discover":
+            note(method, "-")
+            if method == "server/discover":
+                continue
         if MODE == "modern":
             meta = (request.get("params") or {}).get("_meta") or {}
             note(method, meta.get("io.modelcontextprotocol/protocolVersion"))
