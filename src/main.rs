@@ -117,7 +117,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let app = App::build(&config).await?;
             app.start_biller();
-            app.reload_on_hangup()?;
+            // At a terminal, a hang-up is the terminal closing, which ends
+            // the chat; otherwise it asks for the MCP file to be read again.
+            if !std::io::stdin().is_terminal() {
+                app.reload_on_hangup()?;
+            }
             let key = terminal::conversation_key(&conversation);
             let result = async {
                 if let Some(model) = model {

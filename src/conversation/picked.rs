@@ -37,7 +37,7 @@ impl Engine {
         found.cloned().ok_or_else(|| {
             let known: Vec<String> = prompts.iter().map(PromptInfo::key).collect();
             if known.is_empty() {
-                format!("there is no prompt {key}: no tool server here offers prompts")
+                format!("there is no prompt {key}: no tool server here offers prompts (or those that do are not available now)")
             } else {
                 format!("there is no prompt {key}; there are: {}", known.join(", "))
             }
@@ -121,7 +121,7 @@ impl Engine {
                     .find(|r| r.template && fits_template(&r.uri, uri))
             })
             .map(|r| r.server.clone())
-            .ok_or_else(|| format!("no tool server here offers the resource {uri}"))
+            .ok_or_else(|| format!("no tool server here offers the resource {uri} (or the one that does is not available now)"))
     }
 
     /// Reads `uri` from the server that offers it in `conversation`.

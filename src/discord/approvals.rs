@@ -107,7 +107,7 @@ impl Approvals {
     }
 
     fn open(&self, asker: u64, scope: (String, String)) -> (Open<'_>, oneshot::Receiver<Decision>) {
-        let key = self.next.fetch_add(1, Ordering::Relaxed).to_string();
+        let key = super::button_key(self.next.fetch_add(1, Ordering::Relaxed)).to_string();
         let (answer, decided) = oneshot::channel();
         self.lock().insert(
             key.clone(),

@@ -238,6 +238,17 @@ fn interaction_answer(content: &str, public: bool) -> serde_json::Value {
     json!({"type": protocol::response::MESSAGE, "data": data})
 }
 
+/// A key for a button that no earlier run of the bot can have given out:
+/// `n` (a counter) mixed with this process's random seed, so a press of a
+/// button from before a restart finds nothing instead of something else.
+fn button_key(n: u64) -> u64 {
+    use std::hash::BuildHasher;
+    static SEED: std::sync::OnceLock<std::collections::hash_map::RandomState> =
+        std::sync::OnceLock::new();
+    SEED.get_or_init(std::collections::hash_map::RandomState::new)
+        .hash_one(n)
+}
+
 /// The text inputs of a submitted modal: (custom id, value).
 fn modal_inputs(modal: &serenity::all::ModalInteraction) -> Vec<(String, String)> {
     modal

@@ -87,6 +87,18 @@ async fn queue(
     }
 }
 
+/// Lists the prompts and resources of `conversation` in a task of its own:
+/// a caller that stops waiting (Discord's three seconds) does not stop the
+/// servers starting, so the next try finds them ready.
+fn warm(bot: &Bot, conversation: &str) -> tokio::task::JoinHandle<()> {
+    let engine = bot.surface.engine.clone();
+    let conversation = conversation.to_owned();
+    tokio::spawn(async move {
+        let _ = engine.prompts(&conversation).await;
+        let _ = engine.resources(&conversation).await;
+    })
+}
+
 /// `/prompt`: a modal for its arguments, or (given as words, or none
 /// needed) its text queued as the caller's turn.
 pub async fn prompt(bot: &Bot, command: &CommandInteraction) -> Result<(), RestError> {
@@ -99,7 +111,11 @@ pub async fn prompt(bot: &Bot, command: &CommandInteraction) -> Result<(), RestE
             Err("Use /prompt in a thread of the bot (mention it to start one).".to_owned())
         }
         Ok(_) => {
-            let looked_up = bot.surface.engine.prompt(&conversation, &key);
+            let warm = warm(bot, &conversation);
+            let looked_up = async {
+                let _ = warm.await;
+                bot.surface.engine.prompt(&conversation, &key).await
+            };
             match tokio::time::timeout(DECIDE_WITHIN, looked_up).await {
                 Ok(found) => found.map_err(|e| format!("❌ {}.", capitalised(&e))),
                 Err(_) => Err("❌ The tool servers took too long to list their prompts; try again in a moment.".into()),
@@ -110,11 +126,25 @@ pub async fn prompt(bot: &Bot, command: &CommandInteraction) -> Result<(), RestE
     let prompt = match found {
         Ok(prompt) => prompt,
         Err(refusal) => {
+            let refusal = cut(&refusal, 1900);
             return rest
                 .respond(command.id.get(), &command.token, ephemeral(&refusal))
                 .await;
         }
     };
+    let fits_modal = prompt.arguments.len() <= MODAL_INPUTS
+        && format!("{MODAL_PREFIX}{}", prompt.key()).len() <= 100
+        && prompt.arguments.iter().all(|a| a.name.len() <= 100);
+    if words.is_none() && !prompt.arguments.is_empty() && !fits_modal {
+        let names: Vec<&str> = prompt.arguments.iter().map(|a| a.name.as_str()).collect();
+        let said = format!(
+            "❌ This prompt's arguments do not fit a form; give them in `arguments:` as key=value words ({}).",
+            cut(&names.join(", "), 1500)
+        );
+        return rest
+            .respond(command.id.get(), &command.token, ephemeral(&said))
+            .await;
+    }
     if words.is_none() && !prompt.arguments.is_empty() {
         let body = modal(&prompt);
         return rest.respond(command.id.get(), &command.token, body).await;
@@ -190,11 +220,17 @@ async fn use_prompt(
     said
 }
 
-/// The modal asking for a prompt's arguments (the first five).
+/// The modal asking for a prompt's arguments (required ones first; the
+/// first five).
 fn modal(prompt: &PromptInfo) -> Value {
-    let rows: Vec<Value> = prompt
+    let mut arguments: Vec<_> = prompt
         .arguments
         .iter()
+        .filter(|a| a.name.len() <= 100)
+        .collect();
+    arguments.sort_by_key(|a| !a.required);
+    let rows: Vec<Value> = arguments
+        .into_iter()
         .take(MODAL_INPUTS)
         .map(|a| {
             let placeholder = a.description.as_deref().unwrap_or(&a.title);
@@ -253,11 +289,8 @@ pub async fn resource(bot: &Bot, command: &CommandInteraction) -> anyhow::Result
         .map_err(|problem| anyhow::anyhow!("{}.", capitalised(&problem)))?;
     let user = command.user.id.get();
     if option(command, "to") == Some("file") {
-        attach(bot, command.channel_id.get(), &server, user, &contents).await?;
-        return Ok(format!(
-            "📎 Attached {} part(s) of `{uri}`.",
-            contents.len()
-        ));
+        let channel = command.channel_id.get();
+        return Ok(attach(bot, channel, &server, user, &contents, uri).await);
     }
     let mut text = engine.resource_context(&server, uri, &contents);
     if let Some(question) = option(command, "question").filter(|q| !q.trim().is_empty()) {
@@ -267,7 +300,7 @@ pub async fn resource(bot: &Bot, command: &CommandInteraction) -> anyhow::Result
     queue(bot, conversation, command.id.get(), &command.user, text).await?;
     Ok(format!(
         "📖 <@{user}> added `{}` of {server} to the conversation.",
-        uri.replace('`', "'")
+        cut(uri, 300).replace('`', "'")
     ))
 }
 
@@ -279,24 +312,59 @@ async fn attach(
     server: &str,
     user: u64,
     contents: &[crate::conversation::offers::ResourceContent],
-) -> Result<usize, RestError> {
-    for part in contents {
+    uri: &str,
+) -> String {
+    let mut posted = 0;
+    let mut left_out = Vec::new();
+    for (n, part) in contents.iter().enumerate() {
         let bytes = match &part.body {
             ResourceBody::Text(text) => text.clone().into_bytes(),
             ResourceBody::Bytes(bytes) => bytes.clone(),
         };
+        if n >= MAX_PARTS {
+            left_out.push(format!(
+                "{} more part(s) (at most {MAX_PARTS} are attached)",
+                contents.len() - n
+            ));
+            break;
+        }
+        if bytes.len() > MAX_FILE_BYTES {
+            left_out.push(format!(
+                "`{}` ({} MiB; Discord takes files up to {} MiB)",
+                cut(&part.uri, 200).replace('`', "'"),
+                bytes.len().div_ceil(1024 * 1024),
+                MAX_FILE_BYTES / (1024 * 1024)
+            ));
+            continue;
+        }
         let file = Attachment {
             name: file_name(&part.uri, part.mime.as_deref()),
             bytes,
         };
         let body = json!({"content": format!("📎 `{}` of {server}, for <@{user}>", part.uri.replace('`', "'"))});
-        bot.surface
+        match bot
+            .surface
             .rest
             .create_message_with_file(channel, body, &file)
-            .await?;
+            .await
+        {
+            Ok(_) => posted += 1,
+            Err(error) => left_out.push(format!("a part that could not be posted ({error})")),
+        }
     }
-    Ok(contents.len())
+    let mut said = format!(
+        "📎 Attached {posted} part(s) of `{}`.",
+        cut(uri, 300).replace('`', "'")
+    );
+    if !left_out.is_empty() {
+        said.push_str(&format!(" Left out: {}.", left_out.join("; ")));
+    }
+    cut(&said, 1900)
 }
+
+/// Parts of one resource attached, and the largest file.
+const MAX_PARTS: usize = 5;
+const MAX_FILE_BYTES: usize = 8 * 1024 * 1024;
 
 /// A file name for a resource: the last part of its URI, with an
 /// extension from its type when it has none.
@@ -335,12 +403,19 @@ pub async fn autocomplete(bot: &Bot, command: &CommandInteraction) -> Vec<Value>
     let Some(focused) = command.data.autocomplete() else {
         return Vec::new();
     };
+    // Only for those who may use the bot here, and only in its threads.
+    match caller(bot, command).await {
+        Ok(caller) if !caller.channel_defaults => {}
+        _ => return Vec::new(),
+    }
     let typed = focused.value.to_owned();
     let conversation = conversation_of(command.channel_id.get());
     let engine = &bot.surface.engine;
+    let warm = warm(bot, &conversation);
     let choice =
         |name: String, value: String| json!({"name": cut(&name, MAX_CHOICE_CHARS), "value": value});
     let listed = async {
+        let _ = warm.await;
         match (command.data.name.as_str(), focused.name) {
             ("prompt", "name") => {
                 let lower = typed.to_lowercase();
@@ -440,14 +515,18 @@ const READ_BUTTONS: usize = 5;
 /// Read buttons remembered; past this the oldest no longer work.
 const LINKS_KEPT: usize = 10_000;
 
+/// Read buttons' resources by key, and their keys oldest first.
+type KeptLinks = (
+    std::collections::HashMap<u64, (String, crate::conversation::ResourceLink)>,
+    std::collections::VecDeque<u64>,
+);
+
 /// The resources behind Read buttons, by key: in which conversation,
 /// from which server.
 #[derive(Debug, Default)]
 pub struct Links {
     next: std::sync::atomic::AtomicU64,
-    kept: std::sync::Mutex<
-        std::collections::BTreeMap<u64, (String, crate::conversation::ResourceLink)>,
-    >,
+    kept: std::sync::Mutex<KeptLinks>,
 }
 
 impl Links {
@@ -466,21 +545,31 @@ impl Links {
             .iter()
             .take(READ_BUTTONS)
             .map(|link| {
-                let key = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                kept.insert(key, (conversation.to_owned(), link.clone()));
+                let key = super::button_key(
+                    self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                );
+                kept.0.insert(key, (conversation.to_owned(), link.clone()));
+                kept.1.push_back(key);
                 json!({"type": super::protocol::component::BUTTON, "style": super::protocol::button::SECONDARY,
                        "label": cut(&format!("Read {}", link.name), 80), "custom_id": format!("{READ_PREFIX}{key}")})
             })
             .collect();
-        while kept.len() > LINKS_KEPT {
-            kept.pop_first();
+        while kept.1.len() > LINKS_KEPT {
+            if let Some(oldest) = kept.1.pop_front() {
+                kept.0.remove(&oldest);
+            }
         }
         vec![json!({"type": super::protocol::component::ACTION_ROW, "components": buttons})]
     }
 
     fn get(&self, key: &str) -> Option<(String, crate::conversation::ResourceLink)> {
         let key: u64 = key.parse().ok()?;
-        self.kept.lock().expect("links poisoned").get(&key).cloned()
+        self.kept
+            .lock()
+            .expect("links poisoned")
+            .0
+            .get(&key)
+            .cloned()
     }
 }
 
@@ -492,7 +581,9 @@ pub async fn press_read(
 ) -> Result<(), RestError> {
     let rest = &bot.surface.rest;
     let key = press.data.custom_id.trim_start_matches(READ_PREFIX);
-    let Some((conversation, link)) = bot.surface.links.get(key) else {
+    let here = conversation_of(press.channel_id.get());
+    let found = bot.surface.links.get(key).filter(|(c, _)| *c == here);
+    let Some((conversation, link)) = found else {
         let body = ephemeral(
             "This button no longer works (the bot restarted since); use /resource instead.",
         );
@@ -509,11 +600,8 @@ pub async fn press_read(
         Err(problem) => format!("❌ {}.", capitalised(&problem)),
         Ok(contents) => {
             let channel = press.channel_id.get();
-            let posted = attach(bot, channel, &link.server, press.user.id.get(), &contents).await?;
-            format!(
-                "📎 Attached {posted} part(s) of `{}`.",
-                link.uri.replace('`', "'")
-            )
+            let user = press.user.id.get();
+            attach(bot, channel, &link.server, user, &contents, &link.uri).await
         }
     };
     rest.edit_original(

@@ -109,7 +109,7 @@ impl Questions {
         asker: u64,
         question: Question,
     ) -> (Open<'_>, Value, oneshot::Receiver<Answer>) {
-        let key = self.next.fetch_add(1, Ordering::Relaxed).to_string();
+        let key = super::button_key(self.next.fetch_add(1, Ordering::Relaxed)).to_string();
         let (answer, answered) = oneshot::channel();
         let mut pending = Pending {
             asker,
@@ -161,11 +161,16 @@ pub fn heading(question: &Question) -> String {
         question.server.replace('*', ""),
         question.tool.replace('`', "'")
     );
-    for line in question.message.lines() {
+    for line in cut(&question.message, MAX_SHOWN_MESSAGE).lines() {
         text.push_str(&format!("\n> {line}"));
     }
     text
 }
+
+/// Characters of the server's message shown, and of a whole question:
+/// a message holds at most 2,000.
+const MAX_SHOWN_MESSAGE: usize = 800;
+const MAX_CONTENT: usize = 1800;
 
 /// The fields shown as components, and those typed in the modal.
 fn layout(fields: &[Field]) -> (Vec<usize>, Vec<usize>) {
@@ -257,13 +262,22 @@ fn render_url(key: &str, question: &Question, url: &str) -> Value {
 
 fn render_form(key: &str, pending: &Pending, fields: &[Field]) -> Value {
     let mut content = heading(&pending.question);
-    for field in fields {
-        let value = pending
-            .values
-            .get(&field.name)
-            .map_or_else(|| "_not set_".to_owned(), |v| cut(&shown(field, v), 200));
+    for (i, field) in fields.iter().enumerate() {
+        // What was typed stays private: the thread sees only that it was.
+        let value = match (pending.values.get(&field.name), &field.kind) {
+            (None, _) => "_not set_".to_owned(),
+            (Some(_), FieldKind::Text { .. } | FieldKind::Number { .. }) => {
+                "✓ filled in".to_owned()
+            }
+            (Some(v), _) => cut(&shown(field, v), 100),
+        };
         let required = if field.required { " (required)" } else { "" };
-        content.push_str(&format!("\n• **{}**{required}: {value}", field.title));
+        let line = format!("\n• **{}**{required}: {value}", cut(&field.title, 80));
+        if content.chars().count() + line.chars().count() > MAX_CONTENT {
+            content.push_str(&format!("\n• …and {} more", fields.len() - i));
+            break;
+        }
+        content.push_str(&line);
     }
     content.push_str(&format!(
         "\nFill it in, then press **Send**. Only <@{}> or an admin can answer.",
@@ -282,9 +296,15 @@ fn render_form(key: &str, pending: &Pending, fields: &[Field]) -> Value {
                         Some(one) => one.as_str() == Some(v),
                         None => false,
                     };
+                    // Values are the options' places: a server's own may be
+                    // too long, empty or repeated for Discord.
                     let options: Vec<Value> = options
                         .iter()
-                        .map(|o| json!({"label": cut(&o.label, MAX_OPTION), "value": cut(&o.value, MAX_OPTION), "default": chosen(&o.value)}))
+                        .enumerate()
+                        .map(|(n, o)| {
+                            let label = if o.label.trim().is_empty() { "(empty)" } else { &o.label };
+                            json!({"label": cut(label, MAX_OPTION), "value": n.to_string(), "default": chosen(&o.value)})
+                        })
                         .collect();
                     vec![json!({"type": component::STRING_SELECT, "custom_id": format!("{PREFIX}{key}:pick:{i}"),
                         "placeholder": cut(&field.title, MAX_PLACEHOLDER), "min_values": 0,
@@ -335,17 +355,23 @@ fn modal(key: &str, pending: &Pending, fields: &[Field], page: usize) -> Value {
                 "label": cut(&field.title, MAX_LABEL),
                 "style": 1, "required": field.required && !pending.values.contains_key(&field.name),
                 "placeholder": cut(field.description.as_deref().unwrap_or(&field.hint()), MAX_PLACEHOLDER)});
+            let mut longest = 4000;
             if let FieldKind::Text { min_chars, max_chars, .. } = &field.kind {
                 if max_chars.is_none_or(|max| max > 100) {
                     input["style"] = 2.into();
                 }
+                longest = max_chars.unwrap_or(4000).clamp(1, 4000);
                 if let Some(min) = min_chars {
-                    input["min_length"] = (*min).min(4000).into();
+                    input["min_length"] = (*min).min(longest).into();
                 }
-                input["max_length"] = max_chars.unwrap_or(4000).clamp(1, 4000).into();
+                input["max_length"] = longest.into();
             }
+            // A value Discord would refuse to show is left out.
             if let Some(value) = pending.values.get(&field.name) {
-                input["value"] = typed_text(field, value).into();
+                let text = typed_text(field, value);
+                if text.chars().count() as u64 <= longest {
+                    input["value"] = text.into();
+                }
             }
             json!({"type": component::ACTION_ROW, "components": [input]})
         })
@@ -397,12 +423,18 @@ pub async fn press(surface: &Surface, press: &ComponentInteraction) -> Result<()
             let target = field.and_then(|i| fields.get(i));
             match (action, target) {
                 ("pick", Some(field)) => {
-                    let many = matches!(field.kind, FieldKind::Choice { many: true, .. });
+                    let (options, many) = match &field.kind {
+                        FieldKind::Choice { options, many } => (options.as_slice(), *many),
+                        _ => (&[][..], false),
+                    };
+                    let chosen: Vec<Value> = chosen
+                        .iter()
+                        .filter_map(|n| options.get(n.parse::<usize>().ok()?))
+                        .map(|o| Value::String(o.value.clone()))
+                        .collect();
                     let value = match (many, chosen.first()) {
-                        (true, _) => Some(Value::Array(
-                            chosen.iter().cloned().map(Value::String).collect(),
-                        )),
-                        (false, Some(one)) => Some(Value::String(one.clone())),
+                        (true, _) => Some(Value::Array(chosen.clone())),
+                        (false, Some(one)) => Some(one.clone()),
                         (false, None) => None,
                     };
                     match value {
@@ -486,9 +518,12 @@ pub async fn submit(surface: &Surface, modal: &ModalInteraction) -> Result<(), R
             pending.page = (page + 1) % pages;
             (update(key, pending), None)
         } else {
-            let note = format!(
-                "❌ {}. The rest was kept; press **Fill in** to correct it.",
-                problems.join("; ")
+            let note = cut(
+                &format!(
+                    "❌ {}. The rest was kept; press **Fill in** to correct it.",
+                    problems.join("; ")
+                ),
+                1900,
             );
             (ephemeral(&note), Some(render(key, pending)))
         }

@@ -9,6 +9,8 @@ use crate::conversation::elicitation::{Choice, Field, FieldKind, Question, Quest
 pub const MAX_FIELDS: usize = 25;
 /// Options one choice may have (Discord's select menus hold 25).
 pub const MAX_OPTIONS: usize = 25;
+/// Characters of a URL to open: it is shown whole, so longer is refused.
+pub const MAX_URL_CHARS: usize = 1000;
 /// Characters of a server's message kept.
 const MAX_MESSAGE_CHARS: usize = 1500;
 
@@ -46,6 +48,11 @@ fn url(params: &Value) -> Result<String, String> {
         .get("url")
         .and_then(Value::as_str)
         .ok_or("it asked to open a page without giving its URL")?;
+    if text.len() > MAX_URL_CHARS {
+        return Err(format!(
+            "the URL it gave is longer than {MAX_URL_CHARS} characters, too long to show whole"
+        ));
+    }
     let parsed =
         reqwest::Url::parse(text).map_err(|e| format!("the URL it gave is not valid ({e})"))?;
     if !matches!(parsed.scheme(), "https" | "http") || parsed.host_str().is_none() {

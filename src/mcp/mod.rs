@@ -862,9 +862,13 @@ impl McpHost {
             Ok(Err(CallError::Protocol(message) | CallError::Disconnected(message))) => Err(
                 format!("the tool server \"{server}\" could not do it: {message}"),
             ),
-            Err(_) => Err(format!(
+            Err(Late::Silent) => Err(format!(
                 "the tool server \"{server}\" did not answer within {} seconds",
                 timeout.as_secs()
+            )),
+            Err(Late::PastMost) => Err(format!(
+                "the tool server \"{server}\" kept reporting progress but did not finish within {} seconds (TOOL_MAX_SECS)",
+                most.as_secs()
             )),
         }
     }

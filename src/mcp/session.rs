@@ -79,11 +79,9 @@ struct Handler {
     progress: ProgressDispatcher,
     info: ClientConfig,
     questions: mpsc::Sender<Asked>,
-    /// Calls running now, and whether the session is shared by several
-    /// conversations (then a question while more than one runs cannot be
-    /// told apart, and is declined).
+    /// Calls running now: a question while more than one runs cannot be
+    /// told apart, and is declined.
     calls: Arc<std::sync::atomic::AtomicUsize>,
-    shared: bool,
     server: String,
     /// Set on `prompts/list_changed` and `resources/list_changed`.
     lists_stale: Arc<AtomicBool>,
@@ -110,13 +108,12 @@ impl Handler {
     /// declines it when there is none (or which one cannot be told).
     async fn pass_question(&self, params: Value) -> Value {
         let running = self.calls.load(Ordering::SeqCst);
-        let unclear = self.shared && running > 1;
-        if running == 0 || unclear {
+        if running != 1 {
             tracing::warn!(
                 server = %self.server,
                 running,
                 "a server asked a question {}; declined",
-                if unclear { "while calls of several conversations ran on its shared session" } else { "outside any call" }
+                if running > 1 { "while several of its calls ran, so which one it meant is not known" } else { "outside any call" }
             );
             return Answer::Decline.to_mcp();
         }
@@ -258,19 +255,26 @@ async fn ask(server: &str, tool: &str, params: &Value, context: &dyn CallContext
     }
 }
 
-/// Counts a running call while it lives.
-struct Running<'a>(&'a std::sync::atomic::AtomicUsize);
+/// Counts a running call while it lives. When the last one ends, the
+/// questions nobody took are declined, so none reaches a later call.
+struct Running<'a>(&'a Session);
 
 impl<'a> Running<'a> {
-    fn new(calls: &'a std::sync::atomic::AtomicUsize) -> Self {
-        calls.fetch_add(1, Ordering::SeqCst);
-        Running(calls)
+    fn new(session: &'a Session) -> Self {
+        session.calls.fetch_add(1, Ordering::SeqCst);
+        Running(session)
     }
 }
 
 impl Drop for Running<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        if self.0.calls.fetch_sub(1, Ordering::SeqCst) == 1
+            && let Ok(mut waiting) = self.0.questions.try_lock()
+        {
+            while let Ok((_, reply)) = waiting.try_recv() {
+                let _ = reply.send(Answer::Decline.to_mcp());
+            }
+        }
     }
 }
 
@@ -427,7 +431,6 @@ impl Session {
             info,
             questions,
             calls: calls.clone(),
-            shared: spec.scope == super::Scope::Shared,
             server: spec.name.clone(),
         };
         let timeout = limits.mcp_start_timeout;
@@ -590,7 +593,7 @@ impl Session {
         context: &dyn CallContext,
         build: impl Fn(Value) -> Result<ClientRequest, serde_json::Error>,
     ) -> Result<Value, CallError> {
-        let _running = Running::new(&self.calls);
+        let _running = Running::new(self);
         for round in 0..MAX_INPUT_ROUNDS {
             let request = build(params.clone()).map_err(|e| {
                 CallError::Protocol(format!("its request could not be written ({e})"))

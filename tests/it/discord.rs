@@ -2480,7 +2480,7 @@ async fn a_servers_form_and_page_are_answered_in_the_thread_by_the_asker_only() 
     component(
         13,
         ALICE,
-        json!({"custom_id": format!("ask:{key}:pick:1"), "component_type": 3, "values": ["21"]}),
+        json!({"custom_id": format!("ask:{key}:pick:1"), "component_type": 3, "values": ["1"]}),
     );
     let picked = answer_of(13).await;
     assert_eq!(picked["type"], 7);
@@ -2528,7 +2528,7 @@ async fn a_servers_form_and_page_are_answered_in_the_thread_by_the_asker_only() 
         kept.body["content"]
             .as_str()
             .unwrap()
-            .contains("• **Your name** (required): Ada")
+            .contains("• **Your name** (required): ✓ filled in")
     );
     submit(16, "Ada", "4");
     assert_eq!(answer_of(16).await["type"], 7);
@@ -2831,6 +2831,23 @@ async fn resource_links_in_a_tool_result_get_read_buttons() {
     assert_eq!(buttons.len(), 2);
     assert!(buttons[0]["label"].as_str().unwrap().starts_with("Read "));
     let read = buttons[0]["custom_id"].as_str().unwrap();
+    // The button reads nothing for another thread.
+    discord.dispatch(
+        "INTERACTION_CREATE",
+        press(&discord, 8, thread + 5, BOB, read),
+    );
+    let elsewhere = discord
+        .wait_for("the refusal elsewhere", |c| {
+            c.path == "/interactions/8/token-8/callback"
+        })
+        .await;
+    assert_eq!(elsewhere.body["data"]["flags"], 64);
+    assert!(
+        elsewhere.body["data"]["content"]
+            .as_str()
+            .unwrap()
+            .contains("no longer works")
+    );
     discord.dispatch("INTERACTION_CREATE", press(&discord, 9, thread, BOB, read));
     let path = format!(
         "/webhooks/{}/token-9/messages/@original",
