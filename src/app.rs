@@ -184,6 +184,7 @@ impl App {
         self.stop.cancel();
         self.tasks.close();
         self.tasks.wait().await;
+        self.engine.tasks().shutdown().await;
         self.engine.flush().await;
         self.mcp.shutdown().await;
         self.store.close().await;

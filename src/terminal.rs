@@ -7,13 +7,14 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt};
-use tokio::sync::{Mutex, mpsc};
+use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::conversation::elicitation::{Field, complete};
+use crate::conversation::tasks::result_input;
 use crate::conversation::{
     Answer, ApprovalRequest, Approver, Ask, Decision, Engine, Message, Place, Question,
-    QuestionKind, TurnEvent, TurnInput,
+    QuestionKind, TaskRecord, TaskSink, ToolOutcome, TurnEvent, TurnInput,
 };
 
 /// The input, shared by the chat loop and approval questions.
@@ -27,14 +28,15 @@ struct LossyLines {
 }
 
 impl LossyLines {
+    /// The next line. Cancel-safe: what was read of a line before the
+    /// future was dropped stays for the next call.
     async fn next_line(&mut self) -> std::io::Result<Option<String>> {
-        self.buffer.clear();
-        if self.reader.read_until(b'\n', &mut self.buffer).await? == 0 {
+        if self.reader.read_until(b'\n', &mut self.buffer).await? == 0 && self.buffer.is_empty() {
             return Ok(None);
         }
         let bytes = self.buffer.strip_suffix(b"\n").unwrap_or(&self.buffer);
         let bytes = bytes.strip_suffix(b"\r").unwrap_or(bytes);
-        Ok(Some(match std::str::from_utf8(bytes) {
+        let line = match std::str::from_utf8(bytes) {
             Ok(text) => text.to_owned(),
             Err(_) => {
                 eprintln!(
@@ -42,7 +44,9 @@ impl LossyLines {
                 );
                 String::from_utf8_lossy(bytes).into_owned()
             }
-        }))
+        };
+        self.buffer.clear();
+        Ok(Some(line))
     }
 }
 
@@ -230,16 +234,64 @@ pub async fn run(
             approve_all: approvals == Approvals::AllAsking,
         }),
     };
+    let (delivered, mut finished) = mpsc::unbounded_channel();
+    let delivery = Arc::new(ChatDelivery {
+        conversation: conversation.to_owned(),
+        to: delivered,
+    });
+    match engine.tasks().start(delivery).await {
+        Ok(0) => {}
+        Ok(followed) => writeln!(
+            out,
+            "({followed} tool calls of this chat run in the background)"
+        )?,
+        Err(e) => writeln!(
+            err,
+            "warning: the background tasks kept from before could not be read: {e}"
+        )?,
+    }
     loop {
         let line = {
             let mut input = input.lock().await;
             tokio::select! {
-                line = input.next_line() => line?,
-                Some(()) = interrupts.recv() => None,
+                line = input.next_line() => Next::Line(line?),
+                Some(()) = interrupts.recv() => Next::Line(None),
+                Some(done) = finished.recv() => Next::Task(done),
             }
         };
-        let Some(line) = line else {
-            break;
+        let line = match line {
+            Next::Line(Some(line)) => line,
+            Next::Line(None) => break,
+            Next::Task((record, outcome, taken)) => {
+                writeln!(
+                    out,
+                    "(the background task {} of {} {})",
+                    record.ticket.task_id,
+                    record.ticket.tool,
+                    if outcome.is_error {
+                        "ended without a result"
+                    } else {
+                        "finished"
+                    }
+                )?;
+                let ask = Ask::New(Message::user(result_input(&record, &outcome)));
+                let stop = CancellationToken::new();
+                let turn = turn(
+                    engine,
+                    conversation,
+                    ask,
+                    approver.as_ref(),
+                    stop.clone(),
+                    out,
+                    err,
+                );
+                let ended = watch(turn, &stop, interrupts).await?;
+                let _ = taken.send(());
+                if let Ended::Chat = ended {
+                    break;
+                }
+                continue;
+            }
         };
         let line = line.trim();
         if line.is_empty() {
@@ -271,6 +323,10 @@ pub async fn run(
                 command_system(engine, conversation, rest.trim(), out, err).await?;
                 continue;
             }
+            "/tasks" => {
+                command_tasks(engine, conversation, rest.trim(), out, err).await?;
+                continue;
+            }
             "/prompt" => match command_prompt(engine, conversation, rest.trim(), out).await? {
                 Picked::Send(text) => Ask::New(Message::user(text)),
                 Picked::Listed => continue,
@@ -290,7 +346,7 @@ pub async fn run(
             _ if word.starts_with('/') && !word[1..].contains('/') => {
                 writeln!(
                     err,
-                    "error: there is no command {word}. Commands: /reset, /retry, /undo, /model [name], /system [prompt | --default], /prompt [SERVER__NAME key=value ...], /resource [URI [question]]."
+                    "error: there is no command {word}. Commands: /reset, /retry, /undo, /model [name], /system [prompt | --default], /prompt [SERVER__NAME key=value ...], /resource [URI [question]], /tasks [cancel ID]."
                 )?;
                 continue;
             }
@@ -311,6 +367,91 @@ pub async fn run(
         }
     }
     Ok(())
+}
+
+/// `/tasks` lists the tool calls running in the background; `/tasks cancel
+/// ID` cancels one (with no id: the only one).
+async fn command_tasks(
+    engine: &Engine,
+    conversation: &str,
+    rest: &str,
+    out: &mut impl Write,
+    err: &mut impl Write,
+) -> std::io::Result<()> {
+    let tasks = engine.tasks();
+    let (word, id) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
+    match word {
+        "" => {
+            let running = tasks.running(conversation);
+            if running.is_empty() {
+                writeln!(out, "(no tool call runs in the background)")?;
+            }
+            for record in running {
+                let said = record
+                    .message
+                    .as_deref()
+                    .map(|m| format!(": {m}"))
+                    .unwrap_or_default();
+                writeln!(
+                    out,
+                    "{}  {}{said}",
+                    record.ticket.task_id, record.ticket.tool
+                )?;
+            }
+        }
+        "cancel" => {
+            let cancelled = match tasks.find(conversation, id.trim()) {
+                Ok(record) => tasks.cancel(&record).await.map(|()| record),
+                Err(problem) => Err(problem),
+            };
+            match cancelled {
+                Ok(record) => writeln!(
+                    out,
+                    "(cancelled the background task {})",
+                    record.ticket.task_id
+                )?,
+                Err(problem) => writeln!(err, "error: {problem}")?,
+            }
+        }
+        other => writeln!(
+            err,
+            "error: /tasks takes nothing or cancel ID, not {other:?}"
+        )?,
+    }
+    Ok(())
+}
+
+/// What the chat loop got next.
+enum Next {
+    Line(Option<String>),
+    Task(Finished),
+}
+
+/// A background task's result on its way to the chat, and where to say
+/// it was answered.
+type Finished = (TaskRecord, ToolOutcome, oneshot::Sender<()>);
+
+/// Brings this chat's background task results to its loop.
+struct ChatDelivery {
+    conversation: String,
+    to: mpsc::UnboundedSender<Finished>,
+}
+
+#[async_trait]
+impl TaskSink for ChatDelivery {
+    async fn deliver(&self, task: &TaskRecord, outcome: &ToolOutcome) -> Result<(), String> {
+        let (taken, answered) = oneshot::channel();
+        self.to
+            .send((task.clone(), outcome.clone(), taken))
+            .map_err(|_| "the chat ended".to_owned())?;
+        answered
+            .await
+            .map_err(|_| "the chat ended before it was answered".to_owned())
+    }
+
+    fn takes(&self, conversation: &str) -> bool {
+        conversation == self.conversation
+    }
 }
 
 /// How a turn in the terminal ended.
@@ -589,12 +730,11 @@ const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// `  … name: 40% (message)`, or the count when there is no total.
 fn progress_line(name: &str, progress: f64, total: Option<f64>, message: Option<&str>) -> String {
-    let amount = match total.filter(|t| *t > 0.0) {
-        Some(total) => format!("{:.0}%", (progress / total * 100.0).clamp(0.0, 100.0)),
-        None => format!("{progress}"),
-    };
-    match message.map(str::trim).filter(|m| !m.is_empty()) {
-        Some(message) => format!("  … {name}: {amount} ({message})"),
-        None => format!("  … {name}: {amount}"),
+    let amount = crate::discord::render::progress_amount(progress, total);
+    match (amount, message.map(str::trim).filter(|m| !m.is_empty())) {
+        (Some(amount), Some(message)) => format!("  … {name}: {amount} ({message})"),
+        (Some(amount), None) => format!("  … {name}: {amount}"),
+        (None, Some(message)) => format!("  … {name}: {message}"),
+        (None, None) => format!("  … {name}: working"),
     }
 }

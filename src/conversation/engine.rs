@@ -19,6 +19,7 @@ use super::ports::{
     ToolHost, ToolOutcome,
 };
 use super::prompt::{self, Clock, Place};
+use super::tasks::{self, BackgroundTasks, TaskRecord, TaskStep, TaskTicket};
 use super::think::{Unthink, split_think};
 use super::types::{
     AudioPart, Author, Message, ReasoningEffort, Role, ToolCall, ToolSpec, TurnEvent, Usage,
@@ -219,14 +220,18 @@ struct Calls<'a> {
     events: &'a UnboundedSender<TurnEvent>,
     approver: &'a dyn Approver,
     stop: &'a CancellationToken,
+    /// Who started the turn.
+    author: Option<&'a Author>,
+    /// The calls that became tasks on their servers and are waited for.
+    tasks: Mutex<Vec<TaskRecord>>,
 }
 
-/// Passes a call's progress on as events, and its server's questions to
-/// the turn's approver.
+/// Passes a call's progress on as events, its server's questions to the
+/// turn's approver, and keeps the tasks its server makes of it.
 struct CallProgress<'a> {
-    events: &'a UnboundedSender<TurnEvent>,
+    engine: &'a Engine,
+    turn: &'a Calls<'a>,
     call: &'a ToolCall,
-    approver: &'a dyn Approver,
 }
 
 #[async_trait::async_trait]
@@ -235,7 +240,7 @@ impl CallContext for CallProgress<'_> {
         let secret = question.secret_fields();
         if !secret.is_empty() {
             tracing::warn!(server = %question.server, tool = %self.call.name, fields = ?secret, "a tool server asked for secrets in a form; declined");
-            let _ = self.events.send(TurnEvent::Warning(format!(
+            let _ = self.turn.events.send(TurnEvent::Warning(format!(
                 "The tool server \"{}\" asked for {} in a form during {}. Servers may not ask for passwords or tokens this way, so it was declined; give secrets to a server through the MCP file's env or headers.",
                 question.server,
                 secret.join(", "),
@@ -243,26 +248,63 @@ impl CallContext for CallProgress<'_> {
             )));
             return Answer::Decline;
         }
-        if let Some(why) = self.approver.not_asked() {
-            let _ = self.events.send(TurnEvent::Warning(format!(
+        if let Some(why) = self.turn.approver.not_asked() {
+            let _ = self.turn.events.send(TurnEvent::Warning(format!(
                 "The tool server \"{}\" asked a question during {}, which was declined: {why}.",
                 question.server, self.call.name
             )));
             return Answer::Decline;
         }
-        let answer = self.approver.ask(&question).await;
+        let answer = self.turn.approver.ask(&question).await;
         tracing::info!(server = %question.server, tool = %self.call.name, answer = answer.said(), "a tool server's question was answered");
         answer
     }
 
     fn progress(&self, progress: f64, total: Option<f64>, message: Option<String>) {
-        let _ = self.events.send(TurnEvent::ToolProgress {
+        let _ = self.turn.events.send(TurnEvent::ToolProgress {
             call_id: self.call.id.clone(),
             name: self.call.name.clone(),
             progress,
             total,
             message,
         });
+    }
+
+    async fn task(&self, ticket: &TaskTicket, step: TaskStep) {
+        let conversation = self.turn.conversation;
+        let store = &self.engine.store;
+        match step {
+            TaskStep::Started => {
+                let record = tasks::record(conversation, ticket, self.turn.author);
+                if let Err(error) = store.keep_task(&record).await {
+                    tracing::warn!(%error, task = %ticket.task_id, "a task could not be kept; it is lost if mcpcord stops before it ends");
+                }
+                tracing::info!(conversation, tool = %ticket.tool, task = %ticket.task_id, "a tool call became a task");
+                self.turn.tasks.lock().expect("tasks poisoned").push(record);
+                self.progress(
+                    0.0,
+                    None,
+                    Some(format!(
+                        "running as a task on its server ({})",
+                        ticket.task_id
+                    )),
+                );
+            }
+            TaskStep::Finished | TaskStep::Detached => {
+                let record = {
+                    let mut open = self.turn.tasks.lock().expect("tasks poisoned");
+                    let at = open.iter().position(|r| &r.ticket == ticket);
+                    at.map(|at| open.remove(at))
+                };
+                if step == TaskStep::Detached {
+                    let record = record
+                        .unwrap_or_else(|| tasks::record(conversation, ticket, self.turn.author));
+                    self.engine.tasks.follow(record);
+                } else if let Err(error) = store.drop_task(&ticket.server, &ticket.task_id).await {
+                    tracing::warn!(%error, task = %ticket.task_id, "a finished task could not be forgotten");
+                }
+            }
+        }
     }
 }
 
@@ -308,6 +350,8 @@ pub struct Engine {
     /// Records of replies cut midway (see `billing`), written after their
     /// turn was dropped.
     unbilled: TaskTracker,
+    /// Calls that went on in the background as tasks.
+    tasks: Arc<BackgroundTasks>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -327,6 +371,7 @@ impl Engine {
     ) -> Self {
         Engine {
             model,
+            tasks: Arc::new(BackgroundTasks::new(tools.clone(), store.clone())),
             tools,
             store,
             settings,
@@ -335,6 +380,11 @@ impl Engine {
             clock: Default::default(),
             unbilled: TaskTracker::new(),
         }
+    }
+
+    /// The calls that went on in the background as tasks.
+    pub fn tasks(&self) -> &Arc<BackgroundTasks> {
+        &self.tasks
     }
 
     /// Waits until the replies of turns dropped midway are recorded for
@@ -816,6 +866,8 @@ impl Engine {
                             events,
                             approver,
                             stop: &stop,
+                            author: author.as_ref(),
+                            tasks: Mutex::default(),
                         };
                         self.run_calls(&calls, &message.tool_calls).await
                     };
@@ -1165,6 +1217,19 @@ impl Engine {
         });
         let (mut messages, images): (Vec<Message>, Vec<Vec<String>>) =
             join_all(runs).await.into_iter().unzip();
+        // Tasks still waited for belong to calls that were stopped (or
+        // failed midway): they are cancelled too.
+        let stopped: Vec<TaskRecord> =
+            std::mem::take(&mut *turn.tasks.lock().expect("tasks poisoned"));
+        for record in stopped {
+            let ticket = &record.ticket;
+            if let Err(problem) = self.tools.cancel_task(turn.conversation, ticket).await {
+                tracing::warn!(task = %ticket.task_id, %problem, "a stopped call's task could not be cancelled");
+            }
+            if let Err(error) = self.store.drop_task(&ticket.server, &ticket.task_id).await {
+                tracing::warn!(%error, task = %ticket.task_id, "a cancelled task could not be forgotten");
+            }
+        }
         messages.extend(skipped.iter().map(|call| {
             Message::tool_result(
                 call.id.clone(),
@@ -1205,9 +1270,9 @@ impl Engine {
             }
         }
         let progress = CallProgress {
-            events: turn.events,
+            engine: self,
+            turn,
             call,
-            approver: turn.approver,
         };
         self.tools
             .call_reporting(turn.conversation, &call.name, arguments, &progress)

@@ -14,6 +14,7 @@ pub mod offers;
 mod picked;
 mod ports;
 mod prompt;
+pub mod tasks;
 mod think;
 mod types;
 mod workers;
@@ -31,6 +32,7 @@ pub use ports::{
     TimedApprover, ToolHost, ToolList, ToolOutcome, Unbilled, UnbilledUpdate,
 };
 pub use prompt::{Clock, Place};
+pub use tasks::{BackgroundTasks, TaskPoll, TaskRecord, TaskSink, TaskStep, TaskTicket};
 pub use types::{
     AttachmentRef, AudioPart, Author, FilePart, Inbound, Message, ReasoningEffort, Redo, Role,
     ToolCall, ToolSpec, TurnEvent, Usage, UsageTotals, cached_percent,

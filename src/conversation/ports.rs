@@ -7,6 +7,7 @@ use serde_json::Value;
 
 use super::elicitation::{Answer, Question};
 use super::offers::{PromptInfo, ResourceContent, ResourceInfo};
+use super::tasks::{TaskPoll, TaskRecord, TaskStep, TaskTicket};
 use super::types::{Inbound, Message, ReasoningEffort, ToolSpec, Usage};
 
 /// One request to the model.
@@ -355,7 +356,7 @@ impl Notices for tokio::sync::mpsc::UnboundedSender<super::TurnEvent> {
 }
 
 /// The result of one tool call, already shaped for the model.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct ToolOutcome {
     /// What the model sees (capped, with a visible truncation marker).
     pub content: String,
@@ -505,6 +506,19 @@ pub trait ToolHost: Send + Sync {
     }
     /// Closes the sessions that belong to `conversation`.
     async fn close_conversation(&self, conversation: &str);
+    /// Asks the server of a call that became a task how it is going.
+    async fn poll_task(&self, conversation: &str, task: &TaskTicket) -> TaskPoll {
+        let _ = conversation;
+        TaskPoll::Done(ToolOutcome::error(format!(
+            "the tool server \"{}\" runs no tasks",
+            task.server
+        )))
+    }
+    /// Asks the server to stop the task. The error is a sentence.
+    async fn cancel_task(&self, conversation: &str, task: &TaskTicket) -> Result<(), String> {
+        let _ = conversation;
+        Err(format!("the tool server \"{}\" runs no tasks", task.server))
+    }
 }
 
 /// What a running call reaches besides its result: where its progress
@@ -520,6 +534,12 @@ pub trait CallContext: Send + Sync {
     async fn elicit(&self, question: Question) -> Answer {
         let _ = question;
         Answer::Decline
+    }
+
+    /// The call became a task on its server (MCP tasks), which finished
+    /// or went on in the background.
+    async fn task(&self, ticket: &TaskTicket, step: TaskStep) {
+        let _ = (ticket, step);
     }
 }
 
@@ -662,6 +682,20 @@ pub trait Store: Send + Sync {
     /// A random value made once per database and kept in it, for
     /// pseudonyms that are stable but cannot be traced back to an id.
     async fn instance_salt(&self) -> Result<String, StoreError>;
+
+    /// Keeps a tool call its server runs as a task (see `tasks`).
+    async fn keep_task(&self, task: &TaskRecord) -> Result<(), StoreError>;
+    /// Every kept task, oldest first.
+    async fn tasks(&self) -> Result<Vec<TaskRecord>, StoreError>;
+    /// Keeps what the server last said about a task.
+    async fn note_task(
+        &self,
+        server: &str,
+        task_id: &str,
+        message: Option<&str>,
+    ) -> Result<(), StoreError>;
+    /// Forgets a task (delivered, finished in its turn, or cancelled).
+    async fn drop_task(&self, server: &str, task_id: &str) -> Result<(), StoreError>;
 
     /// Keeps a reply whose usage never arrived, to be looked up from
     /// `first_try_at` (Unix seconds). The same id twice is kept once.

@@ -1,5 +1,6 @@
 //! Slash commands (/reset, /stop, /retry, /undo, /model, /system,
-//! /reasoning, /tools, /usage, /reload; /prompt and /resource are in `picks`)
+//! /reasoning, /tools, /usage, /reload; /prompt and /resource are in `picks`,
+//! /tasks in `tasks`)
 //! and /model's autocomplete. None of them waits for a running turn
 //! (/reset and /undo stop it, then wait for it to end).
 
@@ -13,7 +14,7 @@ use super::inbound::{channel_of, conversation_of};
 use super::protocol::{MAX_CHOICE_CHARS, MAX_CHOICES, THREAD_CHANNEL_TYPES, command, response};
 use super::render::MAX_MESSAGE_CHARS;
 use super::rest::RestError;
-use super::{Bot, controls, picks, servers};
+use super::{Bot, controls, picks, servers, tasks};
 use crate::conversation::{ReasoningEffort, UsageTotals};
 
 /// The commands, as registered with Discord.
@@ -39,7 +40,8 @@ pub fn definitions() -> Value {
         {"name": "usage", "description": "Tokens and cost so far", "type": command::CHAT_INPUT},
         {"name": "reload", "description": "Read the MCP servers file again (admins)", "type": command::CHAT_INPUT},
         picks::definitions()[0],
-        picks::definitions()[1]
+        picks::definitions()[1],
+        tasks::definition()
     ])
 }
 
@@ -274,6 +276,13 @@ async fn reply(bot: &Bot, command: &CommandInteraction) -> anyhow::Result<String
             }
             Ok(text)
         }
+        "tasks" => {
+            let cancel = command.data.options.iter().find_map(|o| match &o.value {
+                CommandDataOptionValue::String(s) if o.name == "cancel" => Some(s.as_str()),
+                _ => None,
+            });
+            tasks::reply(bot, &conversation, user, admin, cancel).await
+        }
         other => anyhow::bail!("Unknown command /{other}."),
     }
 }
@@ -377,7 +386,19 @@ fn quoted(text: &str) -> String {
 /// catalogue (autocomplete has no deferred answer).
 pub async fn autocomplete(bot: &Bot, command: &CommandInteraction) -> Result<(), RestError> {
     if command.data.name != "model" {
-        let choices = picks::autocomplete(bot, command).await;
+        let choices = if command.data.name == "tasks" {
+            let typed = command
+                .data
+                .autocomplete()
+                .map(|o| o.value)
+                .unwrap_or_default();
+            match caller(bot, command).await {
+                Ok(caller) => tasks::choices(bot, &caller.conversation, typed),
+                Err(_) => Vec::new(),
+            }
+        } else {
+            picks::autocomplete(bot, command).await
+        };
         let body = json!({"type": response::AUTOCOMPLETE, "data": {"choices": choices}});
         return bot
             .surface

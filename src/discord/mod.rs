@@ -29,6 +29,7 @@ pub mod rest;
 mod retry;
 mod servers;
 mod stream;
+mod tasks;
 mod turns;
 
 use std::collections::HashMap;
@@ -322,6 +323,14 @@ pub async fn run(
         }
     }
     let bot = Arc::new(Bot { surface, workers });
+    let delivery = Arc::new(tasks::Delivery(Arc::downgrade(&bot)));
+    match bot.surface.engine.tasks().start(delivery).await {
+        Ok(0) => {}
+        Ok(followed) => tracing::info!(followed, "following tool calls that run in the background"),
+        Err(error) => {
+            tracing::error!(%error, "could not read the background tasks kept from before")
+        }
+    }
 
     let mut http = HttpBuilder::new(config.token.expose());
     if config.api_base != rest::DEFAULT_API_BASE {

@@ -88,6 +88,19 @@ pub fn notice_started(name: &str, arguments: &str) -> String {
     format!("🔧 `{}` {}", display_name(name), short_arguments(arguments))
 }
 
+/// How far a call is: a share of its total, or the count when there is
+/// no total; nothing when it reported no amount.
+pub fn progress_amount(progress: f64, total: Option<f64>) -> Option<String> {
+    match total {
+        Some(total) if total > 0.0 => Some(format!(
+            "{:.0}%",
+            (progress / total * 100.0).clamp(0.0, 100.0)
+        )),
+        _ if progress > 0.0 => Some(format!("{progress}")),
+        _ => None,
+    }
+}
+
 /// The notice while the server reports progress: `⏳ server › tool — 40%
 /// (message)`, or the count when the server gives no total.
 pub fn notice_progress(
@@ -97,24 +110,19 @@ pub fn notice_progress(
     total: Option<f64>,
     message: Option<&str>,
 ) -> String {
-    let amount = match total {
-        Some(total) if total > 0.0 => {
-            format!("{:.0}%", (progress / total * 100.0).clamp(0.0, 100.0))
-        }
-        _ => format!("{progress}"),
-    };
     let message = message
         .map(|m| m.replace('`', "'"))
         .filter(|m| !m.trim().is_empty())
-        .map(|m| {
-            format!(
-                " ({})",
-                m.chars().take(NOTICE_ARGUMENT_CHARS).collect::<String>()
-            )
-        })
-        .unwrap_or_default();
+        .map(|m| m.chars().take(NOTICE_ARGUMENT_CHARS).collect::<String>());
+    // A task's status comes with no amount at all.
+    let said = match (progress_amount(progress, total), message) {
+        (Some(amount), Some(message)) => format!("{amount} ({message})"),
+        (Some(amount), None) => amount,
+        (None, Some(message)) => message,
+        (None, None) => "working".to_owned(),
+    };
     format!(
-        "⏳ `{}` {} — {amount}{message}",
+        "⏳ `{}` {} — {said}",
         display_name(name),
         short_arguments(arguments)
     )
@@ -182,6 +190,11 @@ mod tests {
             format!("⏳ `fs › copy` {} — 7", short_arguments("{}"))
         );
         assert!(notice_progress("t", "", 9.0, Some(3.0), None).ends_with("— 100%"));
+        // A task's status: no amount, only what its server says.
+        assert!(
+            notice_progress("t", "", 0.0, None, Some("Analyzing content..."))
+                .ends_with("— Analyzing content...")
+        );
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod result;
 pub mod schema;
 mod session;
 pub mod stdio;
+pub mod tasks;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -35,10 +36,14 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Limits, Redactor, Secret};
 use crate::conversation::offers::{PromptInfo, ResourceContent, ResourceInfo};
-use crate::conversation::{CallContext, Hold, Notices, ToolHost, ToolList, ToolOutcome, ToolSpec};
+use crate::conversation::{
+    CallContext, Hold, Notices, TaskPoll, TaskStep, TaskTicket, ToolHost, ToolList, ToolOutcome,
+    ToolSpec,
+};
 pub use config::{Approval, InheritEnv, Scope, ServerSpec, Transport};
 use session::{CallError, Session};
 pub use session::{MAX_LIST_PAGES, RemoteTool, ServerTools, shorten_list};
+use tasks::State as TaskState;
 
 /// The owner of a shared session.
 const SHARED: &str = "";
@@ -190,6 +195,8 @@ struct Routes {
 struct Route {
     server: Arc<Server>,
     tool: String,
+    /// The tool may run as a task.
+    tasks: bool,
 }
 
 /// The servers in force, in the file's order.
@@ -1078,6 +1085,7 @@ impl ToolHost for McpHost {
                     Route {
                         server: server.clone(),
                         tool: t.tool.name.clone(),
+                        tasks: t.tool.tasks,
                     },
                 );
                 ToolSpec {
@@ -1154,33 +1162,26 @@ impl ToolHost for McpHost {
         };
         let most = timeout.max(self.limits.tool_max);
         let watched = Watched::new(progress);
-        let call = session.call(&route.tool, arguments, &watched);
+        let call = session.call(&route.tool, arguments, route.tasks, &watched);
         match within(timeout, most, &watched, call).await {
-            Ok(Ok(result)) => {
-                let mut outcome = result::outcome(&result, self.limits.tool_result_max_chars);
-                for link in &mut outcome.links {
-                    link.server.clone_from(&spec.name);
+            Ok(Ok(result)) => match tasks::created(&result) {
+                None => self.shaped(&result, spec),
+                Some(created) => {
+                    if let Some(message) = created.message {
+                        progress.progress(0.0, None, Some(message));
+                    }
+                    let ticket = TaskTicket {
+                        server: spec.name.clone(),
+                        tool: name.to_owned(),
+                        task_id: created.task_id,
+                        legacy: created.legacy,
+                        poll_ms: created.poll_ms,
+                    };
+                    self.wait_task(&session, spec, &route.tool, &ticket, progress, timeout)
+                        .await
                 }
-                outcome
-            }
-            Ok(Err(CallError::Protocol(message))) => ToolOutcome::error(message),
-            Ok(Err(CallError::Disconnected(message))) => {
-                tracing::warn!(server = %spec.name, %message, "MCP server disconnected during a call");
-                let sentence = match spec.transport {
-                    Transport::Stdio { .. } => format!(
-                        "the tool server \"{}\" stopped during the call ({message}). It will be started again on the next call.",
-                        spec.name
-                    ),
-                    // rmcp's HTTP client also ends the connection on an
-                    // answer over its size limit, the likelier cause.
-                    Transport::Http { .. } => format!(
-                        "the connection to the tool server \"{}\" ended during the call ({message}); an answer larger than {} MiB (MCP_MAX_MESSAGE_BYTES) ends it too, so if the tool returns a lot, ask for less. It will be connected again on the next call.",
-                        spec.name,
-                        self.limits.mcp_max_message_bytes / (1024 * 1024)
-                    ),
-                };
-                ToolOutcome::error(sentence)
-            }
+            },
+            Ok(Err(error)) => self.call_failed(spec, error),
             Err(Late::Silent) => ToolOutcome::error(format!(
                 "the tool did not finish within {} seconds and was cancelled.",
                 timeout.as_secs()
@@ -1207,6 +1208,198 @@ impl ToolHost for McpHost {
             .lock()
             .expect("routes poisoned")
             .remove(conversation);
+    }
+
+    async fn poll_task(&self, conversation: &str, task: &TaskTicket) -> TaskPoll {
+        let (session, _lease) = match self.session_named(conversation, &task.server).await {
+            Ok(found) => found,
+            Err(why) => return TaskPoll::Unreachable(why),
+        };
+        let Some(server) = self.find(&task.server) else {
+            return TaskPoll::Unreachable(format!("there is no tool server \"{}\"", task.server));
+        };
+        let timeout = server.spec.timeout.unwrap_or(self.limits.tool_timeout);
+        let asked = session.task_state(&task.tool, &task.task_id, task.legacy, &());
+        match tokio::time::timeout(timeout, asked).await {
+            Err(_) => TaskPoll::Unreachable(format!(
+                "it did not answer within {} seconds",
+                timeout.as_secs()
+            )),
+            Ok(Err(CallError::Disconnected(message))) => TaskPoll::Unreachable(message),
+            Ok(Err(CallError::Protocol(message))) => TaskPoll::Done(ToolOutcome::error(format!(
+                "the tool server \"{}\" could not say how the task {} ended: {message}",
+                task.server, task.task_id
+            ))),
+            Ok(Ok(TaskState::Working { message, poll_ms })) => {
+                TaskPoll::Working { message, poll_ms }
+            }
+            Ok(Ok(TaskState::InputRequired { message, .. })) => TaskPoll::Working {
+                message,
+                poll_ms: None,
+            },
+            Ok(Ok(ended)) => TaskPoll::Done(self.task_outcome(&server.spec, ended)),
+        }
+    }
+
+    async fn cancel_task(&self, conversation: &str, task: &TaskTicket) -> Result<(), String> {
+        let (session, _lease) = self.session_named(conversation, &task.server).await?;
+        let timeout = self
+            .find(&task.server)
+            .and_then(|s| s.spec.timeout)
+            .unwrap_or(self.limits.tool_timeout);
+        match tokio::time::timeout(timeout, session.cancel_task(&task.task_id, task.legacy)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(CallError::Protocol(message) | CallError::Disconnected(message))) => {
+                Err(format!(
+                    "the tool server \"{}\" could not cancel it: {message}",
+                    task.server
+                ))
+            }
+            Err(_) => Err(format!(
+                "the tool server \"{}\" did not answer within {} seconds",
+                task.server,
+                timeout.as_secs()
+            )),
+        }
+    }
+}
+
+impl McpHost {
+    /// A tool result as the model sees it; resource links it holds are
+    /// read from `spec`'s server.
+    fn shaped(&self, result: &Value, spec: &ServerSpec) -> ToolOutcome {
+        let mut outcome = result::outcome(result, self.limits.tool_result_max_chars);
+        for link in &mut outcome.links {
+            link.server.clone_from(&spec.name);
+        }
+        outcome
+    }
+
+    /// The server in force named `name`.
+    fn find(&self, name: &str) -> Option<Arc<Server>> {
+        self.current().iter().find(|s| s.spec.name == name).cloned()
+    }
+
+    /// Waits for a call that became a task as long as the call itself
+    /// would be waited for (the person's answers to its questions do not
+    /// count); one that takes longer goes on in the background.
+    async fn wait_task(
+        &self,
+        session: &Session,
+        spec: &ServerSpec,
+        tool: &str,
+        ticket: &TaskTicket,
+        context: &dyn CallContext,
+        timeout: Duration,
+    ) -> ToolOutcome {
+        context.task(ticket, TaskStep::Started).await;
+        let watched = Watched::new(context);
+        let waiting = async {
+            let mut poll_ms = ticket.poll_ms;
+            loop {
+                tokio::time::sleep(crate::conversation::tasks::poll_interval(poll_ms)).await;
+                match session
+                    .task_state(tool, &ticket.task_id, ticket.legacy, &watched)
+                    .await?
+                {
+                    TaskState::Working {
+                        message,
+                        poll_ms: next,
+                    } => {
+                        poll_ms = next.or(poll_ms);
+                        if message.is_some() {
+                            watched.progress(0.0, None, message);
+                        }
+                    }
+                    TaskState::InputRequired { message, .. } => {
+                        if message.is_some() {
+                            watched.progress(0.0, None, message);
+                        }
+                    }
+                    ended => return Ok(ended),
+                }
+            }
+        };
+        match within(timeout, timeout, &watched, waiting).await {
+            Ok(Ok(ended)) => {
+                context.task(ticket, TaskStep::Finished).await;
+                self.task_outcome(spec, ended)
+            }
+            Ok(Err(CallError::Disconnected(message))) => {
+                // The server may still have it (one over HTTP): it is
+                // asked again later.
+                tracing::warn!(server = %spec.name, task = %ticket.task_id, %message, "disconnected while waiting for a task");
+                context.task(ticket, TaskStep::Detached).await;
+                ToolOutcome::error(format!(
+                    "the connection to the tool server \"{}\" ended while this call ran as its task {}. mcpcord asks it again later and adds the result to this conversation when it has it; tell the user so.",
+                    spec.name, ticket.task_id
+                ))
+            }
+            Ok(Err(error)) => {
+                context.task(ticket, TaskStep::Finished).await;
+                self.call_failed(spec, error)
+            }
+            Err(_) => {
+                context.task(ticket, TaskStep::Detached).await;
+                ToolOutcome {
+                    content: format!(
+                        "This call did not finish within {} seconds, so it goes on in the background as task {} of the tool server \"{}\". Its result will be added to this conversation as a new message when it is done; tell the user so, and do not call it again meanwhile.",
+                        timeout.as_secs(),
+                        ticket.task_id,
+                        spec.name
+                    ),
+                    ..ToolOutcome::default()
+                }
+            }
+        }
+    }
+
+    /// What a task that ended gives the model.
+    fn task_outcome(&self, spec: &ServerSpec, ended: TaskState) -> ToolOutcome {
+        match ended {
+            TaskState::Completed {
+                result: Some(result),
+            } => self.shaped(&result, spec),
+            TaskState::Completed { result: None } => ToolOutcome::error(format!(
+                "the tool server \"{}\" finished the task without a result",
+                spec.name
+            )),
+            TaskState::Failed { error } => ToolOutcome::error(format!(
+                "the task failed on the tool server \"{}\": {error}",
+                spec.name
+            )),
+            TaskState::Cancelled => ToolOutcome::error(format!(
+                "the task was cancelled on the tool server \"{}\"",
+                spec.name
+            )),
+            TaskState::Working { .. } | TaskState::InputRequired { .. } => ToolOutcome::error(
+                format!("the tool server \"{}\" did not finish the task", spec.name),
+            ),
+        }
+    }
+
+    /// What a call that failed gives the model.
+    fn call_failed(&self, spec: &ServerSpec, error: CallError) -> ToolOutcome {
+        match error {
+            CallError::Protocol(message) => ToolOutcome::error(message),
+            CallError::Disconnected(message) => {
+                tracing::warn!(server = %spec.name, %message, "MCP server disconnected during a call");
+                let sentence = match spec.transport {
+                    Transport::Stdio { .. } => format!(
+                        "the tool server \"{}\" stopped during the call ({message}). It will be started again on the next call.",
+                        spec.name
+                    ),
+                    // rmcp's HTTP client also ends the connection on an
+                    // answer over its size limit, the likelier cause.
+                    Transport::Http { .. } => format!(
+                        "the connection to the tool server \"{}\" ended during the call ({message}); an answer larger than {} MiB (MCP_MAX_MESSAGE_BYTES) ends it too, so if the tool returns a lot, ask for less. It will be connected again on the next call.",
+                        spec.name,
+                        self.limits.mcp_max_message_bytes / (1024 * 1024)
+                    ),
+                };
+                ToolOutcome::error(sentence)
+            }
+        }
     }
 }
 

@@ -8,11 +8,13 @@ use std::time::Duration;
 use futures::StreamExt;
 use rmcp::handler::client::progress::ProgressDispatcher;
 use rmcp::model::{
-    CallToolRequest, CallToolRequestParams, CancelledNotificationParam, ClientCapabilities,
-    ClientConfig, ClientRequest, ElicitRequestParams, ElicitResult, ElicitationAction,
-    ElicitationCapability, FormElicitationCapability, Implementation, InputRequest,
-    ListToolsRequest, PaginatedRequestParams, ProgressNotificationParam, ProtocolVersion, Request,
-    RequestId, RequestOptionalParam, ServerResult, UrlElicitationCapability,
+    CallToolRequest, CallToolRequestParams, CancelTaskParams, CancelledNotificationParam,
+    ClientCapabilities, ClientConfig, ClientRequest, CustomRequest, ElicitRequestParams,
+    ElicitResult, ElicitationAction, ElicitationCapability, FormElicitationCapability,
+    GetTaskParams, Implementation, InputRequest, InputRequests, InputResponses, ListToolsRequest,
+    PaginatedRequestParams, ProgressNotificationParam, ProtocolVersion, Request, RequestId,
+    RequestOptionalParam, ServerResult, TASKS_EXTENSION_ID, UpdateTaskParams,
+    UrlElicitationCapability,
 };
 use rmcp::service::{
     ClientLifecycleMode, ClientServiceExt, NotificationContext, Peer, PeerRequestOptions,
@@ -28,6 +30,7 @@ use tokio_util::task::TaskTracker;
 use super::config::{ServerSpec, Transport};
 use super::schema::{normalise, open_object};
 use super::stdio::{ChildTransport, Launch};
+use super::tasks::State as TaskState;
 use crate::config::{Limits, Redactor};
 use crate::conversation::CallContext;
 use crate::conversation::elicitation::Answer;
@@ -50,6 +53,9 @@ pub struct RemoteTool {
     pub description: String,
     pub parameters: Value,
     pub read_only: bool,
+    /// It may run as a task (2025-11-25 `execution.taskSupport`): calls to
+    /// it are sent as tasks to a server of that revision.
+    pub tasks: bool,
 }
 
 /// A server's tools, and what was wrong with the list it sent.
@@ -242,6 +248,15 @@ async fn answer_input(
     }
 }
 
+/// A request of the 2025-11-25 tasks about `task_id`, which rmcp does not
+/// type.
+fn custom(method: &str, task_id: &str) -> ClientRequest {
+    ClientRequest::CustomRequest(CustomRequest::new(
+        method,
+        Some(serde_json::json!({"taskId": task_id})),
+    ))
+}
+
 /// Asks the person what `server` wants to know during a call of `tool`,
 /// through the call's context; a question that cannot be shown is
 /// declined.
@@ -332,6 +347,7 @@ fn read_tool(item: &Value) -> Result<(RemoteTool, Option<String>), String> {
             .pointer("/annotations/readOnlyHint")
             .and_then(Value::as_bool)
             == Some(true),
+        tasks: super::tasks::supports_tasks(item),
         name: name.to_owned(),
     };
     Ok((tool, warning))
@@ -564,15 +580,30 @@ impl Session {
     /// A server of the current revision that needs something first answers
     /// `input_required`; the call is sent again with the answers and the
     /// state it gave, at most [`MAX_INPUT_ROUNDS`] times.
+    ///
+    /// A `tool` that may run as a task (`as_task`) is asked to on a server
+    /// of 2025-11-25; one of the current revision decides itself. Either
+    /// way the result may be a task (see [`super::tasks::created`]).
     pub async fn call(
         &self,
         tool: &str,
         arguments: Value,
+        as_task: bool,
         context: &dyn CallContext,
     ) -> Result<Value, CallError> {
         let mut params = serde_json::json!({"name": tool});
         if arguments.is_object() {
             params["arguments"] = arguments;
+        }
+        if as_task && self.era == Era::Legacy {
+            params["task"] = serde_json::json!({"ttl": super::tasks::REQUESTED_TTL_MS});
+            // rmcp's typed call has no `task`; the request goes as written.
+            let request =
+                ClientRequest::CustomRequest(CustomRequest::new("tools/call", Some(params)));
+            let _running = Running::new(self);
+            return Ok(as_json(
+                self.typed_request(request, context, Some(tool)).await?,
+            ));
         }
         let build = |params: Value| {
             let params: CallToolRequestParams = serde_json::from_value(params)?;
@@ -580,6 +611,75 @@ impl Session {
             Ok(ClientRequest::CallToolRequest(request))
         };
         self.with_inputs(tool, params, context, build).await
+    }
+
+    /// Where the task `task_id` made of a call of `tool` is. Questions its
+    /// server asks go to `context`: those of the current revision come with
+    /// the status and are answered with `tasks/update`; those of 2025-11-25
+    /// come while its result is fetched (`tasks/result`, which waits for
+    /// the end), so the result is fetched once the task needs input or is
+    /// done.
+    pub async fn task_state(
+        &self,
+        tool: &str,
+        task_id: &str,
+        legacy: bool,
+        context: &dyn CallContext,
+    ) -> Result<TaskState, CallError> {
+        let _running = Running::new(self);
+        let request = if legacy {
+            custom("tasks/get", task_id)
+        } else {
+            ClientRequest::GetTaskRequest(Request::new(GetTaskParams::new(task_id)))
+        };
+        let answer = as_json(self.typed_request(request, context, None).await?);
+        let state = super::tasks::state(&answer).map_err(CallError::Protocol)?;
+        match state {
+            TaskState::InputRequired {
+                requests: Some(requests),
+                message,
+            } if !legacy => {
+                let requests: InputRequests = serde_json::from_value(requests).map_err(|e| {
+                    CallError::Protocol(format!(
+                        "its task asked for input that could not be read ({e})"
+                    ))
+                })?;
+                let mut answers = InputResponses::new();
+                for (key, request) in requests {
+                    answers.insert(
+                        key,
+                        answer_input(&self.server, tool, request, context).await?,
+                    );
+                }
+                let update = ClientRequest::UpdateTaskRequest(Request::new(UpdateTaskParams::new(
+                    task_id, answers,
+                )));
+                self.typed_request(update, context, None).await?;
+                Ok(TaskState::Working {
+                    message,
+                    poll_ms: None,
+                })
+            }
+            TaskState::InputRequired { .. } | TaskState::Completed { result: None } if legacy => {
+                let result = self
+                    .typed_request(custom("tasks/result", task_id), context, Some(tool))
+                    .await?;
+                Ok(TaskState::Completed {
+                    result: Some(as_json(result)),
+                })
+            }
+            state => Ok(state),
+        }
+    }
+
+    /// Asks the server to stop the task `task_id`.
+    pub async fn cancel_task(&self, task_id: &str, legacy: bool) -> Result<(), CallError> {
+        let request = if legacy {
+            custom("tasks/cancel", task_id)
+        } else {
+            ClientRequest::CancelTaskRequest(Request::new(CancelTaskParams::new(task_id)))
+        };
+        self.typed_request(request, &(), None).await.map(drop)
     }
 
     /// Sends the request `build` makes of `params` on behalf of `what` (a
@@ -861,9 +961,14 @@ impl Session {
 }
 
 /// What mcpcord does for servers: forms and web pages to open
-/// (elicitation). Nothing else is declared.
+/// (elicitation), and calls run as tasks (the tasks extension). Nothing
+/// else is declared.
 fn capabilities() -> ClientCapabilities {
     let mut capabilities = ClientCapabilities::default();
+    capabilities
+        .extensions
+        .get_or_insert_with(Default::default)
+        .insert(TASKS_EXTENSION_ID.to_owned(), Default::default());
     capabilities.elicitation = Some(
         ElicitationCapability::new()
             .with_form(FormElicitationCapability::new())

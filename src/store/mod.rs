@@ -14,7 +14,7 @@ use sqlx::{FromRow, QueryBuilder, Sqlite, SqliteConnection, SqlitePool};
 pub use crate::conversation::UsageTotals;
 use crate::conversation::{
     Author, Inbound, LastInput, Message, ReasoningEffort, Replace, Role, Store, StoreError,
-    ToolCall, Unbilled, UnbilledUpdate, Usage,
+    TaskRecord, TaskTicket, ToolCall, Unbilled, UnbilledUpdate, Usage,
 };
 
 /// Connections in the pool. SQLite has one writer; a few readers help.
@@ -419,6 +419,42 @@ fn current_uid() -> Option<u32> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// A row of `mcp_tasks`.
+#[derive(FromRow)]
+struct TaskRow {
+    server: String,
+    task_id: String,
+    conversation: String,
+    tool: String,
+    legacy: bool,
+    poll_ms: Option<i64>,
+    author: Option<i64>,
+    author_name: Option<String>,
+    started_at: i64,
+    message: Option<String>,
+}
+
+impl TaskRow {
+    fn into_record(self) -> TaskRecord {
+        TaskRecord {
+            conversation: self.conversation,
+            ticket: TaskTicket {
+                server: self.server,
+                tool: self.tool,
+                task_id: self.task_id,
+                legacy: self.legacy,
+                poll_ms: self.poll_ms.map(|ms| ms.max(0) as u64),
+            },
+            author: self.author.map(|id| Author {
+                id: id as u64,
+                name: self.author_name.unwrap_or_default(),
+            }),
+            started_at: self.started_at,
+            message: self.message,
+        }
+    }
+}
+
 fn db(error: sqlx::Error) -> StoreError {
     classify(&error)
 }
@@ -802,6 +838,66 @@ impl Store for SqliteStore {
             .await
             .map_err(db)?;
         Ok(salt)
+    }
+
+    async fn keep_task(&self, task: &TaskRecord) -> Result<(), StoreError> {
+        let ticket = &task.ticket;
+        sqlx::query(
+            "INSERT INTO mcp_tasks (server, task_id, conversation, tool, legacy, poll_ms, author, author_name, started_at, message)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+             ON CONFLICT (server, task_id) DO UPDATE SET conversation = excluded.conversation, tool = excluded.tool",
+        )
+        .bind(&ticket.server)
+        .bind(&ticket.task_id)
+        .bind(&task.conversation)
+        .bind(&ticket.tool)
+        .bind(ticket.legacy)
+        .bind(ticket.poll_ms.map(|ms| ms.min(i64::MAX as u64) as i64))
+        .bind(task.author.as_ref().map(|a| a.id as i64))
+        .bind(task.author.as_ref().map(|a| a.name.as_str()))
+        .bind(task.started_at)
+        .bind(task.message.as_deref())
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    async fn tasks(&self) -> Result<Vec<TaskRecord>, StoreError> {
+        let rows: Vec<TaskRow> = sqlx::query_as(
+            "SELECT server, task_id, conversation, tool, legacy, poll_ms, author, author_name, started_at, message
+             FROM mcp_tasks ORDER BY started_at, rowid",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(rows.into_iter().map(TaskRow::into_record).collect())
+    }
+
+    async fn note_task(
+        &self,
+        server: &str,
+        task_id: &str,
+        message: Option<&str>,
+    ) -> Result<(), StoreError> {
+        sqlx::query("UPDATE mcp_tasks SET message = ?3 WHERE server = ?1 AND task_id = ?2")
+            .bind(server)
+            .bind(task_id)
+            .bind(message)
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(())
+    }
+
+    async fn drop_task(&self, server: &str, task_id: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM mcp_tasks WHERE server = ?1 AND task_id = ?2")
+            .bind(server)
+            .bind(task_id)
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(())
     }
 
     async fn keep_unbilled(

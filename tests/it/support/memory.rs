@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use mcpcord::conversation::{
     ChatModel, ChatRequest, Completion, FinishReason, Inbound, LastInput, Message, ModelError,
-    ModelInfo, ModelLookup, ReasoningEffort, Replace, Role, Store, StoreError, TextSink, ToolCall,
-    ToolHost, ToolList, ToolOutcome, ToolSpec, Unbilled, UnbilledUpdate, Usage,
+    ModelInfo, ModelLookup, ReasoningEffort, Replace, Role, Store, StoreError, TaskRecord,
+    TextSink, ToolCall, ToolHost, ToolList, ToolOutcome, ToolSpec, Unbilled, UnbilledUpdate, Usage,
 };
 use serde_json::Value;
 use tokio::sync::Semaphore;
@@ -32,6 +32,7 @@ struct Stored {
     inbox: BTreeMap<(String, u64), Inbound>,
     /// Unbilled replies and when each is due (`None`: billed or given up).
     unbilled: Vec<(Unbilled, Option<i64>, Option<Usage>)>,
+    tasks: Vec<TaskRecord>,
     /// When set, every write fails with this reason.
     failing: Option<String>,
     /// When set, taking an input (storing a turn's message) fails.
@@ -88,6 +89,42 @@ impl MemoryStore {
 impl Store for MemoryStore {
     async fn instance_salt(&self) -> Result<String, StoreError> {
         Ok("memory-salt".into())
+    }
+
+    async fn keep_task(&self, task: &TaskRecord) -> Result<(), StoreError> {
+        let mut state = self.writable()?;
+        state.tasks.retain(|t| {
+            t.ticket.task_id != task.ticket.task_id || t.ticket.server != task.ticket.server
+        });
+        state.tasks.push(task.clone());
+        Ok(())
+    }
+
+    async fn tasks(&self) -> Result<Vec<TaskRecord>, StoreError> {
+        Ok(self.lock().tasks.clone())
+    }
+
+    async fn note_task(
+        &self,
+        server: &str,
+        task_id: &str,
+        message: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let mut state = self.writable()?;
+        for task in &mut state.tasks {
+            if task.ticket.server == server && task.ticket.task_id == task_id {
+                task.message = message.map(str::to_owned);
+            }
+        }
+        Ok(())
+    }
+
+    async fn drop_task(&self, server: &str, task_id: &str) -> Result<(), StoreError> {
+        let mut state = self.writable()?;
+        state
+            .tasks
+            .retain(|t| t.ticket.task_id != task_id || t.ticket.server != server);
+        Ok(())
     }
 
     async fn keep_unbilled(
