@@ -256,13 +256,14 @@ pub async fn run(
             tokio::select! {
                 line = input.next_line() => Next::Line(line?),
                 Some(()) = interrupts.recv() => Next::Line(None),
-                Some(done) = finished.recv() => Next::Task(done),
+                Some(done) = finished.recv() => Next::Task(Box::new(done)),
             }
         };
         let line = match line {
             Next::Line(Some(line)) => line,
             Next::Line(None) => break,
-            Next::Task((record, outcome, taken)) => {
+            Next::Task(done) => {
+                let (record, outcome, taken) = *done;
                 writeln!(
                     out,
                     "(the background task {} of {} {})",
@@ -424,7 +425,7 @@ async fn command_tasks(
 /// What the chat loop got next.
 enum Next {
     Line(Option<String>),
-    Task(Finished),
+    Task(Box<Finished>),
 }
 
 /// A background task's result on its way to the chat, and where to say

@@ -395,13 +395,13 @@ impl BackgroundTasks {
             }
         }
         tracing::info!(conversation = %record.conversation, server = %ticket.server, task = %ticket.task_id, ok = !outcome.is_error, "background task ended");
+        if let Err(error) = self.store.drop_task(&ticket.server, &ticket.task_id).await {
+            tracing::warn!(%error, task = %ticket.task_id, "a delivered task could not be forgotten; its result may come again after a restart");
+        }
         self.followed
             .lock()
             .expect("tasks poisoned")
             .remove(&key(ticket));
-        if let Err(error) = self.store.drop_task(&ticket.server, &ticket.task_id).await {
-            tracing::warn!(%error, task = %ticket.task_id, "a delivered task could not be forgotten; its result may come again after a restart");
-        }
     }
 }
 

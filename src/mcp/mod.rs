@@ -195,8 +195,6 @@ struct Routes {
 struct Route {
     server: Arc<Server>,
     tool: String,
-    /// The tool may run as a task.
-    tasks: bool,
 }
 
 /// The servers in force, in the file's order.
@@ -1085,7 +1083,6 @@ impl ToolHost for McpHost {
                     Route {
                         server: server.clone(),
                         tool: t.tool.name.clone(),
-                        tasks: t.tool.tasks,
                     },
                 );
                 ToolSpec {
@@ -1162,7 +1159,7 @@ impl ToolHost for McpHost {
         };
         let most = timeout.max(self.limits.tool_max);
         let watched = Watched::new(progress);
-        let call = session.call(&route.tool, arguments, route.tasks, &watched);
+        let call = session.call(&route.tool, arguments, &watched);
         match within(timeout, most, &watched, call).await {
             Ok(Ok(result)) => match tasks::created(&result) {
                 None => self.shaped(&result, spec),

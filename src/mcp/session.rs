@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use rmcp::handler::client::progress::ProgressDispatcher;
+use rmcp::model::ErrorCode;
 use rmcp::model::{
     CallToolRequest, CallToolRequestParams, CancelTaskParams, CancelledNotificationParam,
     ClientCapabilities, ClientConfig, ClientRequest, CustomRequest, ElicitRequestParams,
@@ -53,9 +54,6 @@ pub struct RemoteTool {
     pub description: String,
     pub parameters: Value,
     pub read_only: bool,
-    /// It may run as a task (2025-11-25 `execution.taskSupport`): calls to
-    /// it are sent as tasks to a server of that revision.
-    pub tasks: bool,
 }
 
 /// A server's tools, and what was wrong with the list it sent.
@@ -248,6 +246,24 @@ async fn answer_input(
     }
 }
 
+/// Whether a tool's error result is a 2025-11-25 server's refusal of a
+/// plain call to a tool that runs only as a task.
+fn wants_a_task(result: &rmcp::model::CallToolResult) -> bool {
+    result.is_error == Some(true)
+        && result.content.iter().any(|block| {
+            block
+                .as_text()
+                .is_some_and(|t| t.text.contains("-32601") && t.text.contains("task"))
+        })
+}
+
+/// A `tools/call` of `params`.
+fn call_request(params: Value) -> Result<ClientRequest, serde_json::Error> {
+    let params: CallToolRequestParams = serde_json::from_value(params)?;
+    let request: CallToolRequest = Request::new(params);
+    Ok(ClientRequest::CallToolRequest(request))
+}
+
 /// A request of the 2025-11-25 tasks about `task_id`, which rmcp does not
 /// type.
 fn custom(method: &str, task_id: &str) -> ClientRequest {
@@ -347,7 +363,6 @@ fn read_tool(item: &Value) -> Result<(RemoteTool, Option<String>), String> {
             .pointer("/annotations/readOnlyHint")
             .and_then(Value::as_bool)
             == Some(true),
-        tasks: super::tasks::supports_tasks(item),
         name: name.to_owned(),
     };
     Ok((tool, warning))
@@ -409,6 +424,8 @@ pub struct Session {
     lists_stale: Arc<AtomicBool>,
     lists: Mutex<Option<Arc<Lists>>>,
     era: Era,
+    /// Tools of a 2025-11-25 server found to run only as tasks.
+    task_tools: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl std::fmt::Debug for Session {
@@ -483,6 +500,7 @@ impl Session {
         };
         Ok(Session {
             era,
+            task_tools: Default::default(),
             instructions,
             server: spec.name.clone(),
             peer: service.peer().clone(),
@@ -581,36 +599,70 @@ impl Session {
     /// `input_required`; the call is sent again with the answers and the
     /// state it gave, at most [`MAX_INPUT_ROUNDS`] times.
     ///
-    /// A `tool` that may run as a task (`as_task`) is asked to on a server
-    /// of 2025-11-25; one of the current revision decides itself. Either
-    /// way the result may be a task (see [`super::tasks::created`]).
+    /// The result may be a task (see [`super::tasks::created`]): a server
+    /// of the current revision makes one when it decides to, one of
+    /// 2025-11-25 when the call asks for it (see [`Session::call_legacy`]).
     pub async fn call(
         &self,
         tool: &str,
         arguments: Value,
-        as_task: bool,
         context: &dyn CallContext,
     ) -> Result<Value, CallError> {
         let mut params = serde_json::json!({"name": tool});
         if arguments.is_object() {
             params["arguments"] = arguments;
         }
-        if as_task && self.era == Era::Legacy {
-            params["task"] = serde_json::json!({"ttl": super::tasks::REQUESTED_TTL_MS});
-            // rmcp's typed call has no `task`; the request goes as written.
-            let request =
-                ClientRequest::CustomRequest(CustomRequest::new("tools/call", Some(params)));
-            let _running = Running::new(self);
-            return Ok(as_json(
-                self.typed_request(request, context, Some(tool)).await?,
-            ));
+        if self.era == Era::Legacy {
+            return self.call_legacy(tool, params, context).await;
         }
-        let build = |params: Value| {
-            let params: CallToolRequestParams = serde_json::from_value(params)?;
-            let request: CallToolRequest = Request::new(params);
-            Ok(ClientRequest::CallToolRequest(request))
-        };
-        self.with_inputs(tool, params, context, build).await
+        self.with_inputs(tool, params, context, call_request).await
+    }
+
+    /// A call to a server of the handshake era. A tool that must run as a
+    /// task (2025-11-25 `taskSupport: "required"`, which rmcp's tool list
+    /// does not keep) is refused with -32601 when called plainly (the
+    /// TypeScript SDK sends that error as the tool's error result); it is
+    /// called again as a task, and so from then on in this session.
+    async fn call_legacy(
+        &self,
+        tool: &str,
+        mut params: Value,
+        context: &dyn CallContext,
+    ) -> Result<Value, CallError> {
+        let _running = Running::new(self);
+        let as_task = self
+            .task_tools
+            .lock()
+            .expect("task tools poisoned")
+            .contains(tool);
+        if !as_task {
+            let request = call_request(params.clone()).map_err(|e| {
+                CallError::Protocol(format!("its request could not be written ({e})"))
+            })?;
+            match self.raw_request(request, context, Some(tool)).await {
+                Err(ServiceError::McpError(error)) if error.code == ErrorCode::METHOD_NOT_FOUND => {
+                    self.runs_as_task(tool);
+                }
+                Ok(ServerResult::CallToolResult(result)) if wants_a_task(&result) => {
+                    self.runs_as_task(tool);
+                }
+                answered => return answered.map(as_json).map_err(|e| self.failed(e)),
+            }
+        }
+        params["task"] = serde_json::json!({"ttl": super::tasks::REQUESTED_TTL_MS});
+        // rmcp's typed call has no `task`: the request goes as written.
+        let request = ClientRequest::CustomRequest(CustomRequest::new("tools/call", Some(params)));
+        Ok(as_json(
+            self.typed_request(request, context, Some(tool)).await?,
+        ))
+    }
+
+    fn runs_as_task(&self, tool: &str) {
+        tracing::debug!(server = %self.server, tool, "the tool runs only as a task; calling it as one");
+        self.task_tools
+            .lock()
+            .expect("task tools poisoned")
+            .insert(tool.to_owned());
     }
 
     /// Where the task `task_id` made of a call of `tool` is. Questions its
@@ -899,11 +951,22 @@ impl Session {
         context: &dyn CallContext,
         tool: Option<&str>,
     ) -> Result<ServerResult, CallError> {
+        self.raw_request(request, context, tool)
+            .await
+            .map_err(|e| self.failed(e))
+    }
+
+    /// [`Session::typed_request`] with rmcp's error as it is.
+    async fn raw_request(
+        &self,
+        request: ClientRequest,
+        context: &dyn CallContext,
+        tool: Option<&str>,
+    ) -> Result<ServerResult, ServiceError> {
         let handle = self
             .peer
             .send_request_with_option(request, PeerRequestOptions::no_options())
-            .await
-            .map_err(|e| self.failed(e))?;
+            .await?;
         let mut guard = CancelOnDrop {
             peer: self.peer.clone(),
             id: Some(handle.id.clone()),
@@ -924,7 +987,7 @@ impl Session {
             }
         };
         guard.id = None;
-        result.map_err(|e| self.failed(e))
+        result
     }
 
     /// The next question the server sent as a request, when `listening`.

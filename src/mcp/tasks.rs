@@ -106,16 +106,6 @@ pub fn state(answer: &Value) -> Result<State, String> {
     })
 }
 
-/// Whether a tool says it may run as a task (`execution.taskSupport` of
-/// 2025-11-25: `required` or `optional`; `forbidden` or none means not).
-pub fn supports_tasks(tool: &Value) -> bool {
-    matches!(
-        tool.pointer("/execution/taskSupport")
-            .and_then(Value::as_str),
-        Some("required" | "optional")
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,19 +179,5 @@ mod tests {
         assert_eq!(state(&json!({"status": "cancelled"})), Ok(State::Cancelled));
         assert!(state(&json!({"status": "sleeping"})).is_err());
         assert!(state(&json!({})).is_err());
-    }
-
-    #[test]
-    fn task_support_is_read_from_the_listing() {
-        assert!(supports_tasks(
-            &json!({"execution": {"taskSupport": "required"}})
-        ));
-        assert!(supports_tasks(
-            &json!({"execution": {"taskSupport": "optional"}})
-        ));
-        assert!(!supports_tasks(
-            &json!({"execution": {"taskSupport": "forbidden"}})
-        ));
-        assert!(!supports_tasks(&json!({"name": "x"})));
     }
 }

@@ -29,4 +29,5 @@ mod openrouter;
 mod parsers;
 mod real_llm;
 mod storage;
+mod tasks;
 mod workers;
