@@ -69,7 +69,8 @@ pub fn choices(bot: &Bot, conversation: &str, typed: &str) -> Vec<Value> {
         .filter(|r| r.ticket.task_id.chars().count() <= MAX_CHOICE_CHARS)
         .take(MAX_CHOICES)
         .map(|r| {
-            let name: String = format!("{} ({})", tool_name(r), r.ticket.task_id)
+            let (server, tool) = parts(r);
+            let name: String = format!("{server} › {tool} ({})", r.ticket.task_id)
                 .chars()
                 .take(MAX_CHOICE_CHARS)
                 .collect();
@@ -86,14 +87,21 @@ fn capitalised(text: &str) -> String {
     }
 }
 
-/// `server › tool`.
-fn tool_name(record: &TaskRecord) -> String {
+/// The server and the tool's own name.
+fn parts(record: &TaskRecord) -> (&str, &str) {
     let ticket = &record.ticket;
     let tool = ticket
         .tool
-        .strip_prefix(&format!("{}__", ticket.server))
+        .strip_prefix(&ticket.server)
+        .and_then(|rest| rest.strip_prefix("__"))
         .unwrap_or(&ticket.tool);
-    format!("**{}** › `{tool}`", ticket.server)
+    (&ticket.server, tool)
+}
+
+/// `server › tool`, in Markdown.
+fn tool_name(record: &TaskRecord) -> String {
+    let (server, tool) = parts(record);
+    format!("**{server}** › `{tool}`")
 }
 
 fn line(record: &TaskRecord) -> String {

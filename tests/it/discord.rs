@@ -2877,3 +2877,160 @@ async fn resource_links_in_a_tool_result_get_read_buttons() {
     );
     bot.stop().await;
 }
+
+#[tokio::test]
+async fn a_background_task_is_listed_guarded_and_its_result_answered_in_the_thread() {
+    use crate::support::board::{Board, serve_board};
+    let discord = FakeDiscord::start().await;
+    let model = FakeModel::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let board = Board::default();
+    let stop_board = tokio_util::sync::CancellationToken::new();
+    let url = serve_board(&board, &stop_board).await;
+    support::write_mcp(
+        dir.path(),
+        json!({"jobs": {"url": url, "timeoutSecs": 1, "approval": "auto"}}),
+    );
+    model.script([
+        call("b1", "jobs__research", r#"{"topic":"tides"}"#),
+        text("It runs in the background; I will report."),
+        text("The report is in: tides."),
+        call("b2", "jobs__research", r#"{"topic":"comets"}"#),
+        text("Comets are on their way."),
+    ]);
+    let bot = start(&discord, &model, dir.path(), &[]).await;
+    let thread = 720_000_000_000_000_001;
+    mention(&discord, thread, "research tides");
+    discord
+        .wait_for("the first answer", |c| {
+            c.body["content"] == "It runs in the background; I will report."
+        })
+        .await;
+    let command = |id: u64, user: u64, options: Value| {
+        discord.interaction(
+            id,
+            2,
+            thread,
+            user,
+            json!({"id": id.to_string(), "name": "tasks", "type": 1, "options": options}),
+            None,
+        )
+    };
+    let answer = |id: u64| {
+        let path = format!(
+            "/webhooks/{}/token-{id}/messages/@original",
+            support::discord::APP
+        );
+        let discord = &discord;
+        async move {
+            let call = discord.wait_for("/tasks", |c| c.path == path).await;
+            call.body["content"].as_str().unwrap().to_owned()
+        }
+    };
+    discord.dispatch(
+        "INTERACTION_CREATE",
+        command(720_000_000_000_000_101, ALICE, json!([])),
+    );
+    let listed = answer(720_000_000_000_000_101).await;
+    assert!(
+        listed.contains("`job-1`")
+            && listed.contains("**jobs** › `research`")
+            && listed.contains(&format!("<@{ALICE}>")),
+        "{listed}"
+    );
+    // Bob did not start it and is no admin.
+    discord.dispatch(
+        "INTERACTION_CREATE",
+        command(
+            720_000_000_000_000_103,
+            BOB,
+            json!([{"name": "cancel", "type": 3, "value": "job-1"}]),
+        ),
+    );
+    let refused = answer(720_000_000_000_000_103).await;
+    assert!(
+        refused.contains("Only whoever started this task"),
+        "{refused}"
+    );
+    assert!(board.cancels().is_empty());
+
+    board.finish("job-1");
+    discord
+        .wait_for("the result's notice", |c| {
+            c.body["content"].as_str().is_some_and(|t| {
+                t.starts_with("📬 The background task `job-1` of **jobs** › `research` finished")
+            })
+        })
+        .await;
+    discord
+        .wait_for("the answer to the result", |c| {
+            c.body["content"] == "The report is in: tides."
+        })
+        .await;
+    // It comes as Alice's input: she started it.
+    let request = &model.requests()[2];
+    let last = request["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rfind(|m| m["role"] == "user")
+        .unwrap();
+    let content = last["content"].to_string();
+    assert!(content.contains(&format!("<@{ALICE}>")), "{content}");
+    let said = said(last);
+    assert!(
+        said.starts_with("[The background task job-1 of the tool jobs__research finished.")
+            && said.ends_with("report on tides"),
+        "{said}"
+    );
+    discord.dispatch(
+        "INTERACTION_CREATE",
+        command(720_000_000_000_000_105, ALICE, json!([])),
+    );
+    assert_eq!(
+        answer(720_000_000_000_000_105).await,
+        "No tool call runs in the background here."
+    );
+
+    // A second one, picked by autocomplete and cancelled by its starter.
+    say(
+        &discord,
+        720_000_000_000_000_201,
+        thread,
+        ALICE,
+        "and comets",
+    );
+    discord
+        .wait_for("the second answer", |c| {
+            c.body["content"] == "Comets are on their way."
+        })
+        .await;
+    let id = 720_000_000_000_000_203;
+    let data = json!({"id": id.to_string(), "name": "tasks", "type": 1,
+        "options": [{"name": "cancel", "type": 3, "value": "job", "focused": true}]});
+    discord.dispatch(
+        "INTERACTION_CREATE",
+        discord.interaction(id, 4, thread, ALICE, data, None),
+    );
+    let path = format!("/interactions/{id}/token-{id}/callback");
+    let choices = discord.wait_for("the choices", |c| c.path == path).await;
+    assert_eq!(
+        choices.body["data"]["choices"],
+        json!([{"name": "jobs › research (job-2)", "value": "job-2"}])
+    );
+    discord.dispatch(
+        "INTERACTION_CREATE",
+        command(
+            720_000_000_000_000_205,
+            ALICE,
+            json!([{"name": "cancel", "type": 3, "value": "job-2"}]),
+        ),
+    );
+    assert_eq!(
+        answer(720_000_000_000_000_205).await,
+        "🛑 Cancelled the background task `job-2` of **jobs** › `research`."
+    );
+    assert_eq!(board.cancels(), ["job-2"]);
+    bot.stop().await;
+    stop_board.cancel();
+}

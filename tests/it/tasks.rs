@@ -4,19 +4,21 @@
 //! an rmcp server in this process whose tasks outlive mcpcord's restarts.
 
 use crate::support;
+use crate::support::board::{Board, serve_board};
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use mcpcord::app::App;
 use mcpcord::config::Limits;
 use mcpcord::conversation::{
-    Answer, CallContext, Question, TaskPoll, TaskRecord, TaskSink, TaskStep, TaskTicket, ToolHost,
-    ToolOutcome,
+    Answer, CallContext, Message, Question, TaskPoll, TaskRecord, TaskSink, TaskStep, TaskTicket,
+    ToolHost, ToolOutcome, TurnEvent, TurnInput,
 };
 use mcpcord::mcp::{McpHost, config};
 use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
 
 fn host(servers: Value) -> McpHost {
     mcpcord::app::install_crypto();
@@ -174,180 +176,6 @@ async fn a_task_that_outlasts_its_call_goes_on_and_is_polled_to_its_end() {
 
 // The tasks extension of the current revision, against an rmcp server
 // whose tasks live on a board that outlives mcpcord.
-
-use mcpcord::app::App;
-use mcpcord::conversation::{Message, TurnEvent, TurnInput};
-use rmcp::model::{
-    CallToolRequestParams, CallToolResponse, CallToolResult, CancelTaskParams, ContentBlock,
-    CreateTaskResult, DetailedTask, GetTaskParams, GetTaskResult, ListToolsResult,
-    PaginatedRequestParams, ServerCapabilities, ServerConfig, Task, TaskPayload, TaskStatus, Tool,
-};
-use rmcp::service::RequestContext;
-use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
-use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
-use rmcp::{ErrorData as McpError, RoleServer, ServerHandler};
-use tokio_util::sync::CancellationToken;
-
-/// Where each job is: running until the test finishes it (or at once,
-/// for `instant` topics), or cancelled.
-#[derive(Debug, Clone, PartialEq)]
-enum Job {
-    Running(String),
-    Done(String),
-    Cancelled,
-}
-
-#[derive(Clone, Default)]
-struct Board {
-    jobs: Arc<Mutex<HashMap<String, Job>>>,
-    /// Ids whose cancellation was asked, in order.
-    cancels: Arc<Mutex<Vec<String>>>,
-}
-
-impl Board {
-    fn ids(&self) -> Vec<String> {
-        let mut ids: Vec<String> = self.jobs.lock().unwrap().keys().cloned().collect();
-        ids.sort();
-        ids
-    }
-
-    fn finish(&self, id: &str) {
-        let mut jobs = self.jobs.lock().unwrap();
-        if let Some(Job::Running(topic)) = jobs.get(id).cloned() {
-            jobs.insert(id.to_owned(), Job::Done(topic));
-        }
-    }
-
-    fn cancels(&self) -> Vec<String> {
-        self.cancels.lock().unwrap().clone()
-    }
-}
-
-impl ServerHandler for Board {
-    fn get_info(&self) -> ServerConfig {
-        ServerConfig::new(
-            ServerCapabilities::builder()
-                .enable_tools()
-                .enable_tasks()
-                .build(),
-        )
-    }
-
-    async fn list_tools(
-        &self,
-        _request: Option<PaginatedRequestParams>,
-        _context: RequestContext<RoleServer>,
-    ) -> Result<ListToolsResult, McpError> {
-        let schema = json!({"type": "object", "properties": {"topic": {"type": "string"}}});
-        Ok(ListToolsResult::with_all_items(vec![Tool::new(
-            "research",
-            "Researches a topic, in the background",
-            Arc::new(schema.as_object().unwrap().clone()),
-        )]))
-    }
-
-    async fn call_tool(
-        &self,
-        request: CallToolRequestParams,
-        context: RequestContext<RoleServer>,
-    ) -> Result<CallToolResponse, McpError> {
-        if !context
-            .client_capabilities()
-            .is_some_and(|c| c.supports_tasks())
-        {
-            return Ok(CallToolResult::error(vec![ContentBlock::text("tasks only")]).into());
-        }
-        let topic = request
-            .arguments
-            .and_then(|a| a.get("topic").and_then(Value::as_str).map(str::to_owned))
-            .unwrap_or_default();
-        let mut jobs = self.jobs.lock().unwrap();
-        let id = format!("job-{}", jobs.len() + 1);
-        let job = if topic.starts_with("instant") {
-            Job::Done(topic)
-        } else {
-            Job::Running(topic)
-        };
-        jobs.insert(id.clone(), job);
-        let task = Task::new(
-            id,
-            TaskStatus::Working,
-            "2026-12-04T00:00:00Z",
-            "2026-12-04T00:00:00Z",
-        )
-        .with_poll_interval_ms(100)
-        .with_status_message("queued");
-        Ok(CallToolResponse::Task(CreateTaskResult::new(task)))
-    }
-
-    async fn get_task(
-        &self,
-        request: GetTaskParams,
-        _context: RequestContext<RoleServer>,
-    ) -> Result<GetTaskResult, McpError> {
-        let job = self.jobs.lock().unwrap().get(&request.task_id).cloned();
-        let base = Task::new(
-            request.task_id.clone(),
-            TaskStatus::Working,
-            "2026-12-04T00:00:00Z",
-            "2026-12-04T00:00:01Z",
-        )
-        .with_poll_interval_ms(100);
-        let payload = match job {
-            None => return Err(McpError::invalid_params("no such task", None)),
-            Some(Job::Running(topic)) => {
-                return Ok(GetTaskResult::new(DetailedTask::new(
-                    base.with_status_message(format!("reading about {topic}")),
-                    TaskPayload::Working,
-                )));
-            }
-            Some(Job::Done(topic)) => TaskPayload::Completed {
-                result: json!({"content": [{"type": "text", "text": format!("report on {topic}")}], "isError": false})
-                    .as_object()
-                    .unwrap()
-                    .clone(),
-            },
-            Some(Job::Cancelled) => TaskPayload::Cancelled,
-        };
-        Ok(GetTaskResult::new(DetailedTask::new(base, payload)))
-    }
-
-    async fn cancel_task(
-        &self,
-        request: CancelTaskParams,
-        _context: RequestContext<RoleServer>,
-    ) -> Result<(), McpError> {
-        self.cancels.lock().unwrap().push(request.task_id.clone());
-        self.jobs
-            .lock()
-            .unwrap()
-            .insert(request.task_id, Job::Cancelled);
-        Ok(())
-    }
-}
-
-async fn serve_board(board: &Board, stop: &CancellationToken) -> String {
-    let board = board.clone();
-    let service = StreamableHttpService::new(
-        move || Ok(board.clone()),
-        Arc::new(LocalSessionManager::default()),
-        StreamableHttpServerConfig::default().with_cancellation_token(stop.child_token()),
-    );
-    let router = axum::Router::new().nest_service("/mcp", service);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!(
-        "http://127.0.0.1:{}/mcp",
-        listener.local_addr().unwrap().port()
-    );
-    let stop = stop.clone();
-    tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await
-            .unwrap();
-    });
-    url
-}
 
 /// Collects what background tasks deliver.
 struct Inbox(tokio::sync::mpsc::UnboundedSender<(TaskRecord, ToolOutcome)>);

@@ -16,6 +16,7 @@ use axum::routing::{get, post};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
+pub mod board;
 pub mod discord;
 pub mod memory;
 
