@@ -117,6 +117,8 @@ pub fn result_input(task: &TaskRecord, outcome: &ToolOutcome) -> String {
 struct Followed {
     record: TaskRecord,
     stop: CancellationToken,
+    /// It ended and its outcome is being delivered: it no longer runs.
+    ended: bool,
 }
 
 /// The background tasks of every conversation.
@@ -203,6 +205,7 @@ impl BackgroundTasks {
             Followed {
                 record: record.clone(),
                 stop,
+                ended: false,
             },
         );
         if let Some(previous) = previous {
@@ -239,7 +242,7 @@ impl BackgroundTasks {
             .lock()
             .expect("tasks poisoned")
             .values()
-            .filter(|f| f.record.conversation == conversation)
+            .filter(|f| f.record.conversation == conversation && !f.ended)
             .map(|f| f.record.clone())
             .collect();
         found.sort_by(|a, b| {
@@ -385,6 +388,14 @@ impl BackgroundTasks {
             return;
         };
         let ticket = &record.ticket;
+        if let Some(followed) = self
+            .followed
+            .lock()
+            .expect("tasks poisoned")
+            .get_mut(&key(ticket))
+        {
+            followed.ended = true;
+        }
         loop {
             match sink.deliver(record, outcome).await {
                 Ok(()) => break,

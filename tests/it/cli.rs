@@ -551,3 +551,65 @@ async fn prompts_and_resources_are_listed_and_sent_from_the_terminal() {
         "{read}"
     );
 }
+
+#[tokio::test]
+async fn a_background_task_is_listed_and_its_result_answered_in_the_chat() {
+    use crate::support::board::{Board, serve_board};
+    let model = FakeModel::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let board = Board::default();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let url = serve_board(&board, &stop).await;
+    support::write_mcp(
+        dir.path(),
+        json!({"jobs": {"url": url, "timeoutSecs": 1, "approval": "auto"}}),
+    );
+    model.script([
+        call("t1", "jobs__research", r#"{"topic":"tides"}"#),
+        text("Started."),
+        text("The tides report is here."),
+    ]);
+    let mut child: Child = command(&model, dir.path()).arg("chat").spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let mut until = async |wanted: &str| {
+        while let Some(line) = lines.recv().await {
+            seen.push(line.clone());
+            if line.contains(wanted) {
+                return;
+            }
+        }
+        panic!("no line with {wanted:?} in {seen:?}");
+    };
+    stdin.write_all(b"research tides\n").unwrap();
+    until("Started.").await;
+    stdin.write_all(b"/tasks\n").unwrap();
+    until("job-1  jobs__research").await;
+    board.finish("job-1");
+    until("(the background task job-1 of jobs__research finished)").await;
+    until("The tides report is here.").await;
+    stdin.write_all(b"/tasks\n").unwrap();
+    until("(no tool call runs in the background)").await;
+    drop(stdin);
+    assert!(child.wait().unwrap().success());
+    let sent = &model.requests()[2]["messages"];
+    let last = sent.as_array().unwrap().last().unwrap();
+    assert!(
+        last["content"]
+            .as_str()
+            .unwrap()
+            .ends_with("report on tides"),
+        "{last}"
+    );
+    stop.cancel();
+}

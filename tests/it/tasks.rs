@@ -291,26 +291,19 @@ async fn a_background_task_outlives_a_restart_and_its_result_is_delivered() {
     assert_eq!(outcome.content, "report on tides");
     let input = mcpcord::conversation::tasks::result_input(&record, &outcome);
     assert!(input.contains("job-1") && input.contains(JOB) && input.ends_with("report on tides"));
-    // Delivered: forgotten.
-    wait_until("the task is forgotten", || {
-        second.engine.tasks().running("t").is_empty()
-    })
-    .await;
-    assert!(second.store.tasks().await.unwrap().is_empty());
-    assert!(s.board.cancels().is_empty());
-    second.shutdown().await;
-    s.stop.cancel();
-}
-
-async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    // Delivered: no longer running, and forgotten.
+    assert!(second.engine.tasks().running("t").is_empty());
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while !done() {
+    while !second.store.tasks().await.unwrap().is_empty() {
         assert!(
             std::time::Instant::now() < deadline,
-            "timed out waiting until {what}"
+            "the task was never forgotten"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    assert!(s.board.cancels().is_empty());
+    second.shutdown().await;
+    s.stop.cancel();
 }
 
 #[tokio::test]
