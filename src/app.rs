@@ -63,8 +63,11 @@ impl App {
         })?;
         let store = SqliteStore::open(&config.database_url).await?;
         let model = Arc::new(OpenRouter::new(config).context("cannot build the HTTP client")?);
-        let mcp =
-            Arc::new(McpHost::new(servers, config.limits.clone()).redacting(&own_secrets(config)));
+        let mcp = Arc::new(
+            McpHost::new(servers, config.limits.clone())
+                .redacting(&own_secrets(config))
+                .with_vault(Arc::new(store.clone())),
+        );
         let settings = EngineSettings {
             default_model: config.default_model.clone(),
             system_prompt: config.system_prompt.clone(),

@@ -28,6 +28,14 @@ enum Command {
     Check,
     /// Exit 0 when the running bot is connected to Discord (reads HEALTH_FILE; for HEALTHCHECK).
     Health,
+    /// Authorize mcpcord at an HTTP MCP server that uses OAuth ("auth": "oauth"), storing its tokens.
+    Auth {
+        /// The server's name in the MCP file.
+        server: String,
+        /// The loopback port the browser is sent back to (0: any free one).
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+    },
     /// Chat in the terminal: one message per line on stdin, answers on stdout.
     Chat {
         /// Conversation name; running again with the same name continues it.
@@ -40,6 +48,53 @@ enum Command {
         #[arg(long, short)]
         yes: bool,
     },
+}
+
+/// `mcpcord auth SERVER`: prints the URL to open, waits for the browser
+/// to come back (or for the address it ended on to be pasted), and stores
+/// the tokens in the database.
+async fn authorize(config: &Config, server: &str, port: u16) -> anyhow::Result<()> {
+    use mcpcord::mcp::oauth::{Authorizing, CALLBACK_WAIT, oauth_server};
+    use tokio::io::AsyncBufReadExt;
+    mcpcord::app::install_crypto();
+    let servers =
+        mcpcord::mcp::config::load(&config.mcp_config, config.mcp_config_explicit, &|name| {
+            std::env::var(name).ok()
+        })?;
+    let (url, oauth) = oauth_server(&servers, server).map_err(anyhow::Error::msg)?;
+    let store = mcpcord::store::SqliteStore::open(&config.database_url).await?;
+    let authorizing = Authorizing::start(server, url, oauth, Arc::new(store.clone()), port)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    println!(
+        "Open this address in a browser and allow mcpcord access to \"{server}\":\n\n{}\n",
+        authorizing.url()
+    );
+    println!(
+        "Waiting for the browser to come back. If it cannot reach this machine, paste the address it ended on here."
+    );
+    let (lines, pasted) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut stdin = BufReader::new(tokio::io::stdin()).lines();
+        while let Ok(Some(line)) = stdin.next_line().await {
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let finished = tokio::time::timeout(CALLBACK_WAIT, authorizing.finish(pasted)).await;
+    store.close().await;
+    match finished {
+        Ok(Ok(())) => {
+            println!("Authorized: mcpcord keeps the tokens of \"{server}\" and refreshes them.");
+            Ok(())
+        }
+        Ok(Err(problem)) => anyhow::bail!("{problem}"),
+        Err(_) => anyhow::bail!(
+            "nobody came back from the browser within {} minutes; run it again",
+            CALLBACK_WAIT.as_secs() / 60
+        ),
+    }
 }
 
 fn init_logging(default_filter: &str) {
@@ -65,7 +120,7 @@ async fn main() {
     // The bot logs what it does; the terminal chat only its problems.
     let quiet = matches!(
         cli.command,
-        Some(Command::Chat { .. } | Command::Check | Command::Health)
+        Some(Command::Chat { .. } | Command::Check | Command::Health | Command::Auth { .. })
     );
     init_logging(if quiet { "warn" } else { "mcpcord=info,warn" });
     let code = match run(cli).await {
@@ -99,6 +154,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = Config::from_env()?;
     match command {
         Command::Check | Command::Health => Ok(()),
+        Command::Auth { server, port } => authorize(&config, &server, port).await,
         Command::Run => {
             let discord = DiscordConfig::from_env()?;
             let app = Arc::new(App::build(&config).await?);

@@ -36,7 +36,26 @@ pub enum Transport {
     Http {
         url: String,
         headers: BTreeMap<String, Secret>,
+        /// Set for `"auth": "oauth"`: the MCP authorization flow.
+        oauth: Option<OAuth>,
     },
+}
+
+/// How mcpcord identifies itself to a server's authorization server.
+/// Without a client id it uses the client metadata document at
+/// `client_metadata_url` when the authorization server takes those, or
+/// registers itself (dynamic client registration) where it can.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct OAuth {
+    /// A client registered beforehand (`clientId`).
+    pub client_id: Option<String>,
+    /// Its secret, for confidential clients (`clientSecret`).
+    pub client_secret: Option<Secret>,
+    /// An HTTPS URL of mcpcord's client metadata document
+    /// (`clientMetadataUrl`).
+    pub client_metadata_url: Option<String>,
+    /// Scopes to ask for (`scopes`); by default those the server names.
+    pub scopes: Vec<String>,
 }
 
 /// Who shares a session with a server.
@@ -228,6 +247,11 @@ const KNOWN_KEYS: &[&str] = &[
     "timeoutSecs",
     "approval",
     "inheritEnv",
+    "auth",
+    "clientId",
+    "clientSecret",
+    "clientMetadataUrl",
+    "scopes",
 ];
 
 /// Reads one server entry, with what error messages need.
@@ -298,9 +322,26 @@ impl Entry<'_> {
                     Transport::Http {
                         url,
                         headers: self.secrets(map, "headers")?,
+                        oauth: self.oauth(map)?,
                     }
                 }
             };
+        if matches!(transport, Transport::Stdio { .. }) {
+            for key in [
+                "auth",
+                "clientId",
+                "clientSecret",
+                "clientMetadataUrl",
+                "scopes",
+            ] {
+                if map.contains_key(key) {
+                    return Err(self.error(
+                        key,
+                        "is for HTTP servers; a stdio server gets its credentials through \"env\"",
+                    ));
+                }
+            }
+        }
         if let Transport::Stdio { command, .. } = &transport
             && command.trim().is_empty()
         {
@@ -366,6 +407,45 @@ impl Entry<'_> {
             blocked_tools: self.strings(map, "blockedTools")?.unwrap_or_default(),
             timeout,
             approval,
+        }))
+    }
+
+    /// `"auth": "oauth"` and the keys that go with it.
+    fn oauth(&self, map: &Map<String, Value>) -> Result<Option<OAuth>, McpConfigError> {
+        let extras = ["clientId", "clientSecret", "clientMetadataUrl", "scopes"];
+        match self.string(map, "auth")?.as_deref() {
+            None | Some("none") => {
+                if let Some(key) = extras.iter().find(|k| map.contains_key(**k)) {
+                    return Err(self.error(key, "needs \"auth\": \"oauth\""));
+                }
+                return Ok(None);
+            }
+            Some("oauth") => {}
+            Some(other) => {
+                return Err(self.error("auth", format!("{other:?} is not \"oauth\" (or \"none\"); for a fixed token, use \"headers\": {{\"Authorization\": \"Bearer ${{TOKEN}}\"}}")));
+            }
+        }
+        let client_id = self
+            .string(map, "clientId")?
+            .filter(|id| !id.trim().is_empty());
+        let client_secret = self.string(map, "clientSecret")?.map(Secret::new);
+        if client_secret.is_some() && client_id.is_none() {
+            return Err(self.error(
+                "clientSecret",
+                "needs \"clientId\", the client it belongs to",
+            ));
+        }
+        let client_metadata_url = self.string(map, "clientMetadataUrl")?;
+        if let Some(url) = &client_metadata_url
+            && !url.starts_with("https://")
+        {
+            return Err(self.error("clientMetadataUrl", format!("{url:?} must be an https:// URL (authorization servers fetch the document there)")));
+        }
+        Ok(Some(OAuth {
+            client_id,
+            client_secret,
+            client_metadata_url,
+            scopes: self.strings(map, "scopes")?.unwrap_or_default(),
         }))
     }
 

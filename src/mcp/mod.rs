@@ -16,6 +16,7 @@
 pub mod config;
 mod elicit;
 pub mod naming;
+pub mod oauth;
 pub mod result;
 pub mod schema;
 mod session;
@@ -40,7 +41,7 @@ use crate::conversation::{
     CallContext, Hold, Notices, TaskPoll, TaskStep, TaskTicket, ToolHost, ToolList, ToolOutcome,
     ToolSpec,
 };
-pub use config::{Approval, InheritEnv, Scope, ServerSpec, Transport};
+pub use config::{Approval, InheritEnv, OAuth, Scope, ServerSpec, Transport};
 use session::{CallError, Session};
 pub use session::{MAX_LIST_PAGES, RemoteTool, ServerTools, shorten_list};
 use tasks::State as TaskState;
@@ -222,6 +223,8 @@ pub struct McpHost {
     own_secrets: Vec<Secret>,
     /// Per server id: its last failure to start, while it is backed off.
     failures: Mutex<HashMap<u64, Failure>>,
+    /// Where OAuth servers' tokens are kept.
+    vault: Option<Arc<dyn oauth::TokenVault>>,
 }
 
 /// What a reload of the servers file changed, by server name.
@@ -327,11 +330,18 @@ impl McpHost {
             redactor: RwLock::default(),
             own_secrets: Vec::new(),
             failures: Mutex::new(HashMap::new()),
+            vault: None,
         };
         let servers = servers.into_iter().map(|s| host.server(s)).collect();
         *host.servers.write().expect("servers poisoned") = Arc::new(servers);
         host.update_redactor();
         host
+    }
+
+    /// Keeps OAuth servers' tokens in `vault`.
+    pub fn with_vault(mut self, vault: Arc<dyn oauth::TokenVault>) -> Self {
+        self.vault = Some(vault);
+        self
     }
 
     /// Also redacts `secrets` (mcpcord's own) from server stderr.
@@ -640,7 +650,15 @@ impl McpHost {
         let started = Instant::now();
         let redactor = self.redactor.read().expect("redactor poisoned").clone();
         let era = *server.era.lock().expect("era poisoned");
-        let started_as = Session::start(spec, &self.limits, &redactor, &self.tasks, era).await;
+        let started_as = Session::start(
+            spec,
+            &self.limits,
+            &redactor,
+            &self.tasks,
+            era,
+            self.vault.as_ref(),
+        )
+        .await;
         // A server that changed revision is probed again next time.
         *server.era.lock().expect("era poisoned") = started_as
             .as_ref()
@@ -884,8 +902,11 @@ fn server_secrets<'a>(
     servers: impl Iterator<Item = &'a ServerSpec>,
 ) -> impl Iterator<Item = &'a Secret> {
     servers.flat_map(|s| match &s.transport {
-        Transport::Stdio { env, .. } => env.values(),
-        Transport::Http { headers, .. } => headers.values(),
+        Transport::Stdio { env, .. } => env.values().collect::<Vec<_>>(),
+        Transport::Http { headers, oauth, .. } => headers
+            .values()
+            .chain(oauth.iter().filter_map(|o| o.client_secret.as_ref()))
+            .collect(),
     })
 }
 

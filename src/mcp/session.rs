@@ -22,6 +22,7 @@ use rmcp::service::{
     RequestContext, RunningService,
 };
 use rmcp::transport::StreamableHttpClientTransport;
+use rmcp::transport::auth::AuthClient;
 use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
 use rmcp::{ClientHandler, RoleClient, ServiceError};
 use serde_json::Value;
@@ -29,6 +30,7 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio_util::task::TaskTracker;
 
 use super::config::{ServerSpec, Transport};
+use super::oauth::TokenVault;
 use super::schema::{normalise, open_object};
 use super::stdio::{ChildTransport, Launch};
 use super::tasks::State as TaskState;
@@ -444,6 +446,7 @@ impl Session {
         redactor: &Redactor,
         tasks: &TaskTracker,
         era: Era,
+        vault: Option<&Arc<dyn TokenVault>>,
     ) -> Result<Session, String> {
         let tools_stale = Arc::new(AtomicBool::new(true));
         let mut info = ClientConfig::new(
@@ -467,7 +470,7 @@ impl Session {
             server: spec.name.clone(),
         };
         let timeout = limits.mcp_start_timeout;
-        let connecting = connect(spec, limits, redactor, handler, tasks, era);
+        let connecting = connect(spec, limits, redactor, handler, tasks, era, vault);
         let service = tokio::time::timeout(timeout, connecting)
             .await
             .map_err(|_| {
@@ -1077,6 +1080,7 @@ async fn connect(
     handler: Handler,
     tasks: &TaskTracker,
     era: Era,
+    vault: Option<&Arc<dyn TokenVault>>,
 ) -> Result<RunningService<RoleClient, Handler>, String> {
     match &spec.transport {
         Transport::Stdio {
@@ -1101,7 +1105,11 @@ async fn connect(
                 .await
                 .map_err(|e| format!("the MCP handshake failed: {e}"))
         }
-        Transport::Http { url, headers } => {
+        Transport::Http {
+            url,
+            headers,
+            oauth,
+        } => {
             let mut custom = HashMap::new();
             for (name, value) in headers {
                 let name = name
@@ -1115,11 +1123,30 @@ async fn connect(
                 .custom_headers(custom)
                 .max_json_response_size(limits.mcp_max_message_bytes)
                 .max_sse_event_size(limits.mcp_max_message_bytes);
-            let transport = StreamableHttpClientTransport::from_config(config);
+            let Some(oauth) = oauth else {
+                let transport = StreamableHttpClientTransport::from_config(config);
+                return handler
+                    .serve_with_lifecycle(transport, lifecycle(era))
+                    .await
+                    .map_err(|e| format!("could not connect to {}: {e}", origin(url)));
+            };
+            let manager = super::oauth::stored_manager(&spec.name, url, oauth, vault).await?;
+            let client = AuthClient::new(reqwest::Client::new(), manager);
+            let transport = StreamableHttpClientTransport::with_client(client, config);
             handler
                 .serve_with_lifecycle(transport, lifecycle(era))
                 .await
-                .map_err(|e| format!("could not connect to {}: {e}", origin(url)))
+                .map_err(|e| {
+                    if super::oauth::is_refusal(&e) {
+                        format!(
+                            "{} refused mcpcord's OAuth authorization (it expired or was revoked); {}",
+                            origin(url),
+                            super::oauth::remedy(&spec.name)
+                        )
+                    } else {
+                        format!("could not connect to {}: {e}", origin(url))
+                    }
+                })
         }
     }
 }

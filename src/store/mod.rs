@@ -550,6 +550,42 @@ impl MessageRow {
 }
 
 #[async_trait]
+impl crate::mcp::oauth::TokenVault for SqliteStore {
+    async fn load(&self, server: &str) -> Result<Option<String>, String> {
+        let row: Option<(String,)> =
+            sqlx::query_as("SELECT credentials FROM oauth_credentials WHERE server = ?1")
+                .bind(server)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(|e| db(e).to_string())?;
+        Ok(row.map(|(text,)| text))
+    }
+
+    async fn save(&self, server: &str, credentials: &str) -> Result<(), String> {
+        sqlx::query(
+            "INSERT INTO oauth_credentials (server, credentials, updated_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (server) DO UPDATE SET credentials = excluded.credentials, updated_at = excluded.updated_at",
+        )
+        .bind(server)
+        .bind(credentials)
+        .bind(now())
+        .execute(&self.pool)
+        .await
+        .map_err(|e| db(e).to_string())?;
+        Ok(())
+    }
+
+    async fn clear(&self, server: &str) -> Result<(), String> {
+        sqlx::query("DELETE FROM oauth_credentials WHERE server = ?1")
+            .bind(server)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| db(e).to_string())?;
+        Ok(())
+    }
+}
+
+#[async_trait]
 impl Store for SqliteStore {
     async fn model(&self, conversation: &str) -> Result<Option<String>, StoreError> {
         self.setting(conversation, Setting::Model).await

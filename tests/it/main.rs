@@ -25,6 +25,7 @@ mod hostile_mcp;
 mod hostile_model;
 mod mcp;
 mod mcp_in_process;
+mod oauth;
 mod openrouter;
 mod parsers;
 mod real_llm;
