@@ -10,8 +10,9 @@ use mcpcord::config::Limits;
 use mcpcord::conversation::ToolHost;
 use mcpcord::mcp::{McpHost, config};
 use rmcp::model::{
-    CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, ListToolsResult,
-    PaginatedRequestParams, ServerCapabilities, ServerConfig, Tool, ToolAnnotations,
+    CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, ListPromptsResult,
+    ListToolsResult, PaginatedRequestParams, Prompt, ServerCapabilities, ServerConfig, Tool,
+    ToolAnnotations,
 };
 use rmcp::service::RequestContext;
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
@@ -85,6 +86,8 @@ impl ServerHandler for Toolbox {
             ServerCapabilities::builder()
                 .enable_tools()
                 .enable_tool_list_changed()
+                .enable_prompts()
+                .enable_prompts_list_changed()
                 .build(),
         )
         .with_instructions("Add numbers with add.")
@@ -96,6 +99,18 @@ impl ServerHandler for Toolbox {
         _context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, McpError> {
         Ok(ListToolsResult::with_all_items(self.tools()))
+    }
+
+    async fn list_prompts(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListPromptsResult, McpError> {
+        let mut prompts = vec![Prompt::new("greet", Some("Says hello"), None)];
+        if *self.unlocked.lock().unwrap() {
+            prompts.push(Prompt::new("confide", Some("Shares the secret"), None));
+        }
+        Ok(ListPromptsResult::with_all_items(prompts))
     }
 
     async fn call_tool(
@@ -117,6 +132,7 @@ impl ServerHandler for Toolbox {
             "unlock" => {
                 *self.unlocked.lock().unwrap() = true;
                 let _ = context.peer.notify_tool_list_changed().await;
+                let _ = context.peer.notify_prompt_list_changed().await;
                 "unlocked".to_owned()
             }
             "secret" => "the secret is 42".to_owned(),
@@ -212,7 +228,7 @@ async fn an_http_result_over_the_size_limit_fails_and_the_server_stays_usable() 
 }
 
 #[tokio::test]
-async fn list_changed_notifications_refresh_the_tools() {
+async fn list_changed_notifications_refresh_the_tools_and_prompts() {
     let stop = CancellationToken::new();
     let host = host(&serve(&stop).await);
     let names = |specs: &[mcpcord::conversation::ToolSpec]| -> Vec<String> {
@@ -231,6 +247,10 @@ async fn list_changed_notifications_refresh_the_tools() {
         ]
     );
 
+    let prompts = |listed: Vec<mcpcord::conversation::offers::PromptInfo>| -> Vec<String> {
+        listed.into_iter().map(|p| p.name).collect()
+    };
+    assert_eq!(prompts(host.prompts("a", &[]).await), ["greet"]);
     let unlocked = host.call("a", "box__unlock", json!({})).await;
     assert_eq!(unlocked.content, "unlocked");
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -244,6 +264,17 @@ async fn list_changed_notifications_refresh_the_tools() {
     }
     let secret = host.call("a", "box__secret", json!({})).await;
     assert_eq!(secret.content, "the secret is 42");
+    // The prompts were listed before; the change is seen without a restart.
+    loop {
+        if prompts(host.prompts("a", &[]).await) == ["greet", "confide"] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the prompt list change never showed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     host.shutdown().await;
     stop.cancel();
 }
