@@ -259,11 +259,14 @@ pub async fn run(
                 Some(done) = finished.recv() => Next::Task(Box::new(done)),
             }
         };
+        // Said to a background task's delivery once its result was answered.
+        let mut answered = None;
         let line = match line {
             Next::Line(Some(line)) => line,
             Next::Line(None) => break,
             Next::Task(done) => {
                 let (record, outcome, taken) = *done;
+                answered = Some(taken);
                 writeln!(
                     out,
                     "(the background task {} of {} {})",
@@ -275,23 +278,7 @@ pub async fn run(
                         "finished"
                     }
                 )?;
-                let ask = Ask::New(Message::user(result_input(&record, &outcome)));
-                let stop = CancellationToken::new();
-                let turn = turn(
-                    engine,
-                    conversation,
-                    ask,
-                    approver.as_ref(),
-                    stop.clone(),
-                    out,
-                    err,
-                );
-                let ended = watch(turn, &stop, interrupts).await?;
-                let _ = taken.send(());
-                if let Ended::Chat = ended {
-                    break;
-                }
-                continue;
+                result_input(&record, &outcome)
             }
         };
         let line = line.trim();
@@ -300,6 +287,7 @@ pub async fn run(
         }
         let (word, rest) = line.split_once(char::is_whitespace).unwrap_or((line, ""));
         let ask = match word {
+            _ if answered.is_some() => Ask::New(Message::user(line)),
             "/reset" if rest.trim().is_empty() => {
                 match engine.reset(conversation).await {
                     Ok(()) => writeln!(out, "(conversation cleared)")?,
@@ -363,7 +351,11 @@ pub async fn run(
             out,
             err,
         );
-        if let Ended::Chat = watch(turn, &stop, interrupts).await? {
+        let ended = watch(turn, &stop, interrupts).await?;
+        if let Some(taken) = answered {
+            let _ = taken.send(());
+        }
+        if let Ended::Chat = ended {
             break;
         }
     }

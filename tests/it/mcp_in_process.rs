@@ -15,8 +15,6 @@ use rmcp::model::{
     ToolAnnotations,
 };
 use rmcp::service::RequestContext;
-use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
-use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 use rmcp::{ErrorData as McpError, RoleServer, ServerHandler};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -157,25 +155,8 @@ async fn serve(stop: &CancellationToken) -> String {
         unlocked: Arc::default(),
         meeting: Arc::new(tokio::sync::Barrier::new(3)),
     };
-    let service = StreamableHttpService::new(
-        move || Ok(toolbox.clone()),
-        Arc::new(LocalSessionManager::default()),
-        StreamableHttpServerConfig::default().with_cancellation_token(stop.child_token()),
-    );
-    let router = axum::Router::new().nest_service("/mcp", service);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!(
-        "http://127.0.0.1:{}/mcp",
-        listener.local_addr().unwrap().port()
-    );
-    let stop = stop.clone();
-    tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await
-            .unwrap();
-    });
-    url
+    let base = support::serve_router(support::mcp_router(toolbox, stop), stop).await;
+    format!("{base}/mcp")
 }
 
 fn host(url: &str) -> McpHost {

@@ -22,8 +22,6 @@ use rmcp::model::{
     PaginatedRequestParams, ServerCapabilities, ServerConfig, Tool,
 };
 use rmcp::service::RequestContext;
-use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
-use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 use rmcp::{ErrorData as McpError, RoleServer, ServerHandler};
 use serde_json::{Value, json};
 use sha2::Digest;
@@ -235,13 +233,7 @@ impl ServerHandler for Secure {
 }
 
 async fn serve(auth: &Auth, stop: &CancellationToken) -> String {
-    let service = StreamableHttpService::new(
-        || Ok(Secure),
-        Arc::new(LocalSessionManager::default()),
-        StreamableHttpServerConfig::default().with_cancellation_token(stop.child_token()),
-    );
-    let mcp = axum::Router::new()
-        .nest_service("/mcp", service)
+    let mcp = support::mcp_router(Secure, stop)
         .layer(axum::middleware::from_fn_with_state(auth.clone(), guard));
     let router = axum::Router::new()
         .route(
@@ -260,16 +252,9 @@ async fn serve(auth: &Auth, stop: &CancellationToken) -> String {
         .route("/token", post(token))
         .with_state(auth.clone())
         .merge(mcp);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://127.0.0.1:{}", listener.local_addr().unwrap().port());
+    // The base is known only once bound; the handlers read it from the state.
+    let base = support::serve_router(router, stop).await;
     auth.0.lock().unwrap().base = base.clone();
-    let stop = stop.clone();
-    tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await
-            .unwrap();
-    });
     base
 }
 

@@ -999,3 +999,35 @@ pub async fn wait_for_line(path: &Path, wanted: impl Fn(&str) -> bool) -> String
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// Serves `router` on a loopback port until `stop`; its base URL.
+pub async fn serve_router(router: Router, stop: &tokio_util::sync::CancellationToken) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://127.0.0.1:{}", listener.local_addr().unwrap().port());
+    let stop = stop.clone();
+    tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await
+            .unwrap();
+    });
+    base
+}
+
+/// An rmcp server of `handler`s at `/mcp` (Streamable HTTP), stopped with
+/// `stop`.
+pub fn mcp_router<H: rmcp::ServerHandler + Clone + Send + Sync + 'static>(
+    handler: H,
+    stop: &tokio_util::sync::CancellationToken,
+) -> Router {
+    use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+    use rmcp::transport::streamable_http_server::{
+        StreamableHttpServerConfig, StreamableHttpService,
+    };
+    let service = StreamableHttpService::new(
+        move || Ok(handler.clone()),
+        Arc::new(LocalSessionManager::default()),
+        StreamableHttpServerConfig::default().with_cancellation_token(stop.child_token()),
+    );
+    Router::new().nest_service("/mcp", service)
+}
