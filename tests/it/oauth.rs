@@ -353,17 +353,39 @@ async fn whoami(app: &App, conversation: &str) -> Result<String, Vec<String>> {
     Ok(outcome.content)
 }
 
-#[tokio::test]
-async fn an_oauth_server_is_authorized_by_the_operator_refreshed_and_reported_when_revoked() {
+struct Setup {
+    auth: Auth,
+    stop: CancellationToken,
+    model: support::FakeModel,
+    dir: tempfile::TempDir,
+}
+
+/// The servers running, and an MCP file naming the protected one.
+async fn setup() -> Setup {
     let auth = Auth::default();
     let stop = CancellationToken::new();
     let base = serve(&auth, &stop).await;
-    let model = support::FakeModel::start().await;
     let dir = tempfile::tempdir().unwrap();
     support::write_mcp(
         dir.path(),
         json!({"secure": {"url": format!("{base}/mcp"), "auth": "oauth", "clientId": CLIENT}}),
     );
+    Setup {
+        auth,
+        stop,
+        model: support::FakeModel::start().await,
+        dir,
+    }
+}
+
+#[tokio::test]
+async fn an_oauth_server_is_authorized_by_the_operator_refreshed_and_reported_when_revoked() {
+    let Setup {
+        auth,
+        stop,
+        model,
+        dir,
+    } = setup().await;
     let config = support::config(&model, dir.path(), &[]);
 
     // Not authorized yet: the problem says what to run.
@@ -422,15 +444,12 @@ async fn an_oauth_server_is_authorized_by_the_operator_refreshed_and_reported_wh
 
 #[tokio::test]
 async fn the_address_the_browser_ended_on_can_be_pasted() {
-    let auth = Auth::default();
-    let stop = CancellationToken::new();
-    let base = serve(&auth, &stop).await;
-    let model = support::FakeModel::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    support::write_mcp(
-        dir.path(),
-        json!({"secure": {"url": format!("{base}/mcp"), "auth": "oauth", "clientId": CLIENT}}),
-    );
+    let Setup {
+        auth: _,
+        stop,
+        model,
+        dir,
+    } = setup().await;
     let (_, output) = authorize_with(&model, dir.path(), true).await;
     assert!(
         output.status.success(),
@@ -447,16 +466,13 @@ async fn the_address_the_browser_ended_on_can_be_pasted() {
 
 #[tokio::test]
 async fn an_answer_from_another_issuer_is_refused() {
-    let auth = Auth::default();
-    let stop = CancellationToken::new();
-    let base = serve(&auth, &stop).await;
+    let Setup {
+        auth,
+        stop,
+        model,
+        dir,
+    } = setup().await;
     auth.0.lock().unwrap().iss = Some("http://127.0.0.1:1".into());
-    let model = support::FakeModel::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    support::write_mcp(
-        dir.path(),
-        json!({"secure": {"url": format!("{base}/mcp"), "auth": "oauth", "clientId": CLIENT}}),
-    );
     let (page, output) = authorize_as_operator(&model, dir.path()).await;
     assert!(!output.status.success());
     assert!(page.contains("The authorization failed"), "{page}");
