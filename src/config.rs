@@ -378,7 +378,7 @@ fn timezone(value: Option<String>) -> Result<jiff::tz::TimeZone, ConfigError> {
 }
 
 /// A `sqlite:` URL (the only store so far).
-fn database_url(value: Option<String>) -> Result<String, ConfigError> {
+pub fn database_url(value: Option<String>) -> Result<String, ConfigError> {
     let name = "DATABASE_URL";
     let Some(url) = value else {
         return Ok(DEFAULT_DATABASE_URL.to_owned());

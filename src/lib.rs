@@ -14,6 +14,7 @@
 //! - [`app`]: the composition root: builds the adapters, runs a surface, shuts down in order.
 
 pub mod app;
+pub mod backup;
 pub mod check;
 pub mod config;
 pub mod conversation;

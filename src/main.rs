@@ -36,6 +36,22 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         port: u16,
     },
+    /// Copy the database to PATH while the bot runs (a consistent snapshot).
+    Backup {
+        /// Where the copy goes; an existing file is never overwritten.
+        path: std::path::PathBuf,
+    },
+    /// Put the backup at PATH in place of the database (refused while mcpcord uses it).
+    Restore {
+        /// The backup to restore.
+        path: std::path::PathBuf,
+    },
+    /// Print one conversation (a Discord thread id, `discord:ID`, or a terminal conversation's name).
+    Export {
+        conversation: String,
+        #[arg(long, value_enum, default_value = "markdown")]
+        format: mcpcord::backup::Format,
+    },
     /// Chat in the terminal: one message per line on stdin, answers on stdout.
     Chat {
         /// Conversation name; running again with the same name continues it.
@@ -48,6 +64,37 @@ enum Command {
         #[arg(long, short)]
         yes: bool,
     },
+}
+
+/// Backup, restore and export, which need only `DATABASE_URL`.
+async fn maintain(command: Command) -> anyhow::Result<()> {
+    let url = mcpcord::config::database_url(std::env::var("DATABASE_URL").ok())?;
+    match command {
+        Command::Backup { path } => {
+            let bytes = mcpcord::backup::backup(&url, &path).await?;
+            println!(
+                "Backed up to {} ({} KiB).",
+                path.display(),
+                bytes.div_ceil(1024)
+            );
+        }
+        Command::Restore { path } => {
+            let kept = mcpcord::backup::restore(&url, &path).await?;
+            println!("Restored {}.", path.display());
+            if let Some(kept) = kept {
+                println!("The database it replaced is kept as {}.", kept.display());
+            }
+        }
+        Command::Export {
+            conversation,
+            format,
+        } => {
+            let mut out = std::io::stdout().lock();
+            mcpcord::backup::export(&url, &conversation, format, &mut out).await?;
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 /// `mcpcord auth SERVER`: prints the URL to open, waits for the browser
@@ -120,7 +167,15 @@ async fn main() {
     // The bot logs what it does; the terminal chat only its problems.
     let quiet = matches!(
         cli.command,
-        Some(Command::Chat { .. } | Command::Check | Command::Health | Command::Auth { .. })
+        Some(
+            Command::Chat { .. }
+                | Command::Check
+                | Command::Health
+                | Command::Auth { .. }
+                | Command::Backup { .. }
+                | Command::Restore { .. }
+                | Command::Export { .. }
+        )
     );
     init_logging(if quiet { "warn" } else { "mcpcord=info,warn" });
     let code = match run(cli).await {
@@ -151,9 +206,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         anyhow::ensure!(problems == 0, "mcpcord check found {problems} problem(s)");
         return Ok(());
     }
+    if let Command::Backup { .. } | Command::Restore { .. } | Command::Export { .. } = command {
+        return maintain(command).await;
+    }
     let config = Config::from_env()?;
     match command {
-        Command::Check | Command::Health => Ok(()),
+        Command::Check
+        | Command::Health
+        | Command::Backup { .. }
+        | Command::Restore { .. }
+        | Command::Export { .. } => Ok(()),
         Command::Auth { server, port } => authorize(&config, &server, port).await,
         Command::Run => {
             let discord = DiscordConfig::from_env()?;

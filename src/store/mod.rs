@@ -45,6 +45,9 @@ pub struct SqliteStore {
     file: Option<(PathBuf, (u64, u64))>,
     /// Conversations known to have a row, so appends skip the upsert.
     known: Arc<Mutex<HashSet<String>>>,
+    /// A shared lock on the database file while this store is open, so
+    /// that `mcpcord restore` knows the database is in use.
+    in_use: Option<Arc<std::fs::File>>,
 }
 
 #[derive(FromRow)]
@@ -158,6 +161,7 @@ impl SqliteStore {
                 .and_then(|p| identity(p).map(|id| (p.clone(), id))),
             pool,
             known: Arc::default(),
+            in_use: path.as_deref().and_then(in_use).map(Arc::new),
         };
         if let Err(error) = store.verify_writable().await {
             store.close().await;
@@ -252,9 +256,71 @@ impl SqliteStore {
         Ok(())
     }
 
-    /// Closes the pool, waiting for connections to finish.
+    /// Writes a consistent copy of the database to `to` (`VACUUM INTO`,
+    /// which readers and writers do not wait for).
+    pub async fn copy_into(&self, to: &Path) -> Result<(), StoreError> {
+        sqlx::query("VACUUM INTO ?1")
+            .bind(to.display().to_string())
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(())
+    }
+
+    /// Whether the file at `path` is an intact mcpcord database this
+    /// version can use.
+    pub async fn check_backup(path: &Path) -> Result<(), StoreError> {
+        use sqlx::{ConnectOptions, Connection};
+        if !path.is_file() {
+            return Err(StoreError::Open(format!(
+                "{} is not a file",
+                path.display()
+            )));
+        }
+        let mut connection = SqliteConnectOptions::new()
+            .filename(path)
+            .read_only(true)
+            .connect()
+            .await
+            .map_err(|e| StoreError::Open(e.to_string()))?;
+        let (verdict,): (String,) = sqlx::query_as("PRAGMA integrity_check")
+            .fetch_one(&mut connection)
+            .await
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        if verdict != "ok" {
+            return Err(StoreError::Corrupt(format!(
+                "its integrity check says: {verdict}"
+            )));
+        }
+        let newest: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations")
+            .fetch_one(&mut connection)
+            .await
+            .map_err(|_| {
+                StoreError::Corrupt(
+                    "it is not an mcpcord database (it has no migrations table)".into(),
+                )
+            })?;
+        let known = sqlx::migrate!("./migrations")
+            .iter()
+            .map(|m| m.version)
+            .max()
+            .unwrap_or(0);
+        if newest.unwrap_or(0) > known {
+            return Err(StoreError::Corrupt(
+                "it was written by a newer mcpcord; restore it with that version".into(),
+            ));
+        }
+        let _ = connection.close().await;
+        Ok(())
+    }
+
+    /// Closes the pool, waiting for connections to finish, and lets go of
+    /// the database file.
     pub async fn close(&self) {
         self.pool.close().await;
+        if let Some(file) = &self.in_use {
+            let _ = file.unlock();
+        }
     }
 
     /// Tokens and cost of one conversation's answers.
@@ -374,6 +440,19 @@ fn file_of(url: &str) -> Option<PathBuf> {
     let path = rest.split('?').next().unwrap_or_default();
     (!path.is_empty() && path != ":memory:" && !url.contains("mode=memory"))
         .then(|| PathBuf::from(path))
+}
+
+/// The database file at `path`, locked shared (`flock`, which SQLite's own
+/// locks do not touch) for as long as it is held.
+fn in_use(path: &Path) -> Option<std::fs::File> {
+    let file = std::fs::File::open(path).ok()?;
+    file.lock_shared().ok()?;
+    Some(file)
+}
+
+/// The database file at `url`, when it is a file.
+pub fn database_file(url: &str) -> Option<PathBuf> {
+    file_of(url)
 }
 
 /// (device, inode) of `path`, when it exists.

@@ -199,3 +199,95 @@ async fn store_errors_say_what_was_kept() {
     assert_eq!(app.store.history("terminal:t").await.unwrap().len(), 1);
     app.shutdown().await;
 }
+
+/// `mcpcord ARGS` in `dir` (its default database, `dir/mcpcord.db`).
+fn maintenance(model: &FakeModel, dir: &Path, args: &[&str]) -> (bool, String, String) {
+    let output = support::mcpcord(model, dir).args(args).output().unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn backups_are_taken_while_running_restored_when_stopped_and_exported() {
+    let model = FakeModel::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    support::write_mcp(dir.path(), serde_json::json!({}));
+    model.script([text("Noted: the tide is high."), text("Second answer.")]);
+    let app = App::build(&support::config(&model, dir.path(), &[]))
+        .await
+        .unwrap();
+    support::turn(&app, "discord:42", "remember the tide")
+        .await
+        .0
+        .unwrap();
+
+    // While the bot holds the database.
+    let (ok, out, err) = maintenance(&model, dir.path(), &["backup", "first.db"]);
+    assert!(ok, "{err}");
+    assert!(out.starts_with("Backed up to first.db"), "{out}");
+    let (ok, _, err) = maintenance(&model, dir.path(), &["backup", "first.db"]);
+    assert!(!ok && err.contains("exists already"), "{err}");
+    let (ok, _, err) = maintenance(&model, dir.path(), &["restore", "first.db"]);
+    assert!(!ok && err.contains("in use by a running mcpcord"), "{err}");
+
+    support::turn(&app, "discord:42", "and the moon")
+        .await
+        .0
+        .unwrap();
+    app.shutdown().await;
+    let (ok, out, _) = maintenance(&model, dir.path(), &["export", "42"]);
+    assert!(ok && out.contains("and the moon"), "{out}");
+
+    std::fs::write(dir.path().join("junk.db"), "not a database").unwrap();
+    let (ok, _, err) = maintenance(&model, dir.path(), &["restore", "junk.db"]);
+    assert!(
+        !ok && err.contains("is not a usable mcpcord backup"),
+        "{err}"
+    );
+
+    let (ok, out, err) = maintenance(&model, dir.path(), &["restore", "first.db"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("kept as") && out.contains("mcpcord.db.before-restore-"),
+        "{out}"
+    );
+    let (ok, markdown, err) = maintenance(&model, dir.path(), &["export", "42"]);
+    assert!(ok, "{err}");
+    assert!(
+        markdown.starts_with("# Conversation discord:42"),
+        "{markdown}"
+    );
+    assert!(
+        markdown.contains("remember the tide") && markdown.contains("Noted: the tide is high.")
+    );
+    assert!(
+        !markdown.contains("and the moon"),
+        "the restored database is the backup's: {markdown}"
+    );
+    let (ok, json, _) = maintenance(
+        &model,
+        dir.path(),
+        &["export", "discord:42", "--format", "json"],
+    );
+    assert!(ok);
+    let exported: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let roles: Vec<&str> = exported["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["role"].as_str().unwrap())
+        .collect();
+    assert_eq!(roles, ["user", "assistant"]);
+    let (ok, _, err) = maintenance(&model, dir.path(), &["export", "7"]);
+    assert!(!ok && err.contains("discord:7 has no messages"), "{err}");
+
+    // The bot starts on the restored database.
+    let app = App::build(&support::config(&model, dir.path(), &[]))
+        .await
+        .unwrap();
+    assert_eq!(app.store.history("discord:42").await.unwrap().len(), 2);
+    app.shutdown().await;
+}

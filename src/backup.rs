@@ -1,0 +1,275 @@
+//! `mcpcord backup`, `restore` and `export`: a consistent copy of the
+//! database while the bot runs, putting one back while nothing uses it, and
+//! one conversation as Markdown or JSON.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+
+use crate::conversation::{Message, Role, Store};
+use crate::store::{SqliteStore, database_file};
+
+/// Writes a copy of the database at `url` to `to` (SQLite's `VACUUM
+/// INTO`: one consistent snapshot, taken while the bot goes on writing).
+pub async fn backup(url: &str, to: &Path) -> anyhow::Result<u64> {
+    if to.exists() {
+        bail!(
+            "{} exists already; give the backup a new name (it is never overwritten)",
+            to.display()
+        );
+    }
+    let store = SqliteStore::open(url).await?;
+    let copied = store.copy_into(to).await;
+    store.close().await;
+    copied.with_context(|| format!("the backup to {} failed", to.display()))?;
+    Ok(std::fs::metadata(to).map(|m| m.len()).unwrap_or(0))
+}
+
+/// Puts the backup at `from` in place of the database at `url`, when no
+/// mcpcord uses it; the database it replaces is kept beside it. Returns
+/// where the old one went.
+pub async fn restore(url: &str, from: &Path) -> anyhow::Result<Option<PathBuf>> {
+    let Some(target) = database_file(url) else {
+        bail!("DATABASE_URL {url:?} is not a database file");
+    };
+    SqliteStore::check_backup(from)
+        .await
+        .with_context(|| format!("{} is not a usable mcpcord backup", from.display()))?;
+    // Held until the swap is done: a bot that holds the database (even a
+    // chat) keeps its shared lock, and this one cannot be taken.
+    let _exclusive = match std::fs::File::open(&target) {
+        Ok(file) => match file.try_lock() {
+            Ok(()) => Some(file),
+            Err(std::fs::TryLockError::WouldBlock) => bail!(
+                "{} is in use by a running mcpcord (the bot, a chat or a check): stop it first, then restore",
+                target.display()
+            ),
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).context(format!("cannot lock {}", target.display()));
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e).context(format!("cannot open {}", target.display())),
+    };
+    let staged = sibling(&target, "restoring");
+    std::fs::copy(from, &staged)
+        .with_context(|| format!("cannot copy {} beside the database", from.display()))?;
+    std::fs::File::open(&staged)?.sync_all()?;
+    let kept = if target.exists() {
+        let kept = sibling(
+            &target,
+            &format!(
+                "before-restore-{}",
+                crate::conversation::billing::unix_now()
+            ),
+        );
+        std::fs::rename(&target, &kept)
+            .with_context(|| format!("cannot move the current database to {}", kept.display()))?;
+        Some(kept)
+    } else {
+        None
+    };
+    // The old database's journal would be replayed into the new one.
+    for suffix in ["-wal", "-shm"] {
+        let journal = PathBuf::from(format!("{}{suffix}", target.display()));
+        if journal.exists() {
+            if let Some(kept) = &kept {
+                let _ = std::fs::rename(&journal, format!("{}{suffix}", kept.display()));
+            } else {
+                let _ = std::fs::remove_file(&journal);
+            }
+        }
+    }
+    std::fs::rename(&staged, &target)
+        .with_context(|| format!("cannot put the backup in place at {}", target.display()))?;
+    Ok(kept)
+}
+
+/// `path` with `.{what}` after its name.
+fn sibling(path: &Path, what: &str) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".{what}"));
+    path.with_file_name(name)
+}
+
+/// How `export` writes a conversation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Markdown,
+    Json,
+}
+
+/// The stored key of what a person calls a conversation: a key as it is
+/// (`discord:…`, `terminal:…`), a Discord thread or channel id, or a
+/// terminal conversation's name.
+pub fn conversation_key(name: &str) -> String {
+    if name.contains(':') {
+        name.to_owned()
+    } else if !name.is_empty() && name.bytes().all(|b| b.is_ascii_digit()) {
+        format!("discord:{name}")
+    } else {
+        crate::terminal::conversation_key(name)
+    }
+}
+
+/// Writes the conversation `name` (as the model sees it, tool calls and
+/// results included) to `out`.
+pub async fn export(
+    url: &str,
+    name: &str,
+    format: Format,
+    out: &mut impl Write,
+) -> anyhow::Result<usize> {
+    let key = conversation_key(name);
+    let store = SqliteStore::open(url).await?;
+    let history = store.history(&key).await;
+    store.close().await;
+    let history = history?;
+    if history.is_empty() {
+        bail!(
+            "the conversation {key} has no messages (give a Discord thread id, `discord:ID`, or a terminal conversation's name)"
+        );
+    }
+    match format {
+        Format::Json => {
+            let messages: Vec<Value> = history.iter().map(message_json).collect();
+            serde_json::to_writer_pretty(
+                &mut *out,
+                &json!({"conversation": key, "messages": messages}),
+            )?;
+            writeln!(out)?;
+        }
+        Format::Markdown => write_markdown(&key, &history, out)?,
+    }
+    Ok(history.len())
+}
+
+fn message_json(message: &Message) -> Value {
+    let mut value = json!({
+        "role": role(message),
+        "content": message.content,
+    });
+    if let Some(author) = &message.author {
+        value["author"] = json!({"id": author.id.to_string(), "name": author.name});
+    }
+    if !message.tool_calls.is_empty() {
+        value["tool_calls"] = message
+            .tool_calls
+            .iter()
+            .map(|c| json!({"id": c.id, "name": c.name, "arguments": c.arguments}))
+            .collect();
+    }
+    if let Some(id) = &message.tool_call_id {
+        value["tool_call_id"] = json!(id);
+    }
+    if let Some(model) = &message.model {
+        value["model"] = json!(model);
+    }
+    if let Some(usage) = &message.usage {
+        value["usage"] = json!({"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens, "cost": usage.cost});
+    }
+    if !message.images.is_empty() {
+        value["images"] = json!(message.images.len());
+    }
+    if message.stopped {
+        value["stopped"] = json!(true);
+    }
+    value
+}
+
+fn role(message: &Message) -> &'static str {
+    match message.role() {
+        Role::User => "user",
+        Role::Assistant => "assistant",
+        Role::Tool => "tool",
+    }
+}
+
+fn write_markdown(key: &str, history: &[Message], out: &mut impl Write) -> std::io::Result<()> {
+    writeln!(out, "# Conversation {key}\n")?;
+    for message in history {
+        match message.role() {
+            Role::User => {
+                let who = message
+                    .author
+                    .as_ref()
+                    .map_or("You".to_owned(), |a| a.name.clone());
+                writeln!(out, "**{who}:**\n")?;
+                writeln!(out, "{}\n", message.text())?;
+                if !message.images.is_empty() {
+                    writeln!(out, "_({} image(s) attached)_\n", message.images.len())?;
+                }
+            }
+            Role::Assistant => {
+                let model = message
+                    .model
+                    .as_deref()
+                    .map(|m| format!(" ({m})"))
+                    .unwrap_or_default();
+                if !message.text().is_empty() {
+                    writeln!(out, "**Assistant{model}:**\n")?;
+                    writeln!(out, "{}\n", message.text())?;
+                    if message.stopped {
+                        writeln!(out, "_(stopped)_\n")?;
+                    }
+                }
+                for call in &message.tool_calls {
+                    writeln!(
+                        out,
+                        "🔧 `{}` {}\n",
+                        call.name,
+                        fenced_inline(&call.arguments)
+                    )?;
+                }
+            }
+            Role::Tool => {
+                writeln!(out, "{}\n", fenced(message.text()))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `text` in a code block whose fence no line of it can close.
+fn fenced(text: &str) -> String {
+    let longest = longest_run(text, '`');
+    let fence = "`".repeat(longest.max(2) + 1);
+    format!("{fence}\n{text}\n{fence}")
+}
+
+/// `text` as inline code that its own backticks cannot end.
+fn fenced_inline(text: &str) -> String {
+    let ticks = "`".repeat(longest_run(text, '`') + 1);
+    format!("{ticks} {text} {ticks}")
+}
+
+fn longest_run(text: &str, c: char) -> usize {
+    let mut longest = 0;
+    let mut run = 0;
+    for ch in text.chars() {
+        run = if ch == c { run + 1 } else { 0 };
+        longest = longest.max(run);
+    }
+    longest
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_become_keys() {
+        assert_eq!(conversation_key("1234"), "discord:1234");
+        assert_eq!(conversation_key("discord:1"), "discord:1");
+        assert_eq!(conversation_key("notes"), "terminal:notes");
+    }
+
+    #[test]
+    fn fences_are_longer_than_what_they_hold() {
+        assert_eq!(fenced("a ``` b"), "````\na ``` b\n````");
+        assert_eq!(fenced("plain"), "```\nplain\n```");
+        assert_eq!(fenced_inline("{\"a\":\"`\"}"), "`` {\"a\":\"`\"} ``");
+    }
+}
