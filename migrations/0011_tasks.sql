@@ -16,5 +16,6 @@ CREATE TABLE mcp_tasks (
     started_at    INTEGER NOT NULL,
     -- What the server last said about it.
     message       TEXT,
-    PRIMARY KEY (server, task_id)
+    -- Servers with a session per conversation may give out the same ids.
+    PRIMARY KEY (conversation, server, task_id)
 );

@@ -24,6 +24,9 @@ pub async fn backup(url: &str, to: &Path) -> anyhow::Result<u64> {
     let copied = store.copy_into(to).await;
     store.close().await;
     copied.with_context(|| format!("the backup to {} failed", to.display()))?;
+    // It holds OAuth tokens: only its owner reads it.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o600))?;
     Ok(std::fs::metadata(to).map(|m| m.len()).unwrap_or(0))
 }
 

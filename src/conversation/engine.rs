@@ -300,7 +300,7 @@ impl CallContext for CallProgress<'_> {
                     let record = record
                         .unwrap_or_else(|| tasks::record(conversation, ticket, self.turn.author));
                     self.engine.tasks.follow(record);
-                } else if let Err(error) = store.drop_task(&ticket.server, &ticket.task_id).await {
+                } else if let Err(error) = store.drop_task(conversation, ticket).await {
                     tracing::warn!(%error, task = %ticket.task_id, "a finished task could not be forgotten");
                 }
             }
@@ -1226,7 +1226,7 @@ impl Engine {
             if let Err(problem) = self.tools.cancel_task(turn.conversation, ticket).await {
                 tracing::warn!(task = %ticket.task_id, %problem, "a stopped call's task could not be cancelled");
             }
-            if let Err(error) = self.store.drop_task(&ticket.server, &ticket.task_id).await {
+            if let Err(error) = self.store.drop_task(turn.conversation, ticket).await {
                 tracing::warn!(%error, task = %ticket.task_id, "a cancelled task could not be forgotten");
             }
         }

@@ -687,15 +687,11 @@ pub trait Store: Send + Sync {
     async fn keep_task(&self, task: &TaskRecord) -> Result<(), StoreError>;
     /// Every kept task, oldest first.
     async fn tasks(&self) -> Result<Vec<TaskRecord>, StoreError>;
-    /// Keeps what the server last said about a task.
-    async fn note_task(
-        &self,
-        server: &str,
-        task_id: &str,
-        message: Option<&str>,
-    ) -> Result<(), StoreError>;
-    /// Forgets a task (delivered, finished in its turn, or cancelled).
-    async fn drop_task(&self, server: &str, task_id: &str) -> Result<(), StoreError>;
+    /// Keeps what the server last said about a task (its `message`).
+    async fn note_task(&self, task: &TaskRecord) -> Result<(), StoreError>;
+    /// Forgets a task of `conversation` (delivered, finished in its turn,
+    /// or cancelled).
+    async fn drop_task(&self, conversation: &str, task: &TaskTicket) -> Result<(), StoreError>;
 
     /// Keeps a reply whose usage never arrived, to be looked up from
     /// `first_try_at` (Unix seconds). The same id twice is kept once.

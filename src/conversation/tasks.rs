@@ -119,6 +119,8 @@ struct Followed {
     stop: CancellationToken,
     /// It ended and its outcome is being delivered: it no longer runs.
     ended: bool,
+    /// A watcher follows it.
+    spawned: bool,
 }
 
 /// The background tasks of every conversation.
@@ -126,7 +128,7 @@ pub struct BackgroundTasks {
     tools: Arc<dyn ToolHost>,
     store: Arc<dyn Store>,
     sink: tokio::sync::OnceCell<Arc<dyn TaskSink>>,
-    followed: Mutex<HashMap<(String, String), Followed>>,
+    followed: Mutex<HashMap<(String, String, String), Followed>>,
     workers: TaskTracker,
     stop: CancellationToken,
 }
@@ -137,8 +139,14 @@ impl std::fmt::Debug for BackgroundTasks {
     }
 }
 
-fn key(ticket: &TaskTicket) -> (String, String) {
-    (ticket.server.clone(), ticket.task_id.clone())
+/// A task is told apart by its conversation, server and id: servers with
+/// a session per conversation may give out the same ids.
+fn key(record: &TaskRecord) -> (String, String, String) {
+    (
+        record.conversation.clone(),
+        record.ticket.server.clone(),
+        record.ticket.task_id.clone(),
+    )
 }
 
 impl BackgroundTasks {
@@ -155,36 +163,35 @@ impl BackgroundTasks {
 
     /// Starts delivering results to `sink`, and follows the tasks kept from
     /// before (a restart) and those detached meanwhile. Returns how many
-    /// are followed.
+    /// are followed. When the store cannot be read, those detached
+    /// meanwhile are still followed.
     pub async fn start(self: &Arc<Self>, sink: Arc<dyn TaskSink>) -> Result<usize, StoreError> {
-        if self.sink.set(sink).is_err() {
+        if self.sink.set(sink.clone()).is_err() {
             return Ok(self.count());
         }
-        let sink = self.sink.get().expect("the sink was just set");
-        for record in self.store.tasks().await? {
-            if !sink.takes(&record.conversation) {
-                continue;
-            }
-            let first = !self
-                .followed
-                .lock()
-                .expect("tasks poisoned")
-                .contains_key(&key(&record.ticket));
-            if first {
-                self.follow_after(record, Duration::ZERO);
+        let stored = self.store.tasks().await;
+        if let Ok(records) = &stored {
+            let mut followed = self.followed.lock().expect("tasks poisoned");
+            for record in records.iter().filter(|r| sink.takes(&r.conversation)) {
+                followed.entry(key(record)).or_insert_with(|| Followed {
+                    record: record.clone(),
+                    stop: self.stop.child_token(),
+                    ended: false,
+                    spawned: false,
+                });
             }
         }
-        let pending: Vec<TaskRecord> = self
+        let all: Vec<TaskRecord> = self
             .followed
             .lock()
             .expect("tasks poisoned")
             .values()
             .map(|f| f.record.clone())
             .collect();
-        for record in pending {
+        for record in all {
             self.spawn(record, Duration::ZERO);
         }
-        Ok(self.count())
+        stored.map(|_| self.count())
     }
 
     fn count(&self) -> usize {
@@ -195,17 +202,13 @@ impl BackgroundTasks {
     /// for).
     pub fn follow(self: &Arc<Self>, record: TaskRecord) {
         let wait = poll_interval(record.ticket.poll_ms);
-        self.follow_after(record, wait);
-    }
-
-    fn follow_after(self: &Arc<Self>, record: TaskRecord, wait: Duration) {
-        let stop = self.stop.child_token();
         let previous = self.followed.lock().expect("tasks poisoned").insert(
-            key(&record.ticket),
+            key(&record),
             Followed {
                 record: record.clone(),
-                stop,
+                stop: self.stop.child_token(),
                 ended: false,
+                spawned: false,
             },
         );
         if let Some(previous) = previous {
@@ -216,15 +219,17 @@ impl BackgroundTasks {
         }
     }
 
+    /// Starts the watcher of `record`, once.
     fn spawn(self: &Arc<Self>, record: TaskRecord, wait: Duration) {
-        let Some(stop) = self
-            .followed
-            .lock()
-            .expect("tasks poisoned")
-            .get(&key(&record.ticket))
-            .map(|f| f.stop.clone())
-        else {
-            return;
+        let stop = {
+            let mut followed = self.followed.lock().expect("tasks poisoned");
+            match followed.get_mut(&key(&record)) {
+                Some(entry) if !entry.spawned => {
+                    entry.spawned = true;
+                    entry.stop.clone()
+                }
+                _ => return,
+            }
         };
         let this = self.clone();
         self.workers.spawn(async move {
@@ -299,13 +304,13 @@ impl BackgroundTasks {
             .followed
             .lock()
             .expect("tasks poisoned")
-            .remove(&key(&record.ticket));
+            .remove(&key(record));
         if let Some(followed) = removed {
             followed.stop.cancel();
         }
         let asked = self.tools.cancel_task(conversation, &record.ticket).await;
         self.store
-            .drop_task(&record.ticket.server, &record.ticket.task_id)
+            .drop_task(&record.conversation, &record.ticket)
             .await
             .map_err(|e| format!("the task was cancelled, but {e}"))?;
         if let Err(problem) = asked {
@@ -367,16 +372,11 @@ impl BackgroundTasks {
             .followed
             .lock()
             .expect("tasks poisoned")
-            .get_mut(&key(&record.ticket))
+            .get_mut(&key(record))
         {
             followed.record.message.clone_from(&record.message);
         }
-        let ticket = &record.ticket;
-        if let Err(error) = self
-            .store
-            .note_task(&ticket.server, &ticket.task_id, record.message.as_deref())
-            .await
-        {
+        if let Err(error) = self.store.note_task(record).await {
             tracing::debug!(%error, "a task's status could not be kept");
         }
     }
@@ -392,7 +392,7 @@ impl BackgroundTasks {
             .followed
             .lock()
             .expect("tasks poisoned")
-            .get_mut(&key(ticket))
+            .get_mut(&key(record))
         {
             followed.ended = true;
         }
@@ -406,13 +406,13 @@ impl BackgroundTasks {
             }
         }
         tracing::info!(conversation = %record.conversation, server = %ticket.server, task = %ticket.task_id, ok = !outcome.is_error, "background task ended");
-        if let Err(error) = self.store.drop_task(&ticket.server, &ticket.task_id).await {
+        if let Err(error) = self.store.drop_task(&record.conversation, ticket).await {
             tracing::warn!(%error, task = %ticket.task_id, "a delivered task could not be forgotten; its result may come again after a restart");
         }
         self.followed
             .lock()
             .expect("tasks poisoned")
-            .remove(&key(ticket));
+            .remove(&key(record));
     }
 }
 

@@ -1343,9 +1343,10 @@ impl McpHost {
                 context.task(ticket, TaskStep::Finished).await;
                 self.task_outcome(spec, ended)
             }
-            Ok(Err(CallError::Disconnected(message))) => {
-                // The server may still have it (one over HTTP): it is
-                // asked again later.
+            Ok(Err(CallError::Disconnected(message)))
+                if matches!(spec.transport, Transport::Http { .. }) =>
+            {
+                // The server may still have it: it is asked again later.
                 tracing::warn!(server = %spec.name, task = %ticket.task_id, %message, "disconnected while waiting for a task");
                 context.task(ticket, TaskStep::Detached).await;
                 ToolOutcome::error(format!(

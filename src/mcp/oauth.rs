@@ -21,6 +21,9 @@ use super::config::{OAuth, ServerSpec, Transport};
 
 /// How long `mcpcord auth` waits for the browser to come back.
 pub const CALLBACK_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
+/// How long one connection to the redirect listener may take to say what
+/// it wants.
+const REQUEST_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// The path of the loopback redirect.
 const CALLBACK_PATH: &str = "/callback";
 
@@ -126,7 +129,8 @@ pub async fn stored_manager(
     }
     if let (Some(id), Some(secret)) = (&oauth.client_id, &oauth.client_secret) {
         // A confidential client needs its secret to refresh.
-        let config = OAuthClientConfig::new(id.clone(), String::new())
+        // rmcp wants a valid redirect; a refresh never uses it.
+        let config = OAuthClientConfig::new(id.clone(), format!("http://127.0.0.1{CALLBACK_PATH}"))
             .with_client_secret(secret.expose().to_owned())
             .with_scopes(oauth.scopes.clone());
         manager
@@ -253,7 +257,8 @@ impl Authorizing {
                 accepted = self.listener.accept() => {
                     let (mut stream, _) =
                         accepted.map_err(|e| format!("the redirect listener failed: {e}"))?;
-                    match request_target(&mut stream).await {
+                    let target = tokio::time::timeout(REQUEST_WAIT, request_target(&mut stream)).await;
+                    match target.ok().flatten() {
                         Some(target) if target.starts_with(CALLBACK_PATH) => {
                             (format!("http://127.0.0.1{target}"), Some(stream))
                         }

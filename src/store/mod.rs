@@ -960,7 +960,7 @@ impl Store for SqliteStore {
         sqlx::query(
             "INSERT INTO mcp_tasks (server, task_id, conversation, tool, legacy, poll_ms, author, author_name, started_at, message)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
-             ON CONFLICT (server, task_id) DO UPDATE SET conversation = excluded.conversation, tool = excluded.tool",
+             ON CONFLICT (conversation, server, task_id) DO UPDATE SET tool = excluded.tool",
         )
         .bind(&ticket.server)
         .bind(&ticket.task_id)
@@ -989,29 +989,30 @@ impl Store for SqliteStore {
         Ok(rows.into_iter().map(TaskRow::into_record).collect())
     }
 
-    async fn note_task(
-        &self,
-        server: &str,
-        task_id: &str,
-        message: Option<&str>,
-    ) -> Result<(), StoreError> {
-        sqlx::query("UPDATE mcp_tasks SET message = ?3 WHERE server = ?1 AND task_id = ?2")
-            .bind(server)
-            .bind(task_id)
-            .bind(message)
+    async fn note_task(&self, task: &TaskRecord) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE mcp_tasks SET message = ?4 WHERE conversation = ?1 AND server = ?2 AND task_id = ?3",
+        )
+        .bind(&task.conversation)
+        .bind(&task.ticket.server)
+        .bind(&task.ticket.task_id)
+        .bind(task.message.as_deref())
             .execute(&self.pool)
             .await
             .map_err(db)?;
         Ok(())
     }
 
-    async fn drop_task(&self, server: &str, task_id: &str) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM mcp_tasks WHERE server = ?1 AND task_id = ?2")
-            .bind(server)
-            .bind(task_id)
-            .execute(&self.pool)
-            .await
-            .map_err(db)?;
+    async fn drop_task(&self, conversation: &str, task: &TaskTicket) -> Result<(), StoreError> {
+        sqlx::query(
+            "DELETE FROM mcp_tasks WHERE conversation = ?1 AND server = ?2 AND task_id = ?3",
+        )
+        .bind(conversation)
+        .bind(&task.server)
+        .bind(&task.task_id)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
         Ok(())
     }
 

@@ -450,6 +450,11 @@ async fn the_address_the_browser_ended_on_can_be_pasted() {
         model,
         dir,
     } = setup().await;
+    // A confidential client: its secret goes with it.
+    let text = std::fs::read_to_string(dir.path().join("mcp.json")).unwrap();
+    let mut file: Value = serde_json::from_str(&text).unwrap();
+    file["mcpServers"]["secure"]["clientSecret"] = json!("s3cret");
+    std::fs::write(dir.path().join("mcp.json"), file.to_string()).unwrap();
     let (_, output) = authorize_with(&model, dir.path(), true).await;
     assert!(
         output.status.success(),

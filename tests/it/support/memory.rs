@@ -11,7 +11,8 @@ use async_trait::async_trait;
 use mcpcord::conversation::{
     ChatModel, ChatRequest, Completion, FinishReason, Inbound, LastInput, Message, ModelError,
     ModelInfo, ModelLookup, ReasoningEffort, Replace, Role, Store, StoreError, TaskRecord,
-    TextSink, ToolCall, ToolHost, ToolList, ToolOutcome, ToolSpec, Unbilled, UnbilledUpdate, Usage,
+    TaskTicket, TextSink, ToolCall, ToolHost, ToolList, ToolOutcome, ToolSpec, Unbilled,
+    UnbilledUpdate, Usage,
 };
 use serde_json::Value;
 use tokio::sync::Semaphore;
@@ -85,6 +86,12 @@ impl MemoryStore {
     }
 }
 
+fn same_task(kept: &TaskRecord, conversation: &str, task: &TaskTicket) -> bool {
+    kept.conversation == conversation
+        && kept.ticket.server == task.server
+        && kept.ticket.task_id == task.task_id
+}
+
 #[async_trait]
 impl Store for MemoryStore {
     async fn instance_salt(&self) -> Result<String, StoreError> {
@@ -93,9 +100,9 @@ impl Store for MemoryStore {
 
     async fn keep_task(&self, task: &TaskRecord) -> Result<(), StoreError> {
         let mut state = self.writable()?;
-        state.tasks.retain(|t| {
-            t.ticket.task_id != task.ticket.task_id || t.ticket.server != task.ticket.server
-        });
+        state
+            .tasks
+            .retain(|t| !same_task(t, &task.conversation, &task.ticket));
         state.tasks.push(task.clone());
         Ok(())
     }
@@ -104,26 +111,19 @@ impl Store for MemoryStore {
         Ok(self.lock().tasks.clone())
     }
 
-    async fn note_task(
-        &self,
-        server: &str,
-        task_id: &str,
-        message: Option<&str>,
-    ) -> Result<(), StoreError> {
+    async fn note_task(&self, task: &TaskRecord) -> Result<(), StoreError> {
         let mut state = self.writable()?;
-        for task in &mut state.tasks {
-            if task.ticket.server == server && task.ticket.task_id == task_id {
-                task.message = message.map(str::to_owned);
+        for kept in &mut state.tasks {
+            if same_task(kept, &task.conversation, &task.ticket) {
+                kept.message.clone_from(&task.message);
             }
         }
         Ok(())
     }
 
-    async fn drop_task(&self, server: &str, task_id: &str) -> Result<(), StoreError> {
+    async fn drop_task(&self, conversation: &str, task: &TaskTicket) -> Result<(), StoreError> {
         let mut state = self.writable()?;
-        state
-            .tasks
-            .retain(|t| t.ticket.task_id != task_id || t.ticket.server != server);
+        state.tasks.retain(|t| !same_task(t, conversation, task));
         Ok(())
     }
 
