@@ -15,7 +15,7 @@ use mcpcord::conversation::{
     Message, ModelError, ModelInfo, ModelLookup, Role, Stopped, Store, TextSink, ToolCall,
     ToolHost, ToolList, ToolOutcome, ToolSpec, TurnInput, TurnRunner, Usage, Workers,
 };
-use mcpcord::store::SqliteStore;
+use mcpcord::store::SqlStore;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -228,7 +228,7 @@ fn report(label: &str, mut samples: Vec<Duration>) -> f64 {
 async fn main() {
     let dir = tempfile::tempdir().expect("temp dir");
     let url = format!("sqlite://{}", dir.path().join("bench.db").display());
-    let store = SqliteStore::open(&url).await.expect("database");
+    let store = SqlStore::open(&url).await.expect("database");
     let sqlite = engine(Arc::new(store.clone()));
     let memory = engine(Arc::new(MemoryStore::default()));
 

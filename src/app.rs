@@ -11,7 +11,7 @@ use crate::config::{Config, Secret};
 use crate::conversation::{Clock, Engine, EngineSettings, StoreError, billing};
 use crate::llm::OpenRouter;
 use crate::mcp::{self, McpFile, McpHost};
-use crate::store::SqliteStore;
+use crate::store::SqlStore;
 
 /// How often due lookups of cut replies' costs are made.
 const BILLING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
@@ -20,7 +20,7 @@ const BILLING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10)
 #[derive(Debug)]
 pub struct App {
     pub engine: Arc<Engine>,
-    pub store: SqliteStore,
+    pub store: SqlStore,
     pub mcp: Arc<McpHost>,
     /// The MCP file, for reloads.
     pub mcp_file: McpFile,
@@ -61,7 +61,7 @@ impl App {
         let servers = mcp::config::load(&config.mcp_config, config.mcp_config_explicit, &|name| {
             std::env::var(name).ok()
         })?;
-        let store = SqliteStore::open(&config.database_url).await?;
+        let store = SqlStore::open(&config.database_url).await?;
         let model = Arc::new(OpenRouter::new(config).context("cannot build the HTTP client")?);
         let mcp = Arc::new(
             McpHost::new(servers, config.limits.clone())

@@ -9,18 +9,19 @@ use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
 use crate::conversation::{Message, Role, Store};
-use crate::store::{SqliteStore, database_file};
+use crate::store::{Backend, Copied, SqlStore, copy_sqlite_to_postgres, database_file};
 
 /// Writes a copy of the database at `url` to `to` (SQLite's `VACUUM
 /// INTO`: one consistent snapshot, taken while the bot goes on writing).
 pub async fn backup(url: &str, to: &Path) -> anyhow::Result<u64> {
+    server_tools(url)?;
     if to.exists() {
         bail!(
             "{} exists already; give the backup a new name (it is never overwritten)",
             to.display()
         );
     }
-    let store = SqliteStore::open(url).await?;
+    let store = SqlStore::open(url).await?;
     let copied = store.copy_into(to).await;
     store.close().await;
     copied.with_context(|| format!("the backup to {} failed", to.display()))?;
@@ -34,28 +35,15 @@ pub async fn backup(url: &str, to: &Path) -> anyhow::Result<u64> {
 /// mcpcord uses it; the database it replaces is kept beside it. Returns
 /// where the old one went.
 pub async fn restore(url: &str, from: &Path) -> anyhow::Result<Option<PathBuf>> {
+    server_tools(url)?;
     let Some(target) = database_file(url) else {
         bail!("DATABASE_URL {url:?} is not a database file");
     };
-    SqliteStore::check_backup(from)
+    crate::store::check_backup(from)
         .await
         .with_context(|| format!("{} is not a usable mcpcord backup", from.display()))?;
-    // Held until the swap is done: a bot that holds the database (even a
-    // chat) keeps its shared lock, and this one cannot be taken.
-    let _exclusive = match std::fs::File::open(&target) {
-        Ok(file) => match file.try_lock() {
-            Ok(()) => Some(file),
-            Err(std::fs::TryLockError::WouldBlock) => bail!(
-                "{} is in use by a running mcpcord (the bot, a chat or a check): stop it first, then restore",
-                target.display()
-            ),
-            Err(std::fs::TryLockError::Error(e)) => {
-                return Err(e).context(format!("cannot lock {}", target.display()));
-            }
-        },
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => return Err(e).context(format!("cannot open {}", target.display())),
-    };
+    // Held until the swap is done.
+    let _exclusive = unused(&target, "restore")?;
     let staged = sibling(&target, "restoring");
     std::fs::copy(from, &staged)
         .with_context(|| format!("cannot copy {} beside the database", from.display()))?;
@@ -88,6 +76,52 @@ pub async fn restore(url: &str, from: &Path) -> anyhow::Result<Option<PathBuf>> 
     std::fs::rename(&staged, &target)
         .with_context(|| format!("cannot put the backup in place at {}", target.display()))?;
     Ok(kept)
+}
+
+/// Refuses a PostgreSQL database: its own tools back it up consistently,
+/// and mcpcord's would only copy what it knows of.
+fn server_tools(url: &str) -> anyhow::Result<()> {
+    if Backend::of(url) == Backend::Postgres {
+        bail!(
+            "DATABASE_URL names a PostgreSQL database: back it up with pg_dump (pg_dump --format=custom --file=mcpcord.dump \"$DATABASE_URL\") and restore it with pg_restore (pg_restore --clean --dbname=\"$DATABASE_URL\" mcpcord.dump) while the bots are stopped"
+        );
+    }
+    Ok(())
+}
+
+/// The database file at `path` locked for this process alone (`None` when
+/// there is no file yet), or why not: a bot that holds the database (even
+/// a chat) keeps its shared lock, and this one cannot be taken.
+fn unused(path: &Path, then: &str) -> anyhow::Result<Option<std::fs::File>> {
+    match std::fs::File::open(path) {
+        Ok(file) => match file.try_lock() {
+            Ok(()) => Ok(Some(file)),
+            Err(std::fs::TryLockError::WouldBlock) => bail!(
+                "{} is in use by a running mcpcord (the bot, a chat or a check): stop it first, then {then}",
+                path.display()
+            ),
+            Err(std::fs::TryLockError::Error(e)) => {
+                Err(e).context(format!("cannot lock {}", path.display()))
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).context(format!("cannot open {}", path.display())),
+    }
+}
+
+/// Copies the SQLite database at `from` into the empty PostgreSQL one at
+/// `to` (`mcpcord migrate-db`), while no mcpcord uses `from`.
+pub async fn migrate_db(from: &str, to: &str) -> anyhow::Result<Copied> {
+    let Some(file) = database_file(from) else {
+        bail!("--from {from:?} is not a SQLite database file");
+    };
+    if !file.is_file() {
+        bail!("--from: {} does not exist", file.display());
+    }
+    // Writes after the copy would be lost: nothing may use it meanwhile.
+    let held = unused(&file, "migrate")?;
+    drop(held);
+    Ok(copy_sqlite_to_postgres(from, to).await?)
 }
 
 /// `path` with `.{what}` after its name.
@@ -126,7 +160,7 @@ pub async fn export(
     out: &mut impl Write,
 ) -> anyhow::Result<usize> {
     let key = conversation_key(name);
-    let store = SqliteStore::open(url).await?;
+    let store = SqlStore::open(url).await?;
     let history = store.history(&key).await;
     store.close().await;
     let history = history?;

@@ -10,7 +10,7 @@ use crate::conversation::{ModelLookup, StoreError};
 use crate::discord::rest::Rest;
 use crate::llm::OpenRouter;
 use crate::mcp::{self, McpHost, Step, Transport, Unavailable};
-use crate::store::SqliteStore;
+use crate::store::SqlStore;
 
 /// Tool names shown per server before the list is shortened.
 const NAMES_SHOWN: usize = 12;
@@ -24,7 +24,7 @@ pub async fn run(out: &mut impl Write) -> std::io::Result<usize> {
             report.ok(&format!(
                 "configuration: model {}, database {}, MCP file {}",
                 config.default_model,
-                config.database_url,
+                crate::store::redacted(&config.database_url),
                 config.mcp_config.display()
             ))?;
             config
@@ -36,11 +36,11 @@ pub async fn run(out: &mut impl Write) -> std::io::Result<usize> {
     };
     crate::app::install_crypto();
 
-    match SqliteStore::open(&config.database_url).await {
+    match SqlStore::open(&config.database_url).await {
         Ok(store) => {
             report.ok(&format!(
                 "database: {} opened and up to date",
-                config.database_url
+                crate::store::redacted(&config.database_url)
             ))?;
             store.close().await;
         }
@@ -52,6 +52,9 @@ pub async fn run(out: &mut impl Write) -> std::io::Result<usize> {
                     " Another process holds it: stop it, or give each process its own DATABASE_URL."
                 }
                 StoreError::Full(_) => " Free some space on that disk.",
+                StoreError::Unreachable(_) => {
+                    " Check that the database server runs and that DATABASE_URL names it."
+                }
                 StoreError::Corrupt(_) => " Restore it from a backup.",
                 StoreError::Open(_) | StoreError::Failed(_) => {
                     " Check DATABASE_URL and that its folder exists and is writable."

@@ -377,17 +377,33 @@ fn timezone(value: Option<String>) -> Result<jiff::tz::TimeZone, ConfigError> {
     })
 }
 
-/// A `sqlite:` URL (the only store so far).
+/// A `sqlite:` URL, or a `postgres://` one with a database name.
 pub fn database_url(value: Option<String>) -> Result<String, ConfigError> {
     let name = "DATABASE_URL";
     let Some(url) = value else {
         return Ok(DEFAULT_DATABASE_URL.to_owned());
     };
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        return Err(ConfigError::Invalid {
-            name,
-            problem: "PostgreSQL is not supported by this version; use a SQLite file such as sqlite:///data/mcpcord.db".into(),
-        });
+    if crate::store::Backend::of(&url) == crate::store::Backend::Postgres {
+        let shown = crate::store::redacted(&url);
+        return match reqwest::Url::parse(&url) {
+            Ok(parsed)
+                if parsed.host_str().is_some_and(|h| !h.is_empty()) || url.contains("host=") =>
+            {
+                Ok(url)
+            }
+            Ok(_) => Err(ConfigError::Invalid {
+                name,
+                problem: format!(
+                    "{shown} names no server; write postgres://USER:PASSWORD@HOST:5432/DATABASE"
+                ),
+            }),
+            Err(e) => Err(ConfigError::Invalid {
+                name,
+                problem: format!(
+                    "{shown} is not a PostgreSQL URL ({e}); write postgres://USER:PASSWORD@HOST:5432/DATABASE"
+                ),
+            }),
+        };
     }
     let path = url
         .strip_prefix("sqlite://")
@@ -565,11 +581,14 @@ mod tests {
                 .to_string()
                 .starts_with("Invalid DATABASE_URL: \"::::\" is not a SQLite URL")
         );
+        assert_eq!(
+            with("postgres://u:p@h/db").unwrap().database_url,
+            "postgres://u:p@h/db"
+        );
+        let error = with("postgres://u:secret@[::1/db").unwrap_err().to_string();
         assert!(
-            with("postgres://u:p@h/db")
-                .unwrap_err()
-                .to_string()
-                .contains("PostgreSQL is not supported")
+            error.contains("is not a PostgreSQL URL") && !error.contains("secret"),
+            "{error}"
         );
         assert!(with("sqlite:").is_err());
         assert_eq!(

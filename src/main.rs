@@ -46,6 +46,15 @@ enum Command {
         /// The backup to restore.
         path: std::path::PathBuf,
     },
+    /// Copy a SQLite installation into an empty PostgreSQL database (stop the bot first).
+    MigrateDb {
+        /// The SQLite database, e.g. sqlite:///data/mcpcord.db.
+        #[arg(long)]
+        from: String,
+        /// The PostgreSQL database, e.g. postgres://mcpcord:PASSWORD@db:5432/mcpcord.
+        #[arg(long)]
+        to: String,
+    },
     /// Print one conversation (a Discord thread id, `discord:ID`, or a terminal conversation's name).
     Export {
         conversation: String,
@@ -66,8 +75,19 @@ enum Command {
     },
 }
 
-/// Backup, restore and export, which need only `DATABASE_URL`.
+/// Backup, restore, export and migrate-db, which need only databases.
 async fn maintain(command: Command) -> anyhow::Result<()> {
+    if let Command::MigrateDb { from, to } = &command {
+        let from = mcpcord::config::database_url(Some(from.clone()))?;
+        let to = mcpcord::config::database_url(Some(to.clone()))?;
+        let copied = mcpcord::backup::migrate_db(&from, &to).await?;
+        println!("Copied into {}:", mcpcord::store::redacted(&to));
+        for (table, rows) in copied {
+            println!("  {table}: {rows} rows");
+        }
+        println!("Set DATABASE_URL to it and start mcpcord; the SQLite file is left as it was.");
+        return Ok(());
+    }
     let url = mcpcord::config::database_url(std::env::var("DATABASE_URL").ok())?;
     match command {
         Command::Backup { path } => {
@@ -109,7 +129,7 @@ async fn authorize(config: &Config, server: &str, port: u16) -> anyhow::Result<(
             std::env::var(name).ok()
         })?;
     let (url, oauth) = oauth_server(&servers, server).map_err(anyhow::Error::msg)?;
-    let store = mcpcord::store::SqliteStore::open(&config.database_url).await?;
+    let store = mcpcord::store::SqlStore::open(&config.database_url).await?;
     let authorizing = Authorizing::start(server, url, oauth, Arc::new(store.clone()), port)
         .await
         .map_err(anyhow::Error::msg)?;
@@ -206,7 +226,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         anyhow::ensure!(problems == 0, "mcpcord check found {problems} problem(s)");
         return Ok(());
     }
-    if let Command::Backup { .. } | Command::Restore { .. } | Command::Export { .. } = command {
+    if let Command::Backup { .. }
+    | Command::Restore { .. }
+    | Command::Export { .. }
+    | Command::MigrateDb { .. } = command
+    {
         return maintain(command).await;
     }
     let config = Config::from_env()?;
@@ -215,7 +239,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         | Command::Health
         | Command::Backup { .. }
         | Command::Restore { .. }
-        | Command::Export { .. } => Ok(()),
+        | Command::Export { .. }
+        | Command::MigrateDb { .. } => Ok(()),
         Command::Auth { server, port } => authorize(&config, &server, port).await,
         Command::Run => {
             let discord = DiscordConfig::from_env()?;

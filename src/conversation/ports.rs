@@ -561,6 +561,9 @@ pub enum StoreError {
     /// Another writer held the database for longer than the wait allows.
     #[error("the database was busy (another writer held it too long): {0}")]
     Busy(String),
+    /// The database server could not be reached (or is restarting).
+    #[error("the database server could not be reached: {0}")]
+    Unreachable(String),
     /// The disk is full.
     #[error("the disk holding the database is full: {0}")]
     Full(String),
@@ -579,6 +582,7 @@ impl StoreError {
             StoreError::Open(_) => "open",
             StoreError::NotWritable(_) => "not_writable",
             StoreError::Busy(_) => "busy",
+            StoreError::Unreachable(_) => "unreachable",
             StoreError::Full(_) => "full",
             StoreError::Corrupt(_) => "corrupt",
             StoreError::Failed(_) => "failed",
@@ -587,7 +591,7 @@ impl StoreError {
 
     /// Whether trying the same thing again soon may work.
     pub fn is_transient(&self) -> bool {
-        matches!(self, StoreError::Busy(_))
+        matches!(self, StoreError::Busy(_) | StoreError::Unreachable(_))
     }
 }
 

@@ -802,8 +802,8 @@ async fn shutdown_waits_for_the_grace_period_then_cuts_the_turn_cleanly() {
             .any(|c| c.contains("cut short"))
     );
     // What the user wrote is kept, and nothing dangles.
-    let url = format!("sqlite://{}", dir.path().join("mcpcord.db").display());
-    let store = mcpcord::store::SqliteStore::open(&url).await.unwrap();
+    let url = support::database_url(dir.path());
+    let store = mcpcord::store::SqlStore::open(&url).await.unwrap();
     use mcpcord::conversation::Store;
     let history = store.history(&format!("discord:{thread}")).await.unwrap();
     assert_eq!(history.len(), 1);
@@ -851,6 +851,7 @@ async fn the_run_command_explains_token_problems_and_stops_on_sigterm() {
             .env("OPENROUTER_BASE_URL", &model.base_url)
             .env("MODEL_API", model.model_api())
             .env("DISCORD_API_BASE_URL", &discord.base_url)
+            .env("DATABASE_URL", support::database_url(dir.path()))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped());
         if let Some(token) = token {
@@ -1002,8 +1003,8 @@ async fn a_channel_allow_list_covers_the_threads_of_its_channels() {
 /// The inputs kept in the database in `dir` (waiting for their turn).
 async fn kept(dir: &Path) -> Vec<(String, u64)> {
     use mcpcord::conversation::Store;
-    let url = format!("sqlite://{}", dir.join("mcpcord.db").display());
-    let store = mcpcord::store::SqliteStore::open(&url).await.unwrap();
+    let url = support::database_url(dir);
+    let store = mcpcord::store::SqlStore::open(&url).await.unwrap();
     let kept = store.kept_inputs().await.unwrap();
     store.close().await;
     kept.into_iter().map(|(c, i)| (c, i.position)).collect()
@@ -1131,6 +1132,7 @@ async fn a_message_waiting_when_the_bot_is_killed_is_answered_after_the_restart(
         .env("DEFAULT_MODEL", "test/tools")
         .env("DISCORD_TOKEN", support::discord::TOKEN)
         .env("DISCORD_API_BASE_URL", &discord.base_url)
+        .env("DATABASE_URL", support::database_url(dir.path()))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -1236,12 +1238,11 @@ async fn a_broken_database_does_not_make_the_bot_answer_where_nobody_asked() {
     let dir = tempfile::tempdir().unwrap();
     let bot = start(&discord, &model, dir.path(), &[]).await;
     // The thread table goes away under the bot: every lookup fails.
-    let url = format!("sqlite://{}", dir.path().join("mcpcord.db").display());
-    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
-    sqlx::query("ALTER TABLE discord_threads RENAME TO gone")
-        .execute(&pool)
-        .await
-        .unwrap();
+    support::execute(
+        &support::database_url(dir.path()),
+        "ALTER TABLE discord_threads RENAME TO gone",
+    )
+    .await;
     say(
         &discord,
         690_000_000_000_000_001,

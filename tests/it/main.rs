@@ -9,6 +9,8 @@
 //!   model, as OpenRouter and as a plain server.
 //! - `cli`, `check`, `storage`: the `mcpcord` binary itself.
 //! - `parsers`: property tests of the parsers.
+//! - `postgres`: what only PostgreSQL has; the whole suite also runs on it
+//!   under `.ci/with-postgres`.
 //! - `real_llm`: llama.cpp's `llama-server` with a small real model, when
 //!   one is built (optional; it skips with a message otherwise).
 //!
@@ -28,6 +30,7 @@ mod mcp_in_process;
 mod oauth;
 mod openrouter;
 mod parsers;
+mod postgres;
 mod real_llm;
 mod storage;
 mod tasks;

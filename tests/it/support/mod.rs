@@ -810,6 +810,85 @@ pub fn time_server() -> String {
         .to_string()
 }
 
+/// The SQLite database file in `dir`.
+pub fn sqlite_url(dir: &Path) -> String {
+    format!("sqlite://{}", dir.join("mcpcord.db").display())
+}
+
+/// The database of the tests in `dir`: the SQLite file there, or, when
+/// `MCPCORD_TEST_POSTGRES` names a PostgreSQL server (`.ci/with-postgres`),
+/// a database of its own on that server (made on first use, the same for
+/// every call with `dir`).
+pub fn database_url(dir: &Path) -> String {
+    match std::env::var("MCPCORD_TEST_POSTGRES") {
+        Ok(server) if !server.is_empty() => postgres_database(&server, dir),
+        _ => sqlite_url(dir),
+    }
+}
+
+/// Whether the tests run on PostgreSQL.
+pub fn on_postgres() -> bool {
+    std::env::var("MCPCORD_TEST_POSTGRES").is_ok_and(|s| !s.is_empty())
+}
+
+/// A database named after `dir` on the PostgreSQL `server`, made when it
+/// is not there yet.
+pub fn postgres_database(server: &str, dir: &Path) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    dir.hash(&mut hasher);
+    let name = format!("t_{:016x}", hasher.finish());
+    let url = match server.rsplit_once('/') {
+        Some((base, _)) => format!("{base}/{name}"),
+        None => panic!("MCPCORD_TEST_POSTGRES {server:?} has no database name"),
+    };
+    let server = server.to_owned();
+    // Config-making is synchronous; the database is made on a runtime of its own.
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async {
+                use sqlx::Connection;
+                let mut admin = sqlx::PgConnection::connect(&server).await.unwrap();
+                let made = sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                    .execute(&mut admin)
+                    .await;
+                match made {
+                    Ok(_) => {}
+                    // 42P04: it exists (made by an earlier call for `dir`).
+                    Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => {}
+                    Err(e) => panic!("cannot make the test database {name}: {e}"),
+                }
+                let _ = admin.close().await;
+            })
+    })
+    .join()
+    .unwrap();
+    url
+}
+
+/// Runs one statement on the database at `url`, behind the store's back.
+pub async fn execute(url: &str, statement: &'static str) {
+    use sqlx::Connection;
+    if url.starts_with("postgres") {
+        let mut connection = sqlx::PgConnection::connect(url).await.unwrap();
+        sqlx::query(statement)
+            .execute(&mut connection)
+            .await
+            .unwrap();
+        let _ = connection.close().await;
+    } else {
+        let mut connection = sqlx::SqliteConnection::connect(url).await.unwrap();
+        sqlx::query(statement)
+            .execute(&mut connection)
+            .await
+            .unwrap();
+        let _ = connection.close().await;
+    }
+}
+
 /// A configuration pointing at `model`, a database and an MCP file in `dir`.
 pub fn config(model: &FakeModel, dir: &Path, extra: &[(&str, &str)]) -> Config {
     let mut pairs = vec![
@@ -824,7 +903,7 @@ pub fn config(model: &FakeModel, dir: &Path, extra: &[(&str, &str)]) -> Config {
 /// A configuration pointing at the endpoint `base_url`, a database and an
 /// MCP file in `dir`, and `extra` settings.
 pub fn config_for(base_url: &str, dir: &Path, extra: &[(&str, &str)]) -> Config {
-    let db = format!("sqlite://{}", dir.join("mcpcord.db").display());
+    let db = database_url(dir);
     let mcp = dir.join("mcp.json").display().to_string();
     let mut pairs: Vec<(String, String)> = vec![
         ("OPENROUTER_API_KEY".into(), KEY.into()),
@@ -880,6 +959,7 @@ pub fn mcpcord_for(base_url: &str, dir: &Path) -> std::process::Command {
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("OPENROUTER_API_KEY", KEY)
         .env("OPENROUTER_BASE_URL", base_url)
+        .env("DATABASE_URL", database_url(dir))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
