@@ -159,6 +159,9 @@ pub struct Config {
     /// `TIMEZONE`: where the prompt's `{date}`, `{time}` and `{weekday}`
     /// are told (an IANA name; UTC by default).
     pub timezone: jiff::tz::TimeZone,
+    /// `METRICS_ADDR`: where `/metrics` and `/healthz` are served (off
+    /// when unset).
+    pub metrics_addr: Option<std::net::SocketAddr>,
     pub database_url: String,
     pub mcp_config: PathBuf,
     /// False when `MCP_CONFIG` was not set and the default path is used.
@@ -330,6 +333,16 @@ impl Config {
             default_model: get("DEFAULT_MODEL").unwrap_or_else(|| DEFAULT_MODEL.to_owned()),
             system_prompt: get("SYSTEM_PROMPT"),
             timezone: timezone(get("TIMEZONE"))?,
+            metrics_addr: get("METRICS_ADDR")
+                .map(|addr| {
+                    addr.parse().map_err(|_| ConfigError::Invalid {
+                        name: "METRICS_ADDR",
+                        problem: format!(
+                            "{addr:?} is not an address and port such as 127.0.0.1:9464 (or 0.0.0.0:9464 in a container)"
+                        ),
+                    })
+                })
+                .transpose()?,
             transcription_model: get("TRANSCRIPTION_MODEL"),
             database_url: database_url(get("DATABASE_URL"))?,
             mcp_config_explicit: get("MCP_CONFIG").is_some(),

@@ -21,5 +21,6 @@ pub mod conversation;
 pub mod discord;
 pub mod llm;
 pub mod mcp;
+pub mod metrics;
 pub mod store;
 pub mod terminal;

@@ -234,6 +234,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         return maintain(command).await;
     }
     let config = Config::from_env()?;
+    if let (Command::Run | Command::Chat { .. }, Some(addr)) = (&command, config.metrics_addr) {
+        mcpcord::metrics::serve(addr).await?;
+    }
     match command {
         Command::Check
         | Command::Health

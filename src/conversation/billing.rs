@@ -52,6 +52,7 @@ pub async fn bill_due(
                     cost = usage.cost,
                     "cut reply billed"
                 );
+                crate::metrics::billed(&unbilled.model, &usage);
                 UnbilledUpdate::Billed(usage)
             }
             GenerationLookup::Unsupported => UnbilledUpdate::GaveUp,

@@ -321,10 +321,14 @@ enum Reply {
 struct Shown<'a> {
     events: &'a UnboundedSender<TurnEvent>,
     text: Mutex<String>,
+    /// When the request was sent, and how long until its first text.
+    sent: Instant,
+    first: std::sync::OnceLock<Duration>,
 }
 
 impl TextSink for Shown<'_> {
     fn push(&self, fragment: &str) {
+        self.first.get_or_init(|| self.sent.elapsed());
         self.text.lock().expect("shown poisoned").push_str(fragment);
         self.events.push(fragment);
     }
@@ -407,7 +411,10 @@ impl Engine {
         let shown = Shown {
             events,
             text: Mutex::default(),
+            sent: Instant::now(),
+            first: std::sync::OnceLock::new(),
         };
+        let model = request.model.to_owned();
         let visible = Unthink::new(&shown);
         let in_flight = InFlight::new(
             &visible,
@@ -423,6 +430,7 @@ impl Engine {
                 return Ok(Reply::Stopped(shown.text.into_inner().expect("shown poisoned")));
             }
         };
+        crate::metrics::model_request(&model, shown.sent.elapsed(), shown.first.get().copied());
         let reported = result.as_ref().is_ok_and(|c| c.usage.reported());
         let generation = in_flight.finish(reported).await;
         result.map(|completion| Reply::Done(Box::new(completion), generation))
@@ -466,6 +474,15 @@ impl Engine {
         {
             tracing::warn!(conversation, %error, "could not forget the input of a stopped turn");
         }
+        crate::metrics::turn(
+            match &result {
+                Err(_) => "failed",
+                Ok(()) if outcome.stopped => "stopped",
+                Ok(()) if outcome.answered => "answered",
+                Ok(()) => "round_limit",
+            },
+            outcome.duration,
+        );
         match result {
             Ok(()) => {
                 tracing::info!(
@@ -810,6 +827,7 @@ impl Engine {
             };
             outcome.rounds += 1;
             outcome.usage.add(completion.usage);
+            crate::metrics::billed(&model, &completion.usage);
             if pin.is_none()
                 && completion.message.reasoning_details.is_some()
                 && let Some(provider) = &completion.provider
@@ -1105,6 +1123,7 @@ impl Engine {
         let messages = [message];
         let request = ChatRequest::new(&transcriber, &messages, &[]);
         let completion = self.model.complete(request, &()).await?;
+        crate::metrics::billed(&transcriber, &completion.usage);
         if completion.usage.reported() {
             billing::keep_billed(
                 self.store.as_ref(),
@@ -1259,7 +1278,9 @@ impl Engine {
                 tool: call.name.clone(),
                 arguments: compact_arguments(&call.arguments),
             };
-            if let Decision::Decline(reason) = turn.approver.decide(&request).await {
+            let decision = turn.approver.decide(&request).await;
+            crate::metrics::approval(decision == Decision::Approve);
+            if let Decision::Decline(reason) = decision {
                 let _ = turn.events.send(TurnEvent::Warning(format!(
                     "The call to {} was declined: {reason}",
                     call.name
@@ -1274,9 +1295,18 @@ impl Engine {
             turn,
             call,
         };
-        self.tools
+        let started = Instant::now();
+        let outcome = self
+            .tools
             .call_reporting(turn.conversation, &call.name, arguments, &progress)
-            .await
+            .await;
+        crate::metrics::tool_call(
+            &spec.server,
+            &call.name,
+            outcome.is_error,
+            started.elapsed(),
+        );
+        outcome
     }
 
     /// Tokens left for the history once the system prompt, the tools and

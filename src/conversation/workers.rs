@@ -271,6 +271,7 @@ impl Workers {
                 .is_some()
         };
         if waiting {
+            crate::metrics::queued(-1.0);
             self.store.drop_input(conversation, position).await?;
             return Ok(true);
         }
@@ -310,12 +311,19 @@ impl Workers {
     fn queue(&self, conversation: &str, input: Inbound, resumed: bool) {
         let mut slots = self.shared.slots.lock().expect("slots poisoned");
         let slot = slots.entry(conversation.to_owned()).or_default();
-        slot.waiting.insert(input.position, Job { input, resumed });
+        if slot
+            .waiting
+            .insert(input.position, Job { input, resumed })
+            .is_none()
+        {
+            crate::metrics::queued(1.0);
+        }
         slot.wake.notify_one();
         if slot.worker {
             return;
         }
         slot.worker = true;
+        crate::metrics::live_conversation(1.0);
         let worker = Worker {
             conversation: conversation.to_owned(),
             store: self.store.clone(),
@@ -383,6 +391,7 @@ impl Worker {
             }
             Some(_) => {
                 let (_, job) = slot.waiting.pop_first().expect("checked above");
+                crate::metrics::queued(-1.0);
                 let stop = CancellationToken::new();
                 slot.running = Some(Running {
                     stop: stop.clone(),
@@ -395,8 +404,10 @@ impl Worker {
             }
         };
         slot.worker = false;
+        crate::metrics::live_conversation(-1.0);
         if stopping {
             // What waits is in the store; forget it here.
+            crate::metrics::queued(-(slot.waiting.len() as f64));
             slot.waiting.clear();
         }
         if slot.idle() {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serenity::all::{
     ChannelId, Context, EventHandler, GuildId, Interaction, Message as DiscordMessage, MessageId,
-    MessageUpdateEvent, Ready,
+    MessageUpdateEvent, Ready, ResumedEvent,
 };
 
 use super::inbound::{self, conversation_of};
@@ -19,7 +19,11 @@ pub struct Handler(pub Arc<Bot>);
 impl EventHandler for Handler {
     async fn ready(&self, _ctx: Context, ready: Ready) {
         let bot = &self.0;
+        if bot.surface.me() != 0 {
+            crate::metrics::gateway_reconnected();
+        }
         bot.surface.set_me(ready.user.id.get());
+        crate::metrics::gateway(true);
         tracing::info!(user = %ready.user.name, guilds = ready.guilds.len(), "connected to Discord");
         if let Some(path) = &bot.surface.config.health_file {
             let _writing = bot.surface.health.lock().await;
@@ -34,6 +38,12 @@ impl EventHandler for Handler {
         {
             tracing::error!(%error, "could not register slash commands");
         }
+    }
+
+    async fn resume(&self, _ctx: Context, _resumed: ResumedEvent) {
+        tracing::info!("gateway session resumed");
+        crate::metrics::gateway_reconnected();
+        crate::metrics::gateway(true);
     }
 
     async fn message(&self, _ctx: Context, msg: DiscordMessage) {

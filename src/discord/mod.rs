@@ -345,7 +345,9 @@ pub async fn run(
         .await?;
     let shards = client.shard_manager.clone();
     let mut gateway = tokio::spawn(async move { client.start().await });
-    let health = config.health_file.clone().map(|path| {
+    crate::metrics::needs_gateway();
+    let health = {
+        let path = config.health_file.clone();
         let shards = shards.clone();
         let surface = bot.surface.clone();
         let stop = CancellationToken::new();
@@ -361,19 +363,20 @@ pub async fn run(
                 // the event that changed it: a ready handler that wrote
                 // before this lock reads as connected here too.
                 let _writing = surface.health.lock().await;
-                let connected = shards
-                    .runners
-                    .lock()
-                    .await
-                    .values()
-                    .any(|runner| runner.stage == serenity::gateway::ConnectionStage::Connected);
-                if let Err(error) = health::write(&path, connected) {
+                let connected =
+                    shards.runners.lock().await.values().any(|runner| {
+                        runner.stage == serenity::gateway::ConnectionStage::Connected
+                    });
+                crate::metrics::gateway(connected);
+                if let Some(path) = &path
+                    && let Err(error) = health::write(path, connected)
+                {
                     tracing::warn!(%error, path = %path.display(), "could not write the health file");
                 }
             }
         });
         (stop, writer)
-    });
+    };
 
     let ended = tokio::select! {
         () = shutdown => {
@@ -386,10 +389,10 @@ pub async fn run(
             Err(error) => error.into(),
         })
     };
-    if let Some((stop, writer)) = health {
-        stop.cancel();
-        let _ = writer.await;
-    }
+    let (stop, writer) = health;
+    stop.cancel();
+    let _ = writer.await;
+    crate::metrics::gateway(false);
     if let Some(path) = &config.health_file {
         let _ = health::write(path, false);
     }

@@ -172,7 +172,7 @@ impl Rest {
         file: &Attachment,
         what: &str,
     ) -> Result<Value, RestError> {
-        retrying(what, || {
+        retrying(what, &crate::metrics::route("POST", path), || {
             let form = reqwest::multipart::Form::new()
                 .text("payload_json", body.to_string())
                 .part(
@@ -301,7 +301,7 @@ impl Rest {
         body: Option<Value>,
         what: &str,
     ) -> Result<Value, RestError> {
-        retrying(what, || {
+        retrying(what, &crate::metrics::route(method.as_str(), path), || {
             let request = self.request(method.clone(), path);
             match &body {
                 Some(body) => request.json(body),

@@ -43,13 +43,20 @@ pub fn backoff(attempt: usize) -> Duration {
 /// retrying 5xx and connection failures a bounded number of times.
 pub async fn retrying(
     what: &str,
+    route: &str,
     build: impl Fn() -> reqwest::RequestBuilder,
 ) -> Result<Value, RestError> {
     let mut attempt = 0;
     loop {
         attempt += 1;
         let last = attempt >= MAX_ATTEMPTS;
-        let response = match build().send().await {
+        let sent = build().send().await;
+        crate::metrics::discord_request(
+            route,
+            sent.as_ref()
+                .is_ok_and(|r| r.status() == StatusCode::TOO_MANY_REQUESTS),
+        );
+        let response = match sent {
             Ok(response) => response,
             Err(e) if !last => {
                 let error = unreachable_for(what, e);

@@ -430,6 +430,12 @@ pub struct Session {
     task_tools: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
+impl Drop for Session {
+    fn drop(&mut self) {
+        crate::metrics::mcp_session(&self.server, -1.0);
+    }
+}
+
 impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Session").finish_non_exhaustive()
@@ -501,6 +507,7 @@ impl Session {
             Some(_) => Era::Legacy,
             None => Era::Unknown,
         };
+        crate::metrics::mcp_session(&spec.name, 1.0);
         Ok(Session {
             era,
             task_tools: Default::default(),

@@ -613,3 +613,94 @@ async fn a_background_task_is_listed_and_its_result_answered_in_the_chat() {
     );
     stop.cancel();
 }
+
+#[tokio::test]
+async fn metrics_and_health_are_served_after_a_turn() {
+    support::needs_servers!();
+    let model = FakeModel::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("notes.txt"), "buy milk").unwrap();
+    support::write_mcp(
+        dir.path(),
+        json!({"fs": dict_with(support::filesystem(dir.path()), "approval", "ask")}),
+    );
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = free.local_addr().unwrap().to_string();
+    drop(free);
+    let list = json!({"path": dir.path()}).to_string();
+    model.script([
+        call("c1", "fs__list_directory", &list),
+        text("You have notes.txt."),
+    ]);
+    let mut child = command(&model, dir.path())
+        .args(["chat", "--yes"])
+        .env("METRICS_ADDR", &addr)
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let answered = tokio::task::spawn_blocking(move || {
+        stdin.write_all(b"what files do I have?\n").unwrap();
+        stdin.flush().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let answered = lines
+            .by_ref()
+            .map(Result::unwrap)
+            .any(|line| line.contains("You have notes.txt."));
+        (answered, stdin)
+    });
+    let (answered, stdin) = answered.await.unwrap();
+    assert!(answered);
+
+    let (status, health) = support::http_get(&addr, "/healthz").await;
+    assert!(status.contains("200"), "{status}");
+    assert_eq!(health.trim(), "ok");
+    let (status, metrics) = support::http_get(&addr, "/metrics").await;
+    assert!(status.contains("200"), "{status}");
+    let value = |series: &str| {
+        support::sample(&metrics, series).unwrap_or_else(|| panic!("no {series} in:\n{metrics}"))
+    };
+    assert_eq!(value(r#"mcpcord_turns_total{outcome="answered"}"#), 1.0);
+    assert_eq!(value("mcpcord_turn_duration_seconds_count"), 1.0);
+    assert_eq!(
+        value(r#"mcpcord_model_request_duration_seconds_count{model="test/tools"}"#),
+        2.0
+    );
+    assert!(value(r#"mcpcord_model_first_token_seconds_count{model="test/tools"}"#) >= 1.0);
+    // The fake bills 100 prompt tokens (60 of them cached) and 20
+    // completion tokens for $0.001 a reply.
+    let tokens = |kind: &str| {
+        value(&format!(
+            r#"mcpcord_tokens_total{{model="test/tools",kind="{kind}"}}"#
+        ))
+    };
+    assert_eq!(tokens("completion"), 40.0);
+    assert_eq!(tokens("cached"), 120.0);
+    assert_eq!(tokens("prompt") + tokens("cached"), 200.0);
+    assert!((value(r#"mcpcord_cost_dollars{model="test/tools"}"#) - 0.002).abs() < 1e-9);
+    assert_eq!(
+        value(r#"mcpcord_tool_calls_total{server="fs",tool="fs__list_directory",outcome="ok"}"#),
+        1.0
+    );
+    assert_eq!(
+        value(r#"mcpcord_tool_call_duration_seconds_count{server="fs"}"#),
+        1.0
+    );
+    assert_eq!(
+        value(r#"mcpcord_approvals_total{decision="approved"}"#),
+        1.0
+    );
+    assert_eq!(value(r#"mcpcord_mcp_sessions{server="fs"}"#), 1.0);
+    assert!(metrics.contains("# TYPE mcpcord_turn_duration_seconds histogram"));
+    drop(stdin);
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+}
+
+/// `server` with `key` set to `value`.
+fn dict_with(mut server: serde_json::Value, key: &str, value: &str) -> serde_json::Value {
+    server[key] = json!(value);
+    server
+}

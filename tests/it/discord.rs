@@ -893,8 +893,12 @@ async fn the_run_command_explains_token_problems_and_stops_on_sigterm() {
     };
     assert!(!health().status.success(), "healthy before the bot ran");
     let registered = discord.registrations();
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let metrics_addr = free.local_addr().unwrap().to_string();
+    drop(free);
     let child = command(Some(support::discord::TOKEN))
         .env("HEALTH_FILE", &health_file)
+        .env("METRICS_ADDR", &metrics_addr)
         .spawn()
         .unwrap();
     discord.wait_registered(registered).await;
@@ -904,6 +908,20 @@ async fn the_run_command_explains_token_problems_and_stops_on_sigterm() {
         "{}",
         String::from_utf8_lossy(&checked.stderr)
     );
+    // The same on the metrics address, with the REST calls counted by route
+    // (ids left out).
+    let (status, body) = support::http_get(&metrics_addr, "/healthz").await;
+    assert!(status.contains("200"), "{status} {body}");
+    let (_, metrics) = support::http_get(&metrics_addr, "/metrics").await;
+    assert_eq!(
+        support::sample(
+            &metrics,
+            r#"mcpcord_discord_requests_total{route="PUT /applications/{id}/commands"}"#
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert!(!metrics.contains(support::discord::TOKEN));
     std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

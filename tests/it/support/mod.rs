@@ -889,6 +889,27 @@ pub async fn execute(url: &str, statement: &'static str) {
     }
 }
 
+/// `GET path` on `addr`: the status line and the body.
+pub async fn http_get(addr: &str, path: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    (head.lines().next().unwrap().to_owned(), body.to_owned())
+}
+
+/// The value of the sample `series` (name and labels as rendered).
+pub fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
 /// A configuration pointing at `model`, a database and an MCP file in `dir`.
 pub fn config(model: &FakeModel, dir: &Path, extra: &[(&str, &str)]) -> Config {
     let mut pairs = vec![
