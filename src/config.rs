@@ -670,6 +670,10 @@ pub struct DiscordConfig {
     /// `AUTO_THREAD_CHANNELS`: channels where every new message opens a
     /// thread and is answered there, without a mention.
     pub auto_thread_channels: Vec<u64>,
+    /// `BUDGET_USER_DAILY`: dollars each person's turns may spend in a UTC day.
+    pub budget_user_daily: Option<f64>,
+    /// `BUDGET_GUILD_MONTHLY`: dollars the turns of one server may spend in a UTC month.
+    pub budget_guild_monthly: Option<f64>,
 }
 
 impl DiscordConfig {
@@ -708,7 +712,26 @@ impl DiscordConfig {
             audio_max_bytes: number(&get, "AUDIO_MAX_BYTES", 25 * 1024 * 1024)?,
             audio_per_message: number(&get, "AUDIO_PER_MESSAGE", 1)?,
             auto_thread_channels: ids(&get, "AUTO_THREAD_CHANNELS")?,
+            budget_user_daily: dollars(&get, "BUDGET_USER_DAILY")?,
+            budget_guild_monthly: dollars(&get, "BUDGET_GUILD_MONTHLY")?,
         })
+    }
+}
+
+/// An amount in dollars, such as `2.50` (unset: none).
+fn dollars(
+    get: &impl Fn(&str) -> Option<String>,
+    name: &'static str,
+) -> Result<Option<f64>, ConfigError> {
+    let Some(raw) = get(name) else {
+        return Ok(None);
+    };
+    match raw.trim_start_matches('$').parse::<f64>() {
+        Ok(amount) if amount.is_finite() && amount >= 0.0 => Ok(Some(amount)),
+        _ => Err(ConfigError::Invalid {
+            name,
+            problem: format!("{raw:?} is not an amount in dollars such as 2.50"),
+        }),
     }
 }
 
@@ -773,5 +796,43 @@ mod discord_tests {
             err.to_string().starts_with("Invalid AUTO_THREAD_CHANNELS"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn budgets_are_dollars() {
+        let env = |pairs: &[(&str, &str)]| {
+            let pairs: Vec<(String, String)> = pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            move |name: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| k == name)
+                    .map(|(_, v)| v.clone())
+            }
+        };
+        let c = DiscordConfig::from_lookup(env(&[
+            ("DISCORD_TOKEN", "t"),
+            ("BUDGET_USER_DAILY", "$2.50"),
+            ("BUDGET_GUILD_MONTHLY", "40"),
+        ]))
+        .unwrap();
+        assert_eq!(c.budget_user_daily, Some(2.5));
+        assert_eq!(c.budget_guild_monthly, Some(40.0));
+        let c = DiscordConfig::from_lookup(env(&[("DISCORD_TOKEN", "t")])).unwrap();
+        assert_eq!((c.budget_user_daily, c.budget_guild_monthly), (None, None));
+        for bad in ["-1", "five", "NaN"] {
+            let err = DiscordConfig::from_lookup(env(&[
+                ("DISCORD_TOKEN", "t"),
+                ("BUDGET_USER_DAILY", bad),
+            ]))
+            .unwrap_err();
+            assert!(
+                err.to_string().starts_with("Invalid BUDGET_USER_DAILY: ")
+                    && err.to_string().contains("is not an amount in dollars"),
+                "{err}"
+            );
+        }
     }
 }

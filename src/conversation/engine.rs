@@ -527,6 +527,11 @@ impl Engine {
         }
     }
 
+    /// Forgets a kept input without answering it (a surface refused it).
+    pub async fn forget_input(&self, conversation: &str, position: u64) -> Result<(), StoreError> {
+        self.store.drop_input(conversation, position).await
+    }
+
     /// The model `conversation` uses. Never waits for a running turn.
     pub async fn model_of(&self, conversation: &str) -> Result<String, StoreError> {
         let chosen = match self.with_live(conversation, |live| live.model.clone()) {

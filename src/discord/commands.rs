@@ -14,7 +14,7 @@ use super::inbound::{channel_of, conversation_of};
 use super::protocol::{MAX_CHOICE_CHARS, MAX_CHOICES, THREAD_CHANNEL_TYPES, command, response};
 use super::render::MAX_MESSAGE_CHARS;
 use super::rest::RestError;
-use super::{Bot, controls, picks, servers, tasks};
+use super::{Bot, budgets, controls, picks, servers, tasks};
 use crate::conversation::{ReasoningEffort, UsageTotals};
 
 /// The commands, as registered with Discord.
@@ -37,7 +37,13 @@ pub fn definitions() -> Value {
          "options": [{"name": "effort", "description": "default goes back to REASONING_EFFORT", "type": command::STRING_OPTION,
                       "required": false, "choices": effort_choices()}]},
         {"name": "tools", "description": "The tools available here, and which servers are on", "type": command::CHAT_INPUT},
-        {"name": "usage", "description": "Tokens and cost so far", "type": command::CHAT_INPUT},
+        {"name": "usage", "description": "Tokens and cost so far, and what is left of the budgets", "type": command::CHAT_INPUT},
+        {"name": "budget", "description": "Show or set this server's spending caps in dollars (admins)", "type": command::CHAT_INPUT,
+         "options": [
+            {"name": "monthly", "description": "Dollars the whole server may spend a month", "type": command::NUMBER_OPTION, "required": false, "min_value": 0},
+            {"name": "daily", "description": "Dollars each person may spend a day", "type": command::NUMBER_OPTION, "required": false, "min_value": 0},
+            {"name": "reset", "description": "Go back to the bot's defaults", "type": command::BOOLEAN_OPTION, "required": false}
+         ]},
         {"name": "reload", "description": "Read the MCP servers file again (admins)", "type": command::CHAT_INPUT},
         picks::definitions()[0],
         picks::definitions()[1],
@@ -274,7 +280,28 @@ async fn reply(bot: &Bot, command: &CommandInteraction) -> anyhow::Result<String
                     usage_summary(&server)
                 ));
             }
+            let spender = budgets::Spender { guild, user };
+            for line in budgets::left(surface, spender).await? {
+                text.push('\n');
+                text.push_str(&line);
+            }
             Ok(text)
+        }
+        "budget" => {
+            let number = |name: &str| {
+                command.data.options.iter().find_map(|o| match o.value {
+                    CommandDataOptionValue::Number(n) if o.name == name => Some(n),
+                    _ => None,
+                })
+            };
+            let change = budgets::Change {
+                monthly: number("monthly"),
+                daily: number("daily"),
+                reset: command.data.options.iter().any(|o| {
+                    o.name == "reset" && matches!(o.value, CommandDataOptionValue::Boolean(true))
+                }),
+            };
+            budgets::command(surface, guild, user, admin, change).await
         }
         "tasks" => {
             let cancel = command.data.options.iter().find_map(|o| match &o.value {

@@ -15,6 +15,7 @@
 
 pub mod access;
 mod approvals;
+pub mod budgets;
 mod commands;
 mod controls;
 mod edits;
@@ -83,6 +84,18 @@ pub trait Threads: Send + Sync {
         guild: u64,
         since_unix: i64,
     ) -> Result<UsageTotals, StoreError>;
+    /// The server of the bot's thread of `conversation`, when known.
+    async fn guild_of(&self, conversation: &str) -> Result<Option<u64>, StoreError>;
+    /// Dollars spent since `since_unix` on the turns `user` started,
+    /// everywhere.
+    async fn user_spent_since(&self, user: u64, since_unix: i64) -> Result<f64, StoreError>;
+    /// The caps a server's admins set (none set: the defaults).
+    async fn guild_budget(&self, guild: u64) -> Result<budgets::GuildBudget, StoreError>;
+    async fn set_guild_budget(
+        &self,
+        guild: u64,
+        budget: &budgets::GuildBudget,
+    ) -> Result<(), StoreError>;
 }
 
 /// What the surface talks to: the domain's ports and its own.

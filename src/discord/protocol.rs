@@ -47,6 +47,8 @@ pub mod command {
     pub const STRING_OPTION: u8 = 3;
     /// A boolean option.
     pub const BOOLEAN_OPTION: u8 = 5;
+    /// A number option (a double).
+    pub const NUMBER_OPTION: u8 = 10;
 }
 
 /// The channel type of a direct message.

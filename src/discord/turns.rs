@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::approvals::{Buttons, Post};
+use super::budgets::{self, Spender};
 use super::inbound::{self, channel_of};
 use super::protocol::TYPING_LASTS_SECS;
 use super::render::{
@@ -50,6 +51,31 @@ impl TurnRunner for Turns {
             );
             return;
         };
+        let spender = Spender {
+            guild: budgets::guild_of(surface, conversation, channel).await,
+            user: input.author,
+        };
+        match budgets::refusal(surface, spender).await {
+            Ok(None) => {}
+            Ok(Some(refusal)) => {
+                tracing::info!(
+                    conversation,
+                    user = input.author,
+                    "over a budget; not answered"
+                );
+                surface.say(channel, &refusal).await;
+                if let Err(error) = surface
+                    .engine
+                    .forget_input(conversation, input.position)
+                    .await
+                {
+                    tracing::warn!(conversation, %error, "could not forget a refused message");
+                }
+                return;
+            }
+            // The turn itself will tell whether the database works.
+            Err(error) => tracing::warn!(conversation, %error, "could not check the budgets"),
+        }
         // Stops the indicator however the turn ends (answered, cut, panic).
         let _typing = typing(surface, channel).drop_guard();
         let (events, received) = mpsc::unbounded_channel();

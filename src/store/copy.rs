@@ -10,7 +10,7 @@ use super::{Backend, SqlStore, redacted};
 use crate::conversation::StoreError;
 
 /// The tables, parents first.
-const TABLES: [&str; 8] = [
+const TABLES: [&str; 9] = [
     "conversations",
     "messages",
     "discord_threads",
@@ -19,6 +19,7 @@ const TABLES: [&str; 8] = [
     "unbilled",
     "mcp_tasks",
     "oauth_credentials",
+    "guild_budgets",
 ];
 
 /// Rows inserted per statement (PostgreSQL takes at most 65,535 parameters).

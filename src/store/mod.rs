@@ -414,6 +414,84 @@ impl crate::discord::Threads for SqlStore {
         SqlStore::usage(self, conversation).await
     }
 
+    async fn guild_of(&self, conversation: &str) -> Result<Option<u64>, StoreError> {
+        let row: Option<(Option<i64>,)> = on_pool!(self, pool => {
+            sqlx::query_as("SELECT guild_id FROM discord_threads WHERE conversation = $1")
+                .bind(conversation)
+                .fetch_optional(pool)
+                .await
+        })
+        .map_err(|e| self.db(e))?;
+        Ok(row.and_then(|(guild,)| guild).map(|g| g as u64))
+    }
+
+    async fn user_spent_since(&self, user: u64, since_unix: i64) -> Result<f64, StoreError> {
+        // A reply is billed to whoever wrote the last input before it; a
+        // reply billed after the fact, to the last input before it was kept.
+        let (spent,): (Option<f64>,) = on_pool!(self, pool => {
+            sqlx::query_as(
+                "SELECT SUM(cost) FROM (
+                    SELECT m.cost FROM messages m
+                     WHERE m.cost IS NOT NULL AND m.created_at >= $2
+                       AND (SELECT i.author_id FROM messages i
+                             WHERE i.conversation = m.conversation AND i.position IS NOT NULL
+                               AND i.id < m.id
+                             ORDER BY i.id DESC LIMIT 1) = $1
+                    UNION ALL
+                    SELECT u.cost FROM unbilled u
+                     WHERE u.cost IS NOT NULL AND u.created_at >= $2
+                       AND (SELECT i.author_id FROM messages i
+                             WHERE i.conversation = u.conversation AND i.position IS NOT NULL
+                               AND i.created_at <= u.created_at
+                             ORDER BY i.id DESC LIMIT 1) = $1
+                 ) spent",
+            )
+            .bind(user as i64)
+            .bind(since_unix)
+            .fetch_one(pool)
+            .await
+        })
+        .map_err(|e| self.db(e))?;
+        Ok(spent.unwrap_or(0.0))
+    }
+
+    async fn guild_budget(
+        &self,
+        guild: u64,
+    ) -> Result<crate::discord::budgets::GuildBudget, StoreError> {
+        let row: Option<(Option<f64>, Option<f64>)> = on_pool!(self, pool => {
+            sqlx::query_as("SELECT monthly, daily FROM guild_budgets WHERE guild_id = $1")
+                .bind(guild as i64)
+                .fetch_optional(pool)
+                .await
+        })
+        .map_err(|e| self.db(e))?;
+        let (monthly, daily) = row.unwrap_or_default();
+        Ok(crate::discord::budgets::GuildBudget { monthly, daily })
+    }
+
+    async fn set_guild_budget(
+        &self,
+        guild: u64,
+        budget: &crate::discord::budgets::GuildBudget,
+    ) -> Result<(), StoreError> {
+        on_pool!(self, pool => {
+            sqlx::query(
+                "INSERT INTO guild_budgets (guild_id, monthly, daily, updated_at) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (guild_id) DO UPDATE SET monthly = excluded.monthly,
+                    daily = excluded.daily, updated_at = excluded.updated_at",
+            )
+            .bind(guild as i64)
+            .bind(budget.monthly)
+            .bind(budget.daily)
+            .bind(now())
+            .execute(pool)
+            .await
+            .map(|_| ())
+        })
+        .map_err(|e| self.db(e))
+    }
+
     async fn guild_usage_since(
         &self,
         guild: u64,

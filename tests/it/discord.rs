@@ -3053,3 +3053,145 @@ async fn a_background_task_is_listed_guarded_and_its_result_answered_in_the_thre
     bot.stop().await;
     stop_board.cancel();
 }
+
+#[tokio::test]
+async fn a_spent_budget_refuses_the_next_turn_until_an_admin_raises_it() {
+    let discord = FakeDiscord::start().await;
+    let model = FakeModel::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    // The fake bills $0.001 a reply: Alice's second turn goes over $0.0015.
+    model.script([text("One."), text("Two."), text("Bob's.")]);
+    let bot = start(
+        &discord,
+        &model,
+        dir.path(),
+        &[
+            ("BUDGET_USER_DAILY", "0.0015"),
+            ("BUDGET_GUILD_MONTHLY", "5"),
+            ("ADMIN_USERS", &ALICE.to_string()),
+        ],
+    )
+    .await;
+    let thread = 710_000_000_000_000_001;
+    mention(&discord, thread, "one");
+    discord
+        .wait_for("the first answer", |c| c.body["content"] == "One.")
+        .await;
+    say(&discord, thread + 1, thread, ALICE, "two");
+    discord
+        .wait_for("the second answer", |c| c.body["content"] == "Two.")
+        .await;
+    say(&discord, thread + 2, thread, ALICE, "three");
+    let refused = discord
+        .wait_for("the refusal", |c| {
+            c.body["content"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("⛔"))
+        })
+        .await;
+    let refusal = refused.body["content"].as_str().unwrap();
+    assert!(
+        refusal.contains(&format!(
+            "<@{ALICE}>, your daily budget of $0.0015 is spent ($0.0020 today)"
+        )) && refusal.contains("resets at 00:00 UTC (in ")
+            && refusal.contains("an admin of this server can raise it with /budget"),
+        "{refusal}"
+    );
+    // Not answered, and not kept for later either.
+    assert_eq!(model.requests().len(), 2);
+    assert!(kept(dir.path()).await.is_empty());
+
+    // Bob's own budget is untouched in the same thread.
+    say(&discord, thread + 3, thread, BOB, "my turn");
+    discord
+        .wait_for("Bob's answer", |c| c.body["content"] == "Bob's.")
+        .await;
+
+    let command =
+        |id: u64, user: u64, data: Value| discord.interaction(id, 2, thread, user, data, None);
+    let original = |id: u64| {
+        format!(
+            "/webhooks/{}/token-{id}/messages/@original",
+            support::discord::APP
+        )
+    };
+    discord.dispatch(
+        "INTERACTION_CREATE",
+        command(1, ALICE, json!({"id": "1", "name": "usage", "type": 1})),
+    );
+    let usage = discord.wait_for("/usage", |c| c.path == original(1)).await;
+    let usage = usage.body["content"].as_str().unwrap().to_owned();
+    assert!(
+        usage.contains("Your budget today: $0.00 of $0.0015 left")
+            && usage.contains("This server's budget this month: $4.9970 of $5.00 left"),
+        "{usage}"
+    );
+
+    let raise = |id: u64, user: u64| {
+        command(
+            id,
+            user,
+            json!({"id": id.to_string(), "name": "budget", "type": 1,
+                   "options": [{"name": "daily", "type": 10, "value": 1.0}]}),
+        )
+    };
+    discord.dispatch("INTERACTION_CREATE", raise(2, BOB));
+    let refused = discord
+        .wait_for("/budget by a non-admin", |c| c.path == original(2))
+        .await;
+    assert!(
+        refused.body["content"]
+            .as_str()
+            .unwrap()
+            .contains("Only admins"),
+        "{}",
+        refused.body
+    );
+    discord.dispatch("INTERACTION_CREATE", raise(3, ALICE));
+    let raised = discord.wait_for("/budget", |c| c.path == original(3)).await;
+    let raised = raised.body["content"].as_str().unwrap();
+    assert!(
+        raised.contains("$5.00 a month for the server, $1.00 a day for each person")
+            && raised.contains("Your budget today: $0.9980 of $1.00 left")
+            && raised.contains("$4.9970 of $5.00 left"),
+        "{raised}"
+    );
+    model.script([text("Four.")]);
+    say(&discord, thread + 4, thread, ALICE, "four");
+    discord
+        .wait_for("the answer after the raise", |c| {
+            c.body["content"] == "Four."
+        })
+        .await;
+
+    // The server's cap, set to what four answers cost, holds for everyone.
+    discord.dispatch(
+        "INTERACTION_CREATE",
+        command(
+            4,
+            ALICE,
+            json!({"id": "4", "name": "budget", "type": 1,
+                   "options": [{"name": "monthly", "type": 10, "value": 0.004}]}),
+        ),
+    );
+    discord
+        .wait_for("/budget monthly", |c| c.path == original(4))
+        .await;
+    say(&discord, thread + 5, thread, BOB, "and me?");
+    let refused = discord
+        .wait_for("the server's refusal", |c| {
+            c.body["content"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("⛔ This server's monthly budget"))
+        })
+        .await;
+    let refusal = refused.body["content"].as_str().unwrap();
+    assert!(
+        refusal.contains("of $0.0040 is spent ($0.0040 this month)")
+            && refusal.contains("It resets on ")
+            && refusal.contains(" UTC (in "),
+        "{refusal}"
+    );
+    assert_eq!(model.requests().len(), 4);
+    bot.stop().await;
+}
