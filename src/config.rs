@@ -670,6 +670,12 @@ pub struct DiscordConfig {
     /// `AUTO_THREAD_CHANNELS`: channels where every new message opens a
     /// thread and is answered there, without a mention.
     pub auto_thread_channels: Vec<u64>,
+    /// `SHARDS`: the Discord shards this process runs (unset: as many as
+    /// Discord recommends, all here).
+    pub shards: Option<Shards>,
+    /// `LEASE_SECS`: how long this process's claim on a conversation lasts
+    /// without being renewed; another process takes a dead one's over after it.
+    pub lease: Duration,
     /// `BUDGET_USER_DAILY`: dollars each person's turns may spend in a UTC day.
     pub budget_user_daily: Option<f64>,
     /// `BUDGET_GUILD_MONTHLY`: dollars the turns of one server may spend in a UTC month.
@@ -712,9 +718,61 @@ impl DiscordConfig {
             audio_max_bytes: number(&get, "AUDIO_MAX_BYTES", 25 * 1024 * 1024)?,
             audio_per_message: number(&get, "AUDIO_PER_MESSAGE", 1)?,
             auto_thread_channels: ids(&get, "AUTO_THREAD_CHANNELS")?,
+            shards: get("SHARDS").map(|s| Shards::parse(&s)).transpose()?,
+            lease: seconds(&get, "LEASE_SECS", Duration::from_secs(30))?,
             budget_user_daily: dollars(&get, "BUDGET_USER_DAILY")?,
             budget_guild_monthly: dollars(&get, "BUDGET_GUILD_MONTHLY")?,
         })
+    }
+}
+
+/// A range of Discord shards: `first` to `last` (inclusive) of `total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shards {
+    pub first: u32,
+    pub last: u32,
+    pub total: u32,
+}
+
+impl Shards {
+    /// `0-3/8` (shards 0 to 3 of 8) or `2/8` (shard 2 of 8).
+    pub fn parse(text: &str) -> Result<Shards, ConfigError> {
+        let invalid = |problem: String| ConfigError::Invalid {
+            name: "SHARDS",
+            problem,
+        };
+        let form = || {
+            invalid(format!(
+                "{text:?} is not a shard range such as 0-3/8 (shards 0 to 3 of 8) or 2/8"
+            ))
+        };
+        let (range, total) = text.trim().split_once('/').ok_or_else(form)?;
+        let (first, last) = range.split_once('-').unwrap_or((range, range));
+        let number = |s: &str| s.trim().parse::<u32>().map_err(|_| form());
+        let shards = Shards {
+            first: number(first)?,
+            last: number(last)?,
+            total: number(total)?,
+        };
+        if shards.total == 0 || shards.first > shards.last || shards.last >= shards.total {
+            return Err(invalid(format!(
+                "{text:?}: shards are numbered from 0 to one less than their total, first to last"
+            )));
+        }
+        Ok(shards)
+    }
+
+    /// Whether the events of `guild` come to these shards (Discord's rule:
+    /// `(guild_id >> 22) % total`; direct messages come to shard 0).
+    pub fn serves(&self, guild: Option<u64>) -> bool {
+        let shard = guild.map_or(0, |g| (g >> 22) % u64::from(self.total));
+        (u64::from(self.first)..=u64::from(self.last)).contains(&shard)
+    }
+}
+
+impl std::fmt::Display for Shards {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}/{}", self.first, self.last, self.total)
     }
 }
 
@@ -796,6 +854,33 @@ mod discord_tests {
             err.to_string().starts_with("Invalid AUTO_THREAD_CHANNELS"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn shard_ranges_are_checked() {
+        assert_eq!(
+            Shards::parse("0-3/8").unwrap(),
+            Shards {
+                first: 0,
+                last: 3,
+                total: 8
+            }
+        );
+        assert_eq!(
+            Shards::parse("5/8").unwrap(),
+            Shards {
+                first: 5,
+                last: 5,
+                total: 8
+            }
+        );
+        let half = Shards::parse("1/2").unwrap();
+        assert!(half.serves(Some(1 << 22)) && !half.serves(Some(2 << 22)));
+        assert!(!half.serves(None));
+        for bad in ["3-1/8", "0-8/8", "x/2", "1", "0/0"] {
+            let err = Shards::parse(bad).unwrap_err().to_string();
+            assert!(err.starts_with("Invalid SHARDS: "), "{err}");
+        }
     }
 
     #[test]

@@ -442,7 +442,7 @@ impl TaskSink for ChatDelivery {
             .map_err(|_| "the chat ended before it was answered".to_owned())
     }
 
-    fn takes(&self, conversation: &str) -> bool {
+    async fn takes(&self, conversation: &str) -> bool {
         conversation == self.conversation
     }
 }

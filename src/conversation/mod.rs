@@ -37,4 +37,4 @@ pub use types::{
     AttachmentRef, AudioPart, Author, FilePart, Inbound, Message, ReasoningEffort, Redo, Role,
     ToolCall, ToolSpec, TurnEvent, Usage, UsageTotals, cached_percent,
 };
-pub use workers::{Accepted, Arrival, RunningTurn, Stopped, TurnRunner, Workers};
+pub use workers::{Accepted, Arrival, Claims, RunningTurn, Stopped, TurnRunner, Workers};

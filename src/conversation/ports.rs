@@ -683,6 +683,42 @@ pub trait Store: Send + Sync {
     /// `false` when none is kept at its position any more.
     async fn update_input(&self, conversation: &str, input: &Inbound) -> Result<bool, StoreError>;
 
+    /// Claims `conversation` for the process `owner` until `until` (Unix
+    /// seconds): `false` while another owner's claim has not expired by
+    /// `now`. Claiming again renews. Stores that serve one process always
+    /// grant it.
+    async fn claim(
+        &self,
+        conversation: &str,
+        owner: &str,
+        now: i64,
+        until: i64,
+    ) -> Result<bool, StoreError> {
+        let _ = (conversation, owner, now, until);
+        Ok(true)
+    }
+    /// Renews every claim of `owner` until `until`.
+    async fn renew_claims(&self, owner: &str, until: i64) -> Result<(), StoreError> {
+        let _ = (owner, until);
+        Ok(())
+    }
+    /// Lets go of `owner`'s claim on `conversation` (all of them: `None`).
+    async fn release(&self, conversation: Option<&str>, owner: &str) -> Result<(), StoreError> {
+        let _ = (conversation, owner);
+        Ok(())
+    }
+    /// Kept inputs received by `received_before` of conversations no
+    /// process has a live claim on at `now` (their process died), by
+    /// conversation and then position.
+    async fn unclaimed_inputs(
+        &self,
+        now: i64,
+        received_before: i64,
+    ) -> Result<Vec<(String, Inbound)>, StoreError> {
+        let _ = (now, received_before);
+        Ok(Vec::new())
+    }
+
     /// A random value made once per database and kept in it, for
     /// pseudonyms that are stable but cannot be traced back to an id.
     async fn instance_salt(&self) -> Result<String, StoreError>;

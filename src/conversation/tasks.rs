@@ -90,9 +90,9 @@ pub trait TaskSink: Send + Sync {
     /// Delivers the outcome of `task`; an error (a sentence) means it was
     /// not kept, and it is tried again later.
     async fn deliver(&self, task: &TaskRecord, outcome: &ToolOutcome) -> Result<(), String>;
-    /// Whether this surface shows `conversation` (others' tasks are left
-    /// to their own surfaces).
-    fn takes(&self, conversation: &str) -> bool {
+    /// Whether this surface (this process) shows `conversation`: others'
+    /// tasks are left to their own surfaces and processes.
+    async fn takes(&self, conversation: &str) -> bool {
         let _ = conversation;
         true
     }
@@ -171,8 +171,14 @@ impl BackgroundTasks {
         }
         let stored = self.store.tasks().await;
         if let Ok(records) = &stored {
+            let mut taken = Vec::new();
+            for record in records {
+                if sink.takes(&record.conversation).await {
+                    taken.push(record);
+                }
+            }
             let mut followed = self.followed.lock().expect("tasks poisoned");
-            for record in records.iter().filter(|r| sink.takes(&r.conversation)) {
+            for record in taken {
                 followed.entry(key(record)).or_insert_with(|| Followed {
                     record: record.clone(),
                     stop: self.stop.child_token(),

@@ -13,6 +13,12 @@
 //! - At shutdown no new turn starts; running ones get the grace period and
 //!   are then cut. Inputs still waiting stay stored, and `resume` answers
 //!   them after the restart.
+//! - With [`Claims`] (several processes on one database), a worker claims
+//!   its conversation in the store before its turns run and lets go when
+//!   it exits; the claims are renewed while the process lives. A worker
+//!   that finds the conversation claimed by a live process leaves its
+//!   inputs to that one. Inputs of conversations whose claim expired (their
+//!   process died) are taken over.
 
 use std::collections::{BTreeMap, HashMap};
 use std::panic::AssertUnwindSafe;
@@ -32,6 +38,23 @@ use super::types::Inbound;
 /// How long cut turns get to drop their work and say so, after the grace
 /// period.
 const CUT_WAIT: Duration = Duration::from_secs(5);
+
+/// How this process claims the conversations it serves, when it shares
+/// the database with others.
+#[derive(Debug, Clone)]
+pub struct Claims {
+    /// This process, unique among those sharing the database.
+    pub owner: String,
+    /// How long a claim lasts without being renewed (renewed every third
+    /// of it); a dead process's conversations are taken over after it.
+    pub ttl: Duration,
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
 
 /// What happened to a conversation's work when the workers stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,6 +130,9 @@ struct Shared {
     tasks: TaskTracker,
     /// Cancelled when the grace period is over.
     cut: CancellationToken,
+    claims: Option<Claims>,
+    /// Cancelled once every worker is done, at shutdown.
+    done: CancellationToken,
 }
 
 /// The conversations' workers.
@@ -165,6 +191,19 @@ pub enum Accepted {
 
 impl Workers {
     pub fn new(store: Arc<dyn Store>, runner: Arc<dyn TurnRunner>) -> Self {
+        Self::build(store, runner, None)
+    }
+
+    /// Workers that claim their conversations (see [`Claims`]). Renewing
+    /// the claims and taking over those of dead processes runs in the
+    /// background until [`Workers::shutdown`] is done.
+    pub fn with_claims(store: Arc<dyn Store>, runner: Arc<dyn TurnRunner>, claims: Claims) -> Self {
+        let workers = Self::build(store, runner, Some(claims.clone()));
+        workers.keep_claims(claims);
+        workers
+    }
+
+    fn build(store: Arc<dyn Store>, runner: Arc<dyn TurnRunner>, claims: Option<Claims>) -> Self {
         Workers {
             store,
             runner,
@@ -173,8 +212,67 @@ impl Workers {
                 accepting: AtomicBool::new(true),
                 tasks: TaskTracker::new(),
                 cut: CancellationToken::new(),
+                claims,
+                done: CancellationToken::new(),
             }),
         }
+    }
+
+    /// Renews this process's claims every third of their time, and every
+    /// half of it takes over the inputs no live process has claimed.
+    fn keep_claims(&self, claims: Claims) {
+        let store = self.store.clone();
+        let done = self.shared.done.clone();
+        let ttl_secs = claims.ttl.as_secs().max(1) as i64;
+        let owner = claims.owner.clone();
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval((claims.ttl / 3).max(Duration::from_millis(100)));
+            loop {
+                tokio::select! {
+                    () = done.cancelled() => break,
+                    _ = ticks.tick() => {}
+                }
+                if let Err(error) = store.renew_claims(&owner, unix_now() + ttl_secs).await {
+                    tracing::warn!(%error, "could not renew this process's claims on its conversations");
+                }
+            }
+        });
+        let workers = Workers {
+            store: self.store.clone(),
+            runner: self.runner.clone(),
+            shared: self.shared.clone(),
+        };
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval((claims.ttl / 2).max(Duration::from_millis(100)));
+            ticks.tick().await;
+            loop {
+                tokio::select! {
+                    () = workers.shared.done.cancelled() => break,
+                    _ = ticks.tick() => {}
+                }
+                if !workers.shared.accepting.load(Ordering::SeqCst) {
+                    break;
+                }
+                let now = unix_now();
+                // An input this young may still be on its way to its own
+                // process's worker.
+                match workers.store.unclaimed_inputs(now, now - ttl_secs).await {
+                    Ok(unclaimed) => {
+                        for (conversation, input) in unclaimed {
+                            tracing::info!(
+                                conversation,
+                                position = input.position,
+                                "taking over a message its process left"
+                            );
+                            workers.queue(&conversation, input, true);
+                        }
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "could not look for messages other processes left")
+                    }
+                }
+            }
+        });
     }
 
     /// Marks `position` of `conversation` as arriving: until the returned
@@ -286,6 +384,18 @@ impl Workers {
     /// Stops taking turns: running ones get `grace` to finish, then are cut.
     /// Waiting inputs stay stored. Returns how many turns were cut.
     pub async fn shutdown(&self, grace: Duration) -> usize {
+        let cut = self.wind_down(grace).await;
+        self.shared.done.cancel();
+        // What is left is free at once for a process that starts next.
+        if let Some(claims) = &self.shared.claims
+            && let Err(error) = self.store.release(None, &claims.owner).await
+        {
+            tracing::warn!(%error, "could not let go of this process's claims");
+        }
+        cut
+    }
+
+    async fn wind_down(&self, grace: Duration) -> usize {
         self.shared.accepting.store(false, Ordering::SeqCst);
         self.shared.tasks.close();
         if tokio::time::timeout(grace, self.shared.tasks.wait())
@@ -351,6 +461,9 @@ enum Next {
 
 impl Worker {
     async fn work(self) {
+        if !self.claim().await {
+            return;
+        }
         loop {
             match self.next() {
                 Next::Run(job, stop) => self.run(job, stop).await,
@@ -359,6 +472,14 @@ impl Worker {
                     () = self.shared.cut.cancelled() => {}
                 },
                 Next::Exit(waiting) => {
+                    if let Some(claims) = &self.shared.claims
+                        && let Err(error) = self
+                            .store
+                            .release(Some(&self.conversation), &claims.owner)
+                            .await
+                    {
+                        tracing::warn!(conversation = self.conversation, %error, "could not let go of a conversation's claim");
+                    }
                     if let Some(waiting) = waiting {
                         let stopped = Stopped {
                             cut: false,
@@ -368,6 +489,46 @@ impl Worker {
                     }
                     return;
                 }
+            }
+        }
+    }
+
+    /// Claims the conversation for this process, when claims are on.
+    /// Claimed by a live process, its inputs are left to that one (they are
+    /// kept in the store) and the worker is gone: `false`.
+    async fn claim(&self) -> bool {
+        let Some(claims) = &self.shared.claims else {
+            return true;
+        };
+        let now = unix_now();
+        let until = now + claims.ttl.as_secs().max(1) as i64;
+        match self
+            .store
+            .claim(&self.conversation, &claims.owner, now, until)
+            .await
+        {
+            Ok(true) => true,
+            // The turn will find out whether the database works.
+            Err(error) => {
+                tracing::warn!(conversation = self.conversation, %error, "could not claim a conversation; serving it anyway");
+                true
+            }
+            Ok(false) => {
+                tracing::info!(
+                    conversation = self.conversation,
+                    "another process serves this conversation; leaving its messages to it"
+                );
+                let mut slots = self.shared.slots.lock().expect("slots poisoned");
+                if let Some(slot) = slots.get_mut(&self.conversation) {
+                    crate::metrics::queued(-(slot.waiting.len() as f64));
+                    slot.waiting.clear();
+                    slot.worker = false;
+                    crate::metrics::live_conversation(-1.0);
+                    if slot.idle() {
+                        slots.remove(&self.conversation);
+                    }
+                }
+                false
             }
         }
     }

@@ -19,7 +19,14 @@ pub struct Handler(pub Arc<Bot>);
 impl EventHandler for Handler {
     async fn ready(&self, _ctx: Context, ready: Ready) {
         let bot = &self.0;
-        if bot.surface.me() != 0 {
+        let shard = ready.shard.map_or(0, |s| s.id.0);
+        if !bot
+            .surface
+            .shards_ready
+            .lock()
+            .expect("shards poisoned")
+            .insert(shard)
+        {
             crate::metrics::gateway_reconnected();
         }
         bot.surface.set_me(ready.user.id.get());
@@ -30,6 +37,10 @@ impl EventHandler for Handler {
             if let Err(error) = health::write(path, true) {
                 tracing::warn!(%error, "could not write the health file");
             }
+        }
+        // Registered once, by the process that runs shard 0.
+        if ready.shard.is_some_and(|shard| shard.id.0 != 0) {
+            return;
         }
         let rest = &bot.surface.rest;
         if let Err(error) = rest

@@ -45,7 +45,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::DiscordConfig;
 use crate::conversation::{
-    ChatModel, Engine, Place, Store, StoreError, ToolHost, UsageTotals, Workers,
+    ChatModel, Claims, Engine, Place, Store, StoreError, ToolHost, UsageTotals, Workers,
 };
 use access::Access;
 use approvals::Approvals;
@@ -141,6 +141,8 @@ pub(crate) struct Surface {
     questions: questions::Questions,
     /// The resources behind Read buttons.
     links: picks::Links,
+    /// Shards that were ready once (a later READY is a reconnection).
+    shards_ready: Mutex<std::collections::HashSet<u32>>,
 }
 
 impl Surface {
@@ -326,8 +328,19 @@ pub async fn run(
         answer_rows: Default::default(),
         questions: Default::default(),
         links: Default::default(),
+        shards_ready: Mutex::default(),
     });
-    let workers = Workers::new(ports.store, Arc::new(turns::Turns(surface.clone())));
+    // A process is known by its shards: one restarted in its place takes
+    // its claims back at once; another takes them over once they expire.
+    let claims = Claims {
+        owner: match config.shards {
+            Some(shards) => format!("shards {shards}"),
+            None => "all shards".to_owned(),
+        },
+        ttl: config.lease,
+    };
+    let workers =
+        Workers::with_claims(ports.store, Arc::new(turns::Turns(surface.clone())), claims);
     match workers.resume().await {
         Ok(0) => {}
         Ok(kept) => tracing::info!(kept, "answering messages kept from before the restart"),
@@ -357,7 +370,18 @@ pub async fn run(
         .event_handler(Handler(bot.clone()))
         .await?;
     let shards = client.shard_manager.clone();
-    let mut gateway = tokio::spawn(async move { client.start().await });
+    let shards_of = config.shards;
+    let mut gateway = tokio::spawn(async move {
+        match shards_of {
+            Some(shards) => {
+                tracing::info!(%shards, "running these Discord shards");
+                client
+                    .start_shard_range(shards.first..shards.last, shards.total)
+                    .await
+            }
+            None => client.start_autosharded().await,
+        }
+    });
     crate::metrics::needs_gateway();
     let health = {
         let path = config.health_file.clone();

@@ -172,7 +172,17 @@ impl TaskSink for Delivery {
         }
     }
 
-    fn takes(&self, conversation: &str) -> bool {
-        channel_of(conversation).is_some()
+    async fn takes(&self, conversation: &str) -> bool {
+        let (Some(channel), Some(bot)) = (channel_of(conversation), self.0.upgrade()) else {
+            return false;
+        };
+        // Of several processes, the one whose shard gets the thread's events.
+        match bot.surface.config.shards {
+            None => true,
+            Some(shards) => {
+                let guild = super::budgets::guild_of(&bot.surface, conversation, channel).await;
+                shards.serves(guild)
+            }
+        }
     }
 }

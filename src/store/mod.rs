@@ -670,6 +670,22 @@ impl crate::mcp::oauth::TokenVault for SqlStore {
     }
 }
 
+/// Kept inputs as read from `inbox`.
+fn inbox_rows(rows: Vec<(String, i64, i64, String)>) -> Result<Vec<(String, Inbound)>, StoreError> {
+    rows.into_iter()
+        .map(|(conversation, position, author, body)| {
+            let input: Inbound = serde_json::from_str(&body)
+                .map_err(|e| StoreError::Corrupt(format!("inbox body: {e}")))?;
+            let input = Inbound {
+                position: position as u64,
+                author: author as u64,
+                ..input
+            };
+            Ok((conversation, input))
+        })
+        .collect()
+}
+
 /// Inserts `$messages` of `$conversation` in one statement through
 /// `$connection` (all of the rows or none), creating the conversation's
 /// row first when `$create`. Text loses its NUL characters, which
@@ -975,18 +991,79 @@ impl Store for SqlStore {
             .await
         })
         .map_err(|e| self.db(e))?;
-        rows.into_iter()
-            .map(|(conversation, position, author, body)| {
-                let input: Inbound = serde_json::from_str(&body)
-                    .map_err(|e| StoreError::Corrupt(format!("inbox body: {e}")))?;
-                let input = Inbound {
-                    position: position as u64,
-                    author: author as u64,
-                    ..input
-                };
-                Ok((conversation, input))
-            })
-            .collect()
+        inbox_rows(rows)
+    }
+
+    async fn claim(
+        &self,
+        conversation: &str,
+        owner: &str,
+        now: i64,
+        until: i64,
+    ) -> Result<bool, StoreError> {
+        let claimed = on_pool!(self, pool => {
+            sqlx::query(
+                "INSERT INTO leases (conversation, owner, expires_at) VALUES ($1, $2, $3)
+                 ON CONFLICT (conversation) DO UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at
+                 WHERE leases.owner = excluded.owner OR leases.expires_at < $4",
+            )
+            .bind(conversation)
+            .bind(owner)
+            .bind(until)
+            .bind(now)
+            .execute(pool)
+            .await
+            .map(|done| done.rows_affected())
+        })
+        .map_err(|e| self.db(e))?;
+        Ok(claimed == 1)
+    }
+
+    async fn renew_claims(&self, owner: &str, until: i64) -> Result<(), StoreError> {
+        on_pool!(self, pool => {
+            sqlx::query("UPDATE leases SET expires_at = $2 WHERE owner = $1")
+                .bind(owner)
+                .bind(until)
+                .execute(pool)
+                .await
+                .map(|_| ())
+        })
+        .map_err(|e| self.db(e))
+    }
+
+    async fn release(&self, conversation: Option<&str>, owner: &str) -> Result<(), StoreError> {
+        on_pool!(self, pool => {
+            sqlx::query(
+                "DELETE FROM leases WHERE owner = $1 AND ($2 IS NULL OR conversation = $2)",
+            )
+            .bind(owner)
+            .bind(conversation)
+            .execute(pool)
+            .await
+            .map(|_| ())
+        })
+        .map_err(|e| self.db(e))
+    }
+
+    async fn unclaimed_inputs(
+        &self,
+        now: i64,
+        received_before: i64,
+    ) -> Result<Vec<(String, Inbound)>, StoreError> {
+        let rows: Vec<(String, i64, i64, String)> = on_pool!(self, pool => {
+            sqlx::query_as(
+                "SELECT i.conversation, i.position, i.author, i.body FROM inbox i
+                 LEFT JOIN leases l ON l.conversation = i.conversation AND l.expires_at >= $1
+                 WHERE l.conversation IS NULL AND i.received_at <= $2
+                 ORDER BY i.conversation, i.position LIMIT 1000",
+            )
+            .bind(now)
+            .bind(received_before)
+            .fetch_all(pool)
+            .await
+        })
+        .map_err(|e| self.db(e))?;
+        inbox_rows(rows)
     }
 
     async fn take_input(

@@ -9,6 +9,7 @@
 //!   model, as OpenRouter and as a plain server.
 //! - `cli`, `check`, `storage`: the `mcpcord` binary itself.
 //! - `parsers`: property tests of the parsers.
+//! - `shards`: two bot processes on one database, each running a shard.
 //! - `postgres`: what only PostgreSQL has; the whole suite also runs on it
 //!   under `.ci/with-postgres`.
 //! - `real_llm`: llama.cpp's `llama-server` with a small real model, when
@@ -32,6 +33,7 @@ mod openrouter;
 mod parsers;
 mod postgres;
 mod real_llm;
+mod shards;
 mod storage;
 mod tasks;
 mod workers;

@@ -43,7 +43,7 @@ async fn processes_starting_together_on_a_new_database_migrate_it_once() {
             .fetch_all(&pool)
             .await
             .unwrap();
-    assert_eq!(applied, vec![(1, true), (2, true)]);
+    assert_eq!(applied, vec![(1, true), (2, true), (3, true)]);
     // And they share one database.
     stores[0]
         .append("terminal:shared", &[Message::user("from the first")])

@@ -41,13 +41,16 @@ struct State_ {
     /// Scripted 429s: (path suffix, retry_after seconds).
     rate_limits: VecDeque<(String, f64)>,
     sequence: u64,
+    /// The shards (id, total) bots identified as, in order.
+    identified: Vec<(u64, u64)>,
 }
 
 #[derive(Clone)]
 pub struct FakeDiscord {
     pub base_url: String,
     state: Arc<Mutex<State_>>,
-    events: broadcast::Sender<String>,
+    /// Dispatches, with the server they are about (shards are chosen by it).
+    events: broadcast::Sender<(Option<u64>, String)>,
     /// `held.txt` is sent only when a test adds a permit.
     held: Arc<tokio::sync::Semaphore>,
 }
@@ -87,10 +90,27 @@ impl FakeDiscord {
             state.sequence += 1;
             state.sequence
         };
+        let guild = data["guild_id"].as_str().and_then(|g| g.parse().ok());
         let frame = json!({"op": 0, "t": kind, "s": sequence, "d": data});
         self.events
-            .send(frame.to_string())
+            .send((guild, frame.to_string()))
             .expect("no bot is connected");
+    }
+
+    /// Waits (up to 20 s) until bots identified as `count` shards in all.
+    pub async fn wait_identified(&self, count: usize) -> Vec<(u64, u64)> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let identified = self.state.lock().unwrap().identified.clone();
+            if identified.len() >= count {
+                return identified;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "only {identified:?} identified"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     }
 
     /// How many times a bot registered its commands (once per connection).
@@ -157,8 +177,24 @@ impl FakeDiscord {
 
     /// Another text channel in the guild.
     pub fn add_channel(&self, id: u64) {
-        let channel = json!({"id": id.to_string(), "type": 0, "guild_id": GUILD.to_string()});
+        self.add_channel_in(GUILD, id);
+    }
+
+    /// A text channel in `guild`.
+    pub fn add_channel_in(&self, guild: u64, id: u64) {
+        let channel = json!({"id": id.to_string(), "type": 0, "guild_id": guild.to_string()});
         self.state.lock().unwrap().channels.insert(id, channel);
+    }
+
+    /// The server of `channel` (by default, `GUILD`).
+    fn guild_of(&self, channel: u64) -> String {
+        let state = self.state.lock().unwrap();
+        state
+            .channels
+            .get(&channel)
+            .and_then(|c| c["guild_id"].as_str())
+            .unwrap_or("")
+            .to_owned()
     }
 
     /// A thread that someone else started in `CHANNEL`.
@@ -197,8 +233,12 @@ impl FakeDiscord {
         } else {
             vec![]
         };
+        let guild = match self.guild_of(channel) {
+            known if !known.is_empty() => known,
+            _ => GUILD.to_string(),
+        };
         json!({
-            "id": id.to_string(), "channel_id": channel.to_string(), "guild_id": GUILD.to_string(),
+            "id": id.to_string(), "channel_id": channel.to_string(), "guild_id": guild,
             "author": user(author, "someone", false),
             "member": {"roles": [], "joined_at": "2026-01-01T00:00:00+00:00", "deaf": false, "mute": false, "flags": 0},
             "content": content, "timestamp": "2026-11-26T12:00:00+00:00", "edited_timestamp": null,
@@ -251,8 +291,16 @@ async fn gateway(State(fake): State<FakeDiscord>, upgrade: WebSocketUpgrade) -> 
 }
 
 /// HELLO, then READY after IDENTIFY, heartbeat ACKs, and pushed events.
+/// Whether an event about `guild` goes to shard `id` of `total` (Discord's
+/// rule; events of no server go to shard 0).
+pub fn shard_of(guild: Option<u64>, total: u64) -> u64 {
+    guild.map_or(0, |g| (g >> 22) % total.max(1))
+}
+
 async fn session(fake: FakeDiscord, mut socket: WebSocket) {
     let mut events = fake.events.subscribe();
+    // Shard 0 of 1 until IDENTIFY says otherwise.
+    let mut shard = (0u64, 1u64);
     let hello = json!({"op": 10, "d": {"heartbeat_interval": 41250}});
     if socket
         .send(WsMessage::Text(hello.to_string().into()))
@@ -268,11 +316,17 @@ async fn session(fake: FakeDiscord, mut socket: WebSocket) {
                 let frame: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
                 let reply = match frame["op"].as_u64() {
                     Some(1) => json!({"op": 11}),
-                    Some(2) => json!({"op": 0, "t": "READY", "s": 0, "d": {
-                        "v": 10, "user": user(BOT, "mcpcord", true), "guilds": [],
+                    Some(2) => {
+                        if let Some([id, total]) = frame["d"]["shard"].as_array().map(|s| [s[0].as_u64(), s[1].as_u64()]) {
+                            shard = (id.unwrap_or(0), total.unwrap_or(1));
+                        }
+                        fake.state.lock().unwrap().identified.push(shard);
+                        json!({"op": 0, "t": "READY", "s": 0, "d": {
+                        "v": 10, "user": user(BOT, "mcpcord", true), "guilds": [], "shard": [shard.0, shard.1],
                         "session_id": "session", "resume_gateway_url": format!("{}/gateway", fake.base_url.replace("http", "ws")),
                         "application": {"id": APP.to_string(), "flags": 0}
-                    }}),
+                    }})
+                    }
                     _ => continue,
                 };
                 if socket.send(WsMessage::Text(reply.to_string().into())).await.is_err() {
@@ -280,7 +334,10 @@ async fn session(fake: FakeDiscord, mut socket: WebSocket) {
                 }
             }
             event = events.recv() => {
-                let Ok(event) = event else { break };
+                let Ok((guild, event)) = event else { break };
+                if shard_of(guild, shard.1) != shard.0 {
+                    continue;
+                }
                 if socket.send(WsMessage::Text(event.into())).await.is_err() {
                     break;
                 }
@@ -395,7 +452,18 @@ async fn rest(
         },
         ("POST", ["channels", channel, "messages", message, "threads"]) => {
             let thread: u64 = message.parse().unwrap();
-            let value = json!({"id": thread.to_string(), "type": 11, "parent_id": channel, "guild_id": GUILD.to_string(), "name": body["name"]});
+            let guild = state
+                .channels
+                .get(&channel.parse::<u64>().unwrap_or(0))
+                .and_then(|c| c["guild_id"].as_str())
+                .unwrap_or("")
+                .to_owned();
+            let guild = if guild.is_empty() {
+                GUILD.to_string()
+            } else {
+                guild
+            };
+            let value = json!({"id": thread.to_string(), "type": 11, "parent_id": channel, "guild_id": guild, "name": body["name"]});
             state.channels.insert(thread, value.clone());
             value
         }
