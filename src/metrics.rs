@@ -242,23 +242,7 @@ pub fn discord_request(route: &str, limited: bool) {
 /// `{id}`, so that neither ids (unbounded) nor interaction and webhook
 /// tokens (secrets) become labels.
 pub fn route(method: &str, path: &str) -> String {
-    const WORDS: &[&str] = &[
-        "applications",
-        "channels",
-        "commands",
-        "guilds",
-        "interactions",
-        "callback",
-        "messages",
-        "threads",
-        "typing",
-        "webhooks",
-        "@original",
-        "@me",
-        "users",
-        "members",
-        "reactions",
-    ];
+    use crate::discord::limiter::API_WORDS as WORDS;
     let path = path.split('?').next().unwrap_or_default();
     let segments: Vec<&str> = path
         .split('/')

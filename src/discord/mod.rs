@@ -22,6 +22,7 @@ mod edits;
 mod handler;
 pub mod health;
 mod inbound;
+pub mod limiter;
 mod picks;
 pub mod protocol;
 mod questions;

@@ -8,7 +8,8 @@ use std::time::Duration;
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use super::retry::{retrying, unreachable_for};
+use super::limiter::{Limiter, RouteKey};
+use super::retry::{Paced, retrying, unreachable_for};
 use crate::config::Secret;
 
 /// Discord's HTTP API, unless `DISCORD_API_BASE_URL` says otherwise.
@@ -43,6 +44,8 @@ pub struct Rest {
     http: reqwest::Client,
     base: String,
     token: Secret,
+    /// One pace for every call (see `limiter`).
+    limiter: std::sync::Arc<Limiter>,
 }
 
 impl Rest {
@@ -87,6 +90,7 @@ impl Rest {
             http,
             base: format!("{}{API_PATH}", base.trim_end_matches('/')),
             token,
+            limiter: Default::default(),
         })
     }
 
@@ -172,7 +176,15 @@ impl Rest {
         file: &Attachment,
         what: &str,
     ) -> Result<Value, RestError> {
-        retrying(what, &crate::metrics::route("POST", path), || {
+        let key = RouteKey::new("POST", path);
+        let route = crate::metrics::route("POST", path);
+        let paced = Paced {
+            limiter: &self.limiter,
+            key: &key,
+            route: &route,
+            droppable: false,
+        };
+        retrying(what, paced, || {
             let form = reqwest::multipart::Form::new()
                 .text("payload_json", body.to_string())
                 .part(
@@ -231,12 +243,15 @@ impl Rest {
         Ok(id_of(&thread))
     }
 
+    /// Shows the typing indicator, unless Discord's limits are busy: then
+    /// it is left out, before any message waits for it.
     pub async fn typing(&self, channel: u64) -> Result<(), RestError> {
-        self.send(
+        self.paced(
             Method::POST,
             &format!("/channels/{channel}/typing"),
             None,
             "showing typing",
+            true,
         )
         .await
         .map(drop)
@@ -301,7 +316,26 @@ impl Rest {
         body: Option<Value>,
         what: &str,
     ) -> Result<Value, RestError> {
-        retrying(what, &crate::metrics::route(method.as_str(), path), || {
+        self.paced(method, path, body, what, false).await
+    }
+
+    async fn paced(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        what: &str,
+        droppable: bool,
+    ) -> Result<Value, RestError> {
+        let key = RouteKey::new(method.as_str(), path);
+        let route = crate::metrics::route(method.as_str(), path);
+        let paced = Paced {
+            limiter: &self.limiter,
+            key: &key,
+            route: &route,
+            droppable,
+        };
+        retrying(what, paced, || {
             let request = self.request(method.clone(), path);
             match &body {
                 Some(body) => request.json(body),

@@ -7,6 +7,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::Value;
 
+use super::limiter::{Limiter, RouteKey};
 use super::rest::RestError;
 
 /// Attempts of one request when Discord keeps answering 429 or 5xx.
@@ -39,17 +40,34 @@ pub fn backoff(attempt: usize) -> Duration {
     Duration::from_millis(250 * (1 << attempt.min(5)))
 }
 
-/// Sends what `build` makes until it succeeds, waiting out 429s and
-/// retrying 5xx and connection failures a bounded number of times.
+/// One request's place in the limits: the limiter all calls share, its
+/// route there and in metrics, and whether it may be dropped rather than
+/// wait (a typing indicator).
+#[derive(Debug, Clone, Copy)]
+pub struct Paced<'a> {
+    pub limiter: &'a Limiter,
+    pub key: &'a RouteKey,
+    pub route: &'a str,
+    pub droppable: bool,
+}
+
+/// Sends what `build` makes until it succeeds, at the pace `paced` keeps,
+/// waiting out 429s and retrying 5xx and connection failures a bounded
+/// number of times. A droppable request that would have to wait is not
+/// sent (`Value::Null`).
 pub async fn retrying(
     what: &str,
-    route: &str,
+    paced: Paced<'_>,
     build: impl Fn() -> reqwest::RequestBuilder,
 ) -> Result<Value, RestError> {
+    let route = paced.route;
     let mut attempt = 0;
     loop {
         attempt += 1;
         let last = attempt >= MAX_ATTEMPTS;
+        if !paced.limiter.acquire(paced.key, paced.droppable).await {
+            return Ok(Value::Null);
+        }
         let sent = build().send().await;
         crate::metrics::discord_request(
             route,
@@ -72,12 +90,24 @@ pub async fn retrying(
             .get("retry-after")
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
+        let headers = response.headers().clone();
         let text = response.text().await.unwrap_or_default();
         let body: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        let limited = status == StatusCode::TOO_MANY_REQUESTS;
+        paced.limiter.learn(
+            paced.key,
+            status.as_u16(),
+            &headers,
+            limited.then(|| rate_limit_wait(body["retry_after"].as_f64(), header_wait.as_deref())),
+            body["global"] == true,
+        );
         if status.is_success() {
             return Ok(body);
         }
-        if status == StatusCode::TOO_MANY_REQUESTS && !last {
+        if limited && paced.droppable {
+            return Ok(Value::Null);
+        }
+        if limited && !last {
             let wait = rate_limit_wait(body["retry_after"].as_f64(), header_wait.as_deref());
             if wait <= MAX_RETRY_AFTER {
                 tracing::info!(what, ?wait, "Discord rate limit; waiting");

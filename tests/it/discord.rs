@@ -3195,3 +3195,52 @@ async fn a_spent_budget_refuses_the_next_turn_until_an_admin_raises_it() {
     assert_eq!(model.requests().len(), 4);
     bot.stop().await;
 }
+
+#[tokio::test]
+async fn many_busy_threads_keep_within_discords_limits() {
+    let discord = FakeDiscord::start().await;
+    let model = FakeModel::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    // Each answer takes six messages: one more than a channel may get in
+    // five seconds. Twenty threads at once go past 50 requests a second.
+    let threads = 20u64;
+    let answer = format!("{}the end.", "word ".repeat(2_200));
+    model.script((0..threads).map(|_| text(&answer)));
+    let bot = start(&discord, &model, dir.path(), &[]).await;
+    discord.enforce_limits();
+    let first = 730_000_000_000_000_001;
+    for n in 0..threads {
+        mention(&discord, first + n, "go");
+    }
+    for n in 0..threads {
+        let thread = first + n;
+        discord
+            .wait_for("the end of every answer", |c| {
+                c.path == format!("/channels/{thread}/messages")
+                    && c.body["content"]
+                        .as_str()
+                        .is_some_and(|s| s.contains("the end."))
+            })
+            .await;
+    }
+    let posts = |thread: u64| {
+        discord
+            .calls()
+            .iter()
+            .filter(|c| c.method == "POST" && c.path == format!("/channels/{thread}/messages"))
+            .count()
+    };
+    assert!((0..threads).all(|n| posts(first + n) >= 6));
+    let over: Vec<String> = discord
+        .calls()
+        .iter()
+        .filter(|c| c.method.ends_with("(429)"))
+        .map(|c| format!("{} {}", c.method, c.path))
+        .collect();
+    assert_eq!(
+        discord.limited(),
+        0,
+        "the bot went past Discord's limits: {over:?}"
+    );
+    bot.stop().await;
+}

@@ -43,7 +43,21 @@ struct State_ {
     sequence: u64,
     /// The shards (id, total) bots identified as, in order.
     identified: Vec<(u64, u64)>,
+    /// Whether Discord's limits are enforced (see `enforce_limits`).
+    enforcing: bool,
+    /// The global window: its start and the requests in it.
+    global: Option<(std::time::Instant, u32)>,
+    /// (kind, channel) → its window's start and the requests in it.
+    buckets: HashMap<(&'static str, String), (std::time::Instant, u32)>,
+    /// 429s sent because a limit was exceeded.
+    limited: usize,
 }
+
+/// Discord's limits as the fake enforces them: messages and edits per
+/// channel per window, and requests per second in all.
+pub const PER_CHANNEL: u32 = 5;
+pub const CHANNEL_WINDOW: std::time::Duration = std::time::Duration::from_secs(5);
+pub const GLOBAL_PER_SECOND: u32 = 50;
 
 #[derive(Clone)]
 pub struct FakeDiscord {
@@ -95,6 +109,18 @@ impl FakeDiscord {
         self.events
             .send((guild, frame.to_string()))
             .expect("no bot is connected");
+    }
+
+    /// From now on, enforces Discord's real limits: 5 messages and 5 edits
+    /// per 5 s per channel (with `X-RateLimit-*` headers) and 50 requests a
+    /// second in all (interactions aside), answering 429 past them.
+    pub fn enforce_limits(&self) {
+        self.state.lock().unwrap().enforcing = true;
+    }
+
+    /// How many requests went over a limit (answered 429).
+    pub fn limited(&self) -> usize {
+        self.state.lock().unwrap().limited
     }
 
     /// Waits (up to 20 s) until bots identified as `count` shards in all.
@@ -421,6 +447,71 @@ async fn rest(
         let limited = json!({"message": "You are being rate limited.", "retry_after": retry_after, "global": false});
         return (StatusCode::TOO_MANY_REQUESTS, axum::Json(limited)).into_response();
     }
+    let mut limit_headers: Vec<(&'static str, String)> = Vec::new();
+    if state.enforcing {
+        let now = std::time::Instant::now();
+        let mut over: Option<(f64, bool)> = None;
+        if !path.starts_with("/interactions/") && !path.starts_with("/webhooks/") {
+            let window = match state.global {
+                Some((start, sent))
+                    if now.duration_since(start) < std::time::Duration::from_secs(1) =>
+                {
+                    (start, sent)
+                }
+                _ => (now, 0),
+            };
+            if window.1 >= GLOBAL_PER_SECOND {
+                let left = 1.0 - now.duration_since(window.0).as_secs_f64();
+                over = Some((left, true));
+            }
+            state.global = Some((window.0, window.1 + 1));
+        }
+        let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        let kind = match (method.as_str(), segments.as_slice()) {
+            ("POST", ["channels", channel, "messages"]) => Some(("messages", channel.to_string())),
+            ("PATCH", ["channels", channel, "messages", _]) => Some(("edits", channel.to_string())),
+            _ => None,
+        };
+        if over.is_none()
+            && let Some(key) = kind
+        {
+            let bucket = key.0;
+            let entry = state.buckets.entry(key).or_insert((now, 0));
+            if now.duration_since(entry.0) >= CHANNEL_WINDOW {
+                *entry = (now, 0);
+            }
+            let reset_after = (CHANNEL_WINDOW - now.duration_since(entry.0)).as_secs_f64();
+            if entry.1 >= PER_CHANNEL {
+                over = Some((reset_after, false));
+            } else {
+                entry.1 += 1;
+            }
+            limit_headers = vec![
+                ("x-ratelimit-bucket", bucket.to_owned()),
+                ("x-ratelimit-limit", PER_CHANNEL.to_string()),
+                ("x-ratelimit-remaining", (PER_CHANNEL - entry.1).to_string()),
+                ("x-ratelimit-reset-after", format!("{reset_after:.3}")),
+            ];
+        }
+        if let Some((retry_after, global)) = over {
+            state.limited += 1;
+            state.calls.push(Call {
+                method: format!("{method} (429)"),
+                path,
+                body,
+                id: 0,
+            });
+            let limited = json!({"message": "You are being rate limited.", "retry_after": retry_after, "global": global});
+            let mut response = (StatusCode::TOO_MANY_REQUESTS, axum::Json(limited)).into_response();
+            if global {
+                limit_headers = vec![("x-ratelimit-global", "true".into())];
+            }
+            for (name, value) in limit_headers {
+                response.headers_mut().insert(name, value.parse().unwrap());
+            }
+            return response;
+        }
+    }
     state.next_id += 1;
     let id = state.next_id;
     state.calls.push(Call {
@@ -476,5 +567,9 @@ async fn rest(
         ("PUT", ["applications", _, "commands"]) => body.clone(),
         _ => return StatusCode::NO_CONTENT.into_response(),
     };
-    axum::Json(reply).into_response()
+    let mut response = axum::Json(reply).into_response();
+    for (name, value) in limit_headers {
+        response.headers_mut().insert(name, value.parse().unwrap());
+    }
+    response
 }
