@@ -673,6 +673,9 @@ pub struct DiscordConfig {
     /// `SHARDS`: the Discord shards this process runs (unset: as many as
     /// Discord recommends, all here).
     pub shards: Option<Shards>,
+    /// `DISCORD_GLOBAL_LIMIT`: REST requests a second Discord allows this
+    /// bot (50 unless Discord raised it).
+    pub global_limit: u32,
     /// `LEASE_SECS`: how long this process's claim on a conversation lasts
     /// without being renewed; another process takes a dead one's over after it.
     pub lease: Duration,
@@ -720,6 +723,11 @@ impl DiscordConfig {
             auto_thread_channels: ids(&get, "AUTO_THREAD_CHANNELS")?,
             shards: get("SHARDS").map(|s| Shards::parse(&s)).transpose()?,
             lease: seconds(&get, "LEASE_SECS", Duration::from_secs(30))?,
+            global_limit: number(
+                &get,
+                "DISCORD_GLOBAL_LIMIT",
+                crate::discord::limiter::GLOBAL_PER_SECOND,
+            )?,
             budget_user_daily: dollars(&get, "BUDGET_USER_DAILY")?,
             budget_guild_monthly: dollars(&get, "BUDGET_GUILD_MONTHLY")?,
         })

@@ -33,10 +33,9 @@ pub const API_WORDS: &[&str] = &[
     "reactions",
 ];
 
-/// Discord's global limit: requests a second, interactions aside.
+/// Discord's global limit: requests a second, interactions aside (large
+/// bots can have Discord raise theirs: `DISCORD_GLOBAL_LIMIT`).
 pub const GLOBAL_PER_SECOND: u32 = 50;
-/// Past this share of the global window, droppable requests are dropped.
-const DROP_ABOVE: usize = (GLOBAL_PER_SECOND as usize) * 4 / 5;
 /// The span the global limit counts over: a second, and a little more for
 /// requests that reach Discord later than they were sent.
 const GLOBAL_WINDOW: Duration = Duration::from_millis(1_050);
@@ -108,11 +107,21 @@ struct State {
 #[derive(Debug)]
 pub struct Limiter {
     state: Mutex<State>,
+    /// Global requests allowed a second.
+    global: usize,
 }
 
 impl Default for Limiter {
     fn default() -> Self {
+        Limiter::new(GLOBAL_PER_SECOND)
+    }
+}
+
+impl Limiter {
+    /// A limiter for a bot allowed `per_second` global requests.
+    pub fn new(per_second: u32) -> Self {
         Limiter {
+            global: per_second.max(1) as usize,
             state: Mutex::new(State {
                 sent: std::collections::VecDeque::new(),
                 paused_until: None,
@@ -134,8 +143,9 @@ impl State {
         (bucket, key.major.clone())
     }
 
-    /// How long `key` must wait at `now` (zero: it may go).
-    fn wait(&mut self, key: &RouteKey, now: Instant) -> Duration {
+    /// How long `key` must wait at `now` (zero: it may go), with `global`
+    /// requests allowed a second.
+    fn wait(&mut self, key: &RouteKey, now: Instant, global: usize) -> Duration {
         let mut wait = Duration::ZERO;
         if let Some(until) = self.paused_until {
             if until > now {
@@ -152,7 +162,7 @@ impl State {
             self.sent.pop_front();
         }
         if key.global
-            && self.sent.len() >= GLOBAL_PER_SECOND as usize
+            && self.sent.len() >= global
             && let Some(oldest) = self.sent.front()
         {
             wait = wait.max(*oldest + GLOBAL_WINDOW - now);
@@ -188,8 +198,9 @@ impl Limiter {
             let wait = {
                 let mut state = self.state.lock().expect("limiter poisoned");
                 let now = Instant::now();
-                let wait = state.wait(key, now);
-                if droppable && (wait > Duration::ZERO || state.sent.len() >= DROP_ABOVE) {
+                let wait = state.wait(key, now, self.global);
+                // Past four fifths of the global window, droppable ones go.
+                if droppable && (wait > Duration::ZERO || state.sent.len() * 5 >= self.global * 4) {
                     return false;
                 }
                 if wait.is_zero() {

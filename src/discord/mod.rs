@@ -307,7 +307,8 @@ pub async fn run(
     config: DiscordConfig,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let rest = Rest::new(&config.api_base, config.token.clone())?;
+    let rest =
+        Rest::new(&config.api_base, config.token.clone())?.with_global_limit(config.global_limit);
     // Fails early, with a clear message, on a missing or rejected token.
     let application = rest.current_application().await?;
     let application_id: u64 = inbound::snowflake(&application["id"]).unwrap_or(0);

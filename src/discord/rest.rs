@@ -94,6 +94,12 @@ impl Rest {
         })
     }
 
+    /// This client with Discord's global limit at `per_second` requests.
+    pub fn with_global_limit(mut self, per_second: u32) -> Self {
+        self.limiter = std::sync::Arc::new(Limiter::new(per_second));
+        self
+    }
+
     /// The bot's own user and application.
     pub async fn current_application(&self) -> Result<Value, RestError> {
         self.send(

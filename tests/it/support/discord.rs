@@ -71,7 +71,7 @@ pub struct FakeDiscord {
 
 impl FakeDiscord {
     pub async fn start() -> FakeDiscord {
-        let (events, _) = broadcast::channel(256);
+        let (events, _) = broadcast::channel(8192);
         let mut state = State_ {
             next_id: 700_000_000_000_000_000,
             ..Default::default()

@@ -94,6 +94,14 @@ struct Fake {
     generations: std::collections::HashMap<String, VecDeque<Value>>,
     /// The ids asked for there.
     looked_up: Vec<String>,
+    /// How long each chat request waits before it is answered.
+    latency: std::time::Duration,
+    /// What is answered once the script is used up (else a 500).
+    fallback: Option<Reply>,
+    /// Whether requests are kept for `requests()` (a load test keeps none).
+    forget_requests: bool,
+    /// Chat requests received.
+    served: usize,
 }
 
 /// The fake OpenRouter. Dropping it does not stop the server; each test
@@ -165,6 +173,23 @@ impl FakeModel {
 
     pub fn script(&self, replies: impl IntoIterator<Item = Reply>) {
         self.state.lock().unwrap().script.extend(replies);
+    }
+
+    /// Each chat request waits `latency` before it is answered.
+    pub fn set_latency(&self, latency: std::time::Duration) {
+        self.state.lock().unwrap().latency = latency;
+    }
+
+    /// Answers `reply` whenever the script is used up; keeps no requests.
+    pub fn always(&self, reply: Reply) {
+        let mut fake = self.state.lock().unwrap();
+        fake.fallback = Some(reply);
+        fake.forget_requests = true;
+    }
+
+    /// How many chat requests came.
+    pub fn served(&self) -> usize {
+        self.state.lock().unwrap().served
     }
 
     /// Every chat request received, in order.
@@ -272,9 +297,12 @@ async fn completions(
         Ok(v) => v,
         Err(e) => return error(400, &format!("invalid JSON body: {e}")),
     };
-    let (reply, api, number) = {
+    let reply = {
         let mut fake = state.lock().unwrap();
-        fake.requests.push(request.clone());
+        fake.served += 1;
+        if !fake.forget_requests {
+            fake.requests.push(request.clone());
+        }
         let header = |name: &str| {
             headers
                 .get(name)
@@ -305,8 +333,13 @@ async fn completions(
             }
             fake.sessions.insert(session.to_owned(), now);
         }
-        (fake.script.pop_front(), fake.api, fake.requests.len())
+        let reply = fake.script.pop_front().or_else(|| fake.fallback.clone());
+        (reply, fake.api, fake.served, fake.latency)
     };
+    let (reply, api, number, latency) = (reply.0, reply.1, reply.2, reply.3);
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
     let stream = request["stream"].as_bool().unwrap_or(false);
     // A plain server sends usage in a stream only when asked to.
     let usage = api == Api::OpenRouter || request["stream_options"]["include_usage"] == true;
