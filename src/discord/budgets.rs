@@ -96,6 +96,20 @@ fn any_caps(surface: &Surface) -> bool {
     surface.config.budget_user_daily.is_some() || surface.config.budget_guild_monthly.is_some()
 }
 
+/// What the turns of `guild` spent this month.
+async fn guild_spent(surface: &Surface, guild: u64, periods: &Periods) -> Result<f64, StoreError> {
+    Ok(surface
+        .threads
+        .guild_usage_since(guild, periods.month)
+        .await?
+        .cost)
+}
+
+/// What the turns of `user` spent today.
+async fn user_spent(surface: &Surface, user: u64, periods: &Periods) -> Result<f64, StoreError> {
+    surface.threads.user_spent_since(user, periods.day).await
+}
+
 /// Why a turn of `spender` may not start now, when a cap is spent.
 pub(super) async fn refusal(
     surface: &Surface,
@@ -115,11 +129,7 @@ pub(super) async fn refusal(
         None => "the bot's owner can raise it (BUDGET_USER_DAILY)",
     };
     if let (Some(cap), Some(guild)) = (caps.monthly, spender.guild) {
-        let spent = surface
-            .threads
-            .guild_usage_since(guild, periods.month)
-            .await?
-            .cost;
+        let spent = guild_spent(surface, guild, &periods).await?;
         if spent >= cap {
             return Ok(Some(format!(
                 "⛔ This server's monthly budget of {} is spent ({} this month), so this message is not answered. It resets on {} UTC ({}); {raise}.",
@@ -131,10 +141,7 @@ pub(super) async fn refusal(
         }
     }
     if let Some(cap) = caps.daily {
-        let spent = surface
-            .threads
-            .user_spent_since(spender.user, periods.day)
-            .await?;
+        let spent = user_spent(surface, spender.user, &periods).await?;
         if spent >= cap {
             return Ok(Some(format!(
                 "⛔ <@{}>, your daily budget of {} is spent ({} today), so this message is not answered. It resets at 00:00 UTC ({}); {raise}.",
@@ -155,10 +162,7 @@ pub(super) async fn left(surface: &Surface, spender: Spender) -> Result<Vec<Stri
     let periods = Periods::at(now);
     let mut lines = Vec::new();
     if let Some(cap) = caps.daily {
-        let spent = surface
-            .threads
-            .user_spent_since(spender.user, periods.day)
-            .await?;
+        let spent = user_spent(surface, spender.user, &periods).await?;
         lines.push(format!(
             "Your budget today: {} of {} left (resets at 00:00 UTC, {}).",
             money((cap - spent).max(0.0)),
@@ -167,11 +171,7 @@ pub(super) async fn left(surface: &Surface, spender: Spender) -> Result<Vec<Stri
         ));
     }
     if let (Some(cap), Some(guild)) = (caps.monthly, spender.guild) {
-        let spent = surface
-            .threads
-            .guild_usage_since(guild, periods.month)
-            .await?
-            .cost;
+        let spent = guild_spent(surface, guild, &periods).await?;
         lines.push(format!(
             "This server's budget this month: {} of {} left (resets on {} UTC).",
             money((cap - spent).max(0.0)),
