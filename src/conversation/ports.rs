@@ -707,9 +707,10 @@ pub trait Store: Send + Sync {
         let _ = (conversation, owner);
         Ok(())
     }
-    /// Kept inputs received by `received_before` of conversations no
-    /// process has a live claim on at `now` (their process died), by
-    /// conversation and then position.
+    /// Kept inputs received by `received_before` of conversations whose
+    /// claim expired by `now` unreleased (their process died), by
+    /// conversation and then position. (Inputs of conversations nobody
+    /// claims are answered by `Workers::resume` at the next start.)
     async fn unclaimed_inputs(
         &self,
         now: i64,

@@ -421,11 +421,12 @@ impl Workers {
     fn queue(&self, conversation: &str, input: Inbound, resumed: bool) {
         let mut slots = self.shared.slots.lock().expect("slots poisoned");
         let slot = slots.entry(conversation.to_owned()).or_default();
-        if slot
-            .waiting
-            .insert(input.position, Job { input, resumed })
-            .is_none()
+        // An input already waiting keeps its place (and whether it was
+        // resumed).
+        if let std::collections::btree_map::Entry::Vacant(entry) =
+            slot.waiting.entry(input.position)
         {
+            entry.insert(Job { input, resumed });
             crate::metrics::queued(1.0);
         }
         slot.wake.notify_one();
@@ -456,6 +457,11 @@ struct Worker {
 enum Next {
     Run(Job, CancellationToken),
     Wait(Arc<Notify>),
+    /// Nothing to do: let go of the claim first, still marked as running
+    /// (so that no second worker claims meanwhile), then look again.
+    Release,
+    /// Input came while the claim was let go: claim again before it runs.
+    Reclaim,
     Exit(Option<usize>),
 }
 
@@ -464,14 +470,15 @@ impl Worker {
         if !self.claim().await {
             return;
         }
+        let mut released = false;
         loop {
-            match self.next() {
+            match self.next(released) {
                 Next::Run(job, stop) => self.run(job, stop).await,
                 Next::Wait(wake) => tokio::select! {
                     () = wake.notified() => {}
                     () = self.shared.cut.cancelled() => {}
                 },
-                Next::Exit(waiting) => {
+                Next::Release => {
                     if let Some(claims) = &self.shared.claims
                         && let Err(error) = self
                             .store
@@ -480,6 +487,15 @@ impl Worker {
                     {
                         tracing::warn!(conversation = self.conversation, %error, "could not let go of a conversation's claim");
                     }
+                    released = true;
+                }
+                Next::Reclaim => {
+                    if !self.claim().await {
+                        return;
+                    }
+                    released = false;
+                }
+                Next::Exit(waiting) => {
                     if let Some(waiting) = waiting {
                         let stopped = Stopped {
                             cut: false,
@@ -536,7 +552,7 @@ impl Worker {
     /// Takes the next input, unless an earlier one is still arriving. Marks
     /// the worker gone when there is nothing (more) to do; at shutdown says
     /// how many inputs are left waiting.
-    fn next(&self) -> Next {
+    fn next(&self, released: bool) -> Next {
         let mut slots = self.shared.slots.lock().expect("slots poisoned");
         let Some(slot) = slots.get_mut(&self.conversation) else {
             return Next::Exit(None);
@@ -546,10 +562,14 @@ impl Worker {
         let first = slot.waiting.first_key_value().map(|(&p, _)| p);
         let next = match first {
             Some(_) if stopping => Next::Exit(Some(slot.waiting.len())),
+            None if self.shared.claims.is_some() && !released && !stopping => {
+                return Next::Release;
+            }
             None => Next::Exit(None),
             Some(first) if slot.arriving.range(..first).next().is_some() => {
                 return Next::Wait(slot.wake.clone());
             }
+            Some(_) if released => return Next::Reclaim,
             Some(_) => {
                 let (_, job) = slot.waiting.pop_first().expect("checked above");
                 crate::metrics::queued(-1.0);

@@ -70,6 +70,13 @@ impl RouteKey {
                 && matches!(previous, Some("channels" | "guilds" | "webhooks"))
             {
                 major = (*segment).to_owned();
+                // A webhook's bucket is its id and token together (each
+                // interaction's follow-ups have their own).
+                if previous == Some("webhooks")
+                    && let Some(token) = segments.get(i + 1)
+                {
+                    major = format!("{major}/{token}");
+                }
                 route.push("{major}");
             } else {
                 route.push("{id}");
@@ -87,6 +94,10 @@ impl RouteKey {
 struct Bucket {
     remaining: u32,
     reset_at: Instant,
+    /// Requests a window allows, and how long one lasts: a bucket past its
+    /// reset starts a new window of its own, until an answer says more.
+    limit: u32,
+    window: Duration,
 }
 
 #[derive(Debug)]
@@ -147,7 +158,8 @@ impl State {
     /// requests allowed a second.
     fn wait(&mut self, key: &RouteKey, now: Instant, global: usize) -> Duration {
         let mut wait = Duration::ZERO;
-        if let Some(until) = self.paused_until {
+        // A global 429 holds what the global limit counts.
+        if let Some(until) = self.paused_until.filter(|_| key.global) {
             if until > now {
                 wait = until - now;
             } else {
@@ -168,6 +180,12 @@ impl State {
             wait = wait.max(*oldest + GLOBAL_WINDOW - now);
         }
         let id = self.bucket(key);
+        if let Some(bucket) = self.buckets.get_mut(&id)
+            && bucket.reset_at <= now
+        {
+            bucket.remaining = bucket.limit;
+            bucket.reset_at = now + bucket.window;
+        }
         if let Some(bucket) = self.buckets.get(&id)
             && bucket.remaining == 0
             && bucket.reset_at > now
@@ -246,11 +264,14 @@ impl Limiter {
             {
                 state.paused_until = Some(now + wait);
             } else {
+                let known = state.buckets.get(&id).copied();
                 state.buckets.insert(
                     id,
                     Bucket {
                         remaining: 0,
                         reset_at: now + wait,
+                        limit: known.map_or(1, |b| b.limit),
+                        window: known.map_or(wait, |b| b.window),
                     },
                 );
             }
@@ -262,9 +283,13 @@ impl Limiter {
         ) else {
             return;
         };
+        let remaining = remaining.clamp(0.0, f64::from(u32::MAX)) as u32;
         let fresh = Bucket {
-            remaining: remaining.clamp(0.0, f64::from(u32::MAX)) as u32,
+            remaining,
             reset_at: now + seconds(reset_after),
+            limit: number("x-ratelimit-limit")
+                .map_or(remaining + 1, |l| l.clamp(1.0, f64::from(u32::MAX)) as u32),
+            window: seconds(reset_after),
         };
         let bucket = match state.buckets.get(&id) {
             // Answers of the same window may come back out of order: the
@@ -273,6 +298,8 @@ impl Limiter {
                 Bucket {
                     remaining: known.remaining.min(fresh.remaining),
                     reset_at: known.reset_at.max(fresh.reset_at),
+                    limit: fresh.limit,
+                    window: known.window.max(fresh.window),
                 }
             }
             _ => fresh,
@@ -339,6 +366,28 @@ mod tests {
         let started = Instant::now();
         assert!(limiter.acquire(&key, false).await);
         assert_eq!(started.elapsed(), Duration::from_millis(2500));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reset_bucket_lets_its_limit_through_and_no_more() {
+        let limiter = Limiter::default();
+        let key = RouteKey::new("POST", "/channels/1/messages");
+        assert!(limiter.acquire(&key, false).await);
+        let spent = headers(&[
+            ("x-ratelimit-bucket", "abc"),
+            ("x-ratelimit-limit", "2"),
+            ("x-ratelimit-remaining", "0"),
+            ("x-ratelimit-reset-after", "5"),
+        ]);
+        limiter.learn(&key, 200, &spent, None, false);
+        let started = Instant::now();
+        // The window resets: two go (no answer came back to say more)...
+        assert!(limiter.acquire(&key, false).await);
+        assert!(limiter.acquire(&key, false).await);
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+        // ...and the third waits for the next window.
+        assert!(limiter.acquire(&key, false).await);
+        assert_eq!(started.elapsed(), Duration::from_secs(10));
     }
 
     #[tokio::test(start_paused = true)]

@@ -1053,8 +1053,8 @@ impl Store for SqlStore {
         let rows: Vec<(String, i64, i64, String)> = on_pool!(self, pool => {
             sqlx::query_as(
                 "SELECT i.conversation, i.position, i.author, i.body FROM inbox i
-                 LEFT JOIN leases l ON l.conversation = i.conversation AND l.expires_at >= $1
-                 WHERE l.conversation IS NULL AND i.received_at <= $2
+                 JOIN leases l ON l.conversation = i.conversation AND l.expires_at < $1
+                 WHERE i.received_at <= $2
                  ORDER BY i.conversation, i.position LIMIT 1000",
             )
             .bind(now)

@@ -7,7 +7,7 @@ use crate::support;
 
 use std::process::{Child, Command, Stdio};
 
-use crate::support::discord::{ALICE, BOT, CHANNEL, FakeDiscord, GUILD, TOKEN, shard_of};
+use crate::support::discord::{ALICE, BOB, BOT, CHANNEL, FakeDiscord, GUILD, TOKEN, shard_of};
 use crate::support::{FakeModel, Reply, said, text};
 use mcpcord::conversation::Store;
 
@@ -30,14 +30,17 @@ fn bot(discord: &FakeDiscord, model: &FakeModel, dir: &std::path::Path, shards: 
         .env("DATABASE_URL", support::database_url(dir))
         .env("SHARDS", shards)
         .env("LEASE_SECS", "2")
+        // The fake bills $0.001 a reply: a person's third answer of the day
+        // is over, wherever the first two were.
+        .env("BUDGET_USER_DAILY", "0.0015")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap()
 }
 
-fn mention_in(discord: &FakeDiscord, channel: u64, id: u64, words: &str) {
-    let message = discord.message(id, channel, ALICE, &format!("<@{BOT}> {words}"), true);
+fn mention_in(discord: &FakeDiscord, channel: u64, id: u64, author: u64, words: &str) {
+    let message = discord.message(id, channel, author, &format!("<@{BOT}> {words}"), true);
     discord.dispatch("MESSAGE_CREATE", message);
 }
 
@@ -77,14 +80,14 @@ async fn two_processes_answer_each_message_once_and_take_over_a_dead_ones_thread
 
     model.script([text("Answer here.")]);
     let here = 720_000_000_000_000_001;
-    mention_in(&discord, CHANNEL, here, "hello");
+    mention_in(&discord, CHANNEL, here, ALICE, "hello");
     discord
         .wait_for("the first server's answer", |c| {
             c.body["content"] == "Answer here."
         })
         .await;
     model.script([text("Answer there.")]);
-    mention_in(&discord, OTHER_CHANNEL, here + 1, "hello there");
+    mention_in(&discord, OTHER_CHANNEL, here + 1, ALICE, "hello there");
     discord
         .wait_for("the other server's answer", |c| {
             c.body["content"] == "Answer there."
@@ -97,6 +100,19 @@ async fn two_processes_answer_each_message_once_and_take_over_a_dead_ones_thread
     assert_eq!(posted(&discord, "Answer there."), 1);
     assert_eq!(discord.registrations(), 1);
 
+    // Alice's budget counts what both processes spent for her.
+    mention_in(&discord, OTHER_CHANNEL, here + 2, ALICE, "once more");
+    let refused = discord
+        .wait_for("the refusal over the budget", |c| {
+            c.body["content"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("⛔"))
+        })
+        .await;
+    let refusal = refused.body["content"].as_str().unwrap();
+    assert!(refusal.contains("($0.0020 today)"), "{refusal}");
+    assert_eq!(model.requests().len(), 2);
+
     // The process of the first server dies mid-turn, with a message waiting.
     let (dying, survivor) = if shard_of(Some(GUILD), 2) == 0 {
         (&mut first, &mut second)
@@ -105,9 +121,9 @@ async fn two_processes_answer_each_message_once_and_take_over_a_dead_ones_thread
     };
     model.script([Reply::Hang]);
     let thread = here + 10;
-    mention_in(&discord, CHANNEL, thread, "think hard");
+    mention_in(&discord, CHANNEL, thread, BOB, "think hard");
     model.wait_for_requests(3).await;
-    let waiting = discord.message(thread + 1, thread, ALICE, "and this too", false);
+    let waiting = discord.message(thread + 1, thread, BOB, "and this too", false);
     discord.dispatch("MESSAGE_CREATE", waiting);
     let store = mcpcord::store::SqlStore::open(&support::database_url(dir.path()))
         .await
